@@ -1,0 +1,330 @@
+"""The phi transformer in one file.
+
+Per block one LayerNorm feeds attention and MLP in parallel: x = x + attn(ln(x)) + mlp(ln(x)).
+Rotary embedding (NeoX rotate-half) on the first rotary_dim channels of each head only.
+Module names equal transformers' PhiForCausalLM, so an HF-native state dict loads as is.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PhiConfig
+
+
+class KVCache:
+    """Per-layer key/value buffers [B, H, capacity, D]; grows by doubling when a step runs past capacity.
+
+    Preallocate with `KVCache.allocate(...)` for decoding (no copies per step), or let the model create one.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.length = 0  # tokens stored (same for all layers once a forward pass is complete)
+
+    @classmethod
+    def allocate(cls, config: PhiConfig, batch_size: int, capacity: int, device=None, dtype=None) -> "KVCache":
+        cache = cls(config.num_hidden_layers)
+        shape = (batch_size, config.num_attention_heads, capacity, config.head_dim)
+        for i in range(config.num_hidden_layers):
+            cache.keys[i] = torch.zeros(shape, device=device, dtype=dtype)
+            cache.values[i] = torch.zeros(shape, device=device, dtype=dtype)
+        return cache
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, t = self.length, k.shape[2]
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        if buf_k is None or buf_k.shape[2] < start + t:
+            cap = max(start + t, 2 * (buf_k.shape[2] if buf_k is not None else 0))
+            new_k = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
+            new_v = v.new_zeros(new_k.shape)
+            if buf_k is not None and start:
+                new_k[:, :, :start] = buf_k[:, :, :start]
+                new_v[:, :, :start] = buf_v[:, :, :start]
+            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
+        buf_k[:, :, start:start + t] = k
+        buf_v[:, :, start:start + t] = v
+        return buf_k[:, :, :start + t], buf_v[:, :, :start + t]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch rows (beam search)."""
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None:
+                self.keys[i], self.values[i] = k.index_select(0, index), v.index_select(0, index)
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+
+@dataclass
+class PhiOutput:
+    logits: torch.Tensor
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    loss: torch.Tensor | None = None
+
+    def __getitem__(self, key: str):  # dict-style access, as transformers' outputs allow
+        return getattr(self, key)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, dim: int, base: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # fp32 angles: large positions lose precision in half precision.
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]; cos/sin: [B, T, rotary_dim]. Rotates the first rotary_dim channels only."""
+    rd = cos.shape[-1]
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x_rot = x_rot * cos + rotate_half(x_rot) * sin
+    return torch.cat((x_rot, x_pass), dim=-1)
+
+
+class PhiAttention(nn.Module):
+    def __init__(self, config: PhiConfig, layer_idx: int) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.dense = nn.Linear(d, d)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, output_attentions: bool):
+        b, t, _ = x.shape
+        shape = (b, t, self.num_heads, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        dropout = self.dropout if self.training else 0.0
+        # mask None means plain causal attention; with a single new token it sees every cached key.
+        causal = mask is None and q.shape[2] > 1
+        if output_attentions:
+            # Eager path; scores in fp32 always (phi-2 overflows q.k^T in fp16).
+            scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            probs = F.softmax(scores, dim=-1)
+            probs = F.dropout(probs, p=dropout, training=self.training)
+            out = torch.matmul(probs.to(v.dtype), v)
+        else:
+            probs = None
+            if q.dtype == torch.float16 and q.device.type != "cuda":
+                # CPU fp16 SDPA runs the math kernel in fp16: upcast so scores cannot overflow.
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                     dropout_p=dropout, scale=scale, is_causal=causal).to(q.dtype)
+            else:
+                # Fused CUDA kernels accumulate scores in fp32, which avoids the fp16 overflow.
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                                     is_causal=causal)
+        out = out.transpose(1, 2).reshape(b, t, -1)
+        return self.dense(out), probs
+
+
+class PhiMLP(nn.Module):
+    def __init__(self, config: PhiConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class PhiDecoderLayer(nn.Module):
+    def __init__(self, config: PhiConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = PhiAttention(config, layer_idx)
+        self.mlp = PhiMLP(config)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x, cos, sin, mask, cache, output_attentions):
+        h = self.input_layernorm(x)
+        attn_out, probs = self.self_attn(h, cos, sin, mask, cache, output_attentions)
+        return x + self.resid_dropout(attn_out) + self.resid_dropout(self.mlp(h)), probs
+
+
+class PhiModel(nn.Module):
+    def __init__(self, config: PhiConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_dropout = nn.Dropout(config.embd_pdrop)
+        self.layers = nn.ModuleList(PhiDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, b: int, t: int, past: int,
+                         device: torch.device, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [B, 1, T, past+T] mask: causal, minus padded keys, minus keys of other packed segments.
+
+    A query row with no visible key (a left-pad position) is let see itself, so softmax stays finite;
+    its output is never used.
+    """
+    total = past + t
+    q_pos = torch.arange(past, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None].expand(b, 1, t, total)
+    if attention_mask is not None:
+        if attention_mask.shape != (b, total):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({b}, {total}) "
+                             "covering the cached and the new tokens")
+        mask = mask & attention_mask.bool()[:, None, None, :]
+    if segment_ids is not None:
+        if past:
+            raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    diag = (k_pos == q_pos)[None, None]
+    return mask | (diag & ~mask.any(-1, keepdim=True))
+
+
+class PhiForCausalLM(nn.Module):
+    def __init__(self, config: PhiConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = PhiModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+
+    # --- helpers ---
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        return self.config.flops_per_token(seq_len, training)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) weights, zero biases, unit LayerNorms (as transformers' PhiPreTrainedModel)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                w = torch.empty(m.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+                m.weight.copy_(w)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        labels: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> PhiOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            if input_ids.dim() == 1:
+                input_ids = input_ids[None]
+            if input_ids.numel() and int(input_ids.max()) >= self.config.vocab_size:
+                raise ValueError(f"token id {int(input_ids.max())} is outside the embedding "
+                                 f"({self.config.vocab_size} rows): tokenizer and model do not match")
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        b, t, _ = inputs_embeds.shape
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache(self.config.num_hidden_layers)
+        past = cache.length if cache is not None else 0
+        if past + t > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {past + t} tokens exceeds the context of "
+                             f"{self.config.max_position_embeddings}: shorten the input")
+        device = inputs_embeds.device
+        if position_ids is None:
+            if attention_mask is not None:
+                # Left padding: positions count real tokens only.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
+            else:
+                position_ids = torch.arange(past, past + t, device=device)[None].expand(b, t)
+        elif position_ids.dim() == 1:
+            position_ids = position_ids[None].expand(b, t)
+        cos, sin = self.model.rotary_emb(position_ids)
+        if attention_mask is None and segment_ids is None and not output_attentions and (t == 1 or past == 0):
+            mask = None  # plain causal (or a single query seeing everything): lets SDPA pick its fastest kernel
+        else:
+            mask = build_attention_mask(attention_mask, b, t, past, device, segment_ids)
+
+        x = self.model.embed_dropout(inputs_embeds)
+        all_hidden, all_attn = [], []
+        for layer in self.model.layers:
+            if output_hidden_states:
+                all_hidden.append(x)
+            x, probs = layer(x, cos, sin, mask, cache, output_attentions)
+            if output_attentions:
+                all_attn.append(probs)
+        x = self.model.final_layernorm(x)
+        if output_hidden_states:
+            all_hidden.append(x)
+        if cache is not None:
+            cache.length = past + t
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return PhiOutput(
+            logits=logits,
+            past_key_values=cache if use_cache or past_key_values is not None else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+            loss=loss,
+        )
+
+
+def build_model(config: PhiConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                seed: int | None = 0, meta: bool = False) -> PhiForCausalLM:
+    """A freshly initialized model (or an uninitialized one on the meta device, to be loaded or sharded)."""
+    if meta:
+        with torch.device("meta"):
+            return PhiForCausalLM(config)
+    model = PhiForCausalLM(config)
+    model.init_weights(seed)
+    return model.to(device=device, dtype=dtype)

