@@ -1,0 +1,324 @@
+"""Load and save phi checkpoints. The only module that knows weight names.
+
+Reads three layouts (detected from the weight names): HF-native (transformers >= 4.37), phi-msft (late 2023) and
+mixformer-sequential (the first phi-1 / phi-1.5 release). Writes the HF-native layout, which
+`transformers.PhiForCausalLM.from_pretrained` loads without trust_remote_code. Weights are read from safetensors,
+or from PyTorch .bin files through `torch.load(weights_only=True)` only; checkpoint code is never run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import PhiConfig
+from .model import PhiForCausalLM, RotaryEmbedding
+from .tokenizer import Tokenizer, build_phi_tokenizer
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+LAYOUTS = ("hf", "phi-msft", "mixformer-sequential")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as a phi model; the message names what is wrong and the fix."""
+
+
+# ---------------------------------------------------------------- locating files
+def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
+    """A local directory, or a Hugging Face repo id from the local HF cache (downloaded when online)."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file: pass the checkpoint directory that holds config.json")
+    text = str(path_or_repo_id)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        raise FileNotFoundError(f"checkpoint directory {text} does not exist: pass a directory or an org/name repo id")
+    from huggingface_hub import snapshot_download
+    patterns = ["*.json", "*.safetensors", "*.txt"]
+    try:
+        return Path(snapshot_download(text, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:  # not cached: download (works only online)
+        local = Path(snapshot_download(text, allow_patterns=patterns))
+        if not any(local.glob("*.safetensors")):  # the first releases ship only .bin
+            local = Path(snapshot_download(text, allow_patterns=patterns + ["*.bin"]))
+        return local
+    except Exception as e:
+        raise FileNotFoundError(f"{text} is neither a local directory nor a repo id in the Hugging Face cache, and "
+                                f"downloading it failed ({type(e).__name__}): check the name or your connection") from e
+
+
+def _read_weight_file(file: Path) -> dict[str, torch.Tensor]:
+    if file.suffix == ".safetensors":
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({e}): the file is truncated or "
+                                  "corrupt; download or convert it again") from e
+    try:
+        sd = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file} holds Python objects other than tensors; phikit reads .bin files only with "
+                              "torch.load(weights_only=True): convert it to safetensors from a trusted source") from e
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{file} is not a readable PyTorch weight file ({e}): re-download it") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{file} does not hold a plain dict of tensors: not a phi state dict")
+    return sd
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """All weights of a checkpoint directory: single file or shards with an index; safetensors preferred."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_file = directory / index_name
+        if index_file.exists():
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            state: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                if not (directory / shard).exists():
+                    raise CheckpointError(f"shard {shard} listed in {index_name} is missing from {directory}")
+                state.update(_read_weight_file(directory / shard))
+            return state
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).exists():
+            return _read_weight_file(directory / name)
+    found = sorted(p.name for p in directory.glob("*.safetensors")) or sorted(p.name for p in directory.glob("*.bin"))
+    if len(found) == 1:
+        return _read_weight_file(directory / found[0])
+    raise CheckpointError(f"no weights in {directory}: expected model.safetensors (or shards with "
+                          "model.safetensors.index.json, or pytorch_model.bin)")
+
+
+# ---------------------------------------------------------------- layouts
+def detect_layout(keys) -> str:
+    keys = set(keys)
+    if any(k.startswith("model.embed_tokens.") for k in keys):
+        return "hf"
+    if "transformer.embd.wte.weight" in keys:
+        return "phi-msft"
+    if "layers.0.wte.weight" in keys:
+        return "mixformer-sequential"
+    sample = ", ".join(sorted(keys)[:3])
+    raise CheckpointError(f"unrecognized weight names ({sample}, ...): not a phi checkpoint in the HF-native, "
+                          "phi-msft or mixformer-sequential layout")
+
+
+def _split_qkv(prefix: str, w: torch.Tensor, b: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+    # Wqkv stacks [q; k; v] along the output dim (not interleaved per head).
+    for name, wi, bi in zip(("q_proj", "k_proj", "v_proj"), w.chunk(3, 0), b.chunk(3, 0)):
+        out[f"{prefix}.self_attn.{name}.weight"] = wi.contiguous()
+        out[f"{prefix}.self_attn.{name}.bias"] = bi.contiguous()
+
+
+def to_hf_layout(state: dict[str, torch.Tensor], num_layers: int) -> tuple[dict[str, torch.Tensor], str]:
+    """Rename/split a state dict of any supported layout into HF-native names."""
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    layout = detect_layout(state)
+    if layout == "hf":
+        return state, layout
+    out: dict[str, torch.Tensor] = {}
+    if layout == "phi-msft":
+        block = lambda i: f"transformer.h.{i}"
+        embed, head = "transformer.embd.wte.weight", "lm_head"
+    else:
+        block = lambda i: f"layers.{i + 1}"
+        embed, head = "layers.0.wte.weight", f"layers.{num_layers + 1}"
+    consumed = {embed}
+    out["model.embed_tokens.weight"] = state[embed]
+    for i in range(num_layers):
+        src, dst = block(i), f"model.layers.{i}"
+        pairs = {"ln": "input_layernorm", "mixer.out_proj": "self_attn.dense", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+        for s, d in pairs.items():
+            for p in ("weight", "bias"):
+                key = f"{src}.{s}.{p}"
+                if key in state:
+                    out[f"{dst}.{d}.{p}"] = state[key]
+                    consumed.add(key)
+        wk, bk = f"{src}.mixer.Wqkv.weight", f"{src}.mixer.Wqkv.bias"
+        if wk in state and bk in state:
+            _split_qkv(dst, state[wk], state[bk], out)
+            consumed |= {wk, bk}
+    for s, d in (("ln", "model.final_layernorm"), ("linear", "lm_head")):
+        for p in ("weight", "bias"):
+            key = f"{head}.{s}.{p}"
+            if key in state:
+                out[f"{d}.{p}"] = state[key]
+                consumed.add(key)
+    for key in state.keys() - consumed:  # leftovers surface as "unexpected" in validation
+        out[key] = state[key]
+    return out, layout
+
+
+def validate_state_dict(state: dict[str, torch.Tensor], model: PhiForCausalLM) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
+    missing = sorted(expected.keys() - state.keys())
+    extra = sorted(state.keys() - expected.keys())
+    wrong = sorted(f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in expected.keys() & state.keys()
+                   if tuple(state[k].shape) != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+    if extra:
+        problems.append(f"unexpected {len(extra)} tensors ({', '.join(extra[:4])}{', ...' if len(extra) > 4 else ''})")
+    if wrong:
+        problems.append(f"misshapen tensors ({'; '.join(wrong[:3])}{'; ...' if len(wrong) > 3 else ''})")
+    if problems:
+        raise CheckpointError("weights do not match config.json: " + "; ".join(problems)
+                              + ": the config and weights come from different models")
+
+
+# ---------------------------------------------------------------- public API
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of fp32, bf16, fp16")
+    return DTYPES[dtype]
+
+
+def load_config(directory: Path) -> PhiConfig:
+    cfg_file = directory / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{directory} has no config.json: not a model checkpoint directory")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e}): fix or re-download it") from e
+    model_type = raw.get("model_type", "phi")
+    if model_type not in ("phi", "phi-msft", "mixformer-sequential"):
+        raise CheckpointError(f"{cfg_file} describes a {model_type!r} model: phikit loads phi models only")
+    return PhiConfig.from_hf_dict(raw)
+
+
+def load_tokenizer(directory: Path, config: PhiConfig | None = None) -> Tokenizer:
+    if (directory / "tokenizer.json").exists():
+        return Tokenizer.from_file(directory)
+    if config is not None and config.vocab_size == 51200:
+        # The released phi vocabulary; rebuilt offline when a checkpoint ships no tokenizer.json.
+        warnings.warn(f"{directory} has no tokenizer.json: using the rebuilt phi (codegen-mono) tokenizer")
+        return build_phi_tokenizer()
+    raise CheckpointError(f"{directory} has no tokenizer.json: copy the tokenizer used in training next to the weights")
+
+
+def load(path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
+         dtype: str | torch.dtype | None = None, quantize: str | None = None) -> tuple[PhiForCausalLM, Tokenizer]:
+    """Load (model, tokenizer) from a checkpoint directory or HF repo id, in any supported layout.
+
+    dtype None keeps fp32 on the CPU and the checkpoint's own dtype (usually fp16) on an accelerator.
+    quantize="int8" (or "int4") gives the weight-only quantized model for fast CPU/GPU decoding.
+    """
+    directory = resolve_checkpoint(path_or_repo_id)
+    config = load_config(directory)
+    state, _layout = to_hf_layout(read_state_dict(directory), config.num_hidden_layers)
+    tokenizer = load_tokenizer(directory, config)
+    if len(tokenizer) > config.vocab_size:
+        raise CheckpointError(f"tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size} "
+                              "embedding rows: tokenizer and weights do not belong together")
+    config.tokenizer_vocab_size = len(tokenizer)
+    with torch.device("meta"):
+        model = PhiForCausalLM(config)
+    validate_state_dict(state, model)
+    torch_dtype = parse_dtype(dtype)
+    if torch_dtype is None:
+        stored = state["lm_head.weight"].dtype
+        torch_dtype = torch.float32 if torch.device(device).type == "cpu" else stored
+    state = {k: v.to(device=device, dtype=torch_dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.model.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta).to(device)
+    model.eval()
+    if quantize:
+        from .quant import quantize_model
+        quantize_model(model, quantize)
+    return model, tokenizer
+
+
+def save(model: PhiForCausalLM, tokenizer: Tokenizer | None, directory: str | os.PathLike,
+         max_shard_bytes: int = 5 * 2**30, dtype: str | torch.dtype | None = None) -> Path:
+    """Write the HF-native layout atomically: a temp dir renamed into place, so a crash leaves nothing half-written."""
+    directory = Path(directory)
+    if getattr(model, "quantized", None):
+        raise ValueError("cannot save a quantized model in the HF layout: save the unquantized weights instead")
+    torch_dtype = parse_dtype(dtype)
+    config = model.config
+    state = {k: v.detach().to("cpu", torch_dtype or v.dtype).contiguous()
+             for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        hf = config.to_hf_dict()
+        hf["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+        if tokenizer is not None and tokenizer.has_chatml and tokenizer.chat_template:
+            gen["eos_token_id"] = [config.eos_token_id, tokenizer.token_to_id("<|im_end|>")]
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        _write_weights(state, tmp, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save(tmp, model_max_length=config.max_position_embeddings)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _write_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
+    meta = {"format": "pt"}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata=meta)
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata=meta)
+        for k, v in shard.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def describe(path_or_repo_id: str | os.PathLike) -> dict:
+    """Layout, config and parameter count of a checkpoint, without building the model."""
+    directory = resolve_checkpoint(path_or_repo_id)
+    config = load_config(directory)
+    raw = read_state_dict(directory)
+    layout = detect_layout(k for k in raw if not k.endswith("inv_freq"))
+    state, _ = to_hf_layout(raw, config.num_hidden_layers)
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})
+    return {
+        "path": str(directory),
+        "layout": layout,
+        "dtype": ",".join(dtypes),
+        "parameters": sum(v.numel() for v in state.values() if not isinstance(v, str)),
+        "config": {k: v for k, v in config.to_hf_dict().items() if k not in ("architectures", "rope_parameters")},
+        "tokenizer": "tokenizer.json" if (directory / "tokenizer.json").exists() else "missing (phi default)",
+    }
