@@ -1,0 +1,300 @@
+"""Direct preference optimization (DPO) on ChatML preference pairs.
+
+Pairs are read in the shapes preference sets use:
+    UltraFeedback-binarized  {"prompt": str, "chosen": [user msg, assistant msg], "rejected": [...]}
+    conversational (trl)     {"prompt": [messages], "chosen": [assistant msg], "rejected": [assistant msg]}
+    plain                    {"prompt"|"question"|"input"|"instruction": str, "chosen": str, "rejected": str}
+plus an optional "system" string, or a "messages" list standing for the prompt.
+
+Losses (Rafailov et al. 2023; Azar et al. 2023), with the margin  d = (log pi(yw) - log ref(yw)) -
+(log pi(yl) - log ref(yl))  of summed completion log-probs:
+    sigmoid  -(1 - eps) log sigmoid(beta d) - eps log sigmoid(-beta d)   (eps: label smoothing, "conservative DPO")
+    robust   (-(1 - eps) log sigmoid(beta d) + eps log sigmoid(-beta d)) / (1 - 2 eps)
+    ipo      (d_w / |yw| - d_l / |yl| - 1 / (2 beta))^2, log-ratios averaged per completion token as in trl
+Rewards are beta * (log pi - log ref); logged as rewards/chosen, rewards/rejected, rewards/accuracies (chosen
+strictly above rejected) and rewards/margins, the names trl logs.
+
+The reference is a frozen copy of the starting model, the same model with its LoRA adapter switched off, or
+log-probs computed once before training (then no second model is kept in memory).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..tokenizer import IM_END, Tokenizer
+from .chat_data import (IGNORE_INDEX, BadExample, DataReport, Example, _message, check_policies, collate_padded,
+                        handle_bad, render_chatml, tokenize_text_with_spans)
+
+LOSS_TYPES = ("sigmoid", "robust", "ipo")
+REFERENCE_MODES = ("copy", "precompute", "adapter")
+
+
+# ---------------------------------------------------------------- pairs
+def _messages(value: Any, field: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list):
+        return [_message(t, i) for i, t in enumerate(value)]
+    raise BadExample("malformed", f"'{field}' must be a string or a list of messages")
+
+
+def _completion(value: Any, field: str) -> tuple[list[dict], str]:
+    """(conversation before the answer, answer text) of a chosen/rejected field."""
+    if isinstance(value, str):
+        return [], value
+    if isinstance(value, list) and value:
+        turns = [_message(t, i) for i, t in enumerate(value)]
+        if turns[-1]["role"] != "assistant":
+            raise BadExample("no_assistant", f"'{field}' does not end with an assistant turn")
+        return turns[:-1], turns[-1]["content"]
+    raise BadExample("malformed", f"'{field}' must be a string or a non-empty list of messages")
+
+
+def parse_preference(record: Any) -> tuple[list[dict], str, str]:
+    """(prompt messages, chosen answer, rejected answer) from any supported pair shape; raises BadExample."""
+    if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
+        raise BadExample("malformed", "a preference pair needs 'chosen' and 'rejected' fields")
+    chosen_prefix, chosen = _completion(record["chosen"], "chosen")
+    rejected_prefix, rejected = _completion(record["rejected"], "rejected")
+    if chosen_prefix or rejected_prefix:
+        if chosen_prefix != rejected_prefix:
+            raise BadExample("prompt_mismatch", "chosen and rejected conversations differ before the answer")
+    prompt_field = next((record[k] for k in ("prompt", "question", "input", "instruction") if record.get(k)), None)
+    if isinstance(prompt_field, list):
+        prompt = _messages(prompt_field, "prompt") + chosen_prefix
+    elif chosen_prefix:  # UltraFeedback: the conversations carry the prompt; the "prompt" string repeats it
+        prompt = chosen_prefix
+    elif prompt_field is not None:
+        prompt = _messages(prompt_field, "prompt")
+    elif isinstance(record.get("messages"), list):
+        prompt = _messages(record["messages"], "messages")
+        while prompt and prompt[-1]["role"] == "assistant":  # the chosen conversation stored as "messages"
+            prompt.pop()
+    else:
+        raise BadExample("malformed", "pair has no prompt: give 'prompt' (text or messages) or 'messages'")
+    system = record.get("system")
+    if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in prompt):
+        prompt.insert(0, {"role": "system", "content": system})
+    if not any(m["role"] == "user" for m in prompt):
+        raise BadExample("no_prompt", "prompt has no user turn")
+    if prompt[-1]["role"] == "assistant":
+        raise BadExample("malformed", "prompt ends with an assistant turn: the answer belongs in chosen/rejected")
+    if not chosen.strip() or not rejected.strip():
+        raise BadExample("empty_turn", "chosen or rejected answer is empty")
+    if chosen == rejected:
+        raise BadExample("identical_pair", "chosen and rejected answers are identical, so there is no preference")
+    return prompt, chosen, rejected
+
+
+def tokenize_completion(tokenizer: Tokenizer, prompt: Sequence[dict], answer: str) -> Example:
+    """ChatML prompt + answer + <|im_end|>; labels on the answer and <|im_end|> only."""
+    prompt_text = render_chatml(prompt, add_generation_prompt=True)
+    text = f"{prompt_text}{answer}{IM_END}\n"
+    return tokenize_text_with_spans(tokenizer, text, [(len(prompt_text), len(text) - 1)])
+
+
+@dataclass
+class PairExample:
+    chosen: Example
+    rejected: Example
+    ref_chosen: float | None = None  # reference log-probs, when precomputed
+    ref_rejected: float | None = None
+
+    def __len__(self) -> int:
+        return max(len(self.chosen), len(self.rejected))
+
+
+def build_pair_examples(records: Iterable[Any], tokenizer: Tokenizer, max_length: int, on_bad: str = "skip",
+                        too_long: str = "skip", source: str = "pair") -> tuple[list[PairExample], DataReport]:
+    """Parse and tokenize preference pairs; bad or over-long pairs are counted, skipped or fatal."""
+    check_policies(on_bad, too_long)
+    if not tokenizer.has_chatml:
+        raise ValueError("tokenizer has no <|im_start|>/<|im_end|> tokens: call add_chatml_tokens(model, tokenizer)")
+    pairs, report = [], DataReport()
+    for i, record in enumerate(records, 1):
+        where = f"{source} {i}"
+        try:
+            prompt, chosen, rejected = parse_preference(record)
+            pair = PairExample(tokenize_completion(tokenizer, prompt, chosen),
+                               tokenize_completion(tokenizer, prompt, rejected))
+            if len(pair) > max_length:
+                if too_long == "error":
+                    raise ValueError(f"{where} has {len(pair)} tokens, more than max_length {max_length}: "
+                                     "raise --max-length or pass --too-long skip|truncate")
+                if too_long == "skip":
+                    raise BadExample("too_long", f"{len(pair)} tokens > max_length {max_length}")
+                cut = lambda ex: Example(ex.input_ids[:max_length], ex.labels[:max_length])
+                pair = PairExample(cut(pair.chosen), cut(pair.rejected))
+                if not pair.chosen.num_trained or not pair.rejected.num_trained:
+                    raise BadExample("too_long", f"prompt alone fills max_length {max_length}")
+                report.truncated += 1
+        except BadExample as e:
+            handle_bad(report, e, where, on_bad)
+            continue
+        pairs.append(pair)
+        report.kept += 1
+    return pairs, report
+
+
+def collate_pairs(pairs: Sequence[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """One padded batch of 2B rows, chosen first then rejected (a single forward pass scores both)."""
+    batch = collate_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    if all(p.ref_chosen is not None for p in pairs):
+        batch["ref_chosen_logps"] = torch.tensor([p.ref_chosen for p in pairs], dtype=torch.float64)
+        batch["ref_rejected_logps"] = torch.tensor([p.ref_rejected for p in pairs], dtype=torch.float64)
+    return batch
+
+
+def pair_batches(pairs: Sequence[PairExample], batch_size: int, pad_id: int, shuffle: bool = True,
+                 seed: int = 0, repeat: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of pairs, reshuffled each epoch with seed + epoch (endless when repeat)."""
+    import random
+    if not pairs:
+        raise ValueError("no preference pairs left after filtering: check the data report")
+    epoch = 0
+    while True:
+        order = list(range(len(pairs)))
+        if shuffle:
+            random.Random(seed + epoch).shuffle(order)
+        for k in range(0, len(order), batch_size):
+            yield collate_pairs([pairs[i] for i in order[k:k + batch_size]], pad_id)
+        if not repeat:
+            return
+        epoch += 1
+
+
+# ---------------------------------------------------------------- log-probs and loss
+def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the labelled tokens of each row, and how many there are: ([N], [N])."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    labels = batch["labels"][:, 1:].to(logits.device)
+    mask = labels != IGNORE_INDEX
+    logps = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.clamp(min=0).flatten(),
+                             reduction="none").view_as(labels)
+    return (logps * mask).sum(-1), mask.sum(-1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None,
+             rejected_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean DPO loss over a batch of pairs, and the reward metrics trl logs. Inputs are [B] summed log-probs."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss {loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    ref_chosen, ref_rejected = ref_chosen.to(policy_chosen), ref_rejected.to(policy_rejected)
+    chosen_ratio = policy_chosen - ref_chosen
+    rejected_ratio = policy_rejected - ref_rejected
+    margin = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+    elif loss_type == "robust":
+        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * margin)
+                  + label_smoothing * F.logsigmoid(-beta * margin)) / (1 - 2 * label_smoothing)
+    else:
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the ipo loss needs the completion token counts")
+        per_token = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        losses = (per_token - 1 / (2 * beta)) ** 2
+    chosen_rewards = beta * chosen_ratio.detach()
+    rejected_rewards = beta * rejected_ratio.detach()
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "logps/chosen": policy_chosen.detach().mean().item(),
+        "logps/rejected": policy_rejected.detach().mean().item(),
+    }
+    return losses.mean(), metrics
+
+
+# ---------------------------------------------------------------- reference
+def adapter_disabled(model) -> contextlib.AbstractContextManager:
+    """The base model of a peft model (adapter switched off) inside the block."""
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError("reference 'adapter' needs a LoRA model: pass --lora or use --reference copy|precompute")
+    return model.disable_adapter()
+
+
+def frozen_copy(model):
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+@torch.no_grad()
+def precompute_reference(model, pairs: Sequence[PairExample], batch_size: int, pad_id: int,
+                         device: torch.device | str = "cpu") -> None:
+    """Store the reference log-probs in each pair, so training needs no second model."""
+    was_training = model.training
+    model.eval()
+    for k in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", unit="batch", leave=False):
+        chunk = pairs[k:k + batch_size]
+        batch = {n: t.to(device) for n, t in collate_pairs(chunk, pad_id).items()}
+        logps, _ = completion_logps(model, batch)
+        chosen, rejected = logps.double().cpu().chunk(2)
+        for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+            p.ref_chosen, p.ref_rejected = c, r
+    model.train(was_training)
+
+
+def make_dpo_loss_fn(reference: str, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                     ref_model=None) -> Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict]]:
+    """A loss function for the training loop: (model, batch) -> (loss, metrics).
+
+    reference: "copy" (ref_model is a frozen copy), "adapter" (the policy with its LoRA adapter off) or
+    "precompute" (the batch carries ref_chosen_logps / ref_rejected_logps).
+    """
+    if reference not in REFERENCE_MODES:
+        raise ValueError(f"unknown reference mode {reference!r}: choose one of {', '.join(REFERENCE_MODES)}")
+    if reference == "copy" and ref_model is None:
+        raise ValueError("reference 'copy' needs ref_model (a frozen copy of the starting model)")
+
+    def loss_fn(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        logps, tokens = completion_logps(model, batch)
+        chosen, rejected = logps.chunk(2)
+        chosen_tokens, rejected_tokens = tokens.chunk(2)
+        if reference == "precompute":
+            if "ref_chosen_logps" not in batch:
+                raise ValueError("batch lacks precomputed reference log-probs: run precompute_reference first")
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            with torch.no_grad():
+                if reference == "adapter":
+                    with adapter_disabled(model):
+                        ref_logps, _ = completion_logps(model, batch)
+                else:
+                    ref_logps, _ = completion_logps(ref_model, batch)
+            ref_chosen, ref_rejected = ref_logps.chunk(2)
+        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing,
+                        chosen_tokens, rejected_tokens)
+
+    return loss_fn
+
+
+@torch.no_grad()
+def preference_accuracy(model, pairs: Sequence[PairExample], pad_id: int, batch_size: int = 32,
+                        device: torch.device | str = "cpu") -> float:
+    """Share of pairs whose chosen answer the model finds more likely than the rejected one (summed log-probs)."""
+    was_training = model.training
+    model.eval()
+    wins = 0
+    for batch in pair_batches(pairs, batch_size, pad_id, shuffle=False, repeat=False):
+        batch = {n: t.to(device) for n, t in batch.items()}
+        logps, _ = completion_logps(model, batch)
+        chosen, rejected = logps.chunk(2)
+        wins += int((chosen > rejected).sum())
+    model.train(was_training)
+    return wins / len(pairs)
