@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     verb = next((a for a in argv if not a.startswith("-")), None)
     try:
         parser = build_parser(verb if verb in VERBS else None)
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help or a usage error: argparse already printed it
+            return int(e.code or 0)
         if args.verb is None:
             parser.print_help()
             return 0

@@ -1,0 +1,27 @@
+"""`phikit bench NAME [ARGS]`: run benchmarks/NAME.py (each prints a JSON line last)."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parents[3] / "benchmarks"
+
+
+def _available() -> list[str]:
+    return sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_")) if BENCH_DIR.is_dir() else []
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help=f"benchmark: {', '.join(_available()) or 'decode, serve, eval, pack, train'}")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark (see NAME --help)")
+    p.epilog = "examples:\n  phikit bench decode\n  phikit bench decode --help"
+
+
+def run(args: argparse.Namespace) -> int:
+    script = BENCH_DIR / f"{args.name}.py"
+    if not script.exists():
+        raise ValueError(f"no benchmark named {args.name!r}: choose one of {', '.join(_available()) or 'none found'} "
+                         "(benchmarks/ lives in the source checkout)")
+    return subprocess.call([sys.executable, str(script), *args.rest])

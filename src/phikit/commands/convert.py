@@ -1,0 +1,27 @@
+"""`phikit convert SRC DST`: any supported checkpoint layout -> HF-native (or GGUF for llama.cpp)."""
+from __future__ import annotations
+
+import argparse
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="checkpoint directory (HF-native, phi-msft or mixformer-sequential) or HF repo id")
+    p.add_argument("dst", help="output directory (hf) or .gguf file (gguf)")
+    p.add_argument("--to", choices=["hf", "gguf"], default="hf", help="output format (default: hf)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="weight dtype to write (default: as stored; gguf default f16)")
+    p.epilog = ("examples:\n  phikit convert ~/phi-1_5-mixformer ./phi-1_5-hf\n"
+                "  phikit convert microsoft/phi-2 ./phi-2.gguf --to gguf --dtype fp16")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import describe, load, save
+    info = describe(args.src)
+    model, tokenizer = load(args.src, dtype=args.dtype or info["dtype"].split(",")[0])
+    if args.to == "gguf":
+        from ..gguf_export import export_gguf
+        out = export_gguf(model, tokenizer, args.dst, dtype=args.dtype or "fp16")
+    else:
+        out = save(model, tokenizer, args.dst)
+    print(f"converted {info['layout']} checkpoint {args.src} ({info['parameters']:,} parameters) -> {out}")
+    return 0

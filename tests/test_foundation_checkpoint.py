@@ -1,0 +1,170 @@
+"""Checkpoint round trips with transformers and the two historical layouts; bad checkpoints fail clearly."""
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+import phikit
+from phikit.checkpoint import CheckpointError
+from phikit.cli import main as cli_main
+
+
+def hf_reference(head_dim=64, prf=0.5, layers=2, vocab=51200):
+    cfg = transformers.PhiConfig(vocab_size=vocab, hidden_size=2 * head_dim, intermediate_size=8 * head_dim,
+                                 num_hidden_layers=layers, num_attention_heads=2, partial_rotary_factor=prf,
+                                 max_position_embeddings=256)
+    torch.manual_seed(1)
+    model = transformers.PhiForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+IDS = torch.tensor([[1212, 318, 257, 1332, 13, 198, 50284, 7783]])
+
+
+def logits_of(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def test_transformers_save_then_phikit_load(tmp_path, phi_tokenizer):
+    ref = hf_reference(head_dim=80, prf=0.4)
+    ref.save_pretrained(tmp_path)
+    phi_tokenizer.save(tmp_path)
+    model, tok = phikit.load(tmp_path)
+    assert (logits_of(ref) - logits_of(model)).abs().max() <= 1e-4
+    assert len(tok) == 50295 and model.config.tokenizer_vocab_size == 50295
+
+
+def test_phikit_save_then_transformers_load(tmp_path, phi_tokenizer):
+    model = phikit.build_model(phikit.get_config("tiny", vocab_size=51200), seed=3)
+    phikit.save(model, phi_tokenizer, tmp_path / "out")
+    assert not list(tmp_path.glob(".out*")), "temporary directory left behind"
+    ref = transformers.PhiForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert (logits_of(ref) - logits_of(model)).abs().max() <= 1e-4
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert hf_tok("\n    return")["input_ids"] == [198, 50284, 7783]
+
+
+def test_sharded_save_round_trips(tmp_path, phi_tokenizer):
+    model = phikit.build_model(phikit.get_config("tiny", vocab_size=51200), seed=4)
+    phikit.save(model, phi_tokenizer, tmp_path / "sharded", max_shard_bytes=8 * 2**20)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    loaded, _ = phikit.load(tmp_path / "sharded")
+    assert torch.equal(logits_of(loaded), logits_of(model))
+    ref = transformers.PhiForCausalLM.from_pretrained(tmp_path / "sharded").eval()
+    assert (logits_of(ref) - logits_of(model)).abs().max() <= 1e-4
+
+
+def _old_layout(hf_state: dict, layers: int, layout: str) -> dict:
+    """Written here independently from the library: Wqkv = [q; k; v] stacked on the output dim."""
+    out = {}
+    blk = (lambda i: f"transformer.h.{i}") if layout == "phi-msft" else (lambda i: f"layers.{i + 1}")
+    out["transformer.embd.wte.weight" if layout == "phi-msft" else "layers.0.wte.weight"] = \
+        hf_state["model.embed_tokens.weight"]
+    for i in range(layers):
+        s = f"model.layers.{i}"
+        for p in ("weight", "bias"):
+            out[f"{blk(i)}.ln.{p}"] = hf_state[f"{s}.input_layernorm.{p}"]
+            out[f"{blk(i)}.mixer.Wqkv.{p}"] = torch.cat(
+                [hf_state[f"{s}.self_attn.{n}.{p}"] for n in ("q_proj", "k_proj", "v_proj")], 0)
+            out[f"{blk(i)}.mixer.out_proj.{p}"] = hf_state[f"{s}.self_attn.dense.{p}"]
+            out[f"{blk(i)}.mlp.fc1.{p}"] = hf_state[f"{s}.mlp.fc1.{p}"]
+            out[f"{blk(i)}.mlp.fc2.{p}"] = hf_state[f"{s}.mlp.fc2.{p}"]
+        out[f"{blk(i)}.mixer.rotary_emb.inv_freq"] = torch.zeros(8)
+    head = "lm_head" if layout == "phi-msft" else f"layers.{layers + 1}"
+    for p in ("weight", "bias"):
+        out[f"{head}.ln.{p}"] = hf_state[f"model.final_layernorm.{p}"]
+        out[f"{head}.linear.{p}"] = hf_state[f"lm_head.{p}"]
+    return {k: v.clone().contiguous() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("layout", ["phi-msft", "mixformer-sequential"])
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_historical_layouts_load_with_same_logits(tmp_path, layout, fmt, phi_tokenizer):
+    ref = hf_reference(head_dim=80, prf=0.4)
+    state = _old_layout(ref.state_dict(), 2, layout)
+    if fmt == "safetensors":
+        save_file(state, str(tmp_path / "model.safetensors"))
+    else:
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    cfg = {"model_type": layout, "n_embd": 160, "n_layer": 2, "n_head": 2, "n_inner": None, "rotary_dim": 32,
+           "n_positions": 256, "vocab_size": 51200, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model, _ = phikit.load(tmp_path)
+    assert model.config.intermediate_size == 640 and model.config.rotary_dim == 32
+    assert (logits_of(ref) - logits_of(model)).abs().max() <= 1e-4
+    # phikit convert writes the HF-native layout that transformers loads
+    assert cli_main(["convert", str(tmp_path), str(tmp_path / "hf")]) == 0
+    back = transformers.PhiForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (logits_of(ref) - logits_of(back)).abs().max() <= 1e-4
+
+
+def test_info_prints_layout(tiny_phi_checkpoint, capsys):
+    assert cli_main(["info", str(tiny_phi_checkpoint), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "hf" and info["parameters"] == phikit.get_config("tiny", vocab_size=51200).num_parameters()
+
+
+# ---------------------------------------------------------------- bad input
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        phikit.load(tmp_path / "nope")
+    assert cli_main(["info", str(tmp_path / "nope")]) == 2
+
+
+def test_wrong_layout(tmp_path):
+    save_file({"encoder.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi", "hidden_size": 8,
+                                                      "num_attention_heads": 2, "num_hidden_layers": 1}))
+    with pytest.raises(CheckpointError, match="unrecognized weight names"):
+        phikit.load(tmp_path)
+
+
+def test_not_a_phi_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(CheckpointError, match="phi models only"):
+        phikit.load(tmp_path)
+
+
+def test_truncated_safetensors(tiny_phi_checkpoint, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_phi_checkpoint, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        phikit.load(bad)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_bin_pickle_holding_an_object_is_refused(tmp_path, capsys):
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "x": Payload()}, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi", "hidden_size": 8,
+                                                      "num_attention_heads": 2, "num_hidden_layers": 1}))
+    with pytest.raises(CheckpointError, match="weights_only"):
+        phikit.load(tmp_path)
+    assert "this must never run" not in capsys.readouterr().out
+
+
+def test_config_weight_mismatch_names_the_tensors(tiny_phi_checkpoint, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_phi_checkpoint, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    cfg["intermediate_size"] = 256
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as err:
+        phikit.load(bad)
+    msg = str(err.value)
+    assert "missing" in msg and "model.layers.2" in msg and "misshapen" in msg and "mlp.fc1.weight" in msg

@@ -1,0 +1,149 @@
+"""Logit, hidden-state and attention parity with transformers' PhiForCausalLM (the reference implementation)."""
+import pytest
+import torch
+import transformers
+
+from phikit.config import PhiConfig, get_config
+from phikit.model import KVCache, PhiForCausalLM
+
+SHAPES = {
+    "phi-1_5-like": dict(head_dim=64, partial_rotary_factor=0.5),  # rotary 32 of 64
+    "phi-2-like": dict(head_dim=80, partial_rotary_factor=0.4),  # rotary 32 of 80
+}
+
+
+def make_pair(head_dim: int, partial_rotary_factor: float, layers: int = 2, heads: int = 2, vocab: int = 512):
+    hf_cfg = transformers.PhiConfig(
+        vocab_size=vocab, hidden_size=head_dim * heads, intermediate_size=4 * head_dim * heads,
+        num_hidden_layers=layers, num_attention_heads=heads, partial_rotary_factor=partial_rotary_factor,
+        max_position_embeddings=128, attn_implementation="eager")
+    torch.manual_seed(0)
+    ref = transformers.PhiForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # non-trivial biases and LayerNorms, so a dropped bias cannot hide
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ours = PhiForCausalLM(PhiConfig.from_hf_dict(hf_cfg.to_dict())).eval()
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def left_padded_batch(vocab: int):
+    ids = torch.randint(0, vocab, (3, 16))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_logits_hidden_states_attentions_match_transformers(shape):
+    ref, ours = make_pair(**SHAPES[shape])
+    assert ours.config.rotary_dim == 32
+    ids, mask = left_padded_batch(512)
+    with torch.no_grad():
+        a = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+        b = ours(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+        fast = ours(ids, attention_mask=mask)  # SDPA path
+    real = mask.bool()
+    assert (a.logits - b.logits)[real].abs().max() <= 1e-4
+    assert (a.logits - fast.logits)[real].abs().max() <= 1e-4
+    assert len(a.hidden_states) == len(b.hidden_states)
+    for x, y in zip(a.hidden_states, b.hidden_states):
+        assert (x - y)[real].abs().max() <= 1e-4
+    assert len(a.attentions) == len(b.attentions)
+    for x, y in zip(a.attentions, b.attentions):  # [B, H, Tq, Tk]; compare rows of real query tokens
+        assert (x - y).transpose(1, 2)[real].abs().max() <= 1e-5
+
+
+def test_unpadded_forward_and_inputs_embeds_match():
+    ref, ours = make_pair(**SHAPES["phi-2-like"])
+    ids = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        a = ref(input_ids=ids).logits
+        b = ours(ids).logits
+        embeds = ours.get_input_embeddings()(ids) * 1.5  # custom embeddings, not the lookup
+        c = ref(inputs_embeds=embeds).logits
+        d = ours(inputs_embeds=embeds).logits
+    assert (a - b).abs().max() <= 1e-4
+    assert (c - d).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kv_cache_incremental_equals_full_forward(shape):
+    _, ours = make_pair(**SHAPES[shape])
+    ids, mask = left_padded_batch(512)
+    with torch.no_grad():
+        full = ours(ids, attention_mask=mask).logits
+        for cache in (KVCache(ours.config.num_hidden_layers),
+                      KVCache.allocate(ours.config, 3, 32)):
+            steps = [ours(ids[:, :12], attention_mask=mask[:, :12], past_key_values=cache, use_cache=True).logits]
+            for i in range(12, 16):
+                out = ours(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=cache, use_cache=True)
+                steps.append(out.logits)
+            assert cache.length == 16
+            inc = torch.cat(steps, 1)
+            assert (inc - full)[mask.bool()].abs().max() <= 1e-4
+
+
+def test_unmasked_cache_decoding_matches():
+    _, ours = make_pair(**SHAPES["phi-1_5-like"])
+    ids = torch.randint(0, 512, (1, 10))
+    with torch.no_grad():
+        full = ours(ids).logits
+        out = ours(ids[:, :6], use_cache=True)
+        steps = [out.logits]
+        for i in range(6, 10):
+            out = ours(ids[:, i:i + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
+
+
+def test_segment_ids_isolate_packed_documents():
+    _, ours = make_pair(**SHAPES["phi-1_5-like"])
+    a, b = torch.randint(0, 512, (1, 7)), torch.randint(0, 512, (1, 5))
+    packed = torch.cat([a, b], 1)
+    seg = torch.tensor([[0] * 7 + [1] * 5])
+    pos = torch.tensor([list(range(7)) + list(range(5))])
+    with torch.no_grad():
+        out = ours(packed, segment_ids=seg, position_ids=pos).logits
+        sep_a, sep_b = ours(a).logits, ours(b).logits
+    assert (out[:, :7] - sep_a).abs().max() <= 1e-4
+    assert (out[:, 7:] - sep_b).abs().max() <= 1e-4
+
+
+def test_fp16_attention_scores_do_not_overflow():
+    # Large activations make q.k^T exceed the fp16 range; scores are computed in fp32 so logits stay finite.
+    _, ours = make_pair(**SHAPES["phi-2-like"])
+    with torch.no_grad():
+        for layer in ours.model.layers:
+            layer.self_attn.q_proj.weight.mul_(300.0)
+            layer.self_attn.k_proj.weight.mul_(300.0)
+    ours = ours.half()
+    ids = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        out = ours(ids, output_attentions=True)
+        fast = ours(ids)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(fast.logits).all()
+
+
+def test_presets_have_the_released_sizes():
+    assert get_config("phi-1_5").num_parameters() == 1_418_270_720
+    assert get_config("phi-1").num_parameters() == 1_418_270_720
+    assert get_config("phi-2").num_parameters() == 2_779_683_840
+    assert get_config("phi-2").head_dim == 80 and get_config("phi-2").rotary_dim == 32
+    cfg = get_config("tiny")
+    model = PhiForCausalLM(cfg)
+    assert model.num_parameters() == cfg.num_parameters()
+    assert cfg.flops_per_token(256) > 6 * (cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size)
+
+
+def test_bad_configs_and_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="divisible"):
+        PhiConfig(hidden_size=100, num_attention_heads=3)
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_config("phi-9")
+    model = PhiForCausalLM(get_config("tiny", max_position_embeddings=16)).eval()
+    with pytest.raises(ValueError, match="exceeds the context"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="outside the embedding"):
+        model(torch.tensor([[5000]]))

@@ -1,0 +1,91 @@
+"""The rebuilt phi tokenizer against known ids and an independent build with tokenizers' ByteLevelBPETokenizer."""
+import random
+
+import pytest
+from tokenizers import AddedToken, ByteLevelBPETokenizer
+
+from phikit.cli import main as cli_main
+from phikit.tokenizer import Tokenizer, gpt2_vocab_files, train_bpe
+
+
+def test_known_vectors(phi_tokenizer):
+    assert phi_tokenizer.encode("This is a test.") == [1212, 318, 257, 1332, 13]
+    assert phi_tokenizer.encode("\n    return") == [198, 50284, 7783]
+    assert phi_tokenizer.encode("  ") == [50286]
+    assert phi_tokenizer.encode("<|endoftext|>") == [50256]
+    assert len(phi_tokenizer) == 50295
+    assert phi_tokenizer.eos_token_id == phi_tokenizer.bos_token_id == 50256
+    # ids of the whitespace runs: n spaces -> 50257 + 31 - n; n tabs (9..2) -> 50287 + 9 - n
+    for n in range(2, 32):
+        assert phi_tokenizer.token_to_id(" " * n) == 50257 + 31 - n
+    for n in range(2, 10):
+        assert phi_tokenizer.token_to_id("\t" * n) == 50287 + 9 - n
+
+
+def mixed_strings(count: int = 300) -> list[str]:
+    rng = random.Random(0)
+    pieces = ["def ", "return", "class Foo:", "\n", "    ", "\t", "\t\t", "  ", " " * 9, " " * 40, "\t" * 12,
+              "x = 1", "# comment", "for i in range(10):", "é", "naïve", "日本語", "🙂", "Ω≈ç√", "<|endoftext|>",
+              "'''doc'''", "\"\"\"", "print(f'{x!r}')", "if a != b:", "0x1F", "3.14159", "Hello, world!", "\r\n",
+              "λ", "ß", "  # indented", "\u200b", "ünïcödé", "\\n", "{}[]()", "a+b*c", " "]
+    out = []
+    for _ in range(count):
+        out.append("".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))))
+    return out
+
+
+def independent_phi_tokenizer() -> ByteLevelBPETokenizer:
+    vocab, merges = gpt2_vocab_files()
+    tok = ByteLevelBPETokenizer(str(vocab), str(merges), add_prefix_space=False, trim_offsets=False)
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.add_tokens([AddedToken(" " * n) for n in range(31, 1, -1)] + [AddedToken("\t" * n) for n in range(9, 1, -1)])
+    return tok
+
+
+def test_matches_independent_build_and_round_trips(phi_tokenizer):
+    ref = independent_phi_tokenizer()
+    assert ref.get_vocab_size() == len(phi_tokenizer)
+    for s in mixed_strings():
+        ids = phi_tokenizer.encode(s)
+        assert ids == ref.encode(s).ids, repr(s)
+        assert phi_tokenizer.decode(ids) == s
+
+
+def test_save_and_reload(tmp_path, phi_tokenizer):
+    phi_tokenizer.save(tmp_path)
+    again = Tokenizer.from_file(tmp_path)
+    for s in mixed_strings(30):
+        assert again.encode(s) == phi_tokenizer.encode(s)
+
+
+def test_stream_decoder_never_splits_characters(phi_tokenizer):
+    text = "naïve 日本語 🙂 done"
+    dec = phi_tokenizer.stream_decoder()
+    pieces = [dec.push(i) for i in phi_tokenizer.encode(text)] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_train_bpe(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def add(a, b):\n    return a + b\n" * 200 + "The quick brown fox. " * 300)
+    assert cli_main(["tokenizer", "train", str(corpus), "--vocab-size", "400", "--output", str(tmp_path / "t")]) == 0
+    tok = Tokenizer.from_file(tmp_path / "t")
+    assert tok.token_to_id("<|endoftext|>") == 0
+    s = "def add(a, b):\n    return a + b"
+    assert tok.decode(tok.encode(s)) == s
+    assert len(tok.encode(s)) < len(s.encode())  # merges were learned
+    with pytest.raises(ValueError, match="too small"):
+        train_bpe(["x"], 100)
+
+
+def test_build_phi_cli(tmp_path):
+    assert cli_main(["tokenizer", "build-phi", str(tmp_path / "tok"), "--chatml"]) == 0
+    tok = Tokenizer.from_file(tmp_path / "tok")
+    assert tok.has_chatml and tok.encode("<|im_start|>user")[0] == 50295
+    assert cli_main(["tokenizer", "build-phi"]) == 2  # missing argument: usage error, no traceback
+
+
+def test_missing_tokenizer_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="build-phi"):
+        Tokenizer.from_file(tmp_path)
