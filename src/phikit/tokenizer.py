@@ -186,11 +186,18 @@ def iter_text_files(paths: Sequence[str | Path], text_field: str = "text") -> It
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
-              whitespace_tokens: bool = True) -> Tokenizer:
-    """Train a byte-level BPE with <|endoftext|> as id 0 (and, by default, phi's whitespace-run tokens)."""
+              whitespace_tokens: bool = True, split_digits: bool = False) -> Tokenizer:
+    """Train a byte-level BPE with <|endoftext|> as id 0 (and, by default, phi's whitespace-run tokens).
+
+    split_digits=True keeps every digit its own token, which small models need to learn arithmetic.
+    """
     if vocab_size < 300:
         raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level BPE: use at least 300")
     tok = _byte_level_tokenizer(models.BPE())
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                   special_tokens=[EOS_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)

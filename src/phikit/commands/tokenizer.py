@@ -15,6 +15,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--text-field", default="text")
     t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--split-digits", action="store_true", help="one token per digit (helps small models at arithmetic)")
     t.add_argument("--output", required=True, help="output directory")
     e = sub.add_parser("encode", help="print the token ids of a text")
     e.add_argument("text")
@@ -33,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
         tok.save(args.dst)
         print(f"wrote the phi tokenizer ({len(tok)} tokens) to {args.dst}")
     elif args.action == "train":
-        tok = train_bpe(iter_text_files(args.files, args.text_field), args.vocab_size, args.min_frequency)
+        tok = train_bpe(iter_text_files(args.files, args.text_field), args.vocab_size, args.min_frequency,
+                        split_digits=args.split_digits)
         tok.save(args.output)
         print(f"trained a byte-level BPE of {len(tok)} tokens -> {args.output}")
     else:
