@@ -1,0 +1,412 @@
+"""Decoding: sampling, batches of prompts of different lengths, stop rules, streaming, beam search, chat.
+
+One engine serves every entry point. Prompts are left-padded into one batch; a KV cache sized for the whole
+generation is allocated once; each step feeds one token per row. Rows finish on a stop token (`<|endoftext|>` by
+default) or a stop string (matched on the decoded text, across token boundaries, and cut from the output).
+
+    generate(model, tok, "def fib(n):", max_new_tokens=64)              -> str (the continuation only)
+    generate(model, tok, ["a", "bb"], temperature=0.8, seed=1)          -> list[str]
+    for delta in stream(model, tok, prompt): print(delta, end="")
+    chat(model, tok, [{"role": "user", "content": "Hi"}])               -> the answer, in the model's format
+    complete(model, tok, prompts, ...)                                   -> list[Completion] (ids, logprobs, reasons)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .formats import PromptFormat, default_format, get_format
+from .model import KVCache, PhiForCausalLM
+from .sampling import SamplingParams, apply_repetition_penalty, mask_padding_rows, process_logits, sample_next
+from .tokenizer import IM_END, Tokenizer
+
+
+@dataclass
+class Completion:
+    """One prompt's result. token_ids/logprobs cover the kept tokens (a stop token itself is not kept; the token
+    that completed a stop string is). logprobs are the model's own log-probabilities (before temperature/filters)."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str  # "stop": a stop token or stop string; "length": max_new_tokens or the context ran out
+    prompt_tokens: int
+
+
+@dataclass
+class Chunk:
+    """A streaming delta for row `index`; finish_reason is set on the row's last chunk."""
+
+    index: int
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _sampling_params(max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float,
+                     repetition_penalty: float, seed: int | None) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          min_p=min_p, repetition_penalty=repetition_penalty, seed=seed).validate()
+
+
+def encode_prompts(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str | list[int]],
+                   max_new_tokens: int, truncate: bool = False) -> list[list[int]]:
+    """Token ids per prompt, checked against the context (truncate=True keeps each prompt's last tokens)."""
+    context = model.config.max_position_embeddings
+    out = []
+    for i, p in enumerate(prompts):
+        ids = list(p) if isinstance(p, (list, tuple)) else tokenizer.encode(p)
+        if not ids:
+            raise ValueError(f"prompt {i} is empty: give at least one token of text to continue")
+        if len(ids) >= context:
+            if not truncate:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens but the context is {context}: shorten it, "
+                                 "or pass truncate=True (--truncate) to keep its last tokens")
+            ids = ids[-(context - max(1, min(max_new_tokens, context // 2))):]
+        out.append(ids)
+    return out
+
+
+def _vocab_limit(model: PhiForCausalLM, tokenizer: Tokenizer) -> int | None:
+    """Rows of the embedding past the tokenizer's vocabulary are padding: never produce them."""
+    limits = [n for n in (len(tokenizer), model.config.tokenizer_vocab_size) if n]
+    limit = min(limits)
+    return limit if limit < model.config.vocab_size else None
+
+
+def _stop_ids(tokenizer: Tokenizer, stop_token_ids: Sequence[int] | None) -> set[int]:
+    if stop_token_ids is not None:
+        return set(int(i) for i in stop_token_ids)
+    ids = {tokenizer.eos_token_id}
+    if tokenizer.has_chatml:
+        ids.add(tokenizer.token_to_id(IM_END))
+    return ids
+
+
+def _cache_dtype(model: PhiForCausalLM) -> torch.dtype:
+    return model.model.embed_tokens.weight.dtype
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stop strings on decoded text
+
+
+class _TextTracker:
+    """Decoded text of one row: emits only text that is final (complete UTF-8, not a possible stop-string start)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stop_strings if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly final text. Sets .stopped when a stop string completes."""
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids)
+        hits = [i for i in (self.text.find(s, self.emitted) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            self.text = self.text[:min(hits)]
+            return self._emit(len(self.text))
+        safe = len(self.text.rstrip("\ufffd"))  # an incomplete multi-byte character waits for its next token
+        return self._emit(safe - self._held_back(self.text[:safe]))
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest tail of `text` that could be the start of a stop string."""
+        best = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text) - self.emitted), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+    def _emit(self, end: int) -> str:
+        delta = self.text[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return delta
+
+    def finish(self) -> str:
+        return self._emit(len(self.text))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The batch decoder
+
+
+@torch.inference_mode()
+def _decode_tokens(model: PhiForCausalLM, rows: list[list[int]], params: SamplingParams, stop_ids: set[int],
+                   vocab_limit: int | None, finished: torch.Tensor) -> Iterator[tuple[list[int], list[float]]]:
+    """Yield (next token per row, its logprob per row) each step; rows in `finished` (set by the caller or by a
+    stop token) keep computing padding but are ignored. Ends when every row is finished or tokens run out."""
+    device = model.device
+    b, longest = len(rows), max(len(r) for r in rows)
+    steps = min(params.max_new_tokens, model.config.max_position_embeddings - longest)
+    total = longest + steps
+    pad_id = rows[0][0]
+    ids = torch.full((b, total), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((b, total), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, longest - len(r):longest] = torch.tensor(r, device=device)
+        mask[i, longest - len(r):] = 1
+        if params.repetition_penalty != 1.0:  # padding must not count as seen: repeat a real token instead
+            ids[i, :longest - len(r)] = r[0]
+    padded = any(len(r) != longest for r in rows)
+    cache = KVCache.allocate(model.config, b, total, device, _cache_dtype(model))
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+
+    out = model(ids[:, :longest], attention_mask=mask[:, :longest] if padded else None, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    for step in range(steps):
+        cur = longest + step
+        raw = out.logits[:, -1].float()
+        seen = ids[:, :cur] if params.repetition_penalty != 1.0 else None
+        logits = process_logits(raw, params, seen, vocab_limit)
+        token = sample_next(logits, params, generator)
+        logprob = torch.log_softmax(mask_padding_rows(raw, vocab_limit), -1).gather(-1, token[:, None])[:, 0]
+        token = token.masked_fill(finished, pad_id)
+        finished |= torch.isin(token, stop_tensor)
+        ids[:, cur] = token
+        yield token.tolist(), logprob.tolist()
+        if bool(finished.all()) or step == steps - 1:
+            return
+        out = model(token[:, None], attention_mask=mask[:, :cur + 1] if padded else None, past_key_values=cache,
+                    use_cache=True)
+
+
+def _stream_rows(model: PhiForCausalLM, tokenizer: Tokenizer, rows: list[list[int]], params: SamplingParams,
+                 stop: Sequence[str], stop_ids: set[int], return_logprobs: bool) -> Iterator[Chunk]:
+    trackers = [_TextTracker(tokenizer, stop) for _ in rows]
+    finished = torch.zeros(len(rows), dtype=torch.bool, device=model.device)
+    reasons: list[str | None] = [None] * len(rows)
+    for tokens, logprobs in _decode_tokens(model, rows, params, stop_ids, _vocab_limit(model, tokenizer), finished):
+        for i, (tok, lp) in enumerate(zip(tokens, logprobs)):
+            if reasons[i] is not None:
+                continue
+            tracker = trackers[i]
+            if tok in stop_ids:
+                reasons[i] = "stop"
+                yield Chunk(i, tracker.finish(), finish_reason="stop")
+                continue
+            delta = tracker.push(tok)
+            if tracker.stopped:
+                reasons[i] = "stop"
+                finished[i] = True
+            if delta or reasons[i] or return_logprobs:
+                yield Chunk(i, delta, [tok], [lp] if return_logprobs else [], reasons[i])
+    for i, tracker in enumerate(trackers):
+        if reasons[i] is None:  # ran out of new tokens (or context)
+            yield Chunk(i, tracker.finish(), finish_reason="length")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Beam search
+
+
+@torch.inference_mode()
+def _beam_search(model: PhiForCausalLM, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
+                 num_beams: int, stop: Sequence[str], stop_ids: set[int], length_penalty: float,
+                 early_stopping: bool | str, return_logprobs: bool) -> Completion:
+    """Beam search with the scoring rules of transformers' generate (so results match it token for token):
+    a hypothesis that ends (a stop token, or the length limit) scores sum(logprob) / length**length_penalty;
+    each step keeps the best `num_beams` of 2*num_beams candidates; early_stopping True stops once num_beams
+    hypotheses are done, False when no running beam can still beat them, "never" with an optimistic bound."""
+    if not params.greedy:
+        raise ValueError("beam search is deterministic: use temperature=0 with num_beams > 1")
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    n, device = num_beams, model.device
+    vocab_limit = _vocab_limit(model, tokenizer)
+    steps = min(params.max_new_tokens, model.config.max_position_embeddings - len(prompt))
+    keep = max(2, 1 + len(stop_ids)) * n  # enough candidates that n can go on even if the best n all end here
+    stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    first_n = torch.arange(keep, device=device) < n
+
+    cache = KVCache.allocate(model.config, 1, len(prompt) + steps, device, _cache_dtype(model))
+    prompt_ids = torch.tensor([prompt], device=device)
+    logits = model(prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    cache.reorder(torch.zeros(n, dtype=torch.long, device=device))
+    logits = logits.expand(n, -1)
+
+    running = torch.zeros((n, steps), dtype=torch.long, device=device)  # generated tokens per beam
+    running_lp = torch.zeros((n, steps), device=device)  # each token's logprob
+    running_scores = torch.full((n,), -1e9, device=device)
+    running_scores[0] = 0.0  # all beams start equal: only the first may expand, or they would duplicate
+    done = running.clone()
+    done_lp = running_lp.clone()
+    done_scores = torch.full((n,), -1e9, device=device)
+    done_len = torch.zeros(n, dtype=torch.long, device=device)
+    done_flag = torch.zeros(n, dtype=torch.bool, device=device)
+    can_improve = True
+    for step in range(steps):
+        logp = torch.log_softmax(mask_padding_rows(logits.float(), vocab_limit), -1)
+        if params.repetition_penalty != 1.0:
+            seen = torch.cat([prompt_ids.expand(n, -1), running[:, :step]], 1)
+            logp = apply_repetition_penalty(logp, seen, params.repetition_penalty)
+        vocab = logp.shape[-1]
+        top_scores, top_index = (logp + running_scores[:, None]).view(-1).topk(keep)
+        parent, token = top_index // vocab, top_index % vocab
+        cand = running[parent].clone()
+        cand[:, step] = token
+        cand_lp = running_lp[parent].clone()
+        cand_lp[:, step] = logp[parent, token]
+        ends = torch.isin(token, stop_tensor) | (step == steps - 1)
+
+        # Beams that go on: the best n candidates that did not end.
+        go_on = (top_scores - 1e9 * ends.float()).topk(n).indices
+        running, running_lp, running_scores = cand[go_on], cand_lp[go_on], (top_scores - 1e9 * ends.float())[go_on]
+
+        # Finished hypotheses: merge those that ended among the best n candidates, if they still may enter.
+        scores = top_scores / ((step + 1) ** length_penalty)
+        full = bool(done_flag.all()) and early_stopping is True
+        admissible = ends & first_n & (can_improve and not full)
+        scores = scores - 1e9 * (~admissible).float()
+        best = torch.cat([done_scores, scores]).topk(n).indices
+        done = torch.cat([done, cand])[best]
+        done_lp = torch.cat([done_lp, cand_lp])[best]
+        done_scores = torch.cat([done_scores, scores])[best]
+        done_len = torch.cat([done_len, torch.full((keep,), step + 1, device=device)])[best]
+        done_flag = torch.cat([done_flag, admissible])[best]
+
+        # Could a running beam still beat the worst finished one? (transformers' heuristic, per early_stopping)
+        horizon = steps if early_stopping == "never" and length_penalty > 0 else step + 1
+        best_running = running_scores[0] / (horizon ** length_penalty)
+        can_improve = can_improve and (not bool(done_flag.all()) or bool(best_running > done_scores.min()))
+        if not can_improve or (bool(done_flag.all()) and early_stopping is True) or bool(ends.all()):
+            break
+        cache.reorder(parent[go_on])
+        logits = model(running[:, step:step + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+
+    length = int(done_len[0])
+    tokens, lps = done[0, :length].tolist(), done_lp[0, :length].tolist()
+    reason = "length"
+    if tokens and tokens[-1] in stop_ids:
+        tokens, lps, reason = tokens[:-1], lps[:-1], "stop"
+    tracker = _TextTracker(tokenizer, stop)
+    kept = 0
+    for tok in tokens:
+        tracker.push(tok)
+        kept += 1
+        if tracker.stopped:
+            reason = "stop"
+            break
+    tracker.finish()
+    return Completion(tracker.text, tokens[:kept], lps[:kept] if return_logprobs else None, reason, len(prompt))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def complete(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str | list[int]],
+             max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+             stop: Sequence[str] | str | None = None, num_beams: int = 1, stop_token_ids: Sequence[int] | None = None,
+             return_logprobs: bool = False, length_penalty: float = 1.0, early_stopping: bool | str = False,
+             truncate: bool = False) -> list[Completion]:
+    """Generate for a batch of prompts; one Completion (text, ids, logprobs, finish reason) per prompt."""
+    params = _sampling_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if not prompts:
+        raise ValueError("no prompts given: pass a string or a non-empty list of strings")
+    rows = encode_prompts(model, tokenizer, prompts, max_new_tokens, truncate)
+    stop_ids = _stop_ids(tokenizer, stop_token_ids)
+    _prepare_model(model)
+    if num_beams > 1:
+        return [_beam_search(model, tokenizer, r, params, num_beams, stop, stop_ids, length_penalty, early_stopping,
+                            return_logprobs) for r in rows]
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    texts = [""] * len(rows)
+    ids: list[list[int]] = [[] for _ in rows]
+    lps: list[list[float]] = [[] for _ in rows]
+    reasons = ["length"] * len(rows)
+    for c in _stream_rows(model, tokenizer, rows, params, stop, stop_ids, return_logprobs):
+        texts[c.index] += c.text
+        ids[c.index] += c.token_ids
+        lps[c.index] += c.logprobs
+        if c.finish_reason:
+            reasons[c.index] = c.finish_reason
+    return [Completion(t, i, lp if return_logprobs else None, r, len(row))
+            for t, i, lp, r, row in zip(texts, ids, lps, reasons, rows)]
+
+
+def generate(model: PhiForCausalLM, tokenizer: Tokenizer, prompt_or_prompts: str | Sequence[str],
+             max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+             stop: Sequence[str] | str | None = None, num_beams: int = 1, stop_token_ids: Sequence[int] | None = None,
+             return_logprobs: bool = False, **options) -> str | list[str] | Completion | list[Completion]:
+    """The continuation of a prompt (str) or of each prompt (list). return_logprobs=True returns Completion objects
+    instead (text, token_ids, logprobs, finish_reason). Options: length_penalty, early_stopping (beam search),
+    truncate (keep the last tokens of an over-long prompt)."""
+    single = isinstance(prompt_or_prompts, str)
+    prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
+    results = complete(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                       repetition_penalty, seed, stop, num_beams, stop_token_ids, return_logprobs, **options)
+    out = results if return_logprobs else [r.text for r in results]
+    return out[0] if single else out
+
+
+def stream_chunks(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str | list[int]],
+                  max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                  min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                  stop: Sequence[str] | str | None = None, num_beams: int = 1,
+                  stop_token_ids: Sequence[int] | None = None, return_logprobs: bool = False,
+                  truncate: bool = False) -> Iterator[Chunk]:
+    """Chunks (row index, text delta, token ids, logprobs, finish reason) as they become final, for servers."""
+    if num_beams != 1:
+        raise ValueError("beam search cannot stream (the best beam is known only at the end): use num_beams=1")
+    params = _sampling_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    rows = encode_prompts(model, tokenizer, prompts, max_new_tokens, truncate)
+    _prepare_model(model)
+    yield from _stream_rows(model, tokenizer, rows, params, stop, _stop_ids(tokenizer, stop_token_ids),
+                            return_logprobs)
+
+
+def stream(model: PhiForCausalLM, tokenizer: Tokenizer, prompt: str, **sampling) -> Iterator[str]:
+    """Text deltas of one prompt's continuation as they become printable; they join to generate()'s result."""
+    for chunk in stream_chunks(model, tokenizer, [prompt], **sampling):
+        if chunk.text:
+            yield chunk.text
+
+
+def chat_prompt(tokenizer: Tokenizer, messages: list[dict], format: str | PromptFormat | None = None,
+                stop: Sequence[str] | str | None = None) -> tuple[str, PromptFormat, dict]:
+    """Render messages in a format; returns (prompt, format, stop keywords for generate/stream)."""
+    fmt = format if isinstance(format, PromptFormat) else get_format(format or default_format(tokenizer))
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    stop_ids = {tokenizer.eos_token_id}
+    stop_ids |= {i for i in (tokenizer.token_to_id(n) for n in fmt.stop_token_names) if i is not None}
+    return fmt.render(messages), fmt, dict(stop=fmt.stop_strings + stop, stop_token_ids=sorted(stop_ids))
+
+
+def chat(model: PhiForCausalLM, tokenizer: Tokenizer, messages: list[dict], format: str | PromptFormat | None = None,
+         **sampling) -> str:
+    """The model's answer to OpenAI-style messages, rendered in `format` (default: ChatML when the tokenizer has
+    it, else the Alice/Bob transcript), cut where the answer ends."""
+    prompt, fmt, stops = chat_prompt(tokenizer, messages, format, sampling.pop("stop", None))
+    sampling.setdefault("stop_token_ids", stops["stop_token_ids"])
+    return fmt.cut(generate(model, tokenizer, prompt, stop=stops["stop"], **sampling))
+
+
+def _prepare_model(model: PhiForCausalLM) -> None:
+    """Inference mode, and on the CPU bf16 weights get an fp32 path for prompts (see quant.use_fp32_prefill)."""
+    if model.training:
+        model.eval()
+    from .quant import use_fp32_prefill
+    use_fp32_prefill(model)

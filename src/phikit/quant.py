@@ -1,0 +1,156 @@
+"""Weight-only quantization for decoding, and the bf16 prompt path on the CPU.
+
+Decoding one token reads every weight once, so its speed is memory bandwidth: int8 weights (1 byte) decode about
+twice as fast as bf16 and four times as fast as fp32. Activations stay in bf16 (the int8 kernel is ~10x slower
+with fp32 activations). Prompts (many rows at once) are compute-bound instead, and this CPU has no fast bf16
+matrix-matrix kernel, so prompt-sized inputs take an fp32 path: upcast (or dequantize) one layer at a time.
+
+    quantize_model(model, "int8")   per-output-channel symmetric int8, torch's _weight_int8pack_mm kernel
+    quantize_model(model, "int4")   group-wise asymmetric int4 (groups of 32 inputs), _weight_int4pack_mm
+    use_fp32_prefill(model)         bf16 nn.Linear layers on the CPU run prompts in fp32 (same weights)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Inputs with at least this many rows (prompt processing) take the fp32 path on the CPU; fewer rows (decoding,
+# small batches) use the low-precision kernels, which win as long as reading the weights dominates.
+PREFILL_ROWS = 16
+
+MODES = ("int8", "int4")
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+class Bf16Linear(nn.Linear):
+    """nn.Linear with bf16 weights whose prompt-sized inputs are computed in fp32 on the CPU.
+
+    The class is swapped in place (same parameters, same state_dict), see use_fp32_prefill."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and self.weight.dtype == torch.bfloat16 and _rows(x) >= PREFILL_ROWS:
+            bias = self.bias.float() if self.bias is not None else None
+            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+        return super().forward(x)
+
+
+def use_fp32_prefill(model: nn.Module) -> nn.Module:
+    """Give every bf16 nn.Linear on the CPU the fp32 prompt path (idempotent; numerics only get more exact)."""
+    for m in model.modules():
+        if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu":
+            m.__class__ = Bf16Linear
+    return model
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T + b with q int8 [out, in] and one scale per output channel (symmetric)."""
+
+    def __init__(self, linear: nn.Linear, act_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+        self.register_buffer("weight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scale.to(act_dtype))
+        bias = linear.bias.detach().to(act_dtype) if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and x2.shape[0] >= PREFILL_ROWS:
+            bias = self.bias.float() if self.bias is not None else None
+            y = F.linear(x2.float(), self.dequantize(torch.float32), bias).to(x.dtype)
+        elif x.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(self.scales.dtype), self.weight, self.scales).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+        else:  # GPU: the dequantized matrix is cheap to form; the read of int8 weights is what saves bandwidth
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class Int4Linear(nn.Module):
+    """Group-wise asymmetric int4: each run of `group_size` inputs of an output channel has its own scale and
+    zero point (w = (q - 8) * scale + zero, q in 0..15), packed for torch's CPU int4 kernel."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = 32, inner_k_tiles: int = 2) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        if self.in_features % group_size:
+            raise ValueError(f"int4 needs in_features ({self.in_features}) divisible by the group size {group_size}")
+        w = linear.weight.detach().float().reshape(self.out_features, -1, group_size)
+        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-6)
+        q = ((w - lo) / scale).round().clamp(0, 15)
+        zero = lo + 8 * scale  # so that (q - 8) * scale + zero == q * scale + lo
+        q = q.reshape(self.out_features, self.in_features).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles)
+        self.register_buffer("weight", packed)
+        # [in/group, out, 2] (scale, zero), the kernel's layout
+        sz = torch.stack([scale[..., 0], zero[..., 0]], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.register_buffer("scales_and_zeros", sz)
+        bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+        self._q = q.to(torch.uint8)  # kept for the fp32 prompt path (unpacking the kernel layout is not public)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        scale = self.scales_and_zeros[..., 0].transpose(0, 1).to(dtype)[..., None]
+        zero = self.scales_and_zeros[..., 1].transpose(0, 1).to(dtype)[..., None]
+        q = self._q.reshape(self.out_features, -1, self.group_size).to(dtype)
+        return ((q - 8) * scale + zero).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] >= PREFILL_ROWS:
+            bias = self.bias.float() if self.bias is not None else None
+            y = F.linear(x2.float(), self.dequantize(torch.float32), bias).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.weight, self.group_size,
+                                                           self.scales_and_zeros).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}"
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
+    """Replace every nn.Linear (lm_head included) by its weight-only quantized form, in place; returns the model.
+
+    On the CPU the remaining weights (embedding, LayerNorms) become bf16 so activations are bf16, which is what
+    the int8/int4 kernels are fast with. The quantized model can generate but not be trained or saved."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}: choose one of {', '.join(MODES)}")
+    if getattr(model, "quantized", None):
+        raise ValueError(f"model is already quantized ({model.quantized}): load the original weights again")
+    device = next(model.parameters()).device
+    if mode == "int4" and device.type != "cpu":
+        raise ValueError("int4 weight-only quantization runs on the CPU only: use int8 on a GPU")
+    act_dtype = torch.bfloat16 if device.type == "cpu" else next(model.parameters()).dtype
+    if act_dtype == torch.float32:
+        act_dtype = torch.bfloat16
+    replacements = [(parent, name, child) for parent in model.modules()
+                    for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    for parent, name, child in replacements:
+        q = Int8Linear(child, act_dtype) if mode == "int8" else Int4Linear(child, group_size)
+        setattr(parent, name, q.to(device))
+    model.to(dtype=act_dtype)  # embeddings and LayerNorms; the quantized buffers keep their integer dtypes
+    model.quantized = mode
+    model.eval()
+    return model
