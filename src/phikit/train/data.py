@@ -1,0 +1,271 @@
+"""Training data: token shards (format phikit-shards-v1), weighted mixtures of them, deterministic batches.
+
+A shard directory holds `index.json` and flat little-endian uint16/uint32 token files with eos after every
+document. A mixture spec (YAML or JSON) is {"sources": [{"path": DIR, "weight": 0.8}, ...]}.
+
+Batches are a pure function of (seed, step): row i of the global batch at step s is a window of seq_len tokens
+whose source and offset come from a generator seeded with (seed, s). A resumed run therefore sees exactly the
+batches it would have seen, and 1 process or N processes see the same global batch (each process takes its
+contiguous slice of rows).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+SHARD_FORMAT = "phikit-shards-v1"
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+class ShardSet:
+    """One shard directory: memory-mapped token files per split."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        index_path = self.directory / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"no token shards at {self.directory} (index.json missing): "
+                                    "pack them first with `phikit data pack`")
+        index = json.loads(index_path.read_text())
+        if index.get("format") != SHARD_FORMAT:
+            raise ValueError(f"{index_path} has format {index.get('format')!r}, expected {SHARD_FORMAT!r}: "
+                             "re-pack the data with this phikit")
+        if index.get("dtype") not in DTYPES:
+            raise ValueError(f"{index_path}: dtype {index.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+        self.index = index
+        self.dtype = np.dtype(DTYPES[index["dtype"]]).newbyteorder("<")
+        self.eos_id = int(index["eos_id"])
+        self.vocab_size = int(index["vocab_size"])
+        self.tokenizer_path = self.directory / index.get("tokenizer", "tokenizer.json")
+        self.splits: dict[str, list[np.ndarray]] = {}
+        self.offsets: dict[str, np.ndarray] = {}
+        for split, files in (index.get("splits") or {}).items():
+            arrays = []
+            for entry in files:
+                path = self.directory / entry["file"]
+                if not path.is_file():
+                    raise FileNotFoundError(f"shard {path} listed in {index_path} is missing: re-pack the data")
+                expected = int(entry["tokens"]) * self.dtype.itemsize
+                if path.stat().st_size != expected:
+                    raise ValueError(f"shard {path} has {path.stat().st_size} bytes, index.json says {expected}: "
+                                     "the file is truncated or stale, re-pack the data")
+                if entry["tokens"]:
+                    arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
+            self.splits[split] = arrays
+            self.offsets[split] = np.cumsum([0] + [len(a) for a in arrays])
+
+    def num_tokens(self, split: str) -> int:
+        return int(self.offsets[split][-1]) if split in self.offsets else 0
+
+    def read(self, split: str, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start+length) of the split's concatenated files, as int64."""
+        offsets, arrays = self.offsets[split], self.splits[split]
+        out = np.empty(length, dtype=np.int64)
+        filled = 0
+        f = int(np.searchsorted(offsets, start, side="right")) - 1
+        while filled < length:
+            lo = start + filled - offsets[f]
+            piece = arrays[f][lo:lo + length - filled]
+            out[filled:filled + len(piece)] = piece
+            filled += len(piece)
+            f += 1
+        return out
+
+    def verify(self) -> list[str]:
+        """Files whose sha256 does not match index.json (reads every byte: use on small sets or once)."""
+        bad = []
+        for files in self.index["splits"].values():
+            for entry in files:
+                digest = hashlib.sha256((self.directory / entry["file"]).read_bytes()).hexdigest()
+                if entry.get("sha256") and digest != entry["sha256"]:
+                    bad.append(entry["file"])
+        return bad
+
+
+@dataclass
+class Source:
+    shards: ShardSet
+    weight: float
+
+
+class Mixture:
+    """Weighted sources that share one tokenizer (same eos id)."""
+
+    def __init__(self, sources: list[Source]) -> None:
+        if not sources:
+            raise ValueError("the mixture has no sources: list at least one shard directory")
+        eos = {s.shards.eos_id for s in sources}
+        if len(eos) > 1:
+            raise ValueError(f"mixture sources disagree on eos_id ({sorted(eos)}): pack them with one tokenizer")
+        total = sum(s.weight for s in sources)
+        if total <= 0 or any(s.weight < 0 for s in sources):
+            raise ValueError("mixture weights must be >= 0 with a positive sum")
+        self.sources = sources
+        self.weights = np.array([s.weight / total for s in sources])
+        self.eos_id = sources[0].shards.eos_id
+        self.vocab_size = max(s.shards.vocab_size for s in sources)
+        self.tokenizer_path = sources[0].shards.tokenizer_path
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> "Mixture":
+        """A shard directory (one source) or a mixture spec file."""
+        path = Path(path)
+        if path.is_dir():
+            return cls([Source(ShardSet(path), 1.0)])
+        if not path.is_file():
+            raise FileNotFoundError(f"training data {path} not found: pass a shard directory or a mixture spec file")
+        spec: Any = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+        if not isinstance(spec, dict) or not isinstance(spec.get("sources"), list):
+            raise ValueError(f"{path} is not a mixture spec: expected {{'sources': [{{'path': DIR, 'weight': W}}]}}")
+        sources = []
+        for entry in spec["sources"]:
+            if not isinstance(entry, dict) or "path" not in entry:
+                raise ValueError(f"{path}: every source needs a 'path' (got {entry!r})")
+            unknown = set(entry) - {"path", "weight"}
+            if unknown:
+                raise ValueError(f"{path}: unknown source key(s) {sorted(unknown)}: use path and weight")
+            src_path = Path(entry["path"])
+            if not src_path.is_absolute():
+                src_path = path.parent / src_path  # relative to the spec file
+            sources.append(Source(ShardSet(src_path), float(entry.get("weight", 1.0))))
+        return cls(sources)
+
+    def check(self, seq_len: int, model_vocab_size: int) -> None:
+        """Fail before any compute if the data cannot feed this model."""
+        if self.vocab_size > model_vocab_size:
+            raise ValueError(f"the data's vocabulary ({self.vocab_size} tokens) is larger than the model's embedding "
+                             f"({model_vocab_size} rows): set model_config.vocab_size >= {self.vocab_size}")
+        for s in self.sources:
+            n = s.shards.num_tokens("train")
+            if s.weight > 0 and n < seq_len:
+                raise ValueError(f"{s.shards.directory} has {n} training tokens, fewer than seq_len {seq_len}: "
+                                 "add data or lower seq_len")
+
+
+def _segments(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Document index of every token; an eos belongs to the document it ends."""
+    is_eos = (tokens == eos_id).long()
+    return is_eos.cumsum(-1) - is_eos
+
+
+class PretrainBatches:
+    """`batches(step, micro) -> {"input_ids", "labels"[, "segment_ids"]}` for this process, deterministic.
+
+    labels equal input_ids (the loss shifts them, as transformers does), so seq_len tokens give seq_len - 1
+    predictions.
+    """
+
+    def __init__(self, mixture: Mixture, seq_len: int, global_batch_size: int, micro_batch_size: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, document_masking: bool = False) -> None:
+        if global_batch_size % (micro_batch_size * world_size):
+            raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of micro_batch_size "
+                             f"{micro_batch_size} x {world_size} processes: change one of them")
+        self.mixture, self.seq_len, self.seed = mixture, seq_len, seed
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.rows_per_rank = global_batch_size // world_size
+        self.grad_accum = self.rows_per_rank // micro_batch_size
+        self.document_masking = document_masking
+        self._cached: tuple[int, list[tuple[int, int]]] | None = None
+
+    def windows(self, step: int) -> list[tuple[int, int]]:
+        """(source index, start offset) for every row of the global batch at `step`."""
+        if self._cached is None or self._cached[0] != step:
+            rng = np.random.default_rng([self.seed, step])
+            which = rng.choice(len(self.mixture.sources), size=self.global_batch_size, p=self.mixture.weights)
+            limits = np.array([s.shards.num_tokens("train") - self.seq_len + 1 for s in self.mixture.sources])
+            starts = rng.integers(0, limits[which])
+            self._cached = (step, list(zip(which.tolist(), starts.tolist())))
+        return self._cached[1]
+
+    def __call__(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        first = self.rank * self.rows_per_rank + micro * self.micro_batch_size
+        rows = self.windows(step)[first:first + self.micro_batch_size]
+        tokens = torch.from_numpy(np.stack([self.mixture.sources[s].shards.read("train", start, self.seq_len)
+                                            for s, start in rows]))
+        batch = {"input_ids": tokens, "labels": tokens}
+        if self.document_masking:
+            batch["segment_ids"] = _segments(tokens, self.mixture.eos_id)
+        return batch
+
+
+def heldout_batches(mixture: Mixture, seq_len: int, num_sequences: int, micro_batch_size: int, rank: int = 0,
+                    world_size: int = 1, document_masking: bool = False) -> list[dict[str, torch.Tensor]]:
+    """A fixed held-out set: evenly spaced windows of each source's "val" split, shared out by weight.
+
+    Each process gets every world_size-th row; the evaluation sums losses and counts over processes.
+    """
+    rows = []
+    counts = np.floor(mixture.weights * num_sequences).astype(int)
+    counts[np.argmax(mixture.weights)] += num_sequences - counts.sum()
+    for src, n in zip(mixture.sources, counts):
+        available = src.shards.num_tokens("val") - seq_len
+        if n == 0 or available < 0:
+            continue
+        starts = np.linspace(0, available, num=n).astype(int) if n > 1 else [0]
+        rows += [src.shards.read("val", int(s), seq_len) for s in starts]
+    rows = rows[rank::world_size]
+    out = []
+    for i in range(0, len(rows), micro_batch_size):
+        tokens = torch.from_numpy(np.stack(rows[i:i + micro_batch_size]))
+        batch = {"input_ids": tokens, "labels": tokens}
+        if document_masking:
+            batch["segment_ids"] = _segments(tokens, mixture.eos_id)
+        out.append(batch)
+    return out
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes-to-unicode table used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_byte_lengths(tokenizer_path: str | Path, size: int) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (0 for special tokens and padding rows): the bits-per-byte divisor."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    backend = HFTokenizer.from_file(str(tokenizer_path))
+    added = backend.get_added_tokens_decoder()
+    decode = _byte_decoder()
+    lengths = np.zeros(size, dtype=np.int64)
+    for token, i in backend.get_vocab(with_added_tokens=True).items():
+        if i >= size:
+            continue
+        if i in added:
+            lengths[i] = 0 if added[i].special else len(token.encode())
+        elif all(c in decode for c in token):
+            lengths[i] = len(token)  # one vocabulary character per byte
+        else:
+            lengths[i] = len(token.encode())
+    return lengths
+
+
+def unigram_loss(mixture: Mixture, heldout: list[dict[str, torch.Tensor]], sample_tokens: int = 2_000_000) -> float:
+    """Held-out cross-entropy (nats/token) of a unigram model fitted on the training split (add-one smoothing).
+
+    The baseline a language model must beat by using context at all.
+    """
+    counts = np.ones(mixture.vocab_size, dtype=np.float64)
+    for src, w in zip(mixture.sources, mixture.weights):
+        n = min(src.shards.num_tokens("train"), sample_tokens)
+        if n:
+            counts += w * np.bincount(src.shards.read("train", 0, n), minlength=mixture.vocab_size) / n * sample_tokens
+    logp = np.log(counts / counts.sum())
+    targets = np.concatenate([b["labels"][:, 1:].reshape(-1).numpy() for b in heldout]) if heldout else np.array([])
+    return float(-logp[targets].mean()) if len(targets) else float("nan")
