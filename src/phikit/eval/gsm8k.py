@@ -1,0 +1,131 @@
+"""GSM8K two ways.
+
+- "via coding" (program-aided, as the phi-1.5 report scores it): the model writes the body of `def solution()`
+  under the question as a docstring; the program runs in the sandbox and its printed result is compared
+  numerically with the answer after `####`. Zero-shot by default; --num-fewshot up to 3 adds solved examples.
+- chain of thought, 5-shot (the harness's `gsm8k` form the Instruct card reports): "Question: ...\nAnswer: ..."
+  exemplars, answers extracted strictly (`#### N`) and flexibly (the last number in the text).
+"""
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+from .data import load_split
+from .sandbox import SandboxPool
+
+PAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n\n\n"]
+COT_STOPS = ["Question:", "</s>", "<|im_end|>"]
+STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def _asset(name: str) -> Path:
+    return Path(str(resources.files("phikit.eval") / "assets" / name))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def bundled_test_items() -> list[dict]:
+    """The first GSM8K test problems shipped with phikit (for smoke tests; real runs use --data-dir)."""
+    return _read_jsonl(_asset("gsm8k_test_head.jsonl"))
+
+
+def gold_answer(answer: str) -> float:
+    return _to_number(answer.split("####")[-1])
+
+
+def _to_number(text: str) -> float | None:
+    text = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def pal_prompt(question: str, num_fewshot: int = 0) -> str:
+    train = _read_jsonl(_asset("gsm8k_train_head.jsonl"))
+    exemplars = json.loads(_asset("gsm8k_pal_exemplars.json").read_text())
+    if num_fewshot > len(exemplars):
+        raise ValueError(f"GSM8K via coding has {len(exemplars)} solved examples: use --num-fewshot <= "
+                         f"{len(exemplars)}")
+    shots = "".join(f'def solution():\n    """{train[e["question_index"]]["question"]}"""\n{e["code"]}\n\n'
+                    for e in exemplars[:num_fewshot])
+    return f'{shots}def solution():\n    """{question}"""\n'
+
+
+def pal_program(question: str, completion: str) -> str:
+    return f'def solution():\n    """{question}"""\n{completion}\n\nprint(solution())\n'
+
+
+def cot_prompt(question: str, exemplars: list[dict]) -> str:
+    shots = "".join(f"Question: {e['question']}\nAnswer: {e['answer']}\n\n" for e in exemplars)
+    return f"{shots}Question: {question}\nAnswer:"
+
+
+def extract_cot(text: str) -> tuple[float | None, float | None]:
+    """(strict, flexible) answers of a chain-of-thought completion."""
+    strict = STRICT.search(text)
+    matches = [m[0] or m[1] for m in FLEXIBLE.findall(text)]
+    return (_to_number(strict.group(1)) if strict else None, _to_number(matches[-1]) if matches else None)
+
+
+def same_number(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and abs(a - b) <= 1e-4 * max(1.0, abs(b))
+
+
+def evaluate_gsm8k(model, tokenizer, data_dir=None, limit: int | None = None, mode: str = "pal",
+                   num_fewshot: int | None = None, docs: list[dict] | None = None, max_new_tokens: int = 256,
+                   batch_size: int = 8, workers: int | None = None) -> dict:
+    """mode "pal" (via coding) or "cot" (5-shot chain of thought). docs overrides the test file."""
+    from ..generate import generate
+    if docs is None:
+        docs = load_split(data_dir, ("gsm8k", "gsm8k/main"), "test", "gsm8k", "openai/gsm8k (main)")
+    docs = docs[:limit] if limit else docs
+    if mode == "pal":
+        k = 0 if num_fewshot is None else num_fewshot
+        prompts, stops = [pal_prompt(d["question"], k) for d in docs], PAL_STOPS
+    elif mode == "cot":
+        k = 5 if num_fewshot is None else num_fewshot
+        try:
+            pool = load_split(data_dir, ("gsm8k", "gsm8k/main"), "train", "gsm8k", "openai/gsm8k (main)")
+        except FileNotFoundError:
+            pool = _read_jsonl(_asset("gsm8k_train_head.jsonl"))
+        if k > len(pool):
+            raise ValueError(f"only {len(pool)} training exemplars are available: use --num-fewshot <= {len(pool)}")
+        prompts, stops = [cot_prompt(d["question"], pool[:k]) for d in docs], COT_STOPS
+    else:
+        raise ValueError(f"unknown GSM8K mode {mode!r}: use pal or cot")
+    completions: list[str] = []
+    for b in range(0, len(prompts), batch_size):
+        completions += generate(model, tokenizer, prompts[b:b + batch_size], max_new_tokens=max_new_tokens,
+                                stop=stops, truncate=True)
+    records = []
+    if mode == "pal":
+        with SandboxPool(workers) as sandbox:
+            runs = sandbox.run_many([pal_program(d["question"], c) for d, c in zip(docs, completions)], timeout=5.0)
+        for d, c, r in zip(docs, completions, runs):
+            lines = r.stdout.strip().splitlines()
+            pred = _to_number(lines[-1]) if r.passed and lines else None
+            gold = gold_answer(d["answer"])
+            records.append({"question": d["question"], "completion": c, "pred": pred, "gold": gold,
+                            "status": r.status, "correct": float(same_number(pred, gold))})
+        metrics = {"accuracy": _mean([r["correct"] for r in records])}
+    else:
+        for d, c in zip(docs, completions):
+            strict, flexible = extract_cot(c)
+            gold = gold_answer(d["answer"])
+            records.append({"question": d["question"], "completion": c, "strict": strict, "flexible": flexible,
+                            "gold": gold, "exact_match_strict": float(same_number(strict, gold)),
+                            "exact_match_flexible": float(same_number(flexible, gold))})
+        metrics = {"exact_match_strict": _mean([r["exact_match_strict"] for r in records]),
+                   "exact_match_flexible": _mean([r["exact_match_flexible"] for r in records])}
+    return {"metrics": metrics, "n": len(records), "num_fewshot": k, "mode": mode, "records": records}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

@@ -1,0 +1,113 @@
+"""lm-evaluation-harness backend `phikit`: every harness task (IFEval, GSM8K 5-shot, TruthfulQA, MMLU, ...) on
+phikit models, with phikit's fast log-likelihood engine and generator.
+
+lm-eval 0.4 finds models only in its own registry (it does not read package entry points), so the backend is
+registered when this module is imported. From the shell use the wrapper, which takes lm_eval's own arguments:
+
+    python -m phikit.eval.harness --model phikit --model_args pretrained=DIR --tasks ifeval,gsm8k --limit 20
+    phikit eval --model DIR --harness-tasks gsm8k,truthfulqa_mc2       (the same, through the phikit CLI)
+
+From Python: `import phikit.eval.harness` then `lm_eval.simple_evaluate(model="phikit", model_args="pretrained=DIR")`.
+"""
+from __future__ import annotations
+
+import sys
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from tqdm.auto import tqdm
+
+from .scoring import LogLikelihoodScorer, encode_pair, rolling_windows
+
+
+@register_model("phikit")
+class PhikitLM(LM):
+    """model_args: pretrained=DIR (or a loaded `model=`/`tokenizer=` pair from Python), dtype, device,
+    batch_tokens (log-likelihood token budget per forward), max_length, batch_size (prompts per generation batch)."""
+
+    def __init__(self, pretrained: str | None = None, model=None, tokenizer=None, device: str = "cpu",
+                 dtype: str | None = None, batch_tokens: int = 8192, max_length: int | None = None,
+                 batch_size: int | str = 8, **_ignored) -> None:
+        super().__init__()
+        if model is None:
+            if pretrained is None:
+                raise ValueError("the phikit backend needs model_args pretrained=DIR (a checkpoint directory)")
+            import phikit
+            model, tokenizer = phikit.load(pretrained, device=device, dtype=dtype)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.scorer = LogLikelihoodScorer(model, batch_tokens=int(batch_tokens),
+                                          max_length=int(max_length) if max_length else None)
+        self.gen_batch = int(batch_size) if str(batch_size).isdigit() else 8
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def tok_encode(self, text: str, **_) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def tok_decode(self, ids, **_) -> str:
+        return self.tokenizer.decode(ids)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [encode_pair(self.tokenizer, *req.args) for req in requests]
+        scores = self.scorer.score(pairs, progress=not disable_tqdm)
+        out = [(s.logprob, s.is_greedy) for s in scores]
+        for req, res in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood", req.args, res)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owner = [], []
+        for n, req in enumerate(requests):
+            for w in rolling_windows(self.tokenizer.encode(req.args[0]), self.eot_token_id, self.scorer.max_length):
+                windows.append(w)
+                owner.append(n)
+        totals = [0.0] * len(requests)
+        for n, s in zip(owner, self.scorer.score(windows, progress=not disable_tqdm)):
+            totals[n] += s.logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from ..generate import generate
+        # Requests with the same generation settings run together, in batches of similar prompt length.
+        groups: dict[str, list[int]] = {}
+        for n, req in enumerate(requests):
+            groups.setdefault(repr(sorted(req.args[1].items())), []).append(n)
+        out: list[str] = [""] * len(requests)
+        bar = tqdm(total=len(requests), desc="generating", disable=disable_tqdm)
+        for indices in groups.values():
+            kwargs = dict(requests[indices[0]].args[1])
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.pop("max_gen_toks", 256))
+            do_sample = kwargs.pop("do_sample", False)
+            temperature = float(kwargs.pop("temperature", 0.0)) if do_sample else 0.0
+            indices.sort(key=lambda n: len(requests[n].args[0]))
+            for s in range(0, len(indices), self.gen_batch):
+                batch = indices[s:s + self.gen_batch]
+                texts = generate(self.model, self.tokenizer, [requests[n].args[0] for n in batch],
+                                 max_new_tokens=max_new, temperature=temperature, top_p=float(kwargs.get("top_p", 1.0)),
+                                 stop=until, truncate=True)
+                for n, text in zip(batch, texts):
+                    for stop in until:  # the harness expects the text cut before the first stop string
+                        text = text.split(stop)[0]
+                    out[n] = text
+                    self.cache_hook.add_partial("generate_until", requests[n].args, text)
+                bar.update(len(batch))
+        bar.close()
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`lm_eval`'s own command line, with the phikit backend registered."""
+    from lm_eval.__main__ import cli_evaluate
+    sys.argv = ["lm_eval"] + list(sys.argv[1:] if argv is None else argv)
+    cli_evaluate()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
