@@ -206,8 +206,7 @@ def _stream_rows(model: PhiForCausalLM, tokenizer: Tokenizer, rows: list[list[in
             if tracker.stopped:
                 reasons[i] = "stop"
                 finished[i] = True
-            if delta or reasons[i] or return_logprobs:
-                yield Chunk(i, delta, [tok], [lp] if return_logprobs else [], reasons[i])
+            yield Chunk(i, delta, [tok], [lp] if return_logprobs else [], reasons[i])
     for i, tracker in enumerate(trackers):
         if reasons[i] is None:  # ran out of new tokens (or context)
             yield Chunk(i, tracker.finish(), finish_reason="length")

@@ -69,7 +69,7 @@ class Int8Linear(nn.Module):
             bias = self.bias.float() if self.bias is not None else None
             y = F.linear(x2.float(), self.dequantize(torch.float32), bias).to(x.dtype)
         elif x.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(self.scales.dtype), self.weight, self.scales).to(x.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(self.scales.dtype).contiguous(), self.weight, self.scales).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
         else:  # GPU: the dequantized matrix is cheap to form; the read of int8 weights is what saves bandwidth
@@ -119,7 +119,7 @@ class Int4Linear(nn.Module):
             bias = self.bias.float() if self.bias is not None else None
             y = F.linear(x2.float(), self.dequantize(torch.float32), bias).to(x.dtype)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.weight, self.group_size,
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight, self.group_size,
                                                            self.scales_and_zeros).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(x.dtype)

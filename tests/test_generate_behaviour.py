@@ -1,0 +1,125 @@
+"""Decoding behaviour: seeds, stop strings, streaming, padding rows, quantization, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from phikit import build_model, get_config
+from phikit.generate import _TextTracker, complete, generate, stream
+from phikit.quant import quantize_model
+
+
+@pytest.fixture(scope="module")
+def model(phi_tokenizer):
+    # 51200 embedding rows for a 50295-token tokenizer, as the released phi models have.
+    config = get_config("tiny", hidden_size=64, intermediate_size=256, vocab_size=51200,
+                        tokenizer_vocab_size=len(phi_tokenizer), initializer_range=0.1,
+                        eos_token_id=phi_tokenizer.eos_token_id, max_position_embeddings=128)
+    return build_model(config, seed=2).eval()
+
+
+def test_sampling_is_reproducible_by_seed(model, phi_tokenizer):
+    kw = dict(max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.95, min_p=0.01, stop_token_ids=[])
+    first = generate(model, phi_tokenizer, ["Once upon a time", "def f(x):"], seed=7, **kw)
+    again = generate(model, phi_tokenizer, ["Once upon a time", "def f(x):"], seed=7, **kw)
+    other = generate(model, phi_tokenizer, ["Once upon a time", "def f(x):"], seed=8, **kw)
+    assert first == again
+    assert first != other
+    greedy = generate(model, phi_tokenizer, "Once upon a time", max_new_tokens=16, stop_token_ids=[])
+    assert generate(model, phi_tokenizer, "Once upon a time", max_new_tokens=16, top_k=1, temperature=1.0,
+                    seed=3, stop_token_ids=[]) == greedy  # top_k=1 sampling is greedy
+
+
+def test_stop_string_is_cut_exactly_across_token_boundaries(model, phi_tokenizer):
+    prompt = "Alice was beginning to get very tired"
+    full = complete(model, phi_tokenizer, [prompt], max_new_tokens=24, stop_token_ids=[])[0]
+    # A stop string that starts inside one token and ends inside a later one.
+    pieces = [phi_tokenizer.decode([t]) for t in full.token_ids]
+    start = len(pieces[0]) + len(pieces[1]) - 1
+    stop = full.text[start:start + len(pieces[2]) + 2]
+    assert len(stop) >= 3
+    cut = complete(model, phi_tokenizer, [prompt], max_new_tokens=24, stop=[stop], stop_token_ids=[])[0]
+    assert cut.text == full.text[:full.text.index(stop)]
+    assert cut.finish_reason == "stop"
+    assert cut.token_ids == full.token_ids[:len(cut.token_ids)] and len(cut.token_ids) < len(full.token_ids)
+
+
+def test_stop_token_ends_the_row_and_is_not_printed(model, phi_tokenizer):
+    full = complete(model, phi_tokenizer, ["a", "bc def"], max_new_tokens=12, stop_token_ids=[])
+    stop_id = full[0].token_ids[4]
+    got = complete(model, phi_tokenizer, ["a", "bc def"], max_new_tokens=12, stop_token_ids=[stop_id])
+    first = full[0].token_ids.index(stop_id)
+    assert got[0].token_ids == full[0].token_ids[:first] and got[0].finish_reason == "stop"
+    # The other row is unaffected by its neighbour finishing (unless it meets the same token).
+    if stop_id not in full[1].token_ids:
+        assert got[1].token_ids == full[1].token_ids and got[1].finish_reason == "length"
+
+
+def test_streaming_joins_to_the_non_streaming_output(model, phi_tokenizer):
+    for kw in (dict(), dict(stop=["e"]), dict(temperature=0.9, seed=5)):
+        text = generate(model, phi_tokenizer, "The weather", max_new_tokens=20, stop_token_ids=[], **kw)
+        deltas = list(stream(model, phi_tokenizer, "The weather", max_new_tokens=20, stop_token_ids=[], **kw))
+        assert "".join(deltas) == text
+        assert all(deltas)
+
+
+def test_stream_never_splits_a_utf8_character(phi_tokenizer):
+    text = "naïve café 🙂 ñandú 日本語 done"
+    ids = phi_tokenizer.encode(text)
+    assert len(ids) > len(text.split())  # multi-byte characters span several byte-level tokens
+    tracker = _TextTracker(phi_tokenizer, ["STOP"])
+    deltas = [tracker.push(i) for i in ids] + [tracker.finish()]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    # "ST" at the end is held back (it may begin "STOP") and released once it cannot.
+    tracker = _TextTracker(phi_tokenizer, ["STOP"])
+    held = [tracker.push(i) for i in phi_tokenizer.encode("a ST")]
+    assert "".join(held) == "a " and tracker.finish() == "ST"
+
+
+def test_padding_rows_are_never_produced(model, phi_tokenizer):
+    boosted = build_model(model.config, seed=2).eval()
+    with torch.no_grad():
+        boosted.lm_head.bias[len(phi_tokenizer):] = 100.0  # padding rows would win every argmax and sample
+    for kw in (dict(), dict(temperature=1.0, seed=0), dict(num_beams=2)):
+        got = complete(boosted, phi_tokenizer, ["hello"], max_new_tokens=8, stop_token_ids=[], **kw)[0]
+        assert got.token_ids and max(got.token_ids) < len(phi_tokenizer)
+
+
+def test_int8_and_int4_decode_close_to_fp32(model, phi_tokenizer):
+    prompts = ["def add(a, b):", "Once upon a time"]
+    fp32 = complete(model, phi_tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True)
+    for mode in ("int8", "int4"):
+        q = quantize_model(build_model(model.config, seed=2).eval(), mode)
+        assert q.quantized == mode
+        got = complete(q, phi_tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True)
+        # First tokens follow the same prompt; the quantized model's logprob of it stays close.
+        for a, b in zip(fp32, got):
+            assert len(b.token_ids) == 8
+            assert abs(a.logprobs[0] - b.logprobs[0]) < (0.1 if mode == "int8" else 0.5)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(num_beams=2, temperature=0.7), "beam search"),
+])
+def test_invalid_sampling_values_raise_one_line_errors(model, phi_tokenizer, kw, message):
+    with pytest.raises(ValueError, match=message) as err:
+        generate(model, phi_tokenizer, "hi", **kw)
+    assert "\n" not in str(err.value)
+
+
+def test_empty_and_over_long_prompts(model, phi_tokenizer):
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, phi_tokenizer, "")
+    long_prompt = "word " * 300  # the test model's context is 128 tokens
+    with pytest.raises(ValueError, match="truncate"):
+        generate(model, phi_tokenizer, long_prompt, max_new_tokens=4)
+    got = complete(model, phi_tokenizer, [long_prompt], max_new_tokens=4, truncate=True, stop_token_ids=[])[0]
+    assert got.prompt_tokens < 128 and len(got.token_ids) == 4
+    # Generation stops at the end of the context with finish_reason "length".
+    near = complete(model, phi_tokenizer, ["word " * 120], max_new_tokens=50, stop_token_ids=[])[0]
+    assert near.prompt_tokens + len(near.token_ids) == 128 and near.finish_reason == "length"
