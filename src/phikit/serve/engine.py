@@ -1,0 +1,468 @@
+"""Continuous batching: one decoding loop in a background thread serves every request at once.
+
+All running sequences share one batched KV cache. Rows are right-aligned: each row's tokens are a contiguous
+suffix of the cache and the columns in front of them are left padding, hidden by a per-row attention mask, so the
+model derives every row's positions from the mask (cumsum). Between two decoding steps:
+
+- new requests are prefilled together (left-padded) and their cache rows are merged into the batch, padding
+  whichever side is shorter;
+- finished, cancelled (client gone) and timed-out rows are dropped at once, and padding columns that no remaining
+  row needs are cut away, so the cache is never longer than the longest live sequence.
+
+The HTTP layer talks to the engine through `Group` objects (one prompt, `n` sampled continuations) and receives
+`Event`s on an asyncio queue: text deltas that are safe to show (never part of a stop string, never half a UTF-8
+character), per-token logprobs when asked, and the finish reason.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model import KVCache, PhiForCausalLM
+from ..sampling import SamplingParams, process_logits, sample_next
+from ..tokenizer import Tokenizer
+
+log = logging.getLogger("phikit.serve")
+
+# Extra cache columns allocated when rows are merged, so the next steps append without reallocating.
+CACHE_HEADROOM = 128
+
+
+class QueueFull(Exception):
+    """More prompts are waiting than the server's --max-queue allows."""
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely alternatives, best first
+    offset: int = 0  # character offset of the token's text in the choice's text
+
+
+@dataclass
+class Event:
+    index: int  # choice index within the request
+    text: str = ""  # newly released text
+    tokens: list[TokenLogprob] = field(default_factory=list)  # logprobs of the tokens behind `text`
+    finish_reason: str | None = None  # stop | length | timeout | cancelled | error
+    completion_tokens: int = 0  # tokens generated so far for this choice
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Group:
+    """One prompt and `n` continuations sampled from it; the unit the engine admits into the batch."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int = 1
+    first_index: int = 0  # choice index of the first continuation
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob plus the k best alternatives
+    strip: str = ""  # "": keep the text as generated; "right": drop trailing whitespace; "both": also leading
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    deadline: float | None = None  # time.monotonic() after which the request times out
+    events: asyncio.Queue | None = None  # where events go (filled from the engine thread)
+    loop: asyncio.AbstractEventLoop | None = None
+    cancelled: bool = False  # set from the event loop when the client is gone
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Sequence:
+    """One continuation being decoded: its tokens, its text, and how much of it was released."""
+
+    def __init__(self, group: Group, index: int, context: int) -> None:
+        self.group = group
+        self.index = index
+        self.output_ids: list[int] = []  # generated tokens that are part of the text (stop tokens excluded)
+        self.generated = 0  # all generated tokens, stop token included (usage counts it)
+        self.text = ""
+        self.released = 0  # characters of the visible text already sent
+        self.pending: list[tuple[int, TokenLogprob]] = []  # (raw text offset, logprob) not yet sent
+        self.finish_reason: str | None = None
+        self.max_new = min(group.params.max_new_tokens, context - len(group.prompt_ids))
+        seed = group.params.seed
+        self.generator = None
+        if seed is not None:
+            self.generator = torch.Generator().manual_seed(seed + index - group.first_index)
+        self.counts: dict[int, int] = {}  # generated token counts, for presence/frequency penalties
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def simple_sampling(self) -> bool:
+        """True when the row can be sampled together with others that share its parameters."""
+        g = self.group
+        return (self.generator is None and g.params.repetition_penalty == 1.0 and not g.presence_penalty
+                and not g.frequency_penalty and not g.logit_bias)
+
+
+def stop_prefix_length(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that could still grow into one of `stops` (held back from clients)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class Engine:
+    """The decoding loop. `submit` from the event loop; events come back on each group's queue."""
+
+    def __init__(self, model: PhiForCausalLM, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64,
+                 prefill_tokens: int = 4096) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_tokens = prefill_tokens  # prompt tokens prefilled in one go before decoding resumes
+        self.context = model.config.max_position_embeddings
+        self.vocab_limit = min(len(tokenizer), model.config.vocab_size)
+        self._inbox: queue.SimpleQueue[Group] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._queued = 0  # groups submitted and not yet admitted (inbox + waiting)
+        self._waiting: deque[Group] = deque()
+        self._running: list[Sequence] = []
+        self._cache: KVCache | None = None
+        self._mask: torch.Tensor | None = None  # [B, cache.length] bool: which cache columns are real
+        self._last: torch.Tensor | None = None  # [B] the token each row feeds next
+        self._outbox: list[tuple[Group, Event]] = []
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decoding steps run (observability and tests)
+        self.max_rows_seen = 0  # largest batch decoded together
+
+    # --- the event-loop side ---
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return self._queued
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping.clear()
+            self._thread = threading.Thread(target=self._run, name="phikit-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, groups: list[Group]) -> None:
+        """Queue one request's prompts (all or none). Raises QueueFull when the waiting line is full."""
+        loop = asyncio.get_running_loop()
+        for g in groups:
+            if g.n > self.max_batch:
+                raise ValueError(f"n={g.n} exceeds the server's batch size of {self.max_batch}: lower n")
+            if len(g.prompt_ids) + 1 > self.context:
+                raise ValueError(f"prompt of {len(g.prompt_ids)} tokens leaves no room in the context of "
+                                 f"{self.context}: shorten the prompt")
+            g.loop, g.events = loop, g.events or asyncio.Queue()
+        with self._lock:
+            if self._queued + len(groups) > self.max_queue + max(0, self.max_batch - len(self._running)):
+                raise QueueFull(f"{self._queued} prompts are already waiting (--max-queue {self.max_queue})")
+            self._queued += len(groups)
+        for g in groups:
+            self._inbox.put(g)
+
+    # --- the engine thread ---
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping.is_set():
+                self._take_inbox(block=not self._running and not self._waiting)
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._running:
+                        self._step()
+                    self._remove_finished()
+                except Exception as e:  # a failing step must not kill the server: fail its requests only
+                    log.exception("decoding step failed")
+                    self._fail_all(f"{type(e).__name__}: {e}")
+                self._flush()
+
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            if block:
+                self._waiting.append(self._inbox.get(timeout=0.1))
+            while True:
+                self._waiting.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _emit(self, seq_or_group, event: Event) -> None:
+        group = seq_or_group.group if isinstance(seq_or_group, Sequence) else seq_or_group
+        self._outbox.append((group, event))
+
+    def _flush(self) -> None:
+        """Hand this iteration's events to the event loop in one call (one wake-up, not one per token)."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Group, Event]]] = {}
+        for g, ev in self._outbox:
+            by_loop.setdefault(g.loop, []).append((g, ev))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
+
+    def _finish_waiting(self, g: Group, reason: str) -> None:
+        for i in range(g.n):
+            self._emit(g, Event(index=g.first_index + i, finish_reason=reason))
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        kept = deque()
+        for g in self._waiting:
+            if g.cancelled or (g.deadline is not None and now > g.deadline):
+                self._finish_waiting(g, "cancelled" if g.cancelled else "timeout")
+                with self._lock:
+                    self._queued -= 1
+            else:
+                kept.append(g)
+        self._waiting = kept
+        for s in self._running:
+            if s.group.cancelled:
+                s.finish_reason = "cancelled"
+            elif s.group.deadline is not None and now > s.group.deadline:
+                s.finish_reason = "timeout"
+                self._emit(s, self._release(s))
+        self._remove_finished()
+
+    def _admit(self) -> None:
+        """Prefill waiting groups that fit in the batch and merge them into it."""
+        free = self.max_batch - len(self._running)
+        admitted: list[Group] = []
+        tokens = 0
+        while self._waiting and self._waiting[0].n <= free:
+            g = self._waiting[0]
+            if admitted and tokens + len(g.prompt_ids) > self.prefill_tokens:
+                break
+            admitted.append(self._waiting.popleft())
+            free -= g.n
+            tokens += len(g.prompt_ids)
+        if not admitted:
+            return
+        with self._lock:
+            self._queued -= len(admitted)
+        width = max(len(g.prompt_ids) for g in admitted)
+        ids = torch.full((len(admitted), width), self.tokenizer.eos_token_id, dtype=torch.long)
+        mask = torch.zeros((len(admitted), width), dtype=torch.bool)
+        for i, g in enumerate(admitted):
+            ids[i, width - len(g.prompt_ids):] = torch.tensor(g.prompt_ids)
+            mask[i, width - len(g.prompt_ids):] = True
+        seqs = [Sequence(g, g.first_index + j, self.context) for g in admitted for j in range(g.n)]
+        try:
+            out = self.model(ids.to(self.model.device), attention_mask=None if mask.all() else mask.to(ids.device),
+                             use_cache=True, logits_to_keep=1)
+        except Exception as e:
+            for s in seqs:
+                s.finish_reason = "error"
+                self._emit(s, Event(index=s.index, finish_reason="error", error=f"{type(e).__name__}: {e}"))
+            raise
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        if len(seqs) > len(admitted):  # n > 1: every continuation starts from its prompt's cache row
+            index = torch.repeat_interleave(torch.arange(len(admitted)), torch.tensor([g.n for g in admitted]))
+            cache.reorder(index.to(logits.device))
+            mask, logits = mask[index], logits[index.to(logits.device)]
+        tokens_next = self._sample(logits, seqs)
+        self._merge(cache, mask, seqs, tokens_next)
+        self._advance(seqs, tokens_next, logits)
+
+    def _step(self) -> None:
+        """One decoding step for every running row."""
+        batch = len(self._running)
+        self.max_rows_seen = max(self.max_rows_seen, batch)
+        self._mask = torch.cat([self._mask, torch.ones((batch, 1), dtype=torch.bool)], dim=1)
+        padded = not bool(self._mask.all())
+        device = self.model.device
+        out = self.model(self._last[:, None].to(device), past_key_values=self._cache, use_cache=True,
+                         attention_mask=self._mask.to(device) if padded else None)
+        self.steps += 1
+        logits = out.logits[:, -1]
+        tokens_next = self._sample(logits, self._running)
+        self._last = tokens_next
+        self._advance(self._running, tokens_next, logits)
+
+    def _merge(self, cache: KVCache, mask: torch.Tensor, seqs: list[Sequence], last: torch.Tensor) -> None:
+        """Append prefilled rows to the batch, right-aligning both caches on a common length."""
+        if not self._running:
+            self._cache, self._mask, self._running, self._last = cache, mask, list(seqs), last
+            return
+        old = self._cache
+        old_len, new_len = old.length, cache.length
+        length = max(old_len, new_len)
+        merged = KVCache(len(old.keys))
+        merged.length = length
+        b_old = len(self._running)
+        for i in range(len(old.keys)):
+            for src_old, src_new, dest in ((old.keys[i], cache.keys[i], merged.keys),
+                                           (old.values[i], cache.values[i], merged.values)):
+                shape = (b_old + src_new.shape[0], src_old.shape[1], length + CACHE_HEADROOM, src_old.shape[3])
+                buf = src_old.new_zeros(shape)
+                buf[:b_old, :, length - old_len:length] = src_old[:, :, :old_len]
+                buf[b_old:, :, length - new_len:length] = src_new[:, :, :new_len]
+                dest[i] = buf
+        full = torch.zeros((b_old + mask.shape[0], length), dtype=torch.bool)
+        full[:b_old, length - old_len:] = self._mask
+        full[b_old:, length - new_len:] = mask
+        self._cache, self._mask = merged, full
+        self._running += seqs
+        self._last = torch.cat([self._last, last])
+
+    def _remove_finished(self) -> None:
+        keep = [i for i, s in enumerate(self._running) if not s.finished]
+        if len(keep) == len(self._running):
+            return
+        if not keep:
+            self._running, self._cache, self._mask, self._last = [], None, None, None
+            return
+        index = torch.tensor(keep)
+        mask = self._mask[index]
+        lead = int(mask.any(0).to(torch.int8).argmax())  # padding columns no remaining row needs
+        dev_index = index.to(self.model.device)
+        for i in range(len(self._cache.keys)):
+            self._cache.keys[i] = self._cache.keys[i][:, :, lead:].index_select(0, dev_index)
+            self._cache.values[i] = self._cache.values[i][:, :, lead:].index_select(0, dev_index)
+        self._cache.length -= lead
+        self._mask = mask[:, lead:]
+        self._running = [self._running[i] for i in keep]
+        self._last = self._last[index.to(self._last.device)]
+
+    def _fail_all(self, message: str) -> None:
+        for s in self._running:
+            if not s.finished:
+                s.finish_reason = "error"
+                self._emit(s, Event(index=s.index, finish_reason="error", error=message,
+                                    completion_tokens=s.generated))
+        self._running, self._cache, self._mask, self._last = [], None, None, None
+
+    # --- sampling and text ---
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """[B, V] raw logits -> [B] next tokens, each row with its own request's sampling parameters."""
+        logits = logits.float()
+        out = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        # Rows with the same plain parameters are processed together (the common case: one call per step).
+        shared: dict[tuple, list[int]] = {}
+        for i, s in enumerate(seqs):
+            if s.simple_sampling:
+                p = s.group.params
+                shared.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(i)
+            else:
+                out[i] = self._sample_row(logits[i:i + 1], s)[0]
+        for rows in shared.values():
+            params = seqs[rows[0]].group.params
+            idx = torch.tensor(rows, device=logits.device)
+            out[idx] = sample_next(process_logits(logits[idx], params, vocab_limit=self.vocab_limit), params)
+        return out.cpu()
+
+    def _sample_row(self, row: torch.Tensor, s: Sequence) -> torch.Tensor:
+        g = s.group
+        if g.logit_bias:
+            row = row.clone()
+            for tok, bias in g.logit_bias.items():
+                row[0, tok] += bias
+        if (g.presence_penalty or g.frequency_penalty) and s.counts:
+            toks = torch.tensor(list(s.counts), device=row.device)
+            counts = torch.tensor(list(s.counts.values()), dtype=row.dtype, device=row.device)
+            row = row.clone()
+            row[0, toks] -= g.presence_penalty + g.frequency_penalty * counts
+        seen = None
+        if g.params.repetition_penalty != 1.0:
+            seen = torch.tensor([g.prompt_ids + s.output_ids], device=row.device)
+        processed = process_logits(row, g.params, seen, vocab_limit=self.vocab_limit)
+        return sample_next(processed, g.params, s.generator)
+
+    def _logprob(self, logits_row: torch.Tensor, token: int, k: int) -> TokenLogprob:
+        """Log-probability under the model's own distribution (padding rows excluded)."""
+        lp = torch.log_softmax(logits_row[:self.vocab_limit].float(), dim=-1)
+        top = []
+        if k:
+            values, ids = lp.topk(k)
+            top = list(zip(ids.tolist(), values.tolist()))
+        return TokenLogprob(token, float(lp[token]), top)
+
+    def _advance(self, seqs: list[Sequence], tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """Record each row's new token, apply stop rules, and release the text that is safe to show."""
+        for i, (s, tok) in enumerate(zip(seqs, tokens.tolist())):
+            if s.finished:
+                continue
+            g = s.group
+            s.generated += 1
+            s.counts[tok] = s.counts.get(tok, 0) + 1
+            before = len(s.text)
+            if g.logprobs is not None:
+                s.pending.append((before, self._logprob(logits[i], tok, g.logprobs)))
+            if tok in g.stop_token_ids:
+                s.finish_reason = "stop"
+            else:
+                s.output_ids.append(tok)
+                s.text = self.tokenizer.decode(s.output_ids)
+                for stop in g.stop:
+                    at = s.text.find(stop, max(0, before - len(stop) - 4))
+                    if at >= 0:
+                        s.text = s.text[:at]
+                        s.finish_reason = "stop"
+            if not s.finished and s.generated >= s.max_new:
+                s.finish_reason = "length"
+            event = self._release(s)
+            if event.text or event.tokens or event.finish_reason:
+                self._emit(s, event)
+
+    def _release(self, s: Sequence) -> Event:
+        """The part of the text no later token can take back: not a possible stop-string start, not half a
+        character, and (when stripping) not trailing whitespace that may turn out to be the end."""
+        g, text = s.group, s.text
+        start = len(text) - len(text.lstrip()) if g.strip == "both" else 0
+        if s.finished:
+            end = len(text.rstrip()) if g.strip else len(text)
+        else:
+            end = len(text)
+            while end > start and text[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence
+                end -= 1
+            end -= stop_prefix_length(text[:end], g.stop)
+            if g.strip:
+                end = len(text[:end].rstrip())
+        end = max(end, start + s.released)
+        delta = text[start + s.released:end]
+        s.released = end - start
+        tokens = []
+        if s.pending:
+            ready = [(off, t) for off, t in s.pending if off < end]
+            s.pending = [] if s.finished else [(off, t) for off, t in s.pending if off >= end]
+            for off, t in ready:
+                t.offset = max(0, off - start)
+                tokens.append(t)
+        return Event(index=s.index, text=delta, tokens=tokens, finish_reason=s.finish_reason,
+                     completion_tokens=s.generated)
+
+
+def _deliver(items: list[tuple[Group, Event]]) -> None:
+    for g, ev in items:
+        g.events.put_nowait(ev)

@@ -1,0 +1,111 @@
+"""The continuous-batching engine against transformers: requests that join and leave a running batch must decode
+exactly what transformers' PhiForCausalLM decodes for each prompt alone."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+import transformers
+
+from phikit import build_model, get_config
+from phikit.sampling import SamplingParams
+from phikit.serve.engine import Engine, Group, stop_prefix_length
+
+VOCAB = 50295
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models gain nothing from a second thread, and on a busy machine it costs a lot.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models():
+    # A large init spread makes greedy choices decisive, so batching cannot flip a near-tie.
+    config = get_config("tiny", vocab_size=50304, tokenizer_vocab_size=VOCAB, max_position_embeddings=128,
+                        initializer_range=0.3)
+    ours = build_model(config, seed=0).eval()
+    ref = transformers.PhiForCausalLM(transformers.PhiConfig(**config.to_hf_dict())).eval()
+    ref.load_state_dict(ours.state_dict(), strict=False)
+    return ours, ref
+
+
+def reference_greedy(ref, prompt: list[int], steps: int) -> list[int]:
+    """Greedy decoding with transformers, a full forward per token, padding rows excluded."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = ref(torch.tensor([ids])).logits[0, -1, :VOCAB]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def greedy_group(prompt: list[int], max_new: int, n: int = 1) -> Group:
+    return Group(list(prompt), SamplingParams(max_new_tokens=max_new, temperature=0.0), n=n)
+
+
+async def drain(group: Group) -> dict[int, list[int]]:
+    """Token ids per choice (logprobs carry them), until every choice finished."""
+    out, done = {}, 0
+    while done < group.n:
+        ev = await group.events.get()
+        out.setdefault(ev.index, []).extend(t.token_id for t in ev.tokens)
+        done += ev.finish_reason is not None
+    return out
+
+
+def test_joining_and_leaving_requests_decode_like_transformers(models, phi_tokenizer):
+    ours, ref = models
+    prompts = {
+        "first": phi_tokenizer.encode("def add(a, b):"),
+        "longer": phi_tokenizer.encode("The quick brown fox jumps over the lazy dog, and then it runs far away."),
+        "shorter": phi_tokenizer.encode("Hi"),
+        "pair": phi_tokenizer.encode("Alice: hello\nBob:"),
+    }
+    lengths = {"first": 40, "longer": 12, "shorter": 25, "pair": 8}
+    engine = Engine(ours, phi_tokenizer, max_batch=8, max_queue=8)
+
+    async def scenario():
+        groups = {name: greedy_group(prompts[name], lengths[name], n=2 if name == "pair" else 1)
+                  for name in prompts}
+        for g in groups.values():
+            g.logprobs = 0  # events then carry the token ids
+        doomed = greedy_group(prompts["first"], 100)
+        engine.submit([groups["first"], doomed])
+        first = asyncio.create_task(drain(groups["first"]))
+        # Wait until decoding is under way, then join with a prompt longer than the cache and one shorter.
+        while engine.steps < 3:
+            await asyncio.sleep(0.001)
+        engine.submit([groups["longer"]])
+        while engine.steps < 6:
+            await asyncio.sleep(0.001)
+        engine.submit([groups["shorter"], groups["pair"]])
+        doomed.cancel()  # a dropped client: its row must leave the batch
+        rest = await asyncio.gather(*(drain(groups[k]) for k in ("longer", "shorter", "pair")))
+        return {"first": await first, "longer": rest[0], "shorter": rest[1], "pair": rest[2]}
+
+    engine.start()
+    try:
+        results = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    finally:
+        engine.stop()
+    assert engine.max_rows_seen >= 3, "requests should have decoded in one batch"
+    assert engine.num_running == 0 and engine.num_waiting == 0
+    for name, prompt in prompts.items():
+        expected = reference_greedy(ref, prompt, lengths[name])
+        choices = results[name]
+        assert sorted(choices) == list(range(2 if name == "pair" else 1))
+        for tokens in choices.values():
+            assert tokens == expected, name
+
+
+def test_stop_prefix_is_held_back():
+    assert stop_prefix_length("hello wor", ["world"]) == 3
+    assert stop_prefix_length("hello", ["\nUser:"]) == 0
+    assert stop_prefix_length("a\nUs", ["\nUser:", "\nBob:"]) == 3
+    assert stop_prefix_length("x", []) == 0
