@@ -76,10 +76,9 @@ def encode_prompts(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequenc
 
 
 def _vocab_limit(model: PhiForCausalLM, tokenizer: Tokenizer) -> int | None:
-    """Rows of the embedding past the tokenizer's vocabulary are padding: never produce them."""
-    limits = [n for n in (len(tokenizer), model.config.tokenizer_vocab_size) if n]
-    limit = min(limits)
-    return limit if limit < model.config.vocab_size else None
+    """Rows of the embedding past the tokenizer's vocabulary are padding: never produce them. The tokenizer is
+    the authority (fine-tuning may have added tokens, such as ChatML's, after the config was written)."""
+    return len(tokenizer) if len(tokenizer) < model.config.vocab_size else None
 
 
 def _stop_ids(tokenizer: Tokenizer, stop_token_ids: Sequence[int] | None) -> set[int]:
