@@ -1,0 +1,82 @@
+"""`phikit chat` through a pseudo-terminal, and `phikit generate` from the command line."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+import phikit
+from phikit.cli import main
+from phikit.commands.chat import fit_history
+from phikit.formats import get_format
+from phikit.generate import generate
+
+pexpect = pytest.importorskip("pexpect")
+
+
+def test_chat_holds_a_three_turn_conversation(tiny_phi_checkpoint):
+    child = pexpect.spawn(sys.executable, ["-m", "phikit", "chat", "--model", str(tiny_phi_checkpoint),
+                                           "--max-new-tokens", "6", "--user-name", "Ann", "--assistant-name", "Ben"],
+                          encoding="utf-8", timeout=60, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    try:
+        child.expect("chat format")
+        for turn, message in enumerate(["Hello there!", "What is 2 + 2?", "Thanks, bye."]):
+            child.expect_exact("Ann> ")
+            child.sendline(message)
+            child.expect_exact("Ben> ")
+        child.expect_exact("Ann> ")
+        child.sendline("first line \\")  # a continued line
+        child.expect_exact("... ")
+        child.sendline("second line")
+        child.expect_exact("Ben> ")
+        child.expect_exact("Ann> ")
+        child.sendline("/reset")
+        child.expect_exact("(conversation reset)")
+        child.sendline("/system Be brief.")
+        child.expect_exact("(system message set; conversation reset)")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_history_is_trimmed_from_the_oldest_turn(phi_tokenizer):
+    fmt = get_format("chat")
+    messages = [{"role": "system", "content": "Be kind."}]
+    for i in range(6):
+        messages += [{"role": "user", "content": f"question {i} " * 5},
+                     {"role": "assistant", "content": f"answer {i} " * 5}]
+    messages.append({"role": "user", "content": "last question"})
+    fitted = fit_history(phi_tokenizer, fmt, messages, budget=60)
+    assert fitted[0] == messages[0] and fitted[-1] == messages[-1]
+    assert len(phi_tokenizer.encode(fmt.render(fitted))) <= 60 < len(phi_tokenizer.encode(fmt.render(messages)))
+
+
+def test_generate_cli_batch_json_matches_library(tiny_phi_checkpoint, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def add(a, b):"}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
+    assert main(["generate", "--model", str(tiny_phi_checkpoint), "--prompts-file", str(prompts),
+                 "--max-new-tokens", "5", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    model, tokenizer = phikit.load(tiny_phi_checkpoint)
+    assert [r["text"] for r in rows] == generate(model, tokenizer, ["def add(a, b):", "Hi"], max_new_tokens=5)
+    assert all(len(r["logprobs"]) == len(r["token_ids"]) for r in rows)
+
+    assert main(["generate", "--model", str(tiny_phi_checkpoint), "--prompt", "Hi", "--max-new-tokens", "5",
+                 "--stream"]) == 0
+    assert capsys.readouterr().out == generate(model, tokenizer, "Hi", max_new_tokens=5) + "\n"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", "hi", "--temperature", "-1"], "temperature"),
+    (["--prompt", "hi", "--top-p", "1.5"], "top_p"),
+    (["--prompt", ""], "empty"),
+    ([], "no prompt"),
+    (["--prompts-file", "missing.txt"], "does not exist"),
+])
+def test_generate_cli_bad_input_is_one_line(tiny_phi_checkpoint, capsys, argv, message):
+    assert main(["generate", "--model", str(tiny_phi_checkpoint), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and err[-1].startswith("phikit: error:")
