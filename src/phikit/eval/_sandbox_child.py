@@ -315,7 +315,8 @@ def _kill_group(pid: int) -> None:
 
 def serve() -> None:
     root = os.geteuid() == 0
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the evaluator died: so do we
+    # No PDEATHSIG here: it fires when the evaluator *thread* that started us ends, not the evaluator. When the
+    # evaluator dies our stdin closes, and the loop below ends.
     base_uid = FIRST_SANDBOX_UID + (os.getpid() % 0x10000) * 16
     base = sys.argv[1]  # an empty directory made (and removed) by the evaluator
     layers, notes = [], []
