@@ -68,6 +68,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest prefix reaching top_p
+        drop[..., 0] = False  # the most likely token always stays (a top_p that rounds to 0 in fp32 kept none)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     if params.min_p > 0.0:
         probs = logits.softmax(-1)
