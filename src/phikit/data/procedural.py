@@ -1,0 +1,384 @@
+"""A teacher-free generator of textbook exercises with verified answers (what the built-in demo trains on).
+
+Four kinds, mixed: arithmetic with step-by-step solutions, word problems in the style of the phi-1.5 report's
+apples example, Python functions with docstrings and tests, and short explanatory passages. Everything is
+deterministic by seed. The train/held-out split is a property of each exercise (a hash of its `group`, or of its
+`key`, the problem itself), so the two splits can never share an exercise, whatever the seeds.
+
+Each record has `text` (the training text), `kind`, `key`, `split`, and `check`: a small Python program that
+asserts the stated answer (or runs the function's tests); `verify()` executes those in the code sandbox.
+Arithmetic and word problems also carry `question`, `prompt` (the text up to the solution) and `answer` (int).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from typing import Callable
+
+KINDS = ("arithmetic", "word_problem", "python", "passage")
+MIX = {"arithmetic": 0.3, "word_problem": 0.3, "python": 0.25, "passage": 0.15}
+HELDOUT_FRACTION = 0.1
+
+
+def split_of(key: str) -> str:
+    """'heldout' for a fixed ~10% of all possible exercises, 'train' for the rest."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    return "heldout" if h % 1000 < HELDOUT_FRACTION * 1000 else "train"
+
+
+def generate(n: int, split: str = "train", seed: int = 0, kinds: tuple[str, ...] | None = None) -> list[dict]:
+    """n exercises of the given split, deterministic in (n, split, seed, kinds); no duplicate keys."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    kinds = tuple(kinds or KINDS)
+    for k in kinds:
+        if k not in KINDS:
+            raise ValueError(f"unknown kind {k!r}: choose from {', '.join(KINDS)}")
+    rng = random.Random(f"phikit-procedural/{seed}/{split}")
+    weights = [MIX[k] for k in kinds]
+    out: list[dict] = []
+    seen: set[str] = set()
+    misses = 0
+    while len(out) < n:
+        kind = rng.choices(kinds, weights)[0]
+        rec = MAKERS[kind](rng)
+        if rec["key"] in seen or split_of(rec.get("group", rec["key"])) != split:
+            misses += 1
+            if misses > 50 * n + 10_000:
+                raise RuntimeError(f"could not find {n} distinct {split} exercises of kinds {kinds}: ask for fewer")
+            continue
+        seen.add(rec["key"])
+        rec["kind"], rec["split"] = kind, split
+        out.append(rec)
+    return out
+
+
+def parse_answer(text: str) -> int | None:
+    """The integer after the last 'Answer:' in a completion (None if there is none): how answers are read back."""
+    m = re.findall(r"Answer:[^\d\-]*(-?\d[\d,]*)", text)
+    return int(m[-1].replace(",", "")) if m else None
+
+
+# --- arithmetic -----------------------------------------------------------------------------------------------
+
+_OP_WORDS = {"+": "add", "-": "subtract", "*": "multiply"}
+
+
+def arithmetic(rng: random.Random) -> dict:
+    """An expression of 2-3 operations with precedence and parentheses, solved one operation per step."""
+    n_ops = rng.choice([1, 2, 2, 3])
+    nums = [rng.randint(2, 60) for _ in range(n_ops + 1)]
+    ops = [rng.choice("+-*") for _ in range(n_ops)]
+    # Multiplications use small factors so the numbers stay readable.
+    for i, op in enumerate(ops):
+        if op == "*":
+            nums[i + 1] = rng.randint(2, 12)
+    paren = n_ops >= 2 and rng.random() < 0.4
+    tokens: list = []
+    for i, x in enumerate(nums):
+        tokens.append(x)
+        if i < n_ops:
+            tokens.append(ops[i])
+    if paren:  # wrap the first operation: (a op b) op c ...
+        tokens = [["(", tokens[0], tokens[1], tokens[2], ")"]] + tokens[3:]
+    expr = _render(tokens)
+    steps: list[str] = []
+    value = _solve(tokens, steps)
+    question = f"What is {expr}?"
+    lines = [f"Step {i}: {s}" for i, s in enumerate(steps, 1)]
+    prompt = f"Question: {question}\n"
+    text = prompt + "\n".join(lines) + f"\nAnswer: {value}"
+    return {"text": text, "key": f"arith:{expr}", "question": question, "prompt": prompt, "answer": value,
+            "check": f"assert ({expr}) == {value}\n"}
+
+
+def _render(tokens: list) -> str:
+    parts = []
+    for t in tokens:
+        if isinstance(t, list):
+            parts.append("(" + _render(t[1:-1]) + ")")
+        else:
+            parts.append(str(t))
+    return " ".join(parts)
+
+
+def _solve(tokens: list, steps: list[str]) -> int:
+    """Evaluate a flat token list (numbers, operators, parenthesized sublists), recording each operation."""
+    tokens = [(_solve(t[1:-1], steps) if isinstance(t, list) else t) for t in tokens]
+    if any(isinstance(t, list) for t in tokens):  # pragma: no cover - sublists are solved above
+        raise AssertionError
+    if len(tokens) > 3 and "*" in tokens and any(t in "+-" for t in tokens if isinstance(t, str)):
+        steps.append("Multiplication comes before addition and subtraction.")
+    while "*" in tokens:
+        i = tokens.index("*")
+        a, b = tokens[i - 1], tokens[i + 1]
+        steps.append(f"{a} * {b} = {a * b}.")
+        tokens[i - 1:i + 2] = [a * b]
+    while len(tokens) > 1:
+        a, op, b = tokens[:3]
+        r = a + b if op == "+" else a - b
+        steps.append(f"{a} {op} {b} = {r}.")
+        tokens[:3] = [r]
+    return tokens[0]
+
+
+# --- word problems (the apples example of the phi-1.5 report) ------------------------------------------------
+
+NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kofi", "Lena",
+         "Maya", "Nina", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Victor", "Wen", "Yusuf", "Zoe"]
+ITEMS = ["apples", "marbles", "stickers", "pencils", "books", "cookies", "coins", "shells", "stamps", "cards",
+         "oranges", "balloons", "crayons", "buttons", "seeds", "cupcakes", "toy cars", "feathers"]
+
+
+def word_problem(rng: random.Random) -> dict:
+    """A person's count of items changes through 2-4 events; the solution tracks it step by step."""
+    hero, *others = rng.sample(NAMES, 4)
+    item = rng.choice(ITEMS)
+    count = rng.randint(2, 20)
+    story = [f"{hero} originally had {count} {item}"]
+    steps = [f"{hero} originally had {count} {item}."]
+    program = [f"count = {count}"]
+    for _ in range(rng.randint(2, 4)):
+        kind = rng.choice(["get", "get", "give", "times", "half"])
+        other = rng.choice(others)
+        if kind == "give" and count < 2:
+            kind = "get"
+        if kind == "half" and count % 2:
+            kind = "times"
+        if kind == "times" and count > 40:
+            kind = "give"
+        if kind == "get":
+            k = rng.randint(1, 15)
+            story.append(f"then {other} gave {hero} {k} {item}")
+            steps.append(f"{other} gave {hero} {k} {item}, so {hero} now has {count} + {k} = {count + k} {item}.")
+            count += k
+            program.append(f"count += {k}")
+        elif kind == "give":
+            k = rng.randint(1, count - 1)
+            story.append(f"then {hero} gave {other} {k} {item}")
+            steps.append(f"{hero} gave {other} {k} {item}, so {hero} now has {count} - {k} = {count - k} {item}.")
+            count -= k
+            program.append(f"count -= {k}")
+        elif kind == "times":
+            k = rng.randint(2, 3)
+            extra = k * count
+            story.append(f"then {other} gave {hero} {k}x the amount of {item} {hero} had")
+            steps.append(f"{other} gave {hero} {k}x the amount of {item} {hero} had, so {other} gave "
+                         f"{hero} {k} * {count} = {extra} {item}. Now {hero} has {count} + {extra} = "
+                         f"{count + extra} {item}.")
+            count += extra
+            program.append(f"count += {k} * count")
+        else:
+            half = count // 2
+            story.append(f"then {hero} gave half of the {item} to {other}")
+            steps.append(f"{hero} gave half of the {item} to {other}: half of {count} is {count} / 2 = {half}, "
+                         f"so {hero} now has {count} - {half} = {count - half} {item}.")
+            count -= half
+            program.append("count -= count // 2")
+    question = (", ".join(story[:-1]) + ", and " + story[-1] + f". How many {item} does {hero} have now?")
+    question = "Suppose " + question
+    steps.append(f"Therefore, {hero} now has {count} {item}.")
+    prompt = f"Question: {question}\nSolution:\n"
+    text = prompt + "\n".join(f"Step {i}: {s}" for i, s in enumerate(steps, 1)) + \
+        f"\nAnswer: {hero} has {count} {item} now."
+    program.append(f"assert count == {count}")
+    return {"text": text, "key": f"word:{question}", "question": question, "prompt": prompt, "answer": count,
+            "check": "\n".join(program) + "\n"}
+
+
+# --- Python functions with docstrings and tests ---------------------------------------------------------------
+# Each entry: (name, signature args, docstring, body, reference implementation used to compute the expected
+# values of the tests independently of the body, input maker). `{k}` is a constant drawn per exercise.
+
+def _ints(rng, lo=-20, hi=40, n=None):
+    return [rng.randint(lo, hi) for _ in range(n if n is not None else rng.randint(0, 7))]
+
+
+def _word(rng):
+    return "".join(rng.choice("abcdeilmnorstuy") for _ in range(rng.randint(1, 8)))
+
+
+PY_TASKS: list[tuple[str, str, str, str, Callable, Callable]] = [
+    ("sum_greater_than_{k}", "numbers", "Return the sum of the numbers in `numbers` that are greater than {k}.",
+     "total = 0\nfor x in numbers:\n    if x > {k}:\n        total += x\nreturn total",
+     lambda k, xs: sum(filter(lambda v: v > k, xs)), lambda rng: (_ints(rng),)),
+    ("count_multiples_of_{k}", "numbers", "Count how many numbers in `numbers` are divisible by {k}.",
+     "count = 0\nfor x in numbers:\n    if x % {k} == 0:\n        count += 1\nreturn count",
+     lambda k, xs: len([v for v in xs if v % k == 0]), lambda rng: (_ints(rng),)),
+    ("add_{k}_to_each", "numbers", "Return a new list with {k} added to every number in `numbers`.",
+     "return [x + {k} for x in numbers]",
+     lambda k, xs: list(map(lambda v: v + k, xs)), lambda rng: (_ints(rng),)),
+    ("multiply_by_{k}", "x", "Return x multiplied by {k}.",
+     "return x * {k}", lambda k, x: sum([x] * k), lambda rng: (rng.randint(-50, 50),)),
+    ("power_of_{k}", "x", "Return x raised to the power {k}.",
+     "result = 1\nfor _ in range({k}):\n    result *= x\nreturn result",
+     lambda k, x: x ** k, lambda rng: (rng.randint(-6, 6),)),
+    ("keep_below_{k}", "numbers", "Return the numbers in `numbers` that are smaller than {k}, in order.",
+     "return [x for x in numbers if x < {k}]",
+     lambda k, xs: list(filter(lambda v: v < k, xs)), lambda rng: (_ints(rng),)),
+    ("clamp_to_{k}", "x", "Clamp x to the range [0, {k}]: below 0 gives 0, above {k} gives {k}.",
+     "if x < 0:\n    return 0\nif x > {k}:\n    return {k}\nreturn x",
+     lambda k, x: sorted([0, x, k])[1], lambda rng: (rng.randint(-30, 60),)),
+    ("repeat_word_{k}_times", "word", "Return `word` repeated {k} times, separated by single spaces.",
+     "return ' '.join([word] * {k})",
+     lambda k, w: (w + " ") * (k - 1) + w, lambda rng: (_word(rng),)),
+    ("count_letter_runs_longer_than_{k}", "text",
+     "Count the maximal runs of one repeated character in `text` that are longer than {k}.",
+     "count = 0\nrun = 0\nfor i, ch in enumerate(text):\n    run = run + 1 if i and ch == text[i - 1] else 1\n"
+     "    if run == {k} + 1:\n        count += 1\nreturn count",
+     lambda k, t: sum(1 for g in __import__("itertools").groupby(t) if len(list(g[1])) > k),
+     lambda rng: ("".join(rng.choice("aab") * rng.randint(1, 4) for _ in range(rng.randint(0, 6))),)),
+    ("sum_of_first_{k}_squares", "offset",
+     "Return the sum of (i + offset) ** 2 for i = 1, ..., {k}.",
+     "total = 0\nfor i in range(1, {k} + 1):\n    total += (i + offset) ** 2\nreturn total",
+     lambda k, o: sum((i + o) * (i + o) for i in range(1, k + 1)), lambda rng: (rng.randint(-5, 5),)),
+    ("every_{k}th_item", "items", "Return every {k}th item of `items`, starting with the first.",
+     "return items[::{k}]",
+     lambda k, xs: [x for i, x in enumerate(xs) if i % k == 0], lambda rng: (_ints(rng, 0, 9, rng.randint(0, 12)),)),
+    ("is_divisible_by_{k}", "x", "Return True if x is divisible by {k}, otherwise False.",
+     "return x % {k} == 0", lambda k, x: (x // k) * k == x, lambda rng: (rng.randint(-100, 100),)),
+    ("count_words_longer_than_{k}", "sentence", "Count the words in `sentence` that have more than {k} letters.",
+     "return len([w for w in sentence.split() if len(w) > {k}])",
+     lambda k, t: sum(len(w) > k for w in t.split(" ") if w),
+     lambda rng: (" ".join(_word(rng) for _ in range(rng.randint(0, 6))),)),
+    ("last_{k}_items", "items", "Return the last {k} items of `items` (all of them if there are fewer).",
+     "if len(items) <= {k}:\n    return list(items)\nreturn items[len(items) - {k}:]",
+     lambda k, xs: xs[max(0, len(xs) - k):], lambda rng: (_ints(rng, 0, 9, rng.randint(0, 10)),)),
+    ("replace_{k}_with_zero", "numbers", "Return a copy of `numbers` where every {k} is replaced by 0.",
+     "result = []\nfor x in numbers:\n    result.append(0 if x == {k} else x)\nreturn result",
+     lambda k, xs: [x * (x != k) for x in xs], lambda rng: (_ints(rng, 0, 15),)),
+    ("smallest_above_{k}", "numbers",
+     "Return the smallest number in `numbers` greater than {k}, or None if there is none.",
+     "best = None\nfor x in numbers:\n    if x > {k} and (best is None or x < best):\n        best = x\nreturn best",
+     lambda k, xs: min((x for x in xs if x > k), default=None), lambda rng: (_ints(rng, 0, 30),)),
+    ("digit_sum_times_{k}", "x", "Return the sum of the decimal digits of abs(x), multiplied by {k}.",
+     "total = 0\nx = abs(x)\nwhile x > 0:\n    total += x % 10\n    x //= 10\nreturn total * {k}",
+     lambda k, x: k * sum(int(c) for c in str(abs(x))), lambda rng: (rng.randint(-9999, 9999),)),
+]
+PY_TASK_NAMES = {"count_words_longer_than_{k}": (1, 6), "last_{k}_items": (1, 6), "replace_{k}_with_zero": (1, 15),
+                 "smallest_above_{k}": (0, 25), "digit_sum_times_{k}": (2, 20),"count_letter_runs_longer_than_{k}": (0, 3), "power_of_{k}": (2, 5), "every_{k}th_item": (2, 4),
+                 "repeat_word_{k}_times": (2, 4), "sum_of_first_{k}_squares": (2, 9)}
+
+
+def python_function(rng: random.Random) -> dict:
+    """A small function with a docstring and an example, its body, and asserts computed by a reference."""
+    name_t, args, doc_t, body_t, reference, make_input = rng.choice(PY_TASKS)
+    lo, hi = PY_TASK_NAMES.get(name_t, (2, 25))
+    k = rng.randint(lo, hi)
+    name = name_t.format(k=k)
+    cases = []
+    for _ in range(rng.randint(3, 5)):
+        inp = make_input(rng)
+        cases.append((inp, reference(k, *inp)))
+    example_in, example_out = cases[0]
+    call = f"{name}({', '.join(map(repr, example_in))})"
+    doc = doc_t.format(k=k)
+    body = "\n".join("    " + line for line in body_t.format(k=k).split("\n"))
+    source = (f"def {name}({args}):\n    \"\"\"{doc}\n\n    >>> {call}\n    {example_out!r}\n    \"\"\"\n{body}\n")
+    tests = "\n".join(f"assert {name}({', '.join(map(repr, i))}) == {o!r}" for i, o in cases)
+    text = source + "\n\n" + tests + "\n"
+    # The split follows the function (group), so held-out functions never appear in train, even with other tests.
+    return {"text": text, "key": f"py:{text}", "group": f"py:{name}:{body_t}", "entry_point": name,
+            "check": text}
+
+
+# --- short explanatory passages -------------------------------------------------------------------------------
+
+def passage(rng: random.Random) -> dict:
+    """A short textbook paragraph explaining one idea with worked numbers."""
+    topic = rng.choice(["multiplication", "even_odd", "rectangle", "remainder", "list", "loop", "percent",
+                        "average"])
+    a, b = rng.randint(2, 12), rng.randint(2, 12)
+    if topic == "multiplication":
+        text = (f"Multiplication is repeated addition. When we write {a} * {b}, we mean {b} added together {a} "
+                f"times: {' + '.join([str(b)] * a)} = {a * b}. This is why {a} * {b} = {a * b}. Multiplication "
+                f"also does not care about order, so {b} * {a} is {a * b} too.")
+        check = f"assert {a} * {b} == {a * b} == {'+'.join([str(b)] * a)}\n"
+    elif topic == "even_odd":
+        x = rng.randint(10, 99)
+        parity = "even" if x % 2 == 0 else "odd"
+        text = (f"A whole number is even when it can be split into two equal groups, and odd when one is left "
+                f"over. To check {x}, divide it by 2: {x} = 2 * {x // 2} + {x % 2}. The remainder is {x % 2}, "
+                f"so {x} is {parity}. A quick rule: a number is even exactly when its last digit is 0, 2, 4, 6 "
+                f"or 8.")
+        check = f"assert {x} == 2 * {x // 2} + {x % 2}\n"
+    elif topic == "rectangle":
+        text = (f"The area of a rectangle is its length times its width, and its perimeter is the distance "
+                f"around it. A rectangle {a} meters long and {b} meters wide covers {a} * {b} = {a * b} square "
+                f"meters. Walking around it, you cover {a} + {b} + {a} + {b} = {2 * (a + b)} meters, which is "
+                f"the same as 2 * ({a} + {b}).")
+        check = f"assert {a} * {b} == {a * b} and 2 * ({a} + {b}) == {2 * (a + b)}\n"
+    elif topic == "remainder":
+        x = rng.randint(20, 99)
+        text = (f"When a number does not divide evenly, the part left over is called the remainder. If {x} "
+                f"candies are shared among {a} children, each child gets {x // a} candies, because {a} * "
+                f"{x // a} = {a * (x // a)}, and {x} - {a * (x // a)} = {x % a} candies are left over. In "
+                f"Python, {x} // {a} gives {x // a} and {x} % {a} gives the remainder {x % a}.")
+        check = f"assert divmod({x}, {a}) == ({x // a}, {x % a})\n"
+    elif topic == "list":
+        xs = [rng.randint(1, 9) for _ in range(rng.randint(3, 6))]
+        text = (f"In Python, a list keeps several values in order. After xs = {xs}, len(xs) counts {len(xs)} "
+                f"items. The first item is at index 0, so xs[0] is {xs[0]}, and the last item, at index -1, "
+                f"is {xs[-1]}. The built-in sum() adds the items up: the total here is "
+                f"{sum(xs)}.")
+        check = f"xs = {xs}\nassert len(xs) == {len(xs)} and xs[0] == {xs[0]} and xs[-1] == {xs[-1]} " \
+                f"and sum(xs) == {sum(xs)}\n"
+    elif topic == "loop":
+        text = (f"A for loop repeats a block of code once for each item. The loop `for i in range({a}):` runs "
+                f"{a} times, with i taking the values 0 to {a - 1}. If each pass adds {b} to a total that "
+                f"starts at 0, the total after the loop is {a} * {b} = {a * b}.")
+        check = f"t = 0\nfor i in range({a}):\n    t += {b}\nassert t == {a * b}\n"
+    elif topic == "percent":
+        p = rng.choice([10, 20, 25, 50, 75])
+        whole = rng.choice([20, 40, 60, 80, 100, 200, 400])
+        part = whole * p // 100
+        text = (f"Percent means 'out of one hundred'. To find {p}% of {whole}, multiply {whole} by {p} and "
+                f"divide by 100: {whole} * {p} / 100 = {part}. So if a class has {whole} students and {p}% of "
+                f"them walk to school, {part} students walk.")
+        check = f"assert {whole} * {p} // 100 == {part} and {whole} * {p} % 100 == 0\n"
+    else:
+        xs = [rng.randint(1, 20) for _ in range(rng.randint(2, 5))]
+        while sum(xs) % len(xs):
+            xs[0] += 1
+        text = (f"The average of a set of numbers is their sum divided by how many there are. For the numbers "
+                f"{', '.join(map(str, xs))}, the sum is {sum(xs)} and there are {len(xs)} of them, so the "
+                f"average is {sum(xs)} / {len(xs)} = {sum(xs) // len(xs)}.")
+        check = f"assert sum({xs}) / {len(xs)} == {sum(xs) // len(xs)}\n"
+    return {"text": text, "key": f"passage:{text}", "check": check}
+
+
+MAKERS: dict[str, Callable[[random.Random], dict]] = {
+    "arithmetic": arithmetic, "word_problem": word_problem, "python": python_function, "passage": passage,
+}
+
+
+# --- verification by execution --------------------------------------------------------------------------------
+
+def _batch_program(checks: list[str]) -> str:
+    """One program running many checks, each in a fresh namespace, printing the indices that fail: one sandbox
+    process per batch instead of per exercise."""
+    return ("import json\nchecks = " + repr(checks) + "\nfailed = []\n"
+            "for i, src in enumerate(checks):\n"
+            "    try:\n        exec(compile(src, f'<check {i}>', 'exec'), {'__name__': '__check__'})\n"
+            "    except BaseException:\n        failed.append(i)\n"
+            "print('FAILED', json.dumps(failed))\n")
+
+
+def verify(records: list[dict], timeout: float = 30.0, workers: int = 2, batch: int = 200) -> list[bool]:
+    """Execute every record's `check` in the sandbox (phikit.eval.sandbox); True where it passed."""
+    from phikit.eval.sandbox import run_many
+
+    chunks = [records[i:i + batch] for i in range(0, len(records), batch)]
+    results = run_many([_batch_program([r["check"] for r in c]) for c in chunks], timeout=timeout,
+                       workers=workers)
+    ok: list[bool] = []
+    for chunk, res in zip(chunks, results):
+        line = next((ln for ln in res.stdout.splitlines() if ln.startswith("FAILED ")), None)
+        if res.status != "passed" or line is None:
+            ok.extend([False] * len(chunk))  # the batch itself broke: count none as verified
+            continue
+        failed = set(json.loads(line[len("FAILED "):]))
+        ok.extend(i not in failed for i in range(len(chunk)))
+    return ok

@@ -1,0 +1,238 @@
+"""Synthetic textbook data from a teacher model behind any OpenAI-compatible chat-completions endpoint.
+
+Prompts are the product of seed topics x audiences x styles (optionally each with a random extract of seed text,
+for diversity, as in the phi-1.5 report). Requests run concurrently (asyncio + httpx) with retries and
+exponential backoff on 429, 5xx, timeouts and dropped connections. Results go to an append-only JSONL that
+survives a crash: each answer is one fsynced line, a torn last line is cut on restart, and a rerun asks only for
+the prompts that have no line yet, so every prompt ends up answered exactly once. Answers that are too short go
+to `<output>.rejected.jsonl` (also counted as done, so they are not asked again).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import httpx
+from tqdm.auto import tqdm
+
+from .io import AppendLog
+
+AUDIENCES = ["young children", "middle school students", "high school students", "college students",
+             "curious adults"]
+
+STYLES: dict[str, str] = {
+    "textbook": "Write an extensive, clear textbook chapter section about {topic} for {audience}. Explain the key "
+                "ideas step by step, with concrete examples.",
+    "exercises": "Write 3 exercises about {topic} for {audience}, each followed by a complete step-by-step "
+                 "solution that ends with 'Answer:' and the final answer.",
+    "story": "Write a short story for {audience} in which the characters learn about {topic}. The story should "
+             "teach something true and useful about it.",
+    "qa": "Write a question-and-answer dialogue between a curious student and a teacher about {topic}, pitched "
+          "at {audience}. Each answer should explain the reasoning.",
+    "code": "Write a Python exercise related to {topic} for {audience}: one function with a clear docstring, its "
+            "implementation, and assert-based tests that it passes. Output only the code.",
+}
+
+# Openings a chat model adds that are not textbook text ("Sure! Here is ...", "As an AI ...").
+BOILERPLATE = re.compile(
+    r"^\s*(?:sure|certainly|of course|absolutely|okay|ok|great|here is|here's|below is|as an ai\b)[^\n]{0,160}"
+    r"(?:\n|$)", re.IGNORECASE)
+CLOSING = re.compile(r"\n\s*(?:i hope this helps|let me know if|feel free to ask)[^\n]*\s*$", re.IGNORECASE)
+
+
+def clean(text: str) -> str:
+    """Strip boilerplate openings and closings, then surrounding whitespace."""
+    text = text.strip()
+    while True:
+        m = BOILERPLATE.match(text)
+        if not m:
+            break
+        text = text[m.end():].lstrip()
+    return CLOSING.sub("", text).strip()
+
+
+def load_topics(path: str | Path | None = None) -> list[str]:
+    """Seed topics, one per line (blank lines and #-comments ignored); the built-in list when path is None."""
+    path = Path(path) if path else Path(__file__).with_name("assets") / "topics.txt"
+    if not path.exists():
+        raise FileNotFoundError(f"topics file {path} does not exist: give one topic per line")
+    topics = [t.strip() for t in path.read_text(encoding="utf-8").splitlines()]
+    topics = [t for t in topics if t and not t.startswith("#")]
+    if not topics:
+        raise ValueError(f"topics file {path} is empty: give one topic per line")
+    return topics
+
+
+def build_prompts(topics: Sequence[str], audiences: Sequence[str] = AUDIENCES,
+                  styles: Sequence[str] = tuple(STYLES), limit: int | None = None, seed: int = 0,
+                  seed_texts: Sequence[str] = (), extract_words: int = 80) -> list[dict[str, Any]]:
+    """The prompts (with a stable prompt_id each): all topic x audience x style combinations, or a seeded sample
+    of `limit` of them; with seed_texts, each prompt also carries a random extract to draw inspiration from."""
+    for s in styles:
+        if s not in STYLES:
+            raise ValueError(f"unknown style {s!r}: choose from {', '.join(STYLES)}")
+    combos = [(t, a, s) for t in topics for a in audiences for s in styles]
+    rng = random.Random(seed)
+    if limit is not None and limit < len(combos):
+        combos = rng.sample(combos, limit)
+    seed_words = [t.split() for t in seed_texts if t.split()]
+    prompts = []
+    for topic, audience, style in combos:
+        content = STYLES[style].format(topic=topic, audience=audience)
+        extract = None
+        if seed_words:
+            w = rng.choice(seed_words)
+            start = rng.randrange(max(1, len(w) - extract_words))
+            extract = " ".join(w[start:start + extract_words])
+            content += f"\n\nFor inspiration, here is an unrelated extract; you may borrow ideas from it:\n{extract}"
+        pid = hashlib.sha256(f"{topic}\x00{audience}\x00{style}\x00{extract}".encode()).hexdigest()[:16]
+        prompts.append({"prompt_id": pid, "topic": topic, "audience": audience, "style": style,
+                        "prompt": content, **({"extract": extract} if extract else {})})
+    return prompts
+
+
+class TeacherError(RuntimeError):
+    pass
+
+
+@dataclass
+class Teacher:
+    """An OpenAI-compatible chat-completions endpoint with retries: 429/5xx/timeouts/connection errors are
+    retried with exponential backoff and jitter (honouring Retry-After); other 4xx stop the run."""
+    base_url: str
+    model: str
+    api_key: str | None = None
+    timeout: float = 120.0
+    max_retries: int = 8
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    temperature: float = 0.7
+    max_tokens: int = 1024
+
+    def client(self, concurrency: int) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        return httpx.AsyncClient(base_url=self.base_url.rstrip("/") + "/", headers=headers, limits=limits,
+                                 timeout=httpx.Timeout(self.timeout))
+
+    async def complete(self, client: httpx.AsyncClient, messages: list[dict], rng: random.Random,
+                       **extra: Any) -> dict[str, Any]:
+        """{'text', 'usage', 'finish_reason'} of one chat completion, after retries; raises TeacherError."""
+        body = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, **extra}
+        last = "no attempt"
+        for attempt in range(self.max_retries + 1):
+            wait = None
+            try:
+                r = await client.post("chat/completions", json=body)
+                if r.status_code == 200:
+                    data = r.json()
+                    choice = data["choices"][0]
+                    return {"text": choice["message"]["content"] or "", "usage": data.get("usage") or {},
+                            "finish_reason": choice.get("finish_reason")}
+                last = f"HTTP {r.status_code}: {r.text[:200]}"
+                if r.status_code != 429 and r.status_code < 500:
+                    raise TeacherError(f"the teacher refused the request ({last}): check --model, --base-url "
+                                       f"and the API key")
+                if r.headers.get("retry-after", "").replace(".", "", 1).isdigit():
+                    wait = float(r.headers["retry-after"])
+            except (httpx.TimeoutException, httpx.TransportError) as e:
+                last = f"{type(e).__name__}: {e}"
+            except (KeyError, IndexError, ValueError) as e:
+                last = f"malformed response ({e})"
+            if attempt < self.max_retries:
+                delay = wait if wait is not None else min(self.max_backoff, self.backoff * 2 ** attempt)
+                await asyncio.sleep(delay * (0.5 + rng.random()))
+        raise TeacherError(f"gave up after {self.max_retries + 1} attempts: {last}")
+
+
+@dataclass
+class SynthStats:
+    prompts: int = 0
+    already_done: int = 0
+    written: int = 0
+    rejected: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def rejected_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".rejected.jsonl")
+
+
+def done_ids(output: str | Path) -> set[str]:
+    """prompt_ids already answered (kept or rejected) in earlier runs."""
+    ids: set[str] = set()
+    for path in (Path(output), rejected_path(output)):
+        if path.exists():
+            with AppendLog(path) as log:  # opening repairs a torn last line
+                ids.update(r["prompt_id"] for r in log.records())
+    return ids
+
+
+async def synthesize(prompts: list[dict[str, Any]], output: str | Path, teacher: Teacher, concurrency: int = 16,
+                     min_words: int = 50, system: str | None = None, seed: int = 0,
+                     progress: bool = True) -> SynthStats:
+    """Answer every prompt not yet in `output`; see the module docstring for the guarantees."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    stats = SynthStats(prompts=len(prompts))
+    done = done_ids(output)
+    todo = [p for p in prompts if p["prompt_id"] not in done]
+    stats.already_done = len(prompts) - len(todo)
+    rng = random.Random(seed)
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in todo:
+        queue.put_nowait(p)
+    bar = tqdm(total=len(todo), desc="synth", unit="prompt", disable=not progress)
+
+    with AppendLog(output) as kept, AppendLog(rejected_path(output)) as rejected, teacher.client(concurrency) as client:
+        async def worker() -> None:
+            while not queue.empty():
+                p = queue.get_nowait()
+                messages = ([{"role": "system", "content": system}] if system else []) + \
+                    [{"role": "user", "content": p["prompt"]}]
+                try:
+                    res = await teacher.complete(client, messages, rng)
+                except TeacherError as e:
+                    if "refused" in str(e):
+                        raise
+                    stats.failed += 1
+                    print(f"warning: prompt {p['prompt_id']} unanswered ({e}); a rerun will retry it",
+                          file=sys.stderr)
+                    bar.update()
+                    continue
+                text = clean(res["text"])
+                usage = res["usage"]
+                stats.prompt_tokens += int(usage.get("prompt_tokens", 0) or 0)
+                stats.completion_tokens += int(usage.get("completion_tokens", 0) or 0)
+                record = {"text": text, "prompt_id": p["prompt_id"], "topic": p["topic"],
+                          "audience": p["audience"], "style": p["style"], "teacher": teacher.model,
+                          "usage": usage, "finish_reason": res["finish_reason"]}
+                if len(text.split()) < min_words:
+                    rejected.append({**record, "reason": f"shorter than {min_words} words"})
+                    stats.rejected += 1
+                else:
+                    kept.append(record)  # one whole line, fsynced: a crash loses at most in-flight requests
+                    stats.written += 1
+                bar.update()
+
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(todo)) or 1)))
+    bar.close()
+    return stats
+
+
+def api_key_from_env(var: str) -> str | None:
+    key = os.environ.get(var)
+    if not key:
+        print(f"note: ${var} is not set; sending requests without an API key", file=sys.stderr)
+    return key or None
