@@ -25,7 +25,7 @@ class PhikitLM(LM):
     """model_args: pretrained=DIR (or a loaded `model=`/`tokenizer=` pair from Python), dtype, device,
     batch_tokens (log-likelihood token budget per forward), max_length, batch_size (prompts per generation batch)."""
 
-    def __init__(self, pretrained: str | None = None, model=None, tokenizer=None, device: str = "cpu",
+    def __init__(self, pretrained: str | None = None, model=None, tokenizer=None, device: str | None = "cpu",
                  dtype: str | None = None, batch_tokens: int = 8192, max_length: int | None = None,
                  batch_size: int | str = 8, **_ignored) -> None:
         super().__init__()
@@ -33,7 +33,10 @@ class PhikitLM(LM):
             if pretrained is None:
                 raise ValueError("the phikit backend needs model_args pretrained=DIR (a checkpoint directory)")
             import phikit
-            model, tokenizer = phikit.load(pretrained, device=device, dtype=dtype)
+            import torch
+            if str(device).startswith("cuda") and not torch.cuda.is_available():
+                device = "cpu"  # lm_eval's CLI asks for cuda by default; its HF backend falls back the same way
+            model, tokenizer = phikit.load(pretrained, device=device or "cpu", dtype=dtype)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.scorer = LogLikelihoodScorer(model, batch_tokens=int(batch_tokens),
                                           max_length=int(max_length) if max_length else None)
