@@ -1,0 +1,313 @@
+"""Decode speed: phikit against transformers' generate (and llama.cpp when installed), in one process.
+
+Random phi-1.5-shaped weights (the speed of a matrix product does not depend on its values), a 128-token prompt,
+64 new tokens, greedy, batch 1 and 8. For each engine and weight format:
+  prefill tok/s = batch * prompt_len / time(generate 1 token)
+  decode  tok/s = batch * (new_tokens - 1) / (time(generate new_tokens) - time(generate 1 token))
+Both engines are timed the same way, after a warm-up, best of --repeats. The memory-bandwidth floor is the time to
+read the weights once per step at the read bandwidth measured at start; `floor_fraction` = floor time / step time.
+The int8/int4 agreement rate (greedy tokens equal to fp32 for the first 32 tokens, on a tiny model trained here
+in a few seconds) is measured with --agreement.
+
+    python benchmarks/decode.py                       # the full table (several minutes on 2 cores)
+    python benchmarks/decode.py --modes int8 --batches 1 --skip-transformers
+The last line printed is JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+
+import torch
+
+from phikit import build_model, get_config
+from phikit.generate import complete
+from phikit.model import PhiForCausalLM
+from phikit.quant import quantize_model
+from phikit.tokenizer import build_phi_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def read_bandwidth_gbs(device: str) -> float:
+    """Sustained read bandwidth: summing a 1 GiB tensor (best of 3)."""
+    x = torch.ones(2**28, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(3):
+        _sync(device)
+        start = time.perf_counter()
+        x.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    del x
+    return 2**30 / best / 1e9
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (polled), minus what it held before."""
+
+    def __enter__(self):
+        self.before = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.005)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.extra = self.peak - self.before
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+               if t.dim() > 1)
+
+
+def to_transformers(model: PhiForCausalLM):
+    """A transformers PhiForCausalLM sharing our weight tensors (no copy)."""
+    import transformers
+    hf_config = transformers.PhiConfig(**model.config.to_hf_dict())
+    with torch.device("meta"):
+        ref = transformers.PhiForCausalLM(hf_config)
+    ref.load_state_dict(model.state_dict(), strict=False, assign=True)
+    device = model.device
+    ref.model.rotary_emb = type(ref.model.rotary_emb)(hf_config, device=device)
+    return ref.eval()
+
+
+def time_generate(fn, new_tokens: int, repeats: int, device: str) -> tuple[float, float, int]:
+    """(seconds for 1 new token, seconds for new_tokens, extra peak bytes) best of `repeats` after a warm-up."""
+    fn(2)  # warm-up: allocator, kernels, lazy init
+    t1 = tn = float("inf")
+    with PeakRSS() as mem:
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(repeats):
+            for n in (1, new_tokens):
+                _sync(device)
+                start = time.perf_counter()
+                fn(n)
+                _sync(device)
+                elapsed = time.perf_counter() - start
+                if n == 1:
+                    t1 = min(t1, elapsed)
+                else:
+                    tn = min(tn, elapsed)
+    extra = torch.cuda.max_memory_allocated() if device.startswith("cuda") else mem.extra
+    return t1, tn, extra
+
+
+def measure(name: str, fn, model, batch: int, prompt_len: int, new_tokens: int, repeats: int, device: str,
+            bandwidth: float) -> dict:
+    t1, tn, extra = time_generate(fn, new_tokens, repeats, device)
+    decode_s = (tn - t1) / (new_tokens - 1)  # per step (one token per row)
+    wbytes = weight_bytes(model)
+    row = {
+        "engine": name, "batch": batch,
+        "prefill_tok_s": round(batch * prompt_len / t1, 2),
+        "decode_tok_s": round(batch / decode_s, 2),
+        "ms_per_step": round(decode_s * 1000, 2),
+        "end_to_end_s": round(tn, 2),
+        "weights_mb": round(wbytes / 2**20),
+        "peak_mem_mb": round((wbytes + (extra if not device.startswith("cuda") else 0)) / 2**20)
+        if not device.startswith("cuda") else round(extra / 2**20),
+        "floor_fraction": round((wbytes / (bandwidth * 1e9)) / decode_s, 3),
+    }
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
+def phikit_fn(model, tokenizer, prompts):
+    return lambda n: complete(model, tokenizer, prompts, max_new_tokens=n, stop_token_ids=[])
+
+
+def transformers_fn(ref, ids):
+    mask = torch.ones_like(ids)
+    return lambda n: ref.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+
+
+def llama_cpp_rows(model, tokenizer, args, bandwidth) -> list[dict]:
+    """llama.cpp through llama-cpp-python on our GGUF export (skipped when the package is missing)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama-cpp-python is not installed: llama.cpp rows skipped", file=sys.stderr)
+        return []
+    import tempfile
+    from phikit.gguf_export import export_gguf
+    rows = []
+    prompt_ids = [int(i) for i in torch.randint(0, 50000, (args.prompt_len,), generator=torch.Generator().manual_seed(0))]
+    for gguf_type in args.llama_types:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_gguf(model, tokenizer, os.path.join(tmp, "m.gguf"), dtype=gguf_type)
+            llm = llama_cpp.Llama(str(path), n_ctx=args.prompt_len + args.new_tokens + 8, n_threads=args.threads,
+                                  n_batch=args.prompt_len, verbose=False)
+
+            def fn(n):
+                llm.reset()
+                llm.eval(prompt_ids)
+                for _ in range(n - 1):
+                    tok = llm.sample(temp=0.0)
+                    llm.eval([tok])
+            t1, tn, _ = time_generate(fn, args.new_tokens, args.repeats, "cpu")
+            size = os.path.getsize(path)
+            decode_s = (tn - t1) / (args.new_tokens - 1)
+            row = {"engine": f"llama.cpp-{gguf_type}", "batch": 1,
+                   "prefill_tok_s": round(args.prompt_len / t1, 2), "decode_tok_s": round(1 / decode_s, 2),
+                   "ms_per_step": round(decode_s * 1000, 2), "end_to_end_s": round(tn, 2),
+                   "weights_mb": round(size / 2**20),
+                   "floor_fraction": round((size / (bandwidth * 1e9)) / decode_s, 3)}
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append(row)
+            del llm
+    return rows
+
+
+def agreement(modes: list[str], prompts_n: int = 16, tokens: int = 32) -> dict:
+    """Train a tiny model on a small corpus for a few seconds, then count prompts whose first `tokens` greedy
+    tokens are identical in fp32 and in each quantized mode."""
+    from phikit.tokenizer import train_bpe
+    torch.manual_seed(0)
+    words = ("the cat sat on a mat and the dog ran to the park while a bird sang in the tall green tree "
+             "numbers one two three four five add them up to get the total sum of all the values").split()
+    gen = torch.Generator().manual_seed(0)
+    texts = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=gen)) for _ in range(400)]
+    texts += [" ".join(words[j % len(words)] for j in range(k, k + 40)) for k in range(200)]
+    tok = train_bpe(texts, vocab_size=400)
+    config = get_config("tiny", vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=128, tokenizer_vocab_size=len(tok),
+                        eos_token_id=tok.eos_token_id)
+    model = build_model(config, seed=0)
+    data = torch.tensor([i for t in texts for i in tok.encode(t) + [tok.eos_token_id]])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(150):
+        starts = torch.randint(0, len(data) - 65, (16,), generator=gen)
+        batch = torch.stack([data[s:s + 64] for s in starts])
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    prompts = [" ".join(texts[i].split()[:6]) for i in range(0, 600, 600 // prompts_n)][:prompts_n]
+    ref = [c.token_ids for c in complete(model, tok, prompts, max_new_tokens=tokens, stop_token_ids=[])]
+    out = {"train_loss": round(float(loss), 3)}
+    for mode in modes:
+        q = PhiForCausalLM(config)
+        q.load_state_dict(model.state_dict())
+        quantize_model(q.eval(), mode)
+        got = [c.token_ids for c in complete(q, tok, prompts, max_new_tokens=tokens, stop_token_ids=[])]
+        out[f"{mode}_agreement"] = sum(a == b for a, b in zip(ref, got)) / len(prompts)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="phi-1_5")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--modes", default=None, help="comma list of fp32,bf16,fp16,int8,int4 (default: fp32,bf16,int8,int4 "
+                                                  "on the CPU, fp16,bf16,int8 on a GPU)")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--transformers-batches", default="1,8", help="batches for which transformers is also timed")
+    p.add_argument("--llama-types", default="f32,f16,q8_0,q4_0")
+    p.add_argument("--agreement", action="store_true", help="measure int8/int4 greedy agreement with fp32")
+    args = p.parse_args()
+    args.llama_types = args.llama_types.split(",")
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    modes = (args.modes or ("fp16,bf16,int8" if cuda else "fp32,bf16,int8,int4")).split(",")
+    batches = [int(b) for b in args.batches.split(",")]
+    hf_batches = {int(b) for b in args.transformers_batches.split(",")}
+
+    bandwidth = read_bandwidth_gbs(args.device)
+    print(f"read bandwidth {bandwidth:.1f} GB/s, {args.threads} threads, torch {torch.__version__}", file=sys.stderr)
+    tokenizer = build_phi_tokenizer()
+    config = get_config(args.preset)
+    base = build_model(config, seed=0, device=args.device)  # fp32 master copy
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    results = {"preset": args.preset, "device": args.device, "threads": args.threads,
+               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "bandwidth_gbs": round(bandwidth, 1)}
+    for mode in modes:
+        if mode in DTYPES:
+            model = base if mode == "fp32" else build_model(config, seed=None, meta=True)
+            if mode != "fp32":
+                model.load_state_dict({k: v.to(DTYPES[mode]) for k, v in base.state_dict().items()}, assign=True)
+                model.model.rotary_emb = type(base.model.rotary_emb)(config.rotary_dim, config.rope_theta).to(args.device)
+        else:
+            model = build_model(config, seed=None, meta=True)
+            model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()}, assign=True)
+            model.model.rotary_emb = type(base.model.rotary_emb)(config.rotary_dim, config.rope_theta).to(args.device)
+            quantize_model(model, mode)
+        model.eval()
+        for b in batches:
+            ids = torch.randint(0, 50000, (b, args.prompt_len), generator=gen).to(args.device)
+            rows.append(measure(f"phikit-{mode}", phikit_fn(model, tokenizer, ids.tolist()), model, b,
+                                args.prompt_len, args.new_tokens, args.repeats, args.device, bandwidth))
+            if not args.skip_transformers and mode in DTYPES and b in hf_batches:
+                ref = to_transformers(model)
+                rows.append(measure(f"transformers-{mode}", transformers_fn(ref, ids), model, b, args.prompt_len,
+                                    args.new_tokens, args.repeats, args.device, bandwidth))
+                del ref
+        if model is not base:
+            del model
+    if not cuda and not args.skip_transformers:
+        rows += llama_cpp_rows(base, tokenizer, args, bandwidth)
+    results["rows"] = rows
+
+    def get(engine, b, key):
+        return next((r[key] for r in rows if r["engine"] == engine and r["batch"] == b), None)
+
+    ratios = {}
+    ref_mode = "fp16" if cuda else "fp32"
+    hf_dec, hf_pre = get(f"transformers-{ref_mode}", 1, "decode_tok_s"), get(f"transformers-{ref_mode}", 1, "prefill_tok_s")
+    for mode in modes:
+        ours_dec = get(f"phikit-{mode}", 1, "decode_tok_s")
+        if hf_dec and ours_dec:
+            ratios[f"{mode}_decode_vs_transformers_{ref_mode}"] = round(ours_dec / hf_dec, 2)
+        same = get(f"transformers-{mode}", 1, "decode_tok_s")
+        if same and ours_dec:
+            ratios[f"{mode}_decode_vs_transformers_{mode}"] = round(ours_dec / same, 2)
+            ratios[f"{mode}_prefill_vs_transformers_{mode}"] = round(
+                get(f"phikit-{mode}", 1, "prefill_tok_s") / get(f"transformers-{mode}", 1, "prefill_tok_s"), 2)
+            ratios[f"{mode}_end_to_end_vs_transformers_{mode}"] = round(
+                get(f"transformers-{mode}", 1, "end_to_end_s") / get(f"phikit-{mode}", 1, "end_to_end_s"), 2)
+        if 8 in batches and ours_dec and get(f"phikit-{mode}", 8, "decode_tok_s"):
+            ratios[f"{mode}_batch8_vs_batch1"] = round(get(f"phikit-{mode}", 8, "decode_tok_s") / ours_dec, 2)
+    if hf_pre and get(f"phikit-{ref_mode}", 1, "prefill_tok_s"):
+        ratios[f"{ref_mode}_prefill_vs_transformers_{ref_mode}"] = round(
+            get(f"phikit-{ref_mode}", 1, "prefill_tok_s") / hf_pre, 2)
+    results["ratios"] = ratios
+    if args.agreement:
+        results["agreement"] = agreement([m for m in modes if m in ("int8", "int4")] or ["int8"])
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""GGUF export, read back with the gguf package's own reader and run through transformers' Phi model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from phikit import build_model, get_config
+from phikit.gguf_export import export_gguf
+from phikit.tokenizer import train_bpe
+
+gguf = pytest.importorskip("gguf")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    # A small BPE (with phi's whitespace-run tokens) keeps the file small: gguf's reader parses every string.
+    text = ["def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n", "the quick brown fox jumps"] * 20
+    return train_bpe(text, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    config = get_config("tiny", hidden_size=64, intermediate_size=256, vocab_size=512,
+                        tokenizer_vocab_size=len(tokenizer))
+    return build_model(config, seed=3).eval()
+
+
+def _state_from_gguf(path, model):
+    """Our tensor names -> dequantized tensors, through gguf's reader and its phi2 name map."""
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI2, model.config.num_hidden_layers)
+    state = {}
+    for name, ref in model.state_dict().items():
+        t = tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))]
+        state[name] = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type))).reshape(ref.shape)
+    return reader, state
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("f32", 1e-5), ("f16", 2e-2), ("q8_0", 5e-2), ("q4_0", 0.5)])
+def test_gguf_round_trip_gives_the_same_logits_in_transformers(model, tokenizer, tmp_path, dtype, tolerance):
+    transformers = pytest.importorskip("transformers")
+    path = export_gguf(model, tokenizer, tmp_path / f"tiny-{dtype}.gguf", dtype=dtype)
+    reader, state = _state_from_gguf(path, model)
+    f = reader.fields
+    assert bytes(f["general.architecture"].parts[-1]).decode() == "phi2"
+    assert int(f["phi2.rope.dimension_count"].parts[-1][0]) == model.config.rotary_dim
+    assert int(f["phi2.block_count"].parts[-1][0]) == model.config.num_hidden_layers
+    tokens = [bytes(f["tokenizer.ggml.tokens"].parts[i]).decode() for i in f["tokenizer.ggml.tokens"].data]
+    assert len(tokens) == model.config.vocab_size
+    assert tokens[tokenizer.eos_token_id] == "<|endoftext|>" and tokens[tokenizer.token_to_id("  ")] == "  "
+    assert tokens[-1].startswith("[PAD")  # embedding rows past the tokenizer
+    assert int(f["tokenizer.ggml.eos_token_id"].parts[-1][0]) == tokenizer.eos_token_id
+
+    ref = transformers.PhiForCausalLM(transformers.PhiConfig(**model.config.to_hf_dict())).eval()
+    ref.load_state_dict(state, strict=False)
+    ids = torch.tensor([tokenizer.encode("def fib(n):\n    return")])
+    with torch.no_grad():
+        expected, got = model(ids).logits, ref(ids).logits
+    assert (got - expected).abs().max().item() < tolerance
+    assert not path.with_name(path.name + ".tmp").exists()
+
+
+def test_gguf_export_refuses_bad_input(model, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="dtype"):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="q3_k")
+    with pytest.raises(ValueError, match=".gguf"):
+        export_gguf(model, tokenizer, tmp_path / "m.bin")
