@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -273,7 +274,7 @@ def make_dpo_loss_fn(reference: str, beta: float = 0.1, loss_type: str = "sigmoi
         else:
             with torch.no_grad():
                 if reference == "adapter":
-                    with adapter_disabled(model):
+                    with adapter_disabled(getattr(model, "module", model)):
                         ref_logps, _ = completion_logps(model, batch)
                 else:
                     ref_logps, _ = completion_logps(ref_model, batch)
@@ -298,3 +299,157 @@ def preference_accuracy(model, pairs: Sequence[PairExample], pad_id: int, batch_
         wins += int((chosen > rejected).sum())
     model.train(was_training)
     return wins / len(pairs)
+
+
+# ---------------------------------------------------------------- the run
+@dataclass
+class DPOConfig:
+    model: str = ""                 # the SFT'd checkpoint directory or HF repo id (phikit.load)
+    data: str = ""                  # preference pairs: .jsonl / .json / .parquet
+    val_data: str | None = None
+    val_fraction: float = 0.0
+    out_dir: str = "runs/dpo"
+    max_length: int = 1024          # tokens of prompt + answer
+    beta: float = 0.1
+    loss_type: str = "sigmoid"      # sigmoid | robust | ipo
+    label_smoothing: float = 0.0
+    reference: str = ""             # copy | precompute | adapter ("" : adapter with LoRA, else copy)
+    batch_size: int = 8             # pairs per optimizer step
+    micro_batch_size: int = 4
+    epochs: float = 1.0
+    max_steps: int = 0
+    lr: float = 0.0                 # 0: 5e-7 full, 5e-6 with LoRA (Phi-1_5-Instruct's DPO used LoRA)
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    merge: bool = True
+    on_bad: str = "skip"
+    too_long: str = "skip"
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_last: int = 2
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    tensorboard: bool = False
+
+    def default_lr(self) -> float:
+        return self.lr or (5e-6 if self.lora else 5e-7)
+
+    def reference_mode(self) -> str:
+        mode = self.reference or ("adapter" if self.lora else "copy")
+        if mode not in REFERENCE_MODES:
+            raise ValueError(f"unknown reference {mode!r}: choose one of {', '.join(REFERENCE_MODES)}")
+        if mode == "adapter" and not self.lora:
+            raise ValueError("reference 'adapter' needs --lora: use --reference copy or precompute")
+        return mode
+
+    def check(self) -> "DPOConfig":
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown DPO loss {self.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
+            raise ValueError("beta must be > 0 and label_smoothing in [0, 0.5)")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
+                             f"{self.micro_batch_size}: change one of them")
+        self.reference_mode()
+        return self
+
+
+class PairBatches:
+    """batch_fn(step, micro) for the Trainer over preference pairs; pure in (step, micro), so resume is exact."""
+
+    def __init__(self, pairs: Sequence[PairExample], micro_batch_size: int, grad_accum: int, pad_id: int,
+                 seed: int = 0, rank: int = 0, world: int = 1) -> None:
+        if not pairs:
+            raise ValueError("no preference pairs left after filtering: check the data report")
+        self.pairs, self.micro, self.accum, self.pad_id = list(pairs), micro_batch_size, grad_accum, pad_id
+        self.seed, self.rank, self.world = seed, rank, world
+        self._order: dict[int, list[int]] = {}
+
+    def steps_per_epoch(self) -> float:
+        return len(self.pairs) / (self.micro * self.accum * self.world)
+
+    def __call__(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        import random
+        first = ((step * self.accum + micro) * self.world + self.rank) * self.micro
+        picked = []
+        for k in range(first, first + self.micro):
+            epoch, offset = divmod(k, len(self.pairs))
+            if epoch not in self._order:
+                order = list(range(len(self.pairs)))
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+                self._order = {epoch: order}
+            picked.append(self.pairs[self._order[epoch][offset]])
+        return collate_pairs(picked, self.pad_id)
+
+
+def with_pair_weight(loss_fn):
+    """The loop weights micro-batches by metrics["loss_weight"]: for DPO, the number of pairs."""
+    def weighted(model, batch):
+        loss, metrics = loss_fn(model, batch)
+        return loss, {**metrics, "loss_weight": batch["input_ids"].shape[0] // 2}
+    return weighted
+
+
+def run_dpo(cfg: DPOConfig, model=None, tokenizer=None, resume: bool = False, export: bool = True) -> dict[str, Any]:
+    """Preference-tune a (usually SFT'd) model; returns the run summary (also RUN/summary.json)."""
+    import dataclasses
+    from pathlib import Path
+
+    from . import distributed
+    from .chat_data import read_records
+    from .loop import Trainer
+    from .sft import export_result, load_base, prepare_policy, split_validation, train_config, write_json
+
+    cfg.check()
+    mode = cfg.reference_mode()
+    model, tokenizer = load_base(model if model is not None else cfg.model, tokenizer)
+    model, _ = prepare_policy(model, tokenizer, cfg)
+    pairs, report = build_pair_examples(read_records(cfg.data), tokenizer, cfg.max_length, cfg.on_bad,
+                                        cfg.too_long, source=f"{Path(cfg.data).name} pair")
+    val_report = None
+    if cfg.val_data:
+        val, val_report = build_pair_examples(read_records(cfg.val_data), tokenizer, cfg.max_length, cfg.on_bad,
+                                              cfg.too_long, source=f"{Path(cfg.val_data).name} pair")
+    else:
+        pairs, val = split_validation(pairs, cfg.val_fraction, cfg.seed)
+    print(f"dpo data: {report.summary()}")
+    env = distributed.init_distributed(cfg.device)
+    model.to(env.device)
+    pad_id = tokenizer.eos_token_id
+    ref_model = None
+    if mode == "precompute":
+        precompute_reference(model, pairs + val, cfg.micro_batch_size, pad_id, env.device)
+    elif mode == "copy":
+        ref_model = frozen_copy(model)
+    grad_accum = cfg.batch_size // (cfg.micro_batch_size * env.world_size) or 1
+    batches = PairBatches(pairs, cfg.micro_batch_size, grad_accum, pad_id, cfg.seed, env.rank, env.world_size)
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches.steps_per_epoch()))
+    tcfg = train_config(cfg, steps, cfg.max_length, cfg.default_lr(), cfg.data)
+    run_dir = Path(cfg.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(run_dir)
+    write_json(run_dir / "dpo_config.json", dataclasses.asdict(cfg))
+    write_json(run_dir / "data_report.json", {"train": report.to_dict(),
+                                              "val": val_report.to_dict() if val_report else None,
+                                              "train_pairs": len(pairs), "val_pairs": len(val)})
+    loss_fn = make_dpo_loss_fn(mode, cfg.beta, cfg.loss_type, cfg.label_smoothing, ref_model)
+    eval_batches = [collate_pairs(val[k:k + cfg.micro_batch_size], pad_id)
+                    for k in range(0, len(val), cfg.micro_batch_size)]
+    extra = {"kind": "dpo", "train_pairs": len(pairs), "val_pairs": len(val), "skipped": report.skipped,
+             "reference": mode, "beta": cfg.beta, "loss_type": cfg.loss_type, "lora": cfg.lora}
+    trainer = Trainer(model, tcfg, batches, loss_fn=with_pair_weight(loss_fn), eval_batches=eval_batches,
+                      run_dir=run_dir, env=env, summary_extra=extra)
+    summary = trainer.fit(resume=resume)
+    if export and env.is_main and summary["status"] == "completed":
+        summary.update(export_result(trainer.model, tokenizer, run_dir, cfg.lora, cfg.merge))
+        write_json(run_dir / "summary.json", summary)
+    summary["model"] = distributed.unwrap(trainer.model)
+    summary["tokenizer"] = tokenizer
+    return summary

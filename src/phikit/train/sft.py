@@ -1,0 +1,261 @@
+"""Supervised fine-tuning on ChatML conversations, through the shared training loop (loop.Trainer).
+
+    summary = run_sft(SFTConfig(model="runs/base/model", data="chats.jsonl", out_dir="runs/sft"))
+
+The base model gets the ChatML tokens (in its padding rows when there is room), conversations are tokenized with
+the loss on assistant turns only, short ones are packed into rows whose attention never crosses a conversation
+(or padded, one per row), and the Trainer does the rest: AdamW, schedule, checkpoints, resume, metrics, report.
+The result is RUN/model (phikit.save layout), or RUN/adapter (peft) and, by default, the merged RUN/model with LoRA.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .chat_data import (IGNORE_INDEX, Example, add_chatml_tokens, build_sft_examples, collate_packed,
+                        collate_padded, pack_examples, read_records)
+
+SCHEDULES = ("constant", "cosine", "wsd")
+
+
+@dataclass
+class SFTConfig:
+    model: str = ""                 # checkpoint directory or HF repo id (phikit.load)
+    data: str = ""                  # conversations: .jsonl / .json / .parquet
+    val_data: str | None = None     # held-out conversations; else val_fraction of data
+    val_fraction: float = 0.0
+    out_dir: str = "runs/sft"
+    max_length: int = 2048          # tokens per row (a conversation, or several packed)
+    packing: bool = True            # pack short conversations (attention stays inside each); False: pad
+    batch_size: int = 8             # rows per optimizer step
+    micro_batch_size: int = 8       # rows per forward/backward (gradient accumulation makes up the rest)
+    epochs: float = 1.0             # used when max_steps is 0
+    max_steps: int = 0
+    lr: float = 0.0                 # 0: 2e-5 for full fine-tuning, 2e-4 with LoRA
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    merge: bool = True              # with LoRA, also write the merged model
+    on_bad: str = "skip"            # skip | error: malformed conversations, unknown roles, no assistant turn
+    too_long: str = "skip"          # skip | truncate | error
+    eval_every: int = 0             # 0: evaluate at the end only (when there is validation data)
+    checkpoint_every: int = 0
+    keep_last: int = 2
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    tensorboard: bool = False
+
+    def default_lr(self) -> float:
+        return self.lr or (2e-4 if self.lora else 2e-5)
+
+    def check(self) -> "SFTConfig":
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}")
+        for name in ("max_length", "batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
+                             f"{self.micro_batch_size}: change one of them")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_steps < 0 or self.epochs <= 0:
+            raise ValueError("max_steps must be >= 0 and epochs > 0")
+        return self
+
+
+# ---------------------------------------------------------------- batches and loss (the loop's two seams)
+class SFTBatches:
+    """batch_fn(step, micro) for the Trainer: a pure function of (step, micro), so resume is exact.
+
+    Rows (packed groups of conversations, or single conversations) are formed once; each epoch visits them in a
+    fresh order seeded by (seed, epoch). Process `rank` of `world` takes every world-th micro-batch.
+    """
+
+    def __init__(self, examples: Sequence[Example], micro_batch_size: int, grad_accum: int, max_length: int,
+                 pad_id: int, packing: bool = True, seed: int = 0, rank: int = 0, world: int = 1) -> None:
+        if not examples:
+            raise ValueError("no training conversations left after filtering: check the data report")
+        self.examples = list(examples)
+        self.micro, self.accum, self.pad_id, self.packing = micro_batch_size, grad_accum, pad_id, packing
+        self.seed, self.rank, self.world = seed, rank, world
+        if packing:
+            order = list(range(len(self.examples)))
+            random.Random(seed).shuffle(order)
+            self.examples = [self.examples[i] for i in order]
+            self.rows = pack_examples(self.examples, max_length)
+        else:
+            self.rows = [[i] for i in range(len(self.examples))]
+        self.per_epoch = len(self.rows)
+        self._order: dict[int, list[int]] = {}
+
+    def steps_per_epoch(self) -> float:
+        return self.per_epoch / (self.micro * self.accum * self.world)
+
+    def _rows_of_epoch(self, epoch: int) -> list[int]:
+        if epoch not in self._order:
+            order = list(range(self.per_epoch))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._order = {epoch: order}  # keep one epoch: memory stays flat on long runs
+        return self._order[epoch]
+
+    def __call__(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        first = ((step * self.accum + micro) * self.world + self.rank) * self.micro
+        picked = []
+        for k in range(first, first + self.micro):
+            epoch, offset = divmod(k, self.per_epoch)
+            picked.append(self.rows[self._rows_of_epoch(epoch)[offset]])
+        if self.packing:
+            return collate_packed(self.examples, picked, self.pad_id)
+        return collate_padded([self.examples[row[0]] for row in picked], self.pad_id)
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Mean next-token cross-entropy over the assistant tokens (labels != -100) of the batch."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"))
+    targets = batch["labels"][:, 1:].reshape(-1)
+    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float()
+    count = (targets != IGNORE_INDEX).sum()
+    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum") / count.clamp(min=1)
+    return loss, {"loss_weight": count}
+
+
+def eval_batch_list(examples: Sequence[Example], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Validation batches: every held-out conversation once, padded (independent of packing)."""
+    return [collate_padded(examples[k:k + batch_size], pad_id) for k in range(0, len(examples), batch_size)]
+
+
+# ---------------------------------------------------------------- shared run plumbing (SFT and DPO)
+def load_base(model_ref, tokenizer=None):
+    """(model, tokenizer) from a checkpoint path / repo id, or the objects passed in."""
+    if isinstance(model_ref, (str, Path)):
+        if not str(model_ref):
+            raise ValueError("no base model: pass --model DIR (a checkpoint directory or an HF repo id)")
+        from ..checkpoint import load
+        model, loaded_tok = load(model_ref)
+        return model, tokenizer or loaded_tok
+    if tokenizer is None:
+        raise ValueError("pass the tokenizer together with an in-memory model")
+    return model_ref, tokenizer
+
+
+def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    if not fraction:
+        return items, []
+    order = list(range(len(items)))
+    random.Random(seed + 17).shuffle(order)
+    n_val = max(1, int(len(items) * fraction))
+    val = set(order[:n_val])
+    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
+
+
+def train_config(cfg, steps: int, seq_len: int, lr: float, data: str):
+    """The loop's TrainConfig for a fine-tuning run."""
+    from .config import TrainConfig
+    return TrainConfig(
+        model=str(cfg.model) if isinstance(cfg.model, (str, Path)) else "in-memory", data=data, seq_len=seq_len,
+        global_batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, max_steps=steps, lr=lr,
+        betas=[0.9, 0.999], eps=1e-8, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+        schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, min_lr_ratio=0.0, precision=cfg.precision,
+        fused_loss=False, device=cfg.device, eval_every=cfg.eval_every or steps, out_dir=str(cfg.out_dir),
+        checkpoint_every=cfg.checkpoint_every, keep_last=cfg.keep_last, tensorboard=cfg.tensorboard,
+        log_every=1, seed=cfg.seed)
+
+
+def export_result(model, tokenizer, run_dir: Path, lora: bool, merge: bool) -> dict[str, str]:
+    """RUN/model (phikit.save layout) for full fine-tuning; RUN/adapter (+ merged RUN/model) for LoRA."""
+    from ..checkpoint import save
+    from .distributed import unwrap
+    from .lora import merge_adapter, save_adapter
+
+    model = unwrap(model)
+    out = {}
+    if lora:
+        out["adapter_dir"] = str(save_adapter(model, run_dir / "adapter"))
+        if merge:
+            import copy
+            merged = merge_adapter(copy.deepcopy(model))
+            out["model_dir"] = str(save(merged, tokenizer, run_dir / "model"))
+    else:
+        out["model_dir"] = str(save(model, tokenizer, run_dir / "model"))
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def prepare_policy(model, tokenizer, cfg) -> tuple[Any, list[int]]:
+    """ChatML tokens in the embedding; LoRA wrapping (new token rows trainable) when asked."""
+    before = len(tokenizer)
+    add_chatml_tokens(model, tokenizer)
+    new_ids = list(range(before, len(tokenizer)))
+    if cfg.lora:
+        from .lora import apply_lora
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           train_token_ids=new_ids)
+    return model, new_ids
+
+
+# ---------------------------------------------------------------- the run
+def run_sft(cfg: SFTConfig, model=None, tokenizer=None, resume: bool = False, export: bool = True) -> dict[str, Any]:
+    """Fine-tune on conversations; returns the run summary (also RUN/summary.json)."""
+    from . import distributed
+    from .loop import Trainer
+
+    cfg.check()
+    model, tokenizer = load_base(model if model is not None else cfg.model, tokenizer)
+    model, _new_ids = prepare_policy(model, tokenizer, cfg)
+    records = list(read_records(cfg.data))
+    examples, report = build_sft_examples(records, tokenizer, cfg.max_length, cfg.on_bad, cfg.too_long,
+                                          source=f"{Path(cfg.data).name} record")
+    if cfg.val_data:
+        val, val_report = build_sft_examples(read_records(cfg.val_data), tokenizer, cfg.max_length, cfg.on_bad,
+                                             cfg.too_long, source=f"{Path(cfg.val_data).name} record")
+    else:
+        examples, val = split_validation(examples, cfg.val_fraction, cfg.seed)
+        val_report = None
+    print(f"sft data: {report.summary()}")
+    env = distributed.init_distributed(cfg.device)
+    grad_accum = cfg.batch_size // (cfg.micro_batch_size * env.world_size) or 1
+    batches = SFTBatches(examples, cfg.micro_batch_size, grad_accum, cfg.max_length, tokenizer.eos_token_id,
+                         cfg.packing, cfg.seed, env.rank, env.world_size)
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches.steps_per_epoch()))
+    tcfg = train_config(cfg, steps, cfg.max_length, cfg.default_lr(), cfg.data)
+    run_dir = Path(cfg.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(run_dir)
+    write_json(run_dir / "sft_config.json", dataclasses.asdict(cfg))
+    write_json(run_dir / "data_report.json", {"train": report.to_dict(),
+                                              "val": val_report.to_dict() if val_report else None,
+                                              "train_examples": len(examples), "val_examples": len(val),
+                                              "rows_per_epoch": batches.per_epoch})
+    extra = {"kind": "sft", "train_examples": len(examples), "val_examples": len(val), "skipped": report.skipped,
+             "lora": cfg.lora}
+    trainer = Trainer(model, tcfg, batches, loss_fn=sft_loss,
+                      eval_batches=eval_batch_list(val, cfg.micro_batch_size, tokenizer.eos_token_id),
+                      run_dir=run_dir, env=env, summary_extra=extra)
+    summary = trainer.fit(resume=resume)
+    if export and env.is_main and summary["status"] == "completed":
+        summary.update(export_result(trainer.model, tokenizer, run_dir, cfg.lora, cfg.merge))
+        write_json(run_dir / "summary.json", summary)
+    summary["model"] = distributed.unwrap(trainer.model)
+    summary["tokenizer"] = tokenizer
+    return summary

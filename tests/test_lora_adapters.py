@@ -1,0 +1,114 @@
+"""LoRA via peft on phikit's modules: merged weights equal base + adapter, only adapter weights train, and the
+saved adapter loads onto transformers' PhiForCausalLM (peft's own loader) with the same logits."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from phikit import build_model, get_config
+from phikit.checkpoint import load, save
+from phikit.tokenizer import train_bpe
+from phikit.train.lora import LORA_TARGETS, apply_lora, load_adapter, merge_adapter, save_adapter
+
+CONFIG = dict(vocab_size=384, hidden_size=64, intermediate_size=256, num_attention_heads=2,
+              max_position_embeddings=64)
+
+
+def randomize_adapter(model, seed=0):
+    """peft starts lora_B at zero (a no-op adapter); give it weights so the test can see it."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_adapter_targets_and_merge_equal_base_plus_adapter():
+    model = build_model(get_config("tiny", **CONFIG), seed=0)
+    lora = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in lora.named_parameters() if ".lora_A" in n}
+    assert adapted == set(LORA_TARGETS)
+    randomize_adapter(lora)
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        with_adapter = lora(ids).logits
+        with lora.disable_adapter():
+            base = lora(ids).logits
+        merged = merge_adapter(lora)
+        assert not any("lora_" in n for n, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(ids).logits, with_adapter, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(with_adapter, base)
+
+
+def test_only_adapter_weights_change_during_sft(tmp_path):
+    from phikit.train.sft import SFTConfig, run_sft
+    rng = random.Random(0)
+    words = "alpha beta gamma delta".split()
+    tok = train_bpe([" ".join(rng.choices(words, k=20)) for _ in range(50)], vocab_size=300,
+                    whitespace_tokens=False)
+    base = build_model(get_config("tiny", **CONFIG), seed=0)
+    save(base, tok, tmp_path / "base")
+    before = {k: v.clone() for k, v in load(tmp_path / "base")[0].state_dict().items()}
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": w},
+                                                     {"role": "assistant", "content": w + " " + w}]}) + "\n"
+                            for w in words * 4))
+    cfg = SFTConfig(model=str(tmp_path / "base"), data=str(data), out_dir=str(tmp_path / "run"), max_length=32,
+                    batch_size=4, micro_batch_size=4, max_steps=3, lr=1e-2, lora=True, lora_r=2, lora_dropout=0.0)
+    result = run_sft(cfg)
+    lora_model = result["model"]
+    trained = {n for n, p in lora_model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or "token_adapter" in n for n in trained)
+    base_now = {k.replace("base_model.model.", "").replace(".token_adapter", "").replace(".base_layer", ""): v
+                for k, v in lora_model.state_dict().items() if "lora_" not in k and "tokens_delta" not in k}
+    assert set(base_now) == set(before)
+    n_rows = len(tok)  # rows below the new ChatML ids are untouched; the ChatML rows were added, then trained
+    for name, value in before.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"):
+            torch.testing.assert_close(base_now[name][:n_rows], value[:n_rows], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(base_now[name], value, rtol=0, atol=0)
+    assert any(torch.count_nonzero(p) for n, p in lora_model.named_parameters() if "lora_B" in n)
+    # The run wrote the adapter in peft's format and the merged model; `phikit merge` rebuilds the same model.
+    adapter_dir = tmp_path / "run" / "adapter"
+    assert (adapter_dir / "adapter_config.json").exists() and (adapter_dir / "adapter_model.safetensors").exists()
+    from phikit.cli import main
+    assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(adapter_dir),
+                 "--out", str(tmp_path / "merged")]) == 0
+    ids = torch.tensor([tok.encode("<|im_start|>user\nalpha<|im_end|>\n<|im_start|>assistant\n")])
+    merged_cli, merged_tok = load(tmp_path / "merged")
+    merged_run, _ = load(tmp_path / "run" / "model")
+    assert merged_tok.has_chatml
+    with torch.no_grad():
+        expected = lora_model.eval()(ids).logits
+        torch.testing.assert_close(merged_cli(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged_run(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_saved_adapter_loads_onto_transformers_phi_with_the_same_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    tok = train_bpe(["one two three four five six"] * 20, vocab_size=300, whitespace_tokens=False)
+    model = build_model(get_config("tiny", **CONFIG), seed=1)
+    save(model, tok, tmp_path / "base")
+    lora = apply_lora(load(tmp_path / "base")[0], r=4, alpha=16, dropout=0.0)
+    randomize_adapter(lora, seed=3)
+    save_adapter(lora, tmp_path / "adapter")
+    hf = transformers.PhiForCausalLM.from_pretrained(tmp_path / "base").eval()
+    hf_lora = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    ours = load_adapter(load(tmp_path / "base")[0], tmp_path / "adapter").eval()
+    ids = torch.randint(0, 290, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf_lora(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours(ids).logits, lora(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_lora_settings_are_named():
+    model = build_model(get_config("tiny", **CONFIG), seed=0)
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        apply_lora(model, targets=["q_proj", "Wqkv"])
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(model, "/nonexistent/adapter")
