@@ -36,6 +36,7 @@ from .protocol import APIError, ChatCompletionRequest, CompletionRequest, Sampli
 log = logging.getLogger("phikit.serve")
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+MIN_TEMPERATURE = 1e-5
 # Paths with a metrics label of their own; everything else is counted as "other".
 LABELLED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/")
 
@@ -285,7 +286,9 @@ def create_app(model: PhiForCausalLM, tokenizer: Tokenizer, *, model_name: str =
         groups = []
         for i, ids in enumerate(prompts):
             params = SamplingParams(max_new_tokens=token_budget(max_tokens, len(ids), default, prompt_param),
-                                    temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
+                                    # Dividing by a vanishing temperature overflows: it means greedy anyway.
+                                    temperature=body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0,
+                                    top_k=max(body.top_k, 0), top_p=body.top_p,
                                     min_p=body.min_p, repetition_penalty=body.repetition_penalty, seed=body.seed)
             groups.append(Group(ids, params, n=body.n, first_index=i * body.n, stop=stops, stop_token_ids=stop_ids,
                                 logprobs=logprobs, strip=strip, presence_penalty=body.presence_penalty,

@@ -99,6 +99,7 @@ class Sequence:
         if seed is not None:
             self.generator = torch.Generator().manual_seed(seed + index - group.first_index)
         self.counts: dict[int, int] = {}  # generated token counts, for presence/frequency penalties
+        self.failure: str | None = None  # why sampling this row failed (its request gets an error)
 
     @property
     def finished(self) -> bool:
@@ -140,6 +141,7 @@ class Engine:
         self._inbox: queue.SimpleQueue[Group] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0  # groups submitted and not yet admitted (inbox + waiting)
+        self._active = 0  # rows admitted and not yet removed (prefilling or decoding)
         self._waiting: deque[Group] = deque()
         self._running: list[Sequence] = []
         self._cache: KVCache | None = None
@@ -183,7 +185,7 @@ class Engine:
                                  f"{self.context}: shorten the prompt")
             g.loop, g.events = loop, g.events or asyncio.Queue()
         with self._lock:
-            if self._queued + len(groups) > self.max_queue + max(0, self.max_batch - len(self._running)):
+            if self._queued + len(groups) > self.max_queue + max(0, self.max_batch - self._active):
                 raise QueueFull(f"{self._queued} prompts are already waiting (--max-queue {self.max_queue})")
             self._queued += len(groups)
         for g in groups:
@@ -269,23 +271,27 @@ class Engine:
             tokens += len(g.prompt_ids)
         if not admitted:
             return
+        seqs = [Sequence(g, g.first_index + j, self.context) for g in admitted for j in range(g.n)]
         with self._lock:
             self._queued -= len(admitted)
+            self._active += len(seqs)
         width = max(len(g.prompt_ids) for g in admitted)
         ids = torch.full((len(admitted), width), self.tokenizer.eos_token_id, dtype=torch.long)
         mask = torch.zeros((len(admitted), width), dtype=torch.bool)
         for i, g in enumerate(admitted):
             ids[i, width - len(g.prompt_ids):] = torch.tensor(g.prompt_ids)
             mask[i, width - len(g.prompt_ids):] = True
-        seqs = [Sequence(g, g.first_index + j, self.context) for g in admitted for j in range(g.n)]
         try:
             out = self.model(ids.to(self.model.device), attention_mask=None if mask.all() else mask.to(ids.device),
                              use_cache=True, logits_to_keep=1)
-        except Exception as e:
+        except Exception as e:  # a prompt the model cannot take fails its own requests, not the running batch
+            log.exception("prefill failed")
             for s in seqs:
                 s.finish_reason = "error"
                 self._emit(s, Event(index=s.index, finish_reason="error", error=f"{type(e).__name__}: {e}"))
-            raise
+            with self._lock:
+                self._active -= len(seqs)
+            return
         cache, logits = out.past_key_values, out.logits[:, -1]
         if len(seqs) > len(admitted):  # n > 1: every continuation starts from its prompt's cache row
             index = torch.repeat_interleave(torch.arange(len(admitted)), torch.tensor([g.n for g in admitted]))
@@ -340,6 +346,8 @@ class Engine:
         keep = [i for i, s in enumerate(self._running) if not s.finished]
         if len(keep) == len(self._running):
             return
+        with self._lock:
+            self._active -= len(self._running) - len(keep)
         if not keep:
             self._running, self._cache, self._mask, self._last = [], None, None, None
             return
@@ -361,6 +369,8 @@ class Engine:
                 s.finish_reason = "error"
                 self._emit(s, Event(index=s.index, finish_reason="error", error=message,
                                     completion_tokens=s.generated))
+        with self._lock:
+            self._active = 0
         self._running, self._cache, self._mask, self._last = [], None, None, None
 
     # --- sampling and text ---
@@ -369,17 +379,23 @@ class Engine:
         logits = logits.float()
         out = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         # Rows with the same plain parameters are processed together (the common case: one call per step).
-        shared: dict[tuple, list[int]] = {}
+        batches: dict[tuple, list[int]] = {}
         for i, s in enumerate(seqs):
-            if s.simple_sampling:
-                p = s.group.params
-                shared.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(i)
-            else:
-                out[i] = self._sample_row(logits[i:i + 1], s)[0]
-        for rows in shared.values():
-            params = seqs[rows[0]].group.params
-            idx = torch.tensor(rows, device=logits.device)
-            out[idx] = sample_next(process_logits(logits[idx], params, vocab_limit=self.vocab_limit), params)
+            p = s.group.params
+            key = ("shared", p.temperature, p.top_k, p.top_p, p.min_p) if s.simple_sampling else ("own", i)
+            batches.setdefault(key, []).append(i)
+        for key, rows in batches.items():
+            try:
+                if key[0] == "own":
+                    out[rows[0]] = self._sample_row(logits[rows[0]:rows[0] + 1], seqs[rows[0]])[0]
+                else:
+                    params = seqs[rows[0]].group.params
+                    idx = torch.tensor(rows, device=logits.device)
+                    out[idx] = sample_next(process_logits(logits[idx], params, vocab_limit=self.vocab_limit), params)
+            except RuntimeError as e:  # e.g. parameters that overflow to NaN: fail those requests, not the batch
+                for i in rows:
+                    seqs[i].failure = f"sampling failed: {e}"
+                    out[i] = self.tokenizer.eos_token_id
         return out.cpu()
 
     def _sample_row(self, row: torch.Tensor, s: Sequence) -> torch.Tensor:
@@ -417,6 +433,11 @@ class Engine:
             s.generated += 1
             s.counts[tok] = s.counts.get(tok, 0) + 1
             before = len(s.text)
+            if s.failure:
+                s.finish_reason = "error"
+                self._emit(s, Event(index=s.index, finish_reason="error", error=s.failure,
+                                    completion_tokens=s.generated))
+                continue
             if g.logprobs is not None:
                 s.pending.append((before, self._logprob(logits[i], tok, g.logprobs)))
             if tok in g.stop_token_ids:

@@ -44,7 +44,7 @@ class SamplingFields(BaseModel):
 
     model: str = Field(description="the served model's id, as listed by GET /v1/models")
     max_tokens: int | None = Field(None, ge=1, description="most tokens to generate (prompt + max_tokens <= context)")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 (or below 1e-5) means greedy decoding")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N, description="continuations per prompt")
     stream: bool = False
@@ -58,7 +58,7 @@ class SamplingFields(BaseModel):
     # Extensions other OpenAI-compatible servers also accept.
     top_k: int = Field(0, ge=-1, description="keep the k most likely tokens; 0 or -1 disables")
     min_p: float = Field(0.0, ge=0.0, lt=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, description="1 disables; > 1 discourages repeats")
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
