@@ -53,6 +53,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--concurrency", type=int, default=16)
     s.add_argument("--max-retries", type=int, default=8)
+    s.add_argument("--retry-backoff", type=float, default=0.5, help="first retry delay in seconds (doubles)")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds per request before retrying")
     s.add_argument("--max-tokens", type=int, default=1024)
     s.add_argument("--temperature", type=float, default=0.7)
@@ -151,7 +152,8 @@ def _synth(args) -> int:
     seed_texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in args.seed_text]
     prompts = synth.build_prompts(topics, audiences, styles, args.limit, args.seed, seed_texts)
     teacher = synth.Teacher(args.base_url, args.model, synth.api_key_from_env(args.api_key_env), args.timeout,
-                            args.max_retries, temperature=args.temperature, max_tokens=args.max_tokens)
+                            args.max_retries, args.retry_backoff, temperature=args.temperature,
+                            max_tokens=args.max_tokens)
     stats = asyncio.run(synth.synthesize(prompts, args.output, teacher, args.concurrency, args.min_words,
                                          args.system, args.seed))
     _report(Path(args.output), vars(stats))

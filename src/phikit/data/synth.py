@@ -41,9 +41,11 @@ STYLES: dict[str, str] = {
 }
 
 # Openings a chat model adds that are not textbook text ("Sure! Here is ...", "As an AI ...").
+_OPENERS = r"(?:sure|certainly|of course|absolutely|okay|ok|great|here is|here's|below is)"
 BOILERPLATE = re.compile(
-    r"^\s*(?:sure|certainly|of course|absolutely|okay|ok|great|here is|here's|below is|as an ai\b)[^\n]{0,160}"
-    r"(?:\n|$)", re.IGNORECASE)
+    rf"^\s*(?:{_OPENERS}\b[!.,]?\s*(?:\n|$)"           # a bare "Certainly." line
+    rf"|{_OPENERS}\b[^\n]{{0,160}}:\s*(?:\n|$)"        # "Sure! Here is a chapter about X:"
+    r"|as an ai\b[^\n]*(?:\n|$))", re.IGNORECASE)      # "As an AI language model, ..."
 CLOSING = re.compile(r"\n\s*(?:i hope this helps|let me know if|feel free to ask)[^\n]*\s*$", re.IGNORECASE)
 
 
@@ -98,8 +100,12 @@ def build_prompts(topics: Sequence[str], audiences: Sequence[str] = AUDIENCES,
     return prompts
 
 
-class TeacherError(RuntimeError):
-    pass
+class TeacherError(ValueError):
+    """The teacher could not answer, even after retries: a rerun may succeed."""
+
+
+class TeacherRefused(TeacherError):
+    """The teacher rejected the request itself (a 4xx other than 429): retrying cannot help."""
 
 
 @dataclass
@@ -139,7 +145,7 @@ class Teacher:
                             "finish_reason": choice.get("finish_reason")}
                 last = f"HTTP {r.status_code}: {r.text[:200]}"
                 if r.status_code != 429 and r.status_code < 500:
-                    raise TeacherError(f"the teacher refused the request ({last}): check --model, --base-url "
+                    raise TeacherRefused(f"the teacher refused the request ({last}): check --model, --base-url "
                                        f"and the API key")
                 if r.headers.get("retry-after", "").replace(".", "", 1).isdigit():
                     wait = float(r.headers["retry-after"])
@@ -195,38 +201,39 @@ async def synthesize(prompts: list[dict[str, Any]], output: str | Path, teacher:
         queue.put_nowait(p)
     bar = tqdm(total=len(todo), desc="synth", unit="prompt", disable=not progress)
 
-    with AppendLog(output) as kept, AppendLog(rejected_path(output)) as rejected, teacher.client(concurrency) as client:
-        async def worker() -> None:
-            while not queue.empty():
-                p = queue.get_nowait()
-                messages = ([{"role": "system", "content": system}] if system else []) + \
-                    [{"role": "user", "content": p["prompt"]}]
-                try:
-                    res = await teacher.complete(client, messages, rng)
-                except TeacherError as e:
-                    if "refused" in str(e):
+    with AppendLog(output) as kept, AppendLog(rejected_path(output)) as rejected:
+        async with teacher.client(concurrency) as client:
+            async def worker() -> None:
+                while not queue.empty():
+                    p = queue.get_nowait()
+                    messages = ([{"role": "system", "content": system}] if system else []) + \
+                        [{"role": "user", "content": p["prompt"]}]
+                    try:
+                        res = await teacher.complete(client, messages, rng)
+                    except TeacherRefused:
                         raise
-                    stats.failed += 1
-                    print(f"warning: prompt {p['prompt_id']} unanswered ({e}); a rerun will retry it",
-                          file=sys.stderr)
+                    except TeacherError as e:
+                        stats.failed += 1
+                        print(f"warning: prompt {p['prompt_id']} unanswered ({e}); a rerun will retry it",
+                              file=sys.stderr)
+                        bar.update()
+                        continue
+                    text = clean(res["text"])
+                    usage = res["usage"]
+                    stats.prompt_tokens += int(usage.get("prompt_tokens", 0) or 0)
+                    stats.completion_tokens += int(usage.get("completion_tokens", 0) or 0)
+                    record = {"text": text, "prompt_id": p["prompt_id"], "topic": p["topic"],
+                              "audience": p["audience"], "style": p["style"], "teacher": teacher.model,
+                              "usage": usage, "finish_reason": res["finish_reason"]}
+                    if len(text.split()) < min_words:
+                        rejected.append({**record, "reason": f"shorter than {min_words} words"})
+                        stats.rejected += 1
+                    else:
+                        kept.append(record)  # one whole line, fsynced: a crash loses at most in-flight requests
+                        stats.written += 1
                     bar.update()
-                    continue
-                text = clean(res["text"])
-                usage = res["usage"]
-                stats.prompt_tokens += int(usage.get("prompt_tokens", 0) or 0)
-                stats.completion_tokens += int(usage.get("completion_tokens", 0) or 0)
-                record = {"text": text, "prompt_id": p["prompt_id"], "topic": p["topic"],
-                          "audience": p["audience"], "style": p["style"], "teacher": teacher.model,
-                          "usage": usage, "finish_reason": res["finish_reason"]}
-                if len(text.split()) < min_words:
-                    rejected.append({**record, "reason": f"shorter than {min_words} words"})
-                    stats.rejected += 1
-                else:
-                    kept.append(record)  # one whole line, fsynced: a crash loses at most in-flight requests
-                    stats.written += 1
-                bar.update()
 
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(todo)) or 1)))
+            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(todo)) or 1)))
     bar.close()
     return stats
 

@@ -1,0 +1,118 @@
+"""`phikit data synth` against a real HTTP teacher serving a tiny model, with 30% of requests failing or hanging,
+and the process killed mid-run and restarted: every prompt must end up answered exactly once."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from phikit.data import synth
+
+HERE = Path(__file__).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def teacher_url():
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, str(HERE / "data_teacher_server.py"), str(port), "0.3"])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("the test teacher server did not start")
+    yield url + "/v1"
+    proc.kill()  # hung requests would hold a graceful shutdown for their full 30 s
+    proc.wait(10)
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def test_clean_strips_boilerplate():
+    assert synth.clean("Sure! Here is a chapter about fractions:\n\nFractions are parts.") == "Fractions are parts."
+    assert synth.clean("Certainly.\nOf course, here it is:\nText.\n\nI hope this helps!") == "Text."
+    assert synth.clean("Surely a fraction is a part.") == "Surely a fraction is a part."
+
+
+def test_prompts_are_a_stable_product():
+    a = synth.build_prompts(["fractions", "tides"], ["kids", "adults"], ["textbook", "code"])
+    assert len(a) == 8 and len({p["prompt_id"] for p in a}) == 8
+    assert a == synth.build_prompts(["fractions", "tides"], ["kids", "adults"], ["textbook", "code"])
+    b = synth.build_prompts(["fractions"], ["kids"], ["story"], seed_texts=["one two three four five six"] * 2,
+                            extract_words=3)
+    assert "For inspiration" in b[0]["prompt"] and len(b[0]["extract"].split()) == 3
+    with pytest.raises(ValueError, match="unknown style"):
+        synth.build_prompts(["x"], ["y"], ["poem"])
+
+
+def test_synth_survives_faults_and_a_kill(tmp_path, teacher_url):
+    topics = tmp_path / "topics.txt"
+    topics.write_text("\n".join(f"topic number {i}" for i in range(6)) + "\n")
+    out = tmp_path / "synth.jsonl"
+    cmd = [sys.executable, "-m", "phikit", "data", "synth", "--base-url", teacher_url, "--model", "tiny",
+           "--topics", str(topics), "--audiences", "children,adults", "--styles", "textbook,qa",
+           "--concurrency", "6", "--timeout", "1", "--max-retries", "30", "--retry-backoff", "0.05",
+           "--min-words", "8",
+           "--output", str(out)]
+    env = {**os.environ, "OPENAI_API_KEY": "test-key"}
+    expected = {p["prompt_id"] for p in synth.build_prompts(
+        [f"topic number {i}" for i in range(6)], ["children", "adults"], ["textbook", "qa"])}
+    assert len(expected) == 24
+
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(_lines(out)) < 6 and time.time() < deadline and first.poll() is None:
+        time.sleep(0.1)
+    assert first.poll() is None, "the first run ended before it could be killed"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    partial = len(_lines(out))
+    assert 6 <= partial < 24
+    with open(out, "a") as f:  # a crash in the middle of a write leaves a torn line
+        f.write('{"text": "half a rec')
+
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert second.returncode == 0, second.stderr[-2000:]
+
+    kept, rejected = _lines(out), _lines(synth.rejected_path(out))
+    ids = [r["prompt_id"] for r in kept + rejected]
+    assert len(ids) == len(set(ids)) == 24 and set(ids) == expected  # every prompt exactly once
+    assert kept, "no answer was long enough to keep"
+    for r in kept:
+        assert not r["text"].startswith("Sure")  # boilerplate opening cleaned
+        assert len(r["text"].split()) >= 8
+        assert r["teacher"] == "tiny" and r["usage"]["completion_tokens"] > 0
+        assert {"topic", "audience", "style"} <= set(r)
+    for r in rejected:
+        assert "shorter than 8 words" in r["reason"]
+    report = json.loads(out.with_name(out.name + ".report.json").read_text())
+    assert report["already_done"] == partial and report["written"] + report["rejected"] == 24 - partial
+
+
+def test_teacher_annotations_parse(teacher_url):
+    from phikit.data import quality
+
+    teacher = synth.Teacher(teacher_url, "tiny", timeout=1, max_retries=30, backoff=0.05)
+    docs = ['"""Doc."""\n# a\n# b\n# c\nx = 1', "x = 1"]
+    assert quality.annotate_with_teacher(docs, teacher, concurrency=2) == [2, 0]
