@@ -1,0 +1,104 @@
+"""dedup and decontaminate catch planted duplicates and planted benchmark passages (recall 100%), and leave a
+clean sample alone (no false positives). Clean text: real GSM8K training questions and Python stdlib files."""
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from phikit.cli import main
+from phikit.data import procedural
+from phikit.data.decontaminate import build_index, decontaminate, humaneval_path, DecontaminationReport
+from phikit.data.dedup import DedupReport, dedup, jaccard
+
+GSM8K = Path("/work/shared/data/gsm8k")
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def _gsm8k(split: str) -> list[dict]:
+    path = GSM8K / f"{split}.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path} is not available")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _stdlib_sample(n: int) -> list[str]:
+    files = sorted(p for p in (STDLIB / "json").glob("*.py")) + sorted((STDLIB / "email").glob("*.py"))
+    return [p.read_text() for p in files[:n]]
+
+
+def _near_copy(text: str, rng: random.Random) -> str:
+    words = text.split()
+    i = rng.randrange(len(words))
+    words[i] = words[i] + "s"  # one word changed: still a near-duplicate
+    return " ".join(words)
+
+
+def test_dedup_recall_and_no_false_positives():
+    rng = random.Random(0)
+    clean = [q["question"] for q in _gsm8k("train")[:300]]
+    clean = list(dict.fromkeys(clean))  # the real data itself holds no exact repeats
+    docs = [{"text": t, "id": f"clean-{i}"} for i, t in enumerate(clean)]
+    long_ones = [t for t in clean if len(t.split()) >= 60][:10]
+    plants = [{"text": "  " + t.upper().replace(" ", "\n  ") + "!", "id": f"exact-{i}"}
+              for i, t in enumerate(clean[:10])]
+    plants += [{"text": _near_copy(t, rng), "id": f"near-{i}"} for i, t in enumerate(long_ones)]
+    for p in plants:  # the plants really are near copies by exact Jaccard
+        assert p["id"].startswith("exact") or jaccard(p["text"], long_ones[int(p["id"][5:])]) >= 0.8
+    report = DedupReport()
+    kept = list(dedup(docs + plants, threshold=0.7, report=report))
+    removed = {r["id"] for r in report.removed}
+    assert removed == {p["id"] for p in plants}  # 100% recall, and no clean document removed
+    assert [k["id"] for k in kept] == [d["id"] for d in docs]
+    assert report.exact_duplicates == 10 and report.near_duplicates == len(long_ones)
+
+
+def _humaneval():
+    with gzip.open(humaneval_path(), "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_decontaminate_catches_planted_benchmarks(tmp_path):
+    rng = random.Random(1)
+    he, gsm_test = _humaneval(), _gsm8k("test")
+    # Clean: stdlib source and procedural word problems. (GSM8K's own train split is not clean: train item 16
+    # shares a 13-gram with test item 633, and decontamination rightly flags it.)
+    clean = [{"text": t, "id": f"clean-{i}"} for i, t in enumerate(
+        _stdlib_sample(30) + [r["text"] for r in procedural.generate(200, seed=0)])]
+    plants = []
+    for i, p in enumerate(rng.sample(he, 8)):  # a HumanEval prompt inside other code, re-indented
+        body = p["prompt"].replace("    ", "\t")
+        plants.append({"text": f"import os\n\n# utilities\n{body}    pass\n", "id": f"he-{i}"})
+    for i, q in enumerate(rng.sample(gsm_test, 8)):  # a GSM8K question inside a story
+        plants.append({"text": f"Our class solved this one today. {q['question'].lower()} We liked it.",
+                       "id": f"gsm-{i}"})
+    bench = tmp_path / "gsm8k_test.jsonl"
+    bench.write_text("".join(json.dumps(q) + "\n" for q in gsm_test))
+    index = build_index(["humaneval", str(bench)], n=13)
+    report = DecontaminationReport()
+    kept = list(decontaminate(clean + plants, index, report=report))
+    assert [k["id"] for k in kept] == [c["id"] for c in clean]  # recall 100%, no false positives
+    flagged = {e["id"] for e in report.examples}
+    assert flagged == {p["id"] for p in plants}
+    assert report.per_benchmark["humaneval"] == 8 and sum(report.per_benchmark.values()) == 16
+
+
+def test_cli_dedup_and_decontaminate_reports(tmp_path, capsys):
+    docs = [{"text": f"The number {i} is written as {i} and read aloud in class every morning today"}
+            for i in range(20)]
+    docs += [docs[3], {"text": _humaneval()[0]["prompt"]}]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    assert main(["data", "dedup", str(src), "-o", str(tmp_path / "d.jsonl"), "--exact-only"]) == 0
+    rep = json.loads((tmp_path / "d.jsonl.report.json").read_text())
+    assert rep["exact_duplicates"] == 1 and rep["kept"] == 21
+    assert main(["data", "decontaminate", str(tmp_path / "d.jsonl"), "--benchmarks", "humaneval",
+                 "--action", "flag", "-o", str(tmp_path / "c.jsonl")]) == 0
+    out = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert len(out) == 21 and out[-1]["contamination"][0]["item"] == "HumanEval/0"
+    rep = json.loads((tmp_path / "c.jsonl.report.json").read_text())
+    assert rep["contaminated"] == 1 and rep["benchmark_passages"]["humaneval"] > 164
