@@ -140,9 +140,10 @@ def _coerce(key: str, value: Any) -> Any:
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
         if kind is int:
-            if isinstance(value, float) and not value.is_integer():
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, bool) or isinstance(number, float) and not number.is_integer():
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) else int(value)
+            return int(number)
         if kind is float:
             return float(value)
         if kind is str:
@@ -162,7 +163,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 def _model_override(name: str, value: Any) -> Any:
-    model_fields = {f.name: f for f in dataclasses.fields(PhiConfig)} 
+    model_fields = {f.name: f for f in dataclasses.fields(PhiConfig)}
     if name not in model_fields or name == "extra":
         raise _unknown(f"model_config.{name}", [f"model_config.{k}" for k in model_fields if k != "extra"])
     value = yaml.safe_load(value) if isinstance(value, str) else value
