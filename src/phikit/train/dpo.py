@@ -453,3 +453,24 @@ def run_dpo(cfg: DPOConfig, model=None, tokenizer=None, resume: bool = False, ex
     summary["model"] = distributed.unwrap(trainer.model)
     summary["tokenizer"] = tokenizer
     return summary
+
+
+@torch.no_grad()
+def reward_accuracy(model, pairs: Sequence[PairExample], pad_id: int, batch_size: int = 32,
+                    device: torch.device | str = "cpu") -> float:
+    """Share of pairs whose implicit DPO reward log pi/ref is higher for chosen (trl's rewards/accuracies) on
+    pairs that carry reference log-probs (precompute_reference); ties count half, so the start is 0.5."""
+    if any(p.ref_chosen is None for p in pairs):
+        raise ValueError("pairs lack reference log-probs: run precompute_reference(reference_model, pairs, ...)")
+    was_training = model.training
+    model.eval()
+    score = 0.0
+    for k in range(0, len(pairs), batch_size):
+        chunk = pairs[k:k + batch_size]
+        batch = {n: t.to(device) for n, t in collate_pairs(chunk, pad_id).items()}
+        logps, _ = completion_logps(model, batch)
+        chosen, rejected = logps.double().cpu().chunk(2)
+        margin = (chosen - batch["ref_chosen_logps"].cpu()) - (rejected - batch["ref_rejected_logps"].cpu())
+        score += float((margin > 1e-9).sum()) + 0.5 * float((margin.abs() <= 1e-9).sum())
+    model.train(was_training)
+    return score / len(pairs)
