@@ -4,8 +4,8 @@
    from a file (JSONL with `score` and `id` or `text`), or from `code_rubric`, a transparent rule-based version of
    the same additive rubric for Python source, for when no teacher is at hand.
 2. Features: a phi model's hidden states (last layer, mean-pooled over the document's first tokens).
-3. A scikit-learn head: a random forest (as phi-1) or a linear (ridge) head; held-out F1 of "score >= threshold"
-   is measured on annotations kept out of training.
+3. A scikit-learn head regressing the 0-5 score: a random forest (phi-1's choice of model) or a linear (ridge)
+   head; held-out F1 of "score >= threshold" is measured on annotations kept out of training.
 4. Every document gets `edu_score`; `filter` keeps those at or above the threshold.
 """
 from __future__ import annotations
@@ -153,16 +153,13 @@ class QualityHead:
     estimator: Any
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        if self.kind == "rf":  # expected score under the forest's class probabilities
-            proba = self.estimator.predict_proba(features)
-            return proba @ self.estimator.classes_.astype(float)
         return np.clip(self.estimator.predict(features), 0, 5)
 
 
 def fit_head(features: np.ndarray, scores: np.ndarray, head: str = "rf", threshold: float = 3.0,
              test_fraction: float = 0.2, seed: int = 0) -> tuple[QualityHead, dict[str, Any]]:
     """Fit on (1 - test_fraction) of the annotations, report held-out metrics, then refit on all of them."""
-    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.ensemble import RandomForestRegressor
     from sklearn.linear_model import Ridge
     from sklearn.metrics import f1_score, mean_absolute_error
     from sklearn.model_selection import train_test_split
@@ -177,7 +174,7 @@ def fit_head(features: np.ndarray, scores: np.ndarray, head: str = "rf", thresho
 
     def make():
         if head == "rf":
-            return RandomForestClassifier(n_estimators=200, random_state=seed, n_jobs=1, class_weight="balanced")
+            return RandomForestRegressor(n_estimators=100, min_samples_leaf=2, random_state=seed, n_jobs=1)
         return make_pipeline(StandardScaler(), Ridge(alpha=10.0))
 
     labels = scores >= threshold
@@ -189,7 +186,8 @@ def fit_head(features: np.ndarray, scores: np.ndarray, head: str = "rf", thresho
     metrics = {
         "head": head, "threshold": threshold, "annotations": int(len(scores)), "train": int(len(y_tr)),
         "heldout": int(len(y_te)),
-        "heldout_f1": round(float(f1_score(y_te >= threshold, pred >= threshold, zero_division=0)), 4),
+        # As FineWeb-Edu: the regressed score is rounded to the nearest integer before the threshold.
+        "heldout_f1": round(float(f1_score(y_te >= threshold, np.rint(pred) >= threshold, zero_division=0)), 4),
         "heldout_mae": round(float(mean_absolute_error(y_te, pred)), 4),
         "heldout_positive_rate": round(float(np.mean(y_te >= threshold)), 4),
         "annotation_histogram": {int(k): int(v) for k, v in zip(*np.unique(scores, return_counts=True))},

@@ -1,0 +1,56 @@
+"""Educational-value scoring on a real corpus no one here wrote: the Python standard library's own source."""
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+from phikit.cli import main
+from phikit.data import quality
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def test_code_rubric_is_additive():
+    bare = "def f(x):\n    return x+1\n"
+    documented = ('"""Helpers."""\n\n\ndef f(x):\n    """Add one.\n\n    >>> f(1)\n    2\n    """\n'
+                  '    # one more than x\n    return x + 1\n')
+    assert quality.code_rubric(bare) == 1  # short functions only
+    assert quality.code_rubric(documented) == 5
+    assert quality.code_rubric("def (:") == 0
+
+
+def test_heads_learn_a_separable_signal():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 6, 100)
+    x = np.c_[y + rng.normal(0, 0.1, 100), rng.normal(size=(100, 5))]
+    for head in ("rf", "linear"):
+        fitted, metrics = quality.fit_head(x, y, head)
+        assert metrics["heldout_f1"] > 0.95 and metrics["heldout"] == 20
+        assert np.all((0 <= fitted.predict(x)) & (fitted.predict(x) <= 5))
+
+
+def test_score_and_filter_stdlib(tmp_path, tiny_phi_checkpoint):
+    corpus = tmp_path / "stdlib.jsonl"
+    roots = [str(STDLIB / d) for d in ("json", "email", "concurrent", "logging", "importlib", "xml", "asyncio")]
+    assert main(["data", "from-files", *roots, "--glob", "*.py", "--output", str(corpus)]) == 0
+    n_docs = sum(1 for _ in corpus.open())
+    assert n_docs > 80
+    scored, report_dir = tmp_path / "scored.jsonl", tmp_path / "report"
+    assert main(["data", "score", str(corpus), "--model", str(tiny_phi_checkpoint), "--annotator", "code-rubric",
+                 "--sample", "80", "--max-tokens", "64", "--output", str(scored), "--report-dir",
+                 str(report_dir)]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["annotations"] == 80 and report["heldout"] == 16 and 0 <= report["heldout_f1"] <= 1
+    assert report["documents"] == n_docs and sum(report["annotation_histogram"].values()) == 80
+    png = (report_dir / "score_histogram.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert "heldout_f1" in (report_dir / "report.md").read_text()
+    rows = [json.loads(x) for x in scored.read_text().splitlines()]
+    assert len(rows) == n_docs and all(0 <= r["edu_score"] <= 5 for r in rows)
+    kept = tmp_path / "kept.jsonl"
+    assert main(["data", "filter", str(scored), "--threshold", "2.5", "--output", str(kept)]) == 0
+    expected = [r["id"] for r in rows if r["edu_score"] >= 2.5]
+    assert [json.loads(x)["id"] for x in kept.read_text().splitlines()] == expected
