@@ -1,0 +1,144 @@
+"""report.md for a speedrun: the numbers, loss curves (PNG), samples in each prompt format, timing and cost."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+METRIC_NAMES = {
+    "arithmetic_accuracy": "held-out arithmetic accuracy",
+    "word_problem_accuracy": "held-out word-problem accuracy",
+    "code_pass@1": "held-out code pass@1 (sandbox)",
+    "mc_accuracy": "arithmetic multiple choice (4-way, log-likelihood)",
+    "heldout_perplexity": "held-out perplexity",
+}
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_losses(run_dirs: dict[str, Path], out_png: Path) -> Path | None:
+    """Training (and held-out, when logged) loss against step, one panel per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {name: _read_metrics(d / "metrics.jsonl") for name, d in run_dirs.items()}
+    series = {k: v for k, v in series.items() if any("loss" in r for r in v)}
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 3.8), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], series.items()):
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r and "step" in r]
+        if train:
+            ax.plot(*zip(*train), label="train", lw=1.2)
+        if val:
+            ax.plot(*zip(*val), "o-", label="held-out", lw=1.5)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if v < 100 else f"{v:.1f}"
+    return "-" if v is None else str(v)
+
+
+def write_report(out: Path, results: dict[str, dict], minutes: float, elapsed: float) -> Path:
+    out = Path(out)
+    lines = ["# phikit speedrun report", ""]
+    plan = json.loads((out / "speedrun.json").read_text()) if (out / "speedrun.json").exists() else {}
+    lines += [f"Preset `{plan.get('preset', '?')}`, budget {minutes:g} min, seed {plan.get('seed', 0)}.", ""]
+
+    ev = results.get("eval", {}).get("scores", {})
+    if ev:
+        cols = [c for c in ("untrained", "pretrained", "sft") if c in ev]
+        lines += ["## Results", "", "| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for key, label in METRIC_NAMES.items():
+            if any(key in ev[c] for c in cols):
+                lines.append(f"| {label} | " + " | ".join(_fmt(ev[c].get(key)) for c in cols) + " |")
+        lines += ["", "`untrained`: the same architecture at random initialization (the baseline); `pretrained`: "
+                  "after pretraining on the textbook corpus, prompted in the QA format; `sft`: after ChatML "
+                  "instruction tuning, asked as a chat.", ""]
+
+    runs = {"pretrain": out / "pretrain", "sft": out / "sft-run"}
+    png = plot_losses({k: v for k, v in runs.items() if v.exists()}, out / "loss.png")
+    if png:
+        lines += ["## Loss curves", "", "![loss curves](loss.png)", ""]
+
+    abl = results.get("ablation", {}).get("arms")
+    if abl:
+        lines += ["## Ablation: textbook data vs an unfiltered web-like mix (same steps, same model)", "",
+                  "| training data | steps | tokens | arithmetic acc | word-problem acc | code pass@1 | MC acc |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in abl.items():
+            lines.append(f"| {name} | {r.get('steps')} | {r.get('tokens')} | {_fmt(r.get('arithmetic_accuracy'))} | "
+                         f"{_fmt(r.get('word_problem_accuracy'))} | {_fmt(r.get('code_pass@1'))} | "
+                         f"{_fmt(r.get('mc_accuracy'))} |")
+        lines.append("")
+
+    samples = results.get("eval", {}).get("samples", {})
+    if samples:
+        lines += ["## Samples in each prompt format (greedy)", ""]
+        for name, s in samples.items():
+            lines += [f"**{name}**", "", "```", s["prompt"] + s["completion"], "```", ""]
+
+    data = results.get("data", {})
+    if data:
+        lines += ["## Data", "",
+                  f"- documents generated: {data.get('documents')}, kept after dedup and decontamination: "
+                  f"{data.get('kept')}",
+                  f"- dedup: {json.dumps(data.get('dedup'))}", f"- decontamination: {json.dumps(data.get('decontaminate'))}"]
+        pk = results.get("pack", {})
+        if pk:
+            lines.append(f"- tokens: {pk.get('train_tokens')} train, {pk.get('val_tokens')} held-out")
+        tok = results.get("tokenizer", {})
+        if tok:
+            lines.append(f"- tokenizer: {tok.get('kind')} with {tok.get('vocab')} tokens")
+        lines.append("")
+
+    lines += ["## Timing and cost", "", "| stage | seconds |", "|---|---|"]
+    total = 0.0
+    for stage, r in results.items():
+        if "seconds" in r:
+            lines.append(f"| {stage} | {r['seconds']:.0f} |")
+            total += r["seconds"]
+    cores = os.cpu_count() or 1
+    lines += [f"| total | {total:.0f} |", "",
+              f"Compute: {total * cores / 3600:.2f} core-hours on {cores} CPU cores "
+              f"(this invocation: {elapsed:.0f} s wall).", ""]
+    pre = results.get("pretrain", {})
+    if pre:
+        lines += [f"Pretraining: {pre.get('steps')} steps, {pre.get('tokens')} tokens, "
+                  f"{_fmt(pre.get('tokens_per_second'))} tokens/s, final loss {_fmt(pre.get('final_loss'))}.", ""]
+
+    lines += ["## Use the model", "", "```bash",
+              f"phikit chat --model {out / 'model-chat'}",
+              f"phikit serve --model {out / 'model-chat'} --port 8000",
+              f"phikit generate --model {out / 'model-base'} --prompt 'Question: What is 12 + 7?' --format code",
+              "```", ""]
+    report = out / "report.md"
+    tmp = report.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, report)
+    return report

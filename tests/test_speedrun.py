@@ -1,0 +1,62 @@
+"""The speedrun end to end at its smallest preset: killed mid-run, rerun, it finishes without redoing stages."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import phikit
+from phikit.generate import chat
+
+
+def _start(out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "phikit", "speedrun", "--preset", "micro", "--minutes", "0.4", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_speedrun_survives_sigkill_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out)
+    deadline = time.time() + 300
+    # Kill it hard in the middle of pretraining, once a checkpoint exists.
+    while time.time() < deadline and not list((out / "pretrain" / "checkpoints").glob("step-*")):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.stem: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
+    assert {"data", "tokenizer", "pack"} <= finished.keys() and "report" not in finished
+
+    proc = _start(out)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log
+    for stage in ("data", "tokenizer", "pack"):
+        assert f"{stage}: done already" in log
+        assert (out / "stages" / f"{stage}.json").stat().st_mtime_ns == finished[stage]
+    assert "talk to it:   phikit chat --model" in log
+
+    report = (out / "report.md").read_text()
+    assert "## Results" in report and "![loss curves](loss.png)" in report and (out / "loss.png").stat().st_size > 0
+    for fmt in ("code", "qa", "instruct", "chat", "chatml"):
+        assert f"**{fmt}**" in report
+    scores = json.loads((out / "stages" / "eval.json").read_text())["scores"]
+    assert set(scores) == {"untrained", "pretrained", "sft"}
+    # Training helps even at this size: held-out perplexity falls far below the untrained model's.
+    assert scores["pretrained"]["heldout_perplexity"] < scores["untrained"]["heldout_perplexity"] / 3
+
+    # The chat model speaks ChatML and stops at <|im_end|>.
+    model, tok = phikit.load(out / "model-chat")
+    assert tok.has_chatml
+    answer = chat(model, tok, [{"role": "user", "content": "What is 2 + 3?"}], max_new_tokens=40)
+    assert "<|im_end|>" not in answer and "<|im_start|>" not in answer
+
+    # A third run has nothing left to do.
+    proc = _start(out)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and log.count("done already") == 7, log
