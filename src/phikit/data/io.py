@@ -59,12 +59,6 @@ def _kind(path: Path) -> str:
     return "unknown"
 
 
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="strict")
-    return open(path, encoding="utf-8", errors="strict")
-
-
 def iter_jsonl_lines(path: Path, shard: tuple[int, int] | None = None) -> Iterator[tuple[int, str]]:
     """(line number, line) pairs of the non-blank lines. With shard=(rank, world), only the lines starting in the
     rank-th of `world` equal byte ranges (gzip: every world-th block of 1000 lines): a split that depends only on

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
-from .io import DataError, ReadStats, expand_paths, read_records
+from .io import ReadStats, expand_paths, read_records
 
 FORMAT = "phikit-shards-v1"
 SPLITS = ("train", "val")
