@@ -239,13 +239,14 @@ class Speedrun:
                           seq_len=self.preset.seq_len, global_batch_size=self.preset.batch,
                           micro_batch_size=self.preset.batch, lr=self.preset.lr, schedule="cosine",
                           precision=self.preset.precision, out_dir=str(run_dir), eval_every=50, eval_sequences=32,
-                          checkpoint_every=100, keep_last=1, tensorboard=False, seed=self.seed, max_steps=10)
+                          checkpoint_every=10, keep_last=1, tensorboard=False, seed=self.seed, max_steps=10)
         if max_steps is None:
             step_seconds = probe_step_seconds(cfg)
             max_steps = max(20, int(seconds / step_seconds))
             self.log(f"  {step_seconds * 1000:.0f} ms/step measured: {max_steps} steps fit in {seconds:.0f} s")
         cfg.max_steps = max_steps
         cfg.warmup_steps = min(50, max_steps // 10)
+        cfg.checkpoint_every = max(5, max_steps // 5)  # a killed run loses at most a fifth of its steps
         cfg.validate()
         resume = (run_dir / "checkpoints").is_dir()
         summary = run_pretraining(cfg, resume=resume, export=True)
