@@ -1,4 +1,4 @@
-"""`phikit data synth` against a real HTTP teacher serving a tiny model, with 30% of requests failing or hanging,
+"""`phikit data synth` against phikit's own server serving a tiny model, with 30% of requests failing or hanging,
 and the process killed mid-run and restarted: every prompt must end up answered exactly once."""
 from __future__ import annotations
 
@@ -33,14 +33,14 @@ def teacher_url():
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
+            if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
                 break
         except httpx.HTTPError:
             time.sleep(0.3)
     else:
         proc.kill()
         pytest.fail("the test teacher server did not start")
-    yield url + "/v1"
+    yield url
     proc.kill()  # hung requests would hold a graceful shutdown for their full 30 s
     proc.wait(10)
 
@@ -70,10 +70,11 @@ def test_synth_survives_faults_and_a_kill(tmp_path, teacher_url):
     topics = tmp_path / "topics.txt"
     topics.write_text("\n".join(f"topic number {i}" for i in range(6)) + "\n")
     out = tmp_path / "synth.jsonl"
-    cmd = [sys.executable, "-m", "phikit", "data", "synth", "--base-url", teacher_url, "--model", "tiny",
+    cmd = [sys.executable, "-m", "phikit", "data", "synth", "--base-url", teacher_url + "/v1", "--model", "tiny",
+           "--max-tokens", "12", "--temperature", "0",
            "--topics", str(topics), "--audiences", "children,adults", "--styles", "textbook,qa",
            "--concurrency", "6", "--timeout", "1", "--max-retries", "30", "--retry-backoff", "0.05",
-           "--min-words", "8",
+           "--min-words", "4",
            "--output", str(out)]
     env = {**os.environ, "OPENAI_API_KEY": "test-key"}
     expected = {p["prompt_id"] for p in synth.build_prompts(
@@ -100,12 +101,11 @@ def test_synth_survives_faults_and_a_kill(tmp_path, teacher_url):
     assert len(ids) == len(set(ids)) == 24 and set(ids) == expected  # every prompt exactly once
     assert kept, "no answer was long enough to keep"
     for r in kept:
-        assert not r["text"].startswith("Sure")  # boilerplate opening cleaned
-        assert len(r["text"].split()) >= 8
+        assert len(r["text"].split()) >= 4
         assert r["teacher"] == "tiny" and r["usage"]["completion_tokens"] > 0
         assert {"topic", "audience", "style"} <= set(r)
     for r in rejected:
-        assert "shorter than 8 words" in r["reason"]
+        assert "shorter than 4 words" in r["reason"]
     report = json.loads(out.with_name(out.name + ".report.json").read_text())
     assert report["already_done"] == partial and report["written"] + report["rejected"] == 24 - partial
 
@@ -113,6 +113,6 @@ def test_synth_survives_faults_and_a_kill(tmp_path, teacher_url):
 def test_teacher_annotations_parse(teacher_url):
     from phikit.data import quality
 
-    teacher = synth.Teacher(teacher_url, "tiny", timeout=1, max_retries=30, backoff=0.05)
+    teacher = synth.Teacher(teacher_url + "/annotator/v1", "grader", timeout=1, max_retries=30, backoff=0.05)
     docs = ['"""Doc."""\n# a\n# b\n# c\nx = 1', "x = 1"]
     assert quality.annotate_with_teacher(docs, teacher, concurrency=2) == [2, 0]
