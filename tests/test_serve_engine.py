@@ -10,7 +10,7 @@ import transformers
 
 from phikit import build_model, get_config
 from phikit.sampling import SamplingParams
-from phikit.serve.engine import Engine, Group, stop_prefix_length
+from phikit.serve.engine import Engine, Group, draw, stop_prefix_length
 
 VOCAB = 50295
 
@@ -109,3 +109,14 @@ def test_stop_prefix_is_held_back():
     assert stop_prefix_length("hello", ["\nUser:"]) == 0
     assert stop_prefix_length("a\nUs", ["\nUser:", "\nBob:"]) == 3
     assert stop_prefix_length("x", []) == 0
+
+
+def test_draw_samples_the_given_distribution():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    logits = probs.log().expand(40000, 5)
+    ids = draw(logits, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=5).float() / len(ids)
+    assert freq[4] == 0  # a masked token is never drawn
+    assert torch.allclose(freq, probs, atol=0.01)
+    again = draw(logits[:8], SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    assert again.tolist() == ids[:8].tolist()  # a seed reproduces its draws
