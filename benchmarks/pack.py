@@ -1,8 +1,9 @@
 """Benchmark `phikit data pack` (datatrove tasks, 2 workers) against a single-threaded `tokenizers` loop.
 
 Both read the same JSONL corpus (procedural textbook exercises) with the real phi tokenizer and write uint16
-tokens with eos after each document. Reported: tokens/s of each, the speedup, and the peak memory of pack's
-worker processes at 1x and 3x the corpus size (flat memory = streamed, not loaded whole).
+tokens with eos after each document. Reported: tokens/s of each (wall clock), the speedup, tokens per CPU-second
+of each (independent of other load on the machine), the load average, and the peak memory of pack's processes
+at 1x and 3x the corpus size (flat memory = streamed, not loaded whole).
 
     phikit bench pack                       # ~12M tokens
     phikit bench pack --docs 20000 --workers 2
@@ -47,8 +48,9 @@ def peer(corpus: Path, out: Path) -> int:
     return n
 
 
-def run_pack(corpus: Path, out: Path, workers: int, tasks: int) -> tuple[int, float, float]:
-    """Pack in a child process (so its own and its workers' peak RSS can be read); returns tokens, seconds, MB."""
+def run_pack(corpus: Path, out: Path, workers: int, tasks: int) -> tuple[int, float, float, float]:
+    """Pack in a child process (so its own and its workers' peak RSS and CPU time can be read);
+    returns tokens, wall seconds, peak MB, CPU seconds."""
     code = (
         "import json,resource,sys,time\n"
         "from phikit.data.pack import pack\n"
@@ -56,9 +58,10 @@ def run_pack(corpus: Path, out: Path, workers: int, tasks: int) -> tuple[int, fl
         f"idx=pack([{str(corpus)!r}], {str(out)!r}, workers={workers}, tasks={tasks}, val_fraction=0.01)\n"
         "dt=time.perf_counter()-t\n"
         "n=sum(e['tokens'] for s in idx['splits'].values() for e in s)\n"
-        "rss=max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
-        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)/1024\n"
-        "print('RESULT', json.dumps([n, dt, rss]))\n"
+        "me,kids=resource.getrusage(resource.RUSAGE_SELF),resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "rss=max(me.ru_maxrss,kids.ru_maxrss)/1024\n"
+        "cpu=me.ru_utime+me.ru_stime+kids.ru_utime+kids.ru_stime\n"
+        "print('RESULT', json.dumps([n, dt, rss, cpu]))\n"
     )
     env = {**os.environ, "DATATROVE_COLORIZE_LOGS": "0"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -81,13 +84,13 @@ def main() -> None:
         make_corpus(corpus, args.docs)
         make_corpus(big, args.docs, copies=3)
 
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         peer_tokens = peer(corpus, tmp / "peer.bin")
-        peer_s = time.perf_counter() - t
+        peer_s, peer_cpu = time.perf_counter() - t, time.process_time() - c
 
-        tokens, pack_s, rss1 = run_pack(corpus, tmp / "shards", args.workers, args.tasks)
+        tokens, pack_s, rss1, pack_cpu = run_pack(corpus, tmp / "shards", args.workers, args.tasks)
         shutil.rmtree(tmp / "shards")
-        tokens3, pack3_s, rss3 = run_pack(big, tmp / "shards3", args.workers, args.tasks)
+        tokens3, pack3_s, rss3, _ = run_pack(big, tmp / "shards3", args.workers, args.tasks)
         assert tokens == peer_tokens, f"pack wrote {tokens} tokens, the peer {peer_tokens}"
 
     result = {
@@ -101,6 +104,10 @@ def main() -> None:
         "peer": "single-threaded tokenizers encode loop",
         "speedup": round(peer_s / pack_s, 2),
         "pack_3x_tokens_per_s": round(tokens3 / pack3_s),
+        # CPU time spent per token does not depend on how busy the machine is (wall time does).
+        "pack_tokens_per_cpu_s": round(tokens / pack_cpu),
+        "peer_tokens_per_cpu_s": round(peer_tokens / peer_cpu),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "peak_rss_mb_1x": round(rss1),
         "peak_rss_mb_3x": round(rss3),
     }
