@@ -123,3 +123,12 @@ def test_empty_and_over_long_prompts(model, phi_tokenizer):
     # Generation stops at the end of the context with finish_reason "length".
     near = complete(model, phi_tokenizer, ["word " * 120], max_new_tokens=50, stop_token_ids=[])[0]
     assert near.prompt_tokens + len(near.token_ids) == 128 and near.finish_reason == "length"
+
+
+def test_package_level_entry_points(model, phi_tokenizer):
+    import phikit
+    import phikit.generate  # the submodule import makes phikit.generate the module: it must stay callable
+    text = phikit.generate(model, phi_tokenizer, "Hi", max_new_tokens=3, stop_token_ids=[])
+    assert text == phikit.generate.generate(model, phi_tokenizer, "Hi", max_new_tokens=3, stop_token_ids=[])
+    assert "".join(phikit.stream(model, phi_tokenizer, "Hi", max_new_tokens=3, stop_token_ids=[])) == text
+    assert isinstance(phikit.chat(model, phi_tokenizer, [{"role": "user", "content": "Hi"}], max_new_tokens=3), str)

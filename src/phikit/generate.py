@@ -12,6 +12,8 @@ default) or a stop string (matched on the decoded text, across token boundaries,
 """
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -408,3 +410,14 @@ def _prepare_model(model: PhiForCausalLM) -> None:
         model.eval()
     from .quant import use_fp32_prefill
     use_fp32_prefill(model)
+
+
+class _CallableModule(types.ModuleType):
+    """`phikit.generate` names both this module and its main function; once the module is imported, Python's
+    import system makes the package attribute the module, so calling the module calls the function."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
