@@ -62,6 +62,8 @@ def test_rerun_is_resumable_and_mixture_spec(packed, corpus, tmp_path):
     before = (d / "index.json").read_text()
     pack([corpus[0]], d, val_fraction=0.1, tasks=3, workers=1)  # finished tasks are skipped
     assert (d / "index.json").read_text() == before
+    with pytest.raises(ValueError, match="different pack run"):  # never mix shards of two different runs
+        pack([corpus[0]], d, val_fraction=0.5, tasks=3, workers=1)
     assert sum(len(x) for x in open_split(d, "train", check=True)) > 0
     spec = tmp_path / "mix.yaml"
     write_mixture(spec, [(packed[1], 0.8), (packed[2], 0.2)])

@@ -170,6 +170,14 @@ def pack(inputs: Sequence[str | Path], output_dir: str | Path, tokenizer_path: s
         raise ValueError(f"{out} was packed with a different tokenizer: pick a new output directory")
     tok.save(out)  # the tokenizer travels with its shards
     tasks = tasks or default_tasks(inputs)
+    # Finished tasks are skipped on rerun, which is only right when the rerun asks for the same thing.
+    run_args = {"inputs": [str(Path(p).resolve()) for p in inputs], "text_field": text_field,
+                "val_fraction": val_fraction, "tasks": tasks}
+    args_file = out / ".pack-args.json"
+    if args_file.exists() and json.loads(args_file.read_text()) != run_args:
+        raise ValueError(f"{out} holds shards of a different pack run (other inputs or settings): pick a new "
+                         f"output directory, or pass --overwrite")
+    _atomic_json(args_file, run_args)
     step = TokenizeToShards(list(map(str, inputs)), str(out), text_field, val_fraction, on_error,
                             tokenizer_threads=workers == 1)
     make_executor([step], tasks, workers, str(out / ".logs"), executor, **cluster).run()
