@@ -198,12 +198,11 @@ def write_index(out: Path, tasks: int, vocab_size: int, eos_id: int) -> dict[str
         "eos_id": eos_id,
         "vocab_size": vocab_size,
         "tokenizer": "tokenizer.json",
-        "splits": {s: [m[s] | {} for m in manifests] for s in SPLITS},
+        # the contract's file entries exactly: file, tokens, sha256 (per-task document counts stay behind)
+        "splits": {s: [{k: m[s][k] for k in ("file", "tokens", "sha256")} for m in manifests] for s in SPLITS},
         "documents": sum(m[s]["documents"] for m in manifests for s in SPLITS),
         "skipped_records": [msg for m in manifests for msg in m["skipped"]],
     }
-    for s in SPLITS:  # keep the contract's file entries exactly: file, tokens, sha256
-        index["splits"][s] = [{k: e[k] for k in ("file", "tokens", "sha256")} for e in index["splits"][s]]
     _atomic_json(out / "index.json", index)
     return index
 
