@@ -249,7 +249,11 @@ class Speedrun:
         cfg.checkpoint_every = max(5, max_steps // 5)  # a killed run loses at most a fifth of its steps
         cfg.validate()
         resume = (run_dir / "checkpoints").is_dir()
-        summary = run_pretraining(cfg, resume=resume, export=True)
+        gpus = torch.cuda.device_count()
+        if gpus > 1 and self.preset_name != "cpu-tiny":
+            summary = self._pretrain_torchrun(cfg, gpus, resume)
+        else:
+            summary = run_pretraining(cfg, resume=resume, export=True)
         if summary["status"] != "completed":
             raise RuntimeError(f"pretraining {summary['status']}: rerun the speedrun to resume it")
         if export_dir.exists():
@@ -262,6 +266,28 @@ class Speedrun:
                 "final_loss": summary.get("loss"), "val_loss": summary.get("val_loss"),
                 "unigram_loss": summary.get("unigram_loss"), "mfu": summary.get("mfu"),
                 "parameters": summary.get("parameters")}
+
+    def _pretrain_torchrun(self, cfg, gpus: int, resume: bool) -> dict:
+        """Several GPUs: write the config and launch.sh beside it, and run it through torchrun (DDP/FSDP2)."""
+        import subprocess
+        import sys
+
+        import yaml
+        cfg.strategy = "fsdp" if self.preset_name == "phi-1_5" else "ddp"
+        run_dir = Path(cfg.out_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_file = run_dir / "pretrain.yaml"
+        config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+               "-m", "phikit", "train", "--config", str(config_file)] + (["--resume"] if resume else [])
+        (run_dir / "launch.sh").write_text("#!/usr/bin/env bash\n# multi-node: replace --standalone with "
+                                           "--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:29500\n"
+                                           + " ".join(cmd[2:]).replace("torch.distributed.run", "torchrun") + "\n")
+        self.log(f"  launching {' '.join(cmd)}")
+        subprocess.run(cmd, check=True)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary["model_dir"] = str(run_dir / "model")
+        return summary
 
     def stage_sft(self, results: dict) -> dict:
         """ChatML instruction tuning of the pretrained model on conversations made from the corpus."""
