@@ -56,17 +56,21 @@ def main() -> int:
     ap.add_argument("--documents", type=int, default=12000)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--kinds", default=",".join(procedural.KINDS), help="exercise kinds in the corpus")
+    ap.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
     ap.add_argument("--problems", type=int, default=200, help="held-out arithmetic problems to score")
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     args = ap.parse_args()
 
     work = Path(args.out or tempfile.mkdtemp(prefix="phikit-bench-textbooks-"))
-    train = [r["text"] for r in procedural.generate(args.documents, "train", seed=0)]
-    val = [r["text"] for r in procedural.generate(args.documents // 20, "heldout", seed=0)]
+    kinds = tuple(args.kinds.split(","))
+    train = [r["text"] for r in procedural.generate(args.documents, "train", seed=0, kinds=kinds)]
+    val = [r["text"] for r in procedural.generate(args.documents // 20, "heldout", seed=0, kinds=kinds)]
     tok = train_bpe(train, args.vocab)
     shards = write_shards(work / "shards", tok, train, val)
     vocab = -(-len(tok) // 64) * 64
-    cfg = TrainConfig(model=args.preset, model_config={"vocab_size": vocab}, data=str(shards), seq_len=256,
+    overrides = {"vocab_size": vocab, **({"num_hidden_layers": args.layers} if args.layers else {})}
+    cfg = TrainConfig(model=args.preset, model_config=overrides, data=str(shards), seq_len=256,
                       global_batch_size=16, micro_batch_size=16, max_steps=args.steps, lr=3e-3, schedule="cosine",
                       warmup_steps=min(50, args.steps // 10), min_lr_ratio=0.1, eval_every=max(1, args.steps // 4),
                       eval_sequences=64, checkpoint_every=0, out_dir=str(work / "run")).validate()

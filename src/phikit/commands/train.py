@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("nothing to train: pass --config configs/NAME.yaml (and key=value overrides)")
     from ..train.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, validate=not args.print_config)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0

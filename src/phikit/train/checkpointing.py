@@ -13,6 +13,7 @@ is skipped with a warning.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,8 +29,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from .distributed import DistEnv, barrier, broadcast_object
 
 MANIFEST = "manifest.json"
-# One process without a process group is a normal way to train here, not something to warn about.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """One process without a process group is a normal way to train here, not something DCP should warn about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _sha256(path: Path) -> str:
@@ -79,7 +86,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         tmp.mkdir(parents=True)
     barrier(env)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    with _quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -117,7 +125,8 @@ def load_checkpoint(path: Path, model, optimizer, env: DistEnv) -> dict[str, Any
     """Restore model, optimizer and this process's RNG in place; returns trainer.json."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
+    with _quiet():
+        dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng-rank{env.rank}.pt"
     if rng_file.is_file():  # absent when resuming with more processes than wrote the checkpoint
@@ -131,7 +140,8 @@ def load_checkpoint(path: Path, model, optimizer, env: DistEnv) -> dict[str, Any
 def load_model_weights(path: Path, model) -> None:
     """Only the model weights of a checkpoint, into a plain (unwrapped) model on one process."""
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    with _quiet():
+        dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     model.load_state_dict(state["model"])
 
 

@@ -211,7 +211,8 @@ def heldout_batches(mixture: Mixture, seq_len: int, num_sequences: int, micro_ba
             continue
         starts = np.linspace(0, available, num=n).astype(int) if n > 1 else [0]
         rows += [src.shards.read("val", int(s), seq_len) for s in starts]
-    rows = rows[rank::world_size]
+    # Every process gets the same number of rows: sharded models must run the same collectives on all of them.
+    rows = rows[:len(rows) - len(rows) % world_size][rank::world_size]
     out = []
     for i in range(0, len(rows), micro_batch_size):
         tokens = torch.from_numpy(np.stack(rows[i:i + micro_batch_size]))
