@@ -91,7 +91,7 @@ def to_transformers(model: PhiForCausalLM):
         ref = transformers.PhiForCausalLM(hf_config)
     ref.load_state_dict(model.state_dict(), strict=False, assign=True)
     device = model.device
-    ref.model.rotary_emb = type(ref.model.rotary_emb)(hf_config, device=device)
+    ref.model.rotary_emb = type(ref.model.rotary_emb)(hf_config).to(device)
     return ref.eval()
 
 
