@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import socket
 import statistics
@@ -113,7 +112,9 @@ def main() -> int:
     ap.add_argument("--model", help="checkpoint to serve (default: a random cpu-small model with the phi tokenizer)")
     ap.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (default: 16)")
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens per request (default: 128)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads in the server (default: torch's)")
+    # One torch thread by default: on a 2-core machine the server's event loop and this script's clients need the
+    # other core, and oversubscribed OpenMP threads slow every step (0 means torch's own default).
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in the server (default: 1; 0: torch's)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,15 +122,20 @@ def main() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        env = dict(os.environ)
-        if args.threads:
-            env["OMP_NUM_THREADS"] = str(args.threads)
         cmd = [sys.executable, "-m", "phikit", "serve", "--model", str(model_dir), "--port", str(port),
                "--max-batch", str(max(args.clients, 1)), "--max-queue", str(args.clients), "--log-level", "warning"]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        server_log = open(Path(tmp) / "server.log", "w+")  # a file, not a pipe nobody reads, which could fill
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=server_log, text=True)
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_until_up(url, proc)
+            try:
+                wait_until_up(url, proc)
+            except RuntimeError:
+                server_log.seek(0)
+                print(server_log.read()[-3000:], file=sys.stderr)
+                raise
             model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
             asyncio.run(run_batch(url, model, 2, 8, concurrent=True))  # warm-up: first-call costs excluded
             sequential = asyncio.run(run_batch(url, model, args.clients, args.max_tokens, concurrent=False))
@@ -142,6 +148,7 @@ def main() -> int:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+            server_log.close()
     speedup = concurrent["tokens_per_s"] / max(sequential["tokens_per_s"], 1e-9)
     result = {
         "benchmark": "serve", "model": str(args.model or "random cpu-small (phi tokenizer)"),

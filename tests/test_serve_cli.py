@@ -36,9 +36,9 @@ def test_bad_arguments_are_one_line_errors(capsys, tmp_path):
 
 def test_serve_process_answers_and_exits_cleanly_on_sigterm(tiny_phi_checkpoint):
     port = free_port()
-    env = {**os.environ, "PHIKIT_API_KEY": "sk-cli", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PHIKIT_API_KEY": "sk-cli"}
     proc = subprocess.Popen([sys.executable, "-m", "phikit", "serve", "--model", str(tiny_phi_checkpoint),
-                             "--port", str(port), "--max-batch", "4"],
+                             "--port", str(port), "--max-batch", "4", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"

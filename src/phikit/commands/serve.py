@@ -26,6 +26,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="weight dtype (default: fp32 on CPU, the checkpoint's dtype on GPU)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 can be faster on a busy machine)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.epilog = ("examples:\n"
                 "  phikit serve --model ./phi-2 --port 8000\n"
@@ -44,9 +46,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--request-timeout must be positive, got {args.request_timeout}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
     from ..checkpoint import load
     from ..serve import create_app, run_server
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, tokenizer = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name

@@ -198,7 +198,9 @@ class Engine:
             if len(g.prompt_ids) + 1 > self.context:
                 raise ValueError(f"prompt of {len(g.prompt_ids)} tokens leaves no room in the context of "
                                  f"{self.context}: shorten the prompt")
-            g.loop, g.events = loop, g.events or asyncio.Queue()
+            g.loop = loop
+            if g.events is None:
+                g.events = asyncio.Queue()
         with self._lock:
             if self._queued + len(groups) > self.max_queue + max(0, self.max_batch - self._active):
                 raise QueueFull(f"{self._queued} prompts are already waiting (--max-queue {self.max_queue})")
