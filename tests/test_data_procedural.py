@@ -25,7 +25,7 @@ def test_deterministic_and_mixed():
     a = procedural.generate(400, "train", seed=5)
     assert a == procedural.generate(400, "train", seed=5)
     assert a != procedural.generate(400, "train", seed=6)
-    assert {r["kind"] for r in a} == set(procedural.KINDS)
+    assert {r["kind"] for r in a} == set(procedural.DEFAULT_KINDS)
     assert len({r["key"] for r in a}) == 400
 
 

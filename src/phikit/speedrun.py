@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+EVAL_KINDS = ("arithmetic_easy", "arithmetic", "word_problem", "python")
 STAGES = ("data", "tokenizer", "pack", "pretrain", "sft", "eval", "ablation", "report")
 
 
@@ -48,14 +49,15 @@ PRESETS: dict[str, SpeedrunPreset] = {
     "micro": SpeedrunPreset(
         model=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
                    partial_rotary_factor=0.5, max_position_embeddings=256),
-        tokenizer="bpe", bpe_vocab=512, docs={"arithmetic": 400, "word_problem": 200, "python": 100, "passage": 50},
+        tokenizer="bpe", bpe_vocab=512,
+        docs={"arithmetic_easy": 300, "arithmetic": 100, "word_problem": 200, "python": 100, "passage": 50},
         heldout=12, seq_len=128, batch=8, lr=3e-3),
     "cpu-tiny": SpeedrunPreset(
         model=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
                    partial_rotary_factor=0.5, max_position_embeddings=512, resid_pdrop=0.0),
         tokenizer="bpe", bpe_vocab=2048,
-        docs={"arithmetic": 14000, "word_problem": 6000, "python": 2500, "passage": 1500},
-        heldout=100, seq_len=256, batch=16, lr=2e-3),
+        docs={"arithmetic_easy": 12000, "arithmetic": 3000, "word_problem": 5000, "python": 2000, "passage": 1500},
+        heldout=60, seq_len=256, batch=16, lr=2e-3),
     "gpu-small": SpeedrunPreset(
         model=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                    partial_rotary_factor=0.5, max_position_embeddings=2048),
@@ -143,7 +145,7 @@ class Speedrun:
         docs += teacher_docs
         random.Random(self.seed).shuffle(docs)
         heldout = {kind: procedural.generate(self.preset.heldout, "heldout", seed=self.seed, kinds=(kind,))
-                   for kind in ("arithmetic", "word_problem", "python")}
+                   for kind in EVAL_KINDS}
         # Exact + MinHash near-duplicates (templated exercises differ in a few numbers, so only true
         # repeats are near-duplicates at 0.95), then 13-gram overlap with HumanEval and GSM8K as in phi-1,
         # and 8-gram overlap with our own held-out exercises.
@@ -191,7 +193,7 @@ class Speedrun:
         """Instruction data from the corpus: exercises as user/assistant turns in OpenAI message shape."""
         convs = []
         for r in records:
-            if r.get("kind") in ("arithmetic", "word_problem") and r.get("prompt") and r["text"].startswith(r["prompt"]):
+            if r.get("kind") in ("arithmetic_easy", "arithmetic", "word_problem") and r.get("prompt") and r["text"].startswith(r["prompt"]):
                 answer = r["text"][len(r["prompt"]):].strip()
                 convs.append({"messages": [{"role": "user", "content": r["question"]},
                                            {"role": "assistant", "content": answer}]})
@@ -418,7 +420,7 @@ def evaluate_model(model, tokenizer, heldout: dict[str, list[dict]], chat_format
     from .eval.sandbox import run_many
 
     result: dict[str, Any] = {}
-    for kind in ("arithmetic", "word_problem"):
+    for kind in ("arithmetic_easy", "arithmetic", "word_problem"):
         records = heldout.get(kind, [])
         if not records:
             continue
@@ -429,7 +431,13 @@ def evaluate_model(model, tokenizer, heldout: dict[str, list[dict]], chat_format
                             stop=["\n\n", "Question:"])
         correct = [parse_answer(o if "Answer:" in o else "Answer:" + o) == r["answer"] for o, r in zip(outs, records)]
         result[f"{kind}_accuracy"] = sum(correct) / len(correct)
-    code = heldout.get("python", [])[:50]
+        if kind.startswith("arithmetic"):  # also by difficulty: one operation, or several
+            ops = [sum(r["question"].count(f" {c} ") for c in "+-*") for r in records]
+            for label, keep in (("1op", lambda n: n == 1), ("multi_op", lambda n: n > 1)):
+                picked = [c for c, n in zip(correct, ops) if keep(n)]
+                if picked:
+                    result[f"{kind}_{label}_accuracy"] = sum(picked) / len(picked)
+    code = heldout.get("python", [])[:30]
     if code:
         prompts, tests = zip(*(_split_python(r["text"]) for r in code))
         if chat_format:
@@ -443,11 +451,11 @@ def evaluate_model(model, tokenizer, heldout: dict[str, list[dict]], chat_format
             programs.append(p + body + "\n\n" + asserts + "\n")
         verdicts = run_many(programs, timeout=5.0)
         result["code_pass@1"] = sum(v.passed for v in verdicts) / len(verdicts)
-    mc = heldout.get("arithmetic", [])[:100]
+    mc = (heldout.get("arithmetic_easy") or heldout.get("arithmetic", []))[:60]
     if mc:
         result["mc_accuracy"] = arithmetic_multiple_choice(model, tokenizer, mc)
     if perplexity:
-        texts = [r["text"] for rs in heldout.values() for r in rs][:200]
+        texts = [r["text"] for rs in heldout.values() for r in rs[:30]]
         result["heldout_perplexity"] = text_perplexity(model, tokenizer, texts)
     return result
 

@@ -7,7 +7,12 @@ from pathlib import Path
 from typing import Any
 
 METRIC_NAMES = {
-    "arithmetic_accuracy": "held-out arithmetic accuracy",
+    "arithmetic_easy_accuracy": "held-out easy arithmetic accuracy (numbers to 20, 1-2 operations)",
+    "arithmetic_easy_1op_accuracy": "&nbsp;&nbsp;one operation",
+    "arithmetic_easy_multi_op_accuracy": "&nbsp;&nbsp;two operations",
+    "arithmetic_accuracy": "held-out arithmetic accuracy (numbers to 60, 1-3 operations)",
+    "arithmetic_1op_accuracy": "&nbsp;&nbsp;one operation",
+    "arithmetic_multi_op_accuracy": "&nbsp;&nbsp;two or three operations",
     "word_problem_accuracy": "held-out word-problem accuracy",
     "code_pass@1": "held-out code pass@1 (sandbox)",
     "mc_accuracy": "arithmetic multiple choice (4-way, log-likelihood)",
@@ -89,10 +94,11 @@ def write_report(out: Path, results: dict[str, dict], minutes: float, elapsed: f
     abl = results.get("ablation", {}).get("arms")
     if abl:
         lines += ["## Ablation: textbook data vs an unfiltered web-like mix (same steps, same model)", "",
-                  "| training data | steps | tokens | arithmetic acc | word-problem acc | code pass@1 | MC acc |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| training data | steps | tokens | easy arithmetic acc | arithmetic acc | word-problem acc | "
+                  "code pass@1 | MC acc |", "|---|---|---|---|---|---|---|---|"]
         for name, r in abl.items():
-            lines.append(f"| {name} | {r.get('steps')} | {r.get('tokens')} | {_fmt(r.get('arithmetic_accuracy'))} | "
+            lines.append(f"| {name} | {r.get('steps')} | {r.get('tokens')} | "
+                         f"{_fmt(r.get('arithmetic_easy_accuracy'))} | {_fmt(r.get('arithmetic_accuracy'))} | "
                          f"{_fmt(r.get('word_problem_accuracy'))} | {_fmt(r.get('code_pass@1'))} | "
                          f"{_fmt(r.get('mc_accuracy'))} |")
         lines.append("")

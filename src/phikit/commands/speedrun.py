@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     scores = results.get("eval", {}).get("scores", {})
     print(f"\nreport: {report}")
     for name, s in scores.items():
-        print(f"  {name:<11} arithmetic {s.get('arithmetic_accuracy', 0):.1%}  "
+        print(f"  {name:<11} easy arithmetic {s.get('arithmetic_easy_accuracy', 0):.1%}  "
+              f"arithmetic {s.get('arithmetic_accuracy', 0):.1%}  "
               f"word problems {s.get('word_problem_accuracy', 0):.1%}  perplexity {s.get('heldout_perplexity', 0):.2f}")
     print(f"\ntalk to it:   phikit chat --model {Path(args.out) / 'model-chat'}")
     print(f"serve it:     phikit serve --model {Path(args.out) / 'model-chat'} --port 8000")

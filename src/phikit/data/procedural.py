@@ -17,8 +17,9 @@ import random
 import re
 from typing import Callable
 
-KINDS = ("arithmetic", "word_problem", "python", "passage")
-MIX = {"arithmetic": 0.3, "word_problem": 0.3, "python": 0.25, "passage": 0.15}
+KINDS = ("arithmetic", "word_problem", "python", "passage", "arithmetic_easy")
+MIX = {"arithmetic": 0.3, "word_problem": 0.3, "python": 0.25, "passage": 0.15, "arithmetic_easy": 0.0}
+DEFAULT_KINDS = ("arithmetic", "word_problem", "python", "passage")  # arithmetic_easy only when asked for
 HELDOUT_FRACTION = 0.1
 
 
@@ -32,12 +33,12 @@ def generate(n: int, split: str = "train", seed: int = 0, kinds: tuple[str, ...]
     """n exercises of the given split, deterministic in (n, split, seed, kinds); no duplicate keys."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    kinds = tuple(kinds or KINDS)
+    kinds = tuple(kinds or DEFAULT_KINDS)
     for k in kinds:
         if k not in KINDS:
             raise ValueError(f"unknown kind {k!r}: choose from {', '.join(KINDS)}")
     rng = random.Random(f"phikit-procedural/{seed}/{split}")
-    weights = [MIX[k] for k in kinds]
+    weights = [MIX[k] or 1.0 for k in kinds] if len(kinds) == 1 else [MIX[k] for k in kinds]
     out: list[dict] = []
     seen: set[str] = set()
     misses = 0
@@ -66,10 +67,15 @@ def parse_answer(text: str) -> int | None:
 _OP_WORDS = {"+": "add", "-": "subtract", "*": "multiply"}
 
 
-def arithmetic(rng: random.Random) -> dict:
-    """An expression of 2-3 operations with precedence and parentheses, solved one operation per step."""
-    n_ops = rng.choice([1, 2, 2, 3])
-    nums = [rng.randint(2, 60) for _ in range(n_ops + 1)]
+def arithmetic_easy(rng: random.Random) -> dict:
+    """First-grade arithmetic for models trained in minutes: one or two operations on numbers up to 20."""
+    return arithmetic(rng, ops=(1, 1, 2), high=20)
+
+
+def arithmetic(rng: random.Random, ops: tuple[int, ...] = (1, 2, 2, 3), high: int = 60) -> dict:
+    """An expression of 1-3 operations with precedence and parentheses, solved one operation per step."""
+    n_ops = rng.choice(ops)
+    nums = [rng.randint(2, high) for _ in range(n_ops + 1)]
     ops = [rng.choice("+-*") for _ in range(n_ops)]
     # Multiplications use small factors so the numbers stay readable.
     for i, op in enumerate(ops):
@@ -350,6 +356,7 @@ def passage(rng: random.Random) -> dict:
 
 
 MAKERS: dict[str, Callable[[random.Random], dict]] = {
+    "arithmetic_easy": arithmetic_easy,
     "arithmetic": arithmetic, "word_problem": word_problem, "python": python_function, "passage": passage,
 }
 
