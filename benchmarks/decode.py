@@ -212,7 +212,7 @@ def agreement(modes: list[str], prompts_n: int = 16, tokens: int = 32) -> dict:
     model.eval()
     prompts = [" ".join(texts[i].split()[:6]) for i in range(0, 600, 600 // prompts_n)][:prompts_n]
     ref = [c.token_ids for c in complete(model, tok, prompts, max_new_tokens=tokens, stop_token_ids=[])]
-    out = {"train_loss": round(float(loss), 3)}
+    out = {"train_loss": round(float(loss.detach()), 3)}
     for mode in modes:
         q = PhiForCausalLM(config)
         q.load_state_dict(model.state_dict())
