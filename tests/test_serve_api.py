@@ -7,9 +7,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import httpx
 import openai
@@ -296,7 +298,8 @@ def test_wrong_method_and_route_are_openai_errors(server):
 
 
 def test_schemathesis_finds_no_server_errors():
-    st = shutil.which("st") or shutil.which("schemathesis")
+    here = str(Path(sys.executable).parent)  # the venv's scripts, also when the venv is not activated
+    st = shutil.which("st", path=here) or shutil.which("st") or shutil.which("schemathesis")
     if st is None:
         pytest.skip("schemathesis is not installed")
     # A small vocabulary and a short context keep the many generated (valid) requests quick.
