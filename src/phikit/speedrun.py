@@ -39,8 +39,8 @@ class SpeedrunPreset:
     seq_len: int = 256
     batch: int = 16
     lr: float = 2e-3
-    pretrain_share: float = 0.62        # share of the time budget given to pretraining
-    sft_share: float = 0.16
+    pretrain_share: float = 0.70        # share of the time budget given to pretraining
+    sft_share: float = 0.14
     precision: str = "fp32"
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 METRIC_NAMES = {
-    "arithmetic_easy_accuracy": "held-out easy arithmetic accuracy (numbers to 20, 1-2 operations)",
+    "arithmetic_easy_accuracy": "held-out easy arithmetic accuracy (numbers to 10, 1-2 operations)",
     "arithmetic_easy_1op_accuracy": "&nbsp;&nbsp;one operation",
     "arithmetic_easy_multi_op_accuracy": "&nbsp;&nbsp;two operations",
     "arithmetic_accuracy": "held-out arithmetic accuracy (numbers to 60, 1-3 operations)",
