@@ -8,16 +8,19 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="checkpoint directory (HF-native, phi-msft or mixformer-sequential) or HF repo id")
     p.add_argument("dst", help="output directory (hf) or .gguf file (gguf)")
     p.add_argument("--to", choices=["hf", "gguf"], default="hf", help="output format (default: hf)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="weight dtype to write (default: as stored; gguf default f16)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "q8_0", "q4_0"], default=None,
+                   help="weight type to write (default: as stored; gguf default fp16; q8_0/q4_0 for gguf only)")
     p.epilog = ("examples:\n  phikit convert ~/phi-1_5-mixformer ./phi-1_5-hf\n"
                 "  phikit convert microsoft/phi-2 ./phi-2.gguf --to gguf --dtype fp16")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import describe, load, save
+    quantized = args.dtype in ("q8_0", "q4_0")
+    if quantized and args.to != "gguf":
+        raise ValueError(f"--dtype {args.dtype} exists only in GGUF files: add --to gguf or pick fp32/bf16/fp16")
     info = describe(args.src)
-    model, tokenizer = load(args.src, dtype=args.dtype or info["dtype"].split(",")[0])
+    model, tokenizer = load(args.src, dtype="fp32" if quantized else args.dtype or info["dtype"].split(",")[0])
     if args.to == "gguf":
         from ..gguf_export import export_gguf
         out = export_gguf(model, tokenizer, args.dst, dtype=args.dtype or "fp16")
