@@ -20,25 +20,14 @@ METRIC_NAMES = {
 }
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def plot_losses(run_dirs: dict[str, Path], out_png: Path) -> Path | None:
     """Training (and held-out, when logged) loss against step, one panel per run."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {name: _read_metrics(d / "metrics.jsonl") for name, d in run_dirs.items()}
+    from .train.report import read_metrics
+    series = {name: read_metrics(d) for name, d in run_dirs.items()}
     series = {k: v for k, v in series.items() if any("loss" in r for r in v)}
     if not series:
         return None
