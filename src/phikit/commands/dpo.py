@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import argparse
 
-from .sft import add_common_arguments, config_from_args, print_summary
+from .sft import add_finetune_arguments, run_finetune
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     from ..train.dpo import LOSS_TYPES, REFERENCE_MODES, DPOConfig
     defaults = DPOConfig()
-    add_common_arguments(p, defaults)
+    add_finetune_arguments(p, defaults)
     p.add_argument("--beta", type=float, default=defaults.beta, help="strength of the pull to the reference")
     p.add_argument("--loss-type", choices=LOSS_TYPES, default=defaults.loss_type)
-    p.add_argument("--label-smoothing", type=float, default=0.0,
+    p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
                    help="assumed share of flipped preferences (conservative DPO), in [0, 0.5)")
-    p.add_argument("--reference", choices=REFERENCE_MODES, default="",
+    p.add_argument("--reference", choices=REFERENCE_MODES, default=defaults.reference,
                    help="copy: frozen copy of the start model; precompute: reference log-probs computed once "
                         "(no second model in memory); adapter: the LoRA model with its adapter off "
                         "(default: adapter with --lora, else copy)")
@@ -29,6 +29,4 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..train.dpo import DPOConfig, run_dpo
-    summary = run_dpo(config_from_args(DPOConfig, args), resume=args.resume)
-    print_summary(summary)
-    return 0
+    return run_finetune(args, DPOConfig, run_dpo)

@@ -6,23 +6,25 @@ import dataclasses
 import json
 
 
-def add_common_arguments(p: argparse.ArgumentParser, defaults) -> None:
-    """Arguments shared by `phikit sft` and `phikit dpo`; names map 1:1 onto SFTConfig / DPOConfig fields."""
+def add_finetune_arguments(p: argparse.ArgumentParser, defaults) -> None:
+    """The arguments `phikit sft` and `phikit dpo` share: one per FineTuneConfig field (same name), with the
+    defaults of `defaults`, an SFTConfig or DPOConfig."""
     p.add_argument("--model", required=True, help="base checkpoint directory or HF repo id")
     p.add_argument("--data", required=True, help=".jsonl, .json or .parquet file")
     p.add_argument("--val-data", help="held-out file for validation loss (default: --val-fraction of --data)")
     p.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
-    p.add_argument("--out", dest="out_dir", default=defaults.out_dir, help=f"run directory (default {defaults.out_dir})")
+    p.add_argument("--out", dest="out_dir", default=defaults.out_dir,
+                   help=f"run directory (default {defaults.out_dir})")
     p.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per item")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per optimizer step")
     p.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size,
                    help="per forward/backward; gradient accumulation makes up the batch")
     p.add_argument("--epochs", type=float, default=defaults.epochs)
-    p.add_argument("--max-steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=0.0, help=f"learning rate (default {defaults.default_lr():g}; "
-                                                         "ten times that with --lora)")
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=defaults.lr,
+                   help=f"learning rate (default {defaults.default_lr():g}; ten times that with --lora)")
     p.add_argument("--schedule", choices=["constant", "cosine", "wsd"], default=defaults.schedule)
-    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter (q, k, v, dense, fc1, fc2) via peft")
     p.add_argument("--lora-r", type=int, default=defaults.lora_r)
@@ -30,34 +32,33 @@ def add_common_arguments(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout)
     p.add_argument("--no-merge", dest="merge", action="store_false",
                    help="with --lora, write only the adapter (not the merged model)")
-    p.add_argument("--on-bad", choices=["skip", "error"], default="skip",
+    p.add_argument("--on-bad", choices=["skip", "error"], default=defaults.on_bad,
                    help="malformed items, unknown roles, missing assistant turn, identical pairs: count and skip, "
                         "or stop")
-    p.add_argument("--too-long", choices=["skip", "truncate", "error"], default="skip",
+    p.add_argument("--too-long", choices=["skip", "truncate", "error"], default=defaults.too_long,
                    help="items longer than --max-length")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: at the end)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=defaults.eval_every,
+                   help="steps between validations (0: at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                   help="steps between checkpoints (0: at the end)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=defaults.precision)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device)
+    p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
 
 
-def config_from_args(cls, args: argparse.Namespace):
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in fields})
-
-
-def print_summary(summary: dict) -> None:
-    keep = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
-    print(json.dumps(keep))
+def run_finetune(args: argparse.Namespace, config_cls, run_fn) -> int:
+    """Build config_cls from the parsed arguments, run it, print the summary's plain values as one JSON line."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    summary = run_fn(config_cls(**{k: v for k, v in vars(args).items() if k in fields}), resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}))
+    return 0
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     from ..train.sft import SFTConfig
-    defaults = SFTConfig()
-    add_common_arguments(p, defaults)
+    add_finetune_arguments(p, SFTConfig())
     p.add_argument("--no-packing", dest="packing", action="store_false",
                    help="one conversation per row, padded (default: pack short ones; attention never crosses)")
     p.epilog = (
@@ -72,6 +73,4 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..train.sft import SFTConfig, run_sft
-    summary = run_sft(config_from_args(SFTConfig, args), resume=args.resume)
-    print_summary(summary)
-    return 0
+    return run_finetune(args, SFTConfig, run_sft)

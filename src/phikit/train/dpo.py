@@ -23,7 +23,7 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from tqdm import tqdm
 from ..tokenizer import IM_END, Tokenizer
 from .chat_data import (IGNORE_INDEX, BadExample, DataReport, Example, _message, check_policies, collate_padded,
                         handle_bad, render_chatml, tokenize_text_with_spans)
+from .sft import FineTuneConfig, export_result, load_base, prepare_policy, split_validation, train_config, write_json
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo")
 REFERENCE_MODES = ("copy", "precompute", "adapter")
@@ -303,43 +304,18 @@ def preference_accuracy(model, pairs: Sequence[PairExample], pad_id: int, batch_
 
 # ---------------------------------------------------------------- the run
 @dataclass
-class DPOConfig:
-    model: str = ""                 # the SFT'd checkpoint directory or HF repo id (phikit.load)
-    data: str = ""                  # preference pairs: .jsonl / .json / .parquet
-    val_data: str | None = None
-    val_fraction: float = 0.0
+class DPOConfig(FineTuneConfig):
+    """The fields of FineTuneConfig (model: usually the SFT'd checkpoint; data: preference pairs), plus DPO's."""
     out_dir: str = "runs/dpo"
     max_length: int = 1024          # tokens of prompt + answer
+    micro_batch_size: int = 4
     beta: float = 0.1
     loss_type: str = "sigmoid"      # sigmoid | robust | ipo
     label_smoothing: float = 0.0
     reference: str = ""             # copy | precompute | adapter ("" : adapter with LoRA, else copy)
-    batch_size: int = 8             # pairs per optimizer step
-    micro_batch_size: int = 4
-    epochs: float = 1.0
-    max_steps: int = 0
-    lr: float = 0.0                 # 0: 5e-7 full, 5e-6 with LoRA (Phi-1_5-Instruct's DPO used LoRA)
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    merge: bool = True
-    on_bad: str = "skip"
-    too_long: str = "skip"
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    keep_last: int = 2
-    precision: str = "fp32"
-    device: str = "auto"
-    seed: int = 0
-    tensorboard: bool = False
 
-    def default_lr(self) -> float:
-        return self.lr or (5e-6 if self.lora else 5e-7)
+    full_lr: ClassVar[float] = 5e-7
+    lora_lr: ClassVar[float] = 5e-6  # Phi-1_5-Instruct's DPO used LoRA
 
     def reference_mode(self) -> str:
         mode = self.reference or ("adapter" if self.lora else "copy")
@@ -350,13 +326,11 @@ class DPOConfig:
         return mode
 
     def check(self) -> "DPOConfig":
+        super().check()
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown DPO loss {self.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
         if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
             raise ValueError("beta must be > 0 and label_smoothing in [0, 0.5)")
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
-                             f"{self.micro_batch_size}: change one of them")
         self.reference_mode()
         return self
 
@@ -405,7 +379,6 @@ def run_dpo(cfg: DPOConfig, model=None, tokenizer=None, resume: bool = False, ex
     from . import distributed
     from .chat_data import read_records
     from .loop import Trainer
-    from .sft import export_result, load_base, prepare_policy, split_validation, train_config, write_json
 
     cfg.check()
     mode = cfg.reference_mode()

@@ -15,7 +15,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,19 +27,19 @@ SCHEDULES = ("constant", "cosine", "wsd")
 
 
 @dataclass
-class SFTConfig:
+class FineTuneConfig:
+    """What SFT and DPO runs share; SFTConfig and DPOConfig add their own fields and defaults."""
     model: str = ""                 # checkpoint directory or HF repo id (phikit.load)
-    data: str = ""                  # conversations: .jsonl / .json / .parquet
-    val_data: str | None = None     # held-out conversations; else val_fraction of data
+    data: str = ""                  # .jsonl / .json / .parquet
+    val_data: str | None = None     # held-out file; else val_fraction of data
     val_fraction: float = 0.0
     out_dir: str = "runs/sft"
-    max_length: int = 2048          # tokens per row (a conversation, or several packed)
-    packing: bool = True            # pack short conversations (attention stays inside each); False: pad
-    batch_size: int = 8             # rows per optimizer step
-    micro_batch_size: int = 8       # rows per forward/backward (gradient accumulation makes up the rest)
+    max_length: int = 2048          # tokens per row
+    batch_size: int = 8             # rows (SFT) or pairs (DPO) per optimizer step
+    micro_batch_size: int = 8       # per forward/backward (gradient accumulation makes up the rest)
     epochs: float = 1.0             # used when max_steps is 0
     max_steps: int = 0
-    lr: float = 0.0                 # 0: 2e-5 for full fine-tuning, 2e-4 with LoRA
+    lr: float = 0.0                 # 0: default_lr()
     schedule: str = "cosine"
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -49,7 +49,7 @@ class SFTConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     merge: bool = True              # with LoRA, also write the merged model
-    on_bad: str = "skip"            # skip | error: malformed conversations, unknown roles, no assistant turn
+    on_bad: str = "skip"            # skip | error: malformed items, unknown roles, no assistant turn, ...
     too_long: str = "skip"          # skip | truncate | error
     eval_every: int = 0             # 0: evaluate at the end only (when there is validation data)
     checkpoint_every: int = 0
@@ -59,10 +59,13 @@ class SFTConfig:
     seed: int = 0
     tensorboard: bool = False
 
-    def default_lr(self) -> float:
-        return self.lr or (2e-4 if self.lora else 2e-5)
+    full_lr: ClassVar[float] = 2e-5  # the learning rate when lr is 0, for full fine-tuning
+    lora_lr: ClassVar[float] = 2e-4  # ... and with LoRA
 
-    def check(self) -> "SFTConfig":
+    def default_lr(self) -> float:
+        return self.lr or (self.lora_lr if self.lora else self.full_lr)
+
+    def check(self) -> "FineTuneConfig":
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}")
         for name in ("max_length", "batch_size", "micro_batch_size"):
@@ -76,6 +79,11 @@ class SFTConfig:
         if self.max_steps < 0 or self.epochs <= 0:
             raise ValueError("max_steps must be >= 0 and epochs > 0")
         return self
+
+
+@dataclass
+class SFTConfig(FineTuneConfig):
+    packing: bool = True            # pack short conversations into max_length rows (attention stays inside each)
 
 
 # ---------------------------------------------------------------- batches and loss (the loop's two seams)
