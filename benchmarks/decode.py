@@ -27,7 +27,7 @@ import torch
 from phikit import build_model, get_config
 from phikit.generate import complete
 from phikit.model import PhiForCausalLM
-from phikit.quant import quantize_model
+from phikit.quant import MODES, quantize_model
 from phikit.tokenizer import build_phi_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -184,7 +184,7 @@ def llama_cpp_rows(model, tokenizer, args, bandwidth) -> list[dict]:
     return rows
 
 
-def agreement(modes: list[str], prompts_n: int = 16, tokens: int = 32) -> dict:
+def agreement(modes: list[str], prompts_n: int = 32, tokens: int = 32) -> dict:
     """Train a tiny model on a small corpus for a few seconds, then count prompts whose first `tokens` greedy
     tokens are identical in fp32 and in each quantized mode."""
     from phikit.tokenizer import train_bpe
@@ -211,13 +211,17 @@ def agreement(modes: list[str], prompts_n: int = 16, tokens: int = 32) -> dict:
         opt.step()
     model.eval()
     prompts = [" ".join(texts[i].split()[:6]) for i in range(0, 600, 600 // prompts_n)][:prompts_n]
-    ref = [c.token_ids for c in complete(model, tok, prompts, max_new_tokens=tokens, stop_token_ids=[])]
+
+    def greedy(m) -> list[list[int]]:  # one prompt at a time: batch-1 decoding is what the int8/int4 kernels serve
+        return [complete(m, tok, [p], max_new_tokens=tokens, stop_token_ids=[])[0].token_ids for p in prompts]
+
+    ref = greedy(model)
     out = {"train_loss": round(float(loss.detach()), 3)}
     for mode in modes:
         q = PhiForCausalLM(config)
         q.load_state_dict(model.state_dict())
         quantize_model(q.eval(), mode)
-        got = [c.token_ids for c in complete(q, tok, prompts, max_new_tokens=tokens, stop_token_ids=[])]
+        got = greedy(q)
         out[f"{mode}_agreement"] = sum(a == b for a, b in zip(ref, got)) / len(prompts)
     return out
 
@@ -226,7 +230,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="phi-1_5")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--modes", default=None, help="comma list of fp32,bf16,fp16,int8,int4 (default: fp32,bf16,int8,int4 "
+    p.add_argument("--modes", default=None, help="comma list of fp32,bf16,fp16,int8,int8-weight-only,int4 (default: fp32,bf16,int8,int4 "
                                                   "on the CPU, fp16,bf16,int8 on a GPU)")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--prompt-len", type=int, default=128)
@@ -305,7 +309,7 @@ def main() -> None:
             get(f"phikit-{ref_mode}", 1, "prefill_tok_s") / hf_pre, 2)
     results["ratios"] = ratios
     if args.agreement:
-        results["agreement"] = agreement([m for m in modes if m in ("int8", "int4")] or ["int8"])
+        results["agreement"] = agreement([m for m in modes if m in MODES] or list(MODES))
     print(json.dumps(results))
 
 

@@ -217,7 +217,7 @@ def load(path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
     """Load (model, tokenizer) from a checkpoint directory or HF repo id, in any supported layout.
 
     dtype None keeps fp32 on the CPU and the checkpoint's own dtype (usually fp16) on an accelerator.
-    quantize="int8" (or "int4") gives the weight-only quantized model for fast CPU/GPU decoding.
+    quantize="int8" (or "int8-weight-only", "int4") gives the quantized model for fast CPU/GPU decoding.
     """
     directory = resolve_checkpoint(path_or_repo_id)
     config = load_config(directory)

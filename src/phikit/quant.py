@@ -1,17 +1,24 @@
-"""Weight-only quantization for decoding, and the bf16 prompt path on the CPU.
+"""Weight quantization for decoding, and the bf16 prompt path on the CPU.
 
 Decoding one token reads every weight once, so its speed is memory bandwidth: int8 weights (1 byte) decode about
-twice as fast as bf16 and four times as fast as fp32. Activations stay in bf16 (the int8 kernel is ~10x slower
-with fp32 activations). Prompts (many rows at once) are compute-bound instead, and this CPU has no fast bf16
-matrix-matrix kernel, so prompt-sized inputs take an fp32 path: upcast (or dequantize) one layer at a time.
+twice as fast as bf16 and four times as fast as fp32, when the kernel keeps up with memory. Prompts (many rows at
+once) are compute-bound instead, and this CPU class has no fast bf16 matrix-matrix kernel, so prompt-sized inputs
+take an exact fp32 path: upcast (or dequantize) one layer at a time.
 
-    quantize_model(model, "int8")   per-output-channel symmetric int8, torch's _weight_int8pack_mm kernel
-    quantize_model(model, "int4")   group-wise asymmetric int4 (groups of 32 inputs), _weight_int4pack_mm
-    use_fp32_prefill(model)         bf16 nn.Linear layers on the CPU run prompts in fp32 (same weights)
+    quantize_model(model, "int8")              int8 weights, one scale per output channel. On the CPU, decoding
+                                               runs fbgemm's int8 GEMM, which also rounds each call's activations to
+                                               8 bits (one scale per call, as llama.cpp's q8_0 rounds them per block);
+                                               on a GPU it is weight-only.
+    quantize_model(model, "int8-weight-only")  the same weights; activations stay bf16 (torch's _weight_int8pack_mm),
+                                               exact but ~3x slower on a CPU without VNNI
+    quantize_model(model, "int4")              group-wise asymmetric int4 (groups of 32 inputs), _weight_int4pack_mm
+    use_fp32_prefill(model)                    bf16 nn.Linear layers on the CPU run prompts in fp32 (same weights)
+                                               and single rows through torch.mv (2x F.linear's bf16 speed)
 """
 from __future__ import annotations
 
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +28,7 @@ from torch import nn
 # small batches) use the low-precision kernels, which win as long as reading the weights dominates.
 PREFILL_ROWS = 16
 
-MODES = ("int8", "int4")
+MODES = ("int8", "int8-weight-only", "int4")
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -51,6 +58,12 @@ class Bf16Linear(nn.Linear):
             weight = fp32_scratch(self.weight.shape, self.weight.device).copy_(self.weight)
             bias = self.bias.float() if self.bias is not None else None
             return F.linear(x.float(), weight, bias).to(x.dtype)
+        if x.device.type == "cpu" and self.weight.dtype == torch.bfloat16 and _rows(x) == 1:
+            # torch's bf16 matrix-vector kernel streams the weights twice as fast as F.linear's bf16 path here
+            y = torch.mv(self.weight, x.reshape(-1))
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(*x.shape[:-1], self.out_features)
         return super().forward(x)
 
 
@@ -63,20 +76,35 @@ def use_fp32_prefill(model: nn.Module) -> nn.Module:
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale)^T + b with q int8 [out, in] and one scale per output channel (symmetric)."""
+    """y = x @ (q * scale)^T + b with q int8 [out, in] and one scale per output channel (symmetric).
 
-    def __init__(self, linear: nn.Linear, act_dtype: torch.dtype) -> None:
+    With `dynamic`, CPU inputs of fewer than PREFILL_ROWS rows run through fbgemm's int8 GEMM: the activations are
+    rounded to 7-bit unsigned integers with one scale and zero point per call (7, not 8: fbgemm's non-VNNI kernel
+    sums pairs of products in int16, which 8-bit activations can overflow), and the product is exact in int32."""
+
+    def __init__(self, linear: nn.Linear, act_dtype: torch.dtype, dynamic: bool = False) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features, self.dynamic = linear.in_features, linear.out_features, dynamic
         w = linear.weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
         self.register_buffer("weight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scale.to(act_dtype))
         bias = linear.bias.detach().to(act_dtype) if linear.bias is not None else None
         self.register_buffer("bias", bias)
+        self._packed = None  # fbgemm's packed copy of the weights, made on first use (not part of the state)
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.scales.float()[:, None]
+
+    def _fbgemm_weights(self) -> torch.ScriptObject:
+        if self._packed is None:
+            with warnings.catch_warnings():  # quantized-tensor constructors warn about their future in torch
+                warnings.simplefilter("ignore")
+                qweight = torch._make_per_channel_quantized_tensor(
+                    self.weight, self.scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
+                bias = self.bias.float() if self.bias is not None else None
+                self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
+        return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -88,6 +116,8 @@ class Int8Linear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias.float()
             y = y.to(x.dtype)
+        elif x.device.type == "cpu" and self.dynamic:
+            y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._fbgemm_weights(), True).to(x.dtype)
         elif x.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(self.scales.dtype).contiguous(), self.weight, self.scales).to(x.dtype)
             if self.bias is not None:
@@ -99,7 +129,8 @@ class Int8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        kind = "fbgemm dynamic" if self.dynamic else "weight-only"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel, {kind}"
 
 
 class Int4Linear(nn.Module):
@@ -155,10 +186,11 @@ class Int4Linear(nn.Module):
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
-    """Replace every nn.Linear (lm_head included) by its weight-only quantized form, in place; returns the model.
+    """Replace every nn.Linear (lm_head included) by its quantized form, in place; returns the model.
 
-    On the CPU the remaining weights (embedding, LayerNorms) become bf16 so activations are bf16, which is what
-    the int8/int4 kernels are fast with. The quantized model can generate but not be trained or saved."""
+    On the CPU, "int8" keeps the other weights (embedding, LayerNorms) and the activations in fp32, which fbgemm's
+    kernel takes; "int8-weight-only" and "int4" make them bf16, which torch's weight-only kernels are fast with.
+    The quantized model can generate but not be trained or saved."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}: choose one of {', '.join(MODES)}")
     if getattr(model, "quantized", None):
@@ -166,13 +198,16 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Modu
     device = next(model.parameters()).device
     if mode == "int4" and device.type != "cpu":
         raise ValueError("int4 weight-only quantization runs on the CPU only: use int8 on a GPU")
-    act_dtype = torch.bfloat16 if device.type == "cpu" else next(model.parameters()).dtype
-    if act_dtype == torch.float32:
+    dynamic = mode == "int8" and device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+    act_dtype = next(model.parameters()).dtype
+    if device.type == "cpu":
+        act_dtype = torch.float32 if dynamic else torch.bfloat16
+    elif act_dtype == torch.float32:
         act_dtype = torch.bfloat16
     replacements = [(parent, name, child) for parent in model.modules()
                     for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     for parent, name, child in replacements:
-        q = Int8Linear(child, act_dtype) if mode == "int8" else Int4Linear(child, group_size)
+        q = Int8Linear(child, act_dtype, dynamic) if mode.startswith("int8") else Int4Linear(child, group_size)
         setattr(parent, name, q.to(device))
     model.to(dtype=act_dtype)  # embeddings and LayerNorms; the quantized buffers keep their integer dtypes
     model.quantized = mode

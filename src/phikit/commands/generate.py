@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..quant import MODES
+
 FORMAT_CHOICES = ["raw", "code", "qa", "instruct", "chat", "chatml"]
 
 
@@ -15,8 +17,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="weight dtype (default: fp32 on the CPU, the checkpoint's own on a GPU)")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="weight-only quantization: int8 decodes ~3-4x faster than fp32 on the CPU")
+    p.add_argument("--quantize", choices=MODES, default=None,
+                   help="int8 weights (on the CPU: fbgemm kernel, ~4x fp32 decode speed), int8-weight-only, int4")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -77,7 +79,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                 "  phikit generate --model ./phi-1_5 --prompt 'def is_prime(n):' --format code\n"
                 "  phikit generate --model ./phi-2 --prompt 'Why is the sky blue?' --format instruct --stream\n"
                 "  phikit generate --model ./phi-1_5 --prompts-file prompts.jsonl --temperature 0.7 --seed 1 --json\n"
-                "  phikit generate --model ./phi-1_5 --prompt 'Once upon a time' --quantize int8 --dtype bf16")
+                "  phikit generate --model ./phi-1_5 --prompt 'Once upon a time' --quantize int8")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

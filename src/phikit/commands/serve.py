@@ -6,6 +6,8 @@ import logging
 import os
 from pathlib import Path
 
+from ..quant import MODES
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory or HF repo id (any layout phikit loads)")
@@ -25,7 +27,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="weight dtype (default: fp32 on CPU, the checkpoint's dtype on GPU)")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
+    p.add_argument("--quantize", choices=MODES, default=None, help="int8, int8-weight-only or int4 weights")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 can be faster on a busy machine)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
