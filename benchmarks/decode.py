@@ -147,6 +147,9 @@ def transformers_fn(ref, ids):
                                   eos_token_id=None, pad_token_id=0)
 
 
+EQUAL_BITS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
+
+
 def llama_cpp_rows(model, tokenizer, args, bandwidth) -> list[dict]:
     """llama.cpp through llama-cpp-python on our GGUF export (skipped when the package is missing)."""
     try:
@@ -239,7 +242,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--transformers-batches", default="1,8", help="batches for which transformers is also timed")
-    p.add_argument("--llama-types", default="f32,f16,q8_0,q4_0")
+    p.add_argument("--llama-types", default="f32,bf16,q8_0,q4_0")
     p.add_argument("--agreement", action="store_true", help="measure int8/int4 greedy agreement with fp32")
     args = p.parse_args()
     args.llama_types = args.llama_types.split(",")
@@ -304,6 +307,10 @@ def main() -> None:
                 get(f"transformers-{mode}", 1, "end_to_end_s") / get(f"phikit-{mode}", 1, "end_to_end_s"), 2)
         if 8 in batches and ours_dec and get(f"phikit-{mode}", 8, "decode_tok_s"):
             ratios[f"{mode}_batch8_vs_batch1"] = round(get(f"phikit-{mode}", 8, "decode_tok_s") / ours_dec, 2)
+    for mode, gguf_type in EQUAL_BITS.items():  # our formats against llama.cpp's at the same bits per weight
+        ours, theirs = get(f"phikit-{mode}", 1, "decode_tok_s"), get(f"llama.cpp-{gguf_type}", 1, "decode_tok_s")
+        if ours and theirs:
+            ratios[f"{mode}_decode_vs_llama_cpp_{gguf_type}"] = round(ours / theirs, 2)
     if hf_pre and get(f"phikit-{ref_mode}", 1, "prefill_tok_s"):
         ratios[f"{ref_mode}_prefill_vs_transformers_{ref_mode}"] = round(
             get(f"phikit-{ref_mode}", 1, "prefill_tok_s") / hf_pre, 2)
