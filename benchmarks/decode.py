@@ -160,7 +160,7 @@ def llama_cpp_rows(model, tokenizer, args, bandwidth) -> list[dict]:
     import tempfile
     from phikit.gguf_export import export_gguf
     rows = []
-    prompt_ids = [int(i) for i in torch.randint(0, 50000, (args.prompt_len,), generator=torch.Generator().manual_seed(0))]
+    prompt_ids = [int(i) for i in torch.randint(0, min(50000, model.config.vocab_size), (args.prompt_len,), generator=torch.Generator().manual_seed(0))]
     for gguf_type in args.llama_types:
         with tempfile.TemporaryDirectory() as tmp:
             path = export_gguf(model, tokenizer, os.path.join(tmp, "m.gguf"), dtype=gguf_type)
@@ -274,7 +274,7 @@ def main() -> None:
             quantize_model(model, mode)
         model.eval()
         for b in batches:
-            ids = torch.randint(0, 50000, (b, args.prompt_len), generator=gen).to(args.device)
+            ids = torch.randint(0, min(50000, config.vocab_size), (b, args.prompt_len), generator=gen).to(args.device)
             rows.append(measure(f"phikit-{mode}", phikit_fn(model, tokenizer, ids.tolist()), model, b,
                                 args.prompt_len, args.new_tokens, args.repeats, args.device, bandwidth))
             if not args.skip_transformers and mode in DTYPES and b in hf_batches:
