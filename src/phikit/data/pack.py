@@ -81,21 +81,18 @@ class TokenizeToShards(PipelineStep):
         self.batch_size = batch_size
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        from phikit.tokenizer import Tokenizer
-
         # Several worker processes already use the cores: let each tokenize on one thread, not oversubscribe.
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.tokenizer_threads else "false"
         out = Path(self.output_dir)
-        tok = Tokenizer.from_file(out / "tokenizer.json")
+        tok = _tokenizer(out / "tokenizer.json")
         eos = tok.eos_token_id
-        dtype = dtype_for(len(tok))
-        writers = {s: ShardWriter(out, f"{s}-{rank:05d}.bin", dtype) for s in SPLITS}
+        writers = {s: ShardWriter(out, f"{s}-{rank:05d}.bin", dtype_for(len(tok))) for s in SPLITS}
         stats = ReadStats()
         docs = {s: 0 for s in SPLITS}
         batch: list[str] = []
 
         def flush() -> None:
-            # encode_batch_fast skips the character offsets we do not need.
+            # encode_batch_fast skips the character offsets we do not need (and uses every core it may).
             encoded = tok.backend.encode_batch_fast(batch, add_special_tokens=False)
             parts: dict[str, list[int]] = {s: [] for s in SPLITS}
             for text, e in zip(batch, encoded):
@@ -104,8 +101,8 @@ class TokenizeToShards(PipelineStep):
                 parts[split].append(eos)
                 docs[split] += 1
             for split, ids in parts.items():
-                if ids:
-                    writers[split].write(np.array(ids, dtype=np.int64))
+                if ids:  # one array per batch, made in the shard's dtype: no int64 copy on the way
+                    writers[split].write(np.array(ids, dtype=writers[split].dtype))
                     self.stat_update(f"{split}_tokens", value=len(ids))
             batch.clear()
 
@@ -119,6 +116,25 @@ class TokenizeToShards(PipelineStep):
         manifest["skipped"] = stats.skipped
         _atomic_json(out / f".task-{rank:05d}.json", manifest)
         return iter(())
+
+
+# One loaded tokenizer per process, by file: a worker process loads it once, not once per task, and local workers
+# forked from the process that called pack() inherit the one pack() loaded (no load at all).
+_loaded: dict[tuple[str, int], Any] = {}
+
+
+def _file_key(path: Path) -> tuple[str, int]:
+    return str(path.resolve()), path.stat().st_mtime_ns
+
+
+def _tokenizer(path: Path):
+    from phikit.tokenizer import Tokenizer
+
+    key = _file_key(path)
+    if key not in _loaded:
+        _loaded.clear()
+        _loaded[key] = Tokenizer.from_file(path)
+    return _loaded[key]
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -169,6 +185,8 @@ def pack(inputs: Sequence[str | Path], output_dir: str | Path, tokenizer_path: s
     if existing.exists() and json.loads(existing.read_text()) != json.loads(tok.backend.to_str()):
         raise ValueError(f"{out} was packed with a different tokenizer: pick a new output directory")
     tok.save(out)  # the tokenizer travels with its shards
+    _loaded.clear()
+    _loaded[_file_key(out / "tokenizer.json")] = tok
     tasks = tasks or default_tasks(inputs)
     # Finished tasks are skipped on rerun, which is only right when the rerun asks for the same thing.
     run_args = {"inputs": [str(Path(p).resolve()) for p in inputs], "text_field": text_field,
