@@ -32,13 +32,18 @@ def sentence(rng: random.Random) -> str:
 
 
 def conversation(rng: random.Random) -> list[dict]:
-    """Two instruction kinds, with and without a system prompt, sometimes two turns."""
+    """Three instruction kinds, with and without a system prompt, sometimes two turns. Counting teaches the
+    format of a bare-number answer (a digit, then <|im_end|>), not arithmetic."""
     def turn():
-        if rng.random() < 0.5:
+        kind = rng.random()
+        if kind < 0.35:
             words = [rng.choice(THINGS) for _ in range(rng.randint(1, 4))]
             return "Repeat the words: " + " ".join(words), " ".join(words)
-        thing, color = rng.choice(THINGS), rng.choice(COLORS)
-        return f"What color is the {thing}?", f"The {thing} is {color}."
+        if kind < 0.7:
+            thing, color = rng.choice(THINGS), rng.choice(COLORS)
+            return f"What color is the {thing}?", f"The {thing} is {color}."
+        words = [rng.choice(THINGS) for _ in range(rng.randint(1, 9))]
+        return f"How many words: {' '.join(words)}?", str(len(words))
     msgs = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.3 else []
     for _ in range(1 if rng.random() < 0.8 else 2):
         q, a = turn()
@@ -162,19 +167,21 @@ def test_dpo_raises_heldout_preference_accuracy(sft, work):
     precompute_reference(model, held_pairs, 32, tok.eos_token_id)  # the SFT model is the reference
     likelihood_before = preference_accuracy(model, held_pairs, tok.eos_token_id)
     reward_before = reward_accuracy(model, held_pairs, tok.eos_token_id)
+    # 450 steps with the lr decaying to 0 (cosine): the held-out likelihood ranking came out 0.92-1.0 for six pair
+    # splits and data orders (arithmetic_pairs seeds 3-8, DPO seeds 0-5); 200 steps gave 0.79-0.93.
     cfg = DPOConfig(model=sft["model_dir"], data=str(data), val_data=str(val), out_dir=str(work / "dpo"),
                     max_length=64, beta=0.5, reference="precompute", batch_size=16, micro_batch_size=16,
-                    max_steps=200, lr=3e-3, schedule="constant")
+                    max_steps=450, lr=1e-3, schedule="cosine")
     result = run_dpo(cfg)
     likelihood_after = preference_accuracy(result["model"], held_pairs, tok.eos_token_id)
     reward_after = reward_accuracy(result["model"], held_pairs, tok.eos_token_id)
     print(f"held-out preference: likelihood {likelihood_before:.2f} -> {likelihood_after:.2f}, "
           f"implicit reward {reward_before:.2f} -> {reward_after:.2f}")
     assert 0.3 <= likelihood_before <= 0.7 and reward_before == 0.5
-    # DPO moves only the chosen and rejected answers' logits, so wrong answers never trained against keep their
-    # prior: the model's own likelihood ranking reaches ~0.85-0.9 here, the DPO reward ranking >= 0.9.
+    # The policy itself, not only DPO's implicit reward, must rank the right answer first: chosen answer + its
+    # <|im_end|> more likely than rejected answer + <|im_end|>, on pairs whose wrong answer it never trained against.
+    assert likelihood_after >= 0.9
     assert reward_after >= 0.9
-    assert likelihood_after >= 0.8
     log = [json.loads(line) for line in (work / "dpo" / "metrics.jsonl").read_text().splitlines()]
     train_logs = [r for r in log if r.get("event") == "train"]
     assert train_logs[-1]["rewards/accuracies"] > train_logs[0]["rewards/accuracies"]

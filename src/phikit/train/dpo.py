@@ -289,7 +289,11 @@ def make_dpo_loss_fn(reference: str, beta: float = 0.1, loss_type: str = "sigmoi
 @torch.no_grad()
 def preference_accuracy(model, pairs: Sequence[PairExample], pad_id: int, batch_size: int = 32,
                         device: torch.device | str = "cpu") -> float:
-    """Share of pairs whose chosen answer the model finds more likely than the rejected one (summed log-probs)."""
+    """Share of pairs whose chosen answer the model finds more likely than the rejected one.
+
+    Sequence level: the summed log-probs of the answer and its <|im_end|>, i.e. the probability of giving exactly
+    that answer and stopping, which is what sampling from the policy follows. A per-token mean would instead
+    favour answers padded with likely tokens (it ranks a pair as the sum does when both answers are as long)."""
     was_training = model.training
     model.eval()
     wins = 0
