@@ -89,3 +89,16 @@ def test_build_phi_cli(tmp_path):
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="build-phi"):
         Tokenizer.from_file(tmp_path)
+
+
+def test_train_bpe_split_digits_keeps_one_digit_per_token_and_the_space_on_the_first():
+    corpus = [f"Step 1: {a} + {b} = {a + b}.\nAnswer: {a + b}" for a in range(2, 60) for b in range(2, 11)]
+    tok = train_bpe(corpus * 3, 400, split_digits=True)
+    text = "What is 15 + 7? Step 2: 122 - 9 = 113."
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    pieces = [tok.decode([i]) for i in ids]
+    assert all(sum(c.isdigit() for c in p) <= 1 for p in pieces), pieces
+    # " 15" is " 1" then "5": no bare space token stands between "=" and the result it predicts.
+    assert pieces[pieces.index(" =") + 1] == " 1", pieces
+    assert not any(p == " " and q[:1].isdigit() for p, q in zip(pieces, pieces[1:])), pieces

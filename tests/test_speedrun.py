@@ -60,3 +60,25 @@ def test_speedrun_survives_sigkill_and_resumes(tmp_path):
     proc = _start(out)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and log.count("done already") == 7, log
+
+
+def test_answers_are_read_from_the_answer_line_only():
+    from phikit.speedrun import final_answer
+    assert final_answer("Step 1: 4 + 9 = 13.\nAnswer: 13") == 13
+    assert final_answer("Step 1: 5 - 7 = -2.\nAnswer: -2\n") == -2
+    assert final_answer("Step 1: Alice originally had 5 apples.\nAnswer: Alice has 5 apples now.") == 5
+    assert final_answer(" 12") == 12  # a bare number is an answer too
+    # A solution cut off before its answer line has no answer: not the "1" of "Step 1".
+    assert final_answer("Step 1: 3 - 2 = 1.\nStep 2: 1 + 4 =") is None
+    assert final_answer("") is None
+
+
+def test_generation_budget_fits_the_longest_reference_solution():
+    from phikit.data import procedural
+    from phikit.speedrun import solution_tokens
+    from phikit.tokenizer import train_bpe
+    problems = procedural.generate(40, "heldout", seed=0, kinds=("word_problem",))
+    tok = train_bpe((r["text"] for r in problems), 400, split_digits=True)
+    budget = solution_tokens(tok, problems)
+    assert all(len(tok.encode(r["text"][len(r["prompt"]):])) < budget for r in problems)
+    assert budget > 96  # the old fixed budget cut most word-problem solutions off before their answer

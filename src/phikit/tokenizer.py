@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -189,14 +189,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
               whitespace_tokens: bool = True, split_digits: bool = False) -> Tokenizer:
     """Train a byte-level BPE with <|endoftext|> as id 0 (and, by default, phi's whitespace-run tokens).
 
-    split_digits=True keeps every digit its own token, which small models need to learn arithmetic.
+    split_digits=True gives every digit its own token, which small models need to learn arithmetic. A space before
+    a number stays on its first digit (" 15" -> " 1", "5"), so "7 + 8 =" is four tokens with the operands right
+    before the "=" that predicts the result: a separate space token after "=" would hide from the model where it is.
     """
     if vocab_size < 300:
         raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level BPE: use at least 300")
     tok = _byte_level_tokenizer(models.BPE())
     if split_digits:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Split(Regex(r" ?\d"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                   special_tokens=[EOS_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
