@@ -40,7 +40,6 @@ class SpeedrunPreset:
     seq_len: int = 256
     batch: int = 16
     lr: float = 2e-3
-    weight_decay: float = 0.1
     pretrain_share: float = 0.70        # share of the time budget given to pretraining
     sft_share: float = 0.14
     precision: str = "fp32"
@@ -244,7 +243,6 @@ class Speedrun:
         cfg = TrainConfig(model="tiny", model_config=self._model_overrides(), data=str(shards),
                           seq_len=self.preset.seq_len, global_batch_size=self.preset.batch,
                           micro_batch_size=self.preset.batch, lr=self.preset.lr, schedule="cosine",
-                          weight_decay=self.preset.weight_decay,
                           precision=self.preset.precision, out_dir=str(run_dir), eval_every=50, eval_sequences=32,
                           checkpoint_every=10, keep_last=1, tensorboard=False, seed=self.seed, max_steps=10)
         if max_steps is None:

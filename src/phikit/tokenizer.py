@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors,
+                        trainers)
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
