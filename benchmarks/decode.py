@@ -97,11 +97,11 @@ def to_transformers(model: PhiForCausalLM):
 
 def time_generate(fn, new_tokens: int, repeats: int, device: str) -> tuple[float, float, int]:
     """(seconds for 1 new token, seconds for new_tokens, extra peak bytes) best of `repeats` after a warm-up."""
-    fn(2)  # warm-up: allocator, kernels, lazy init
     t1 = tn = float("inf")
-    with PeakRSS() as mem:
+    with PeakRSS() as mem:  # the warm-up counts: lazily made copies (packed weights) are memory the engine needs
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+        fn(2)  # warm-up: allocator, kernels, lazy init
         for _ in range(repeats):
             for n in (1, new_tokens):
                 _sync(device)
@@ -242,10 +242,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--transformers-batches", default="1,8", help="batches for which transformers is also timed")
-    p.add_argument("--llama-types", default="f32,bf16,q8_0,q4_0")
+    p.add_argument("--llama-types", default="f32,bf16,q8_0,q4_0", help="GGUF types llama.cpp runs (\"\" for none)")
     p.add_argument("--agreement", action="store_true", help="measure int8/int4 greedy agreement with fp32")
     args = p.parse_args()
-    args.llama_types = args.llama_types.split(",")
+    args.llama_types = [t for t in args.llama_types.split(",") if t]  # "" skips llama.cpp
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     modes = (args.modes or ("fp16,bf16,int8" if cuda else "fp32,bf16,int8,int4")).split(",")

@@ -6,7 +6,7 @@ import torch
 
 from phikit import build_model, get_config
 from phikit.generate import _TextTracker, complete, generate, stream
-from phikit.quant import quantize_model
+from phikit.quant import PackedFp32Linear, packed_fp32_available, prepare_cpu_linears, quantize_model
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,25 @@ def test_quantized_linear_matches_fp32_on_decode_and_prompt_rows(mode, rows):
     got = quantized(x.to(torch.float32 if mode == "int8" else torch.bfloat16)).float()
     error = (got - reference).norm() / reference.norm()
     assert error < (0.1 if mode == "int4" else 0.02), error  # 4 bits: ~range/15/sqrt(12) on uniform weights
+
+
+@pytest.mark.skipif(not packed_fp32_available(), reason="this torch build has no oneDNN")
+def test_packed_fp32_linear_matches_plain_and_follows_weight_updates():
+    """Several rows outside autograd run on the packed copy; it equals F.linear, is remade when the weights change
+    in place (as an optimizer step changes them), and autograd still takes the plain path."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 160)
+    prepare_cpu_linears(layer)
+    assert type(layer) is PackedFp32Linear
+    x = torch.randn(2, 5, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        assert layer._packed is not None
+        layer.weight.mul_(-2.0)
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    assert set(layer.state_dict()) == {"weight", "bias"}
 
 
 @pytest.mark.parametrize("kw,message", [

@@ -405,11 +405,11 @@ def chat(model: PhiForCausalLM, tokenizer: Tokenizer, messages: list[dict], form
 
 
 def _prepare_model(model: PhiForCausalLM) -> None:
-    """Inference mode, and on the CPU bf16 weights get an fp32 path for prompts (see quant.use_fp32_prefill)."""
+    """Inference mode, and the CPU's fast nn.Linear paths (see quant.prepare_cpu_linears)."""
     if model.training:
         model.eval()
-    from .quant import use_fp32_prefill
-    use_fp32_prefill(model)
+    from .quant import prepare_cpu_linears
+    prepare_cpu_linears(model)
 
 
 class _CallableModule(types.ModuleType):
