@@ -11,6 +11,7 @@ in a few seconds) is measured with --agreement.
 
     python benchmarks/decode.py                       # the full table (several minutes on 2 cores)
     python benchmarks/decode.py --modes int8 --batches 1 --skip-transformers
+    python benchmarks/decode.py --preset cpu-small --modes fp32 --compile --llama-types ""   # a small model
 The last line printed is JSON.
 """
 from __future__ import annotations
@@ -137,8 +138,8 @@ def measure(name: str, fn, model, batch: int, prompt_len: int, new_tokens: int, 
     return row
 
 
-def phikit_fn(model, tokenizer, prompts):
-    return lambda n: complete(model, tokenizer, prompts, max_new_tokens=n, stop_token_ids=[])
+def phikit_fn(model, tokenizer, prompts, compile: bool = False):
+    return lambda n: complete(model, tokenizer, prompts, max_new_tokens=n, stop_token_ids=[], compile=compile)
 
 
 def transformers_fn(ref, ids):
@@ -244,6 +245,8 @@ def main() -> None:
     p.add_argument("--transformers-batches", default="1,8", help="batches for which transformers is also timed")
     p.add_argument("--llama-types", default="f32,bf16,q8_0,q4_0", help="GGUF types llama.cpp runs (\"\" for none)")
     p.add_argument("--agreement", action="store_true", help="measure int8/int4 greedy agreement with fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="also time phikit with compile=True (rows phikit-MODE-compiled; compile time not counted)")
     args = p.parse_args()
     args.llama_types = [t for t in args.llama_types.split(",") if t]  # "" skips llama.cpp
     torch.set_num_threads(args.threads)
@@ -277,6 +280,13 @@ def main() -> None:
             ids = torch.randint(0, min(50000, config.vocab_size), (b, args.prompt_len), generator=gen).to(args.device)
             rows.append(measure(f"phikit-{mode}", phikit_fn(model, tokenizer, ids.tolist()), model, b,
                                 args.prompt_len, args.new_tokens, args.repeats, args.device, bandwidth))
+            if args.compile:
+                fn = phikit_fn(model, tokenizer, ids.tolist(), compile=True)
+                start = time.perf_counter()
+                fn(args.new_tokens)  # compiles (the cache capacity, so the graph, is that of the timed calls)
+                print(f"compiled {mode} batch {b} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+                rows.append(measure(f"phikit-{mode}-compiled", fn, model, b, args.prompt_len, args.new_tokens,
+                                    args.repeats, args.device, bandwidth))
             if not args.skip_transformers and mode in DTYPES and b in hf_batches:
                 ref = to_transformers(model)
                 rows.append(measure(f"transformers-{mode}", transformers_fn(ref, ids), model, b, args.prompt_len,
@@ -307,6 +317,11 @@ def main() -> None:
                 get(f"transformers-{mode}", 1, "end_to_end_s") / get(f"phikit-{mode}", 1, "end_to_end_s"), 2)
         if 8 in batches and ours_dec and get(f"phikit-{mode}", 8, "decode_tok_s"):
             ratios[f"{mode}_batch8_vs_batch1"] = round(get(f"phikit-{mode}", 8, "decode_tok_s") / ours_dec, 2)
+        compiled = get(f"phikit-{mode}-compiled", 1, "decode_tok_s")
+        if compiled and ours_dec:
+            ratios[f"{mode}_compiled_decode_vs_eager"] = round(compiled / ours_dec, 2)
+            if hf_dec:
+                ratios[f"{mode}_compiled_decode_vs_transformers_{ref_mode}"] = round(compiled / hf_dec, 2)
     for mode, gguf_type in EQUAL_BITS.items():  # our formats against llama.cpp's at the same bits per weight
         ours, theirs = get(f"phikit-{mode}", 1, "decode_tok_s"), get(f"llama.cpp-{gguf_type}", 1, "decode_tok_s")
         if ours and theirs:

@@ -32,14 +32,17 @@ def _left_padded(tokenizer, prompts):
     return ids, mask
 
 
-def test_greedy_batched_left_padded_equals_transformers(models, phi_tokenizer):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_greedy_batched_left_padded_equals_transformers(models, phi_tokenizer, compile):
+    """compile=True decodes through torch.compile over a fixed-shape cache: the same tokens and logprobs."""
     ours, ref = models
     ids, mask = _left_padded(phi_tokenizer, PROMPTS)
     out = ref.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, num_beams=1,
                        pad_token_id=phi_tokenizer.eos_token_id, eos_token_id=None, output_logits=True,
                        return_dict_in_generate=True)
     expected = out.sequences[:, ids.shape[1]:]
-    got = complete(ours, phi_tokenizer, PROMPTS, max_new_tokens=24, stop_token_ids=[], return_logprobs=True)
+    got = complete(ours, phi_tokenizer, PROMPTS, max_new_tokens=24, stop_token_ids=[], return_logprobs=True,
+                   compile=compile)
     for row, completion in enumerate(got):
         assert completion.token_ids == expected[row].tolist()
         assert completion.finish_reason == "length"

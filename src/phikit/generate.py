@@ -146,11 +146,27 @@ class _TextTracker:
 # The batch decoder
 
 
+def _compiled_step(model: PhiForCausalLM):
+    """torch.compile of the model's fixed-shape decoding step, made once per model (shapes: one graph per batch
+    size and cache capacity, which _cache_capacity rounds to a power of two)."""
+    step = model.__dict__.get("_compiled_decode_step")
+    if step is None:
+        step = torch.compile(model.forward_static, dynamic=False, fullgraph=True)
+        model.__dict__["_compiled_decode_step"] = step
+    return step
+
+
+def _cache_capacity(total: int, context: int) -> int:
+    return min(context, max(64, 1 << (total - 1).bit_length()))
+
+
 @torch.inference_mode()
 def _decode_tokens(model: PhiForCausalLM, rows: list[list[int]], params: SamplingParams, stop_ids: set[int],
-                   vocab_limit: int | None, finished: torch.Tensor) -> Iterator[tuple[list[int], list[float]]]:
+                   vocab_limit: int | None, finished: torch.Tensor,
+                   compile: bool = False) -> Iterator[tuple[list[int], list[float]]]:
     """Yield (next token per row, its logprob per row) each step; rows in `finished` (set by the caller or by a
-    stop token) keep computing padding but are ignored. Ends when every row is finished or tokens run out."""
+    stop token) keep computing padding but are ignored. Ends when every row is finished or tokens run out.
+    compile=True runs the steps after the prompt through torch.compile (fixed shapes over the whole cache)."""
     device = model.device
     b, longest = len(rows), max(len(r) for r in rows)
     steps = min(params.max_new_tokens, model.config.max_position_embeddings - longest)
@@ -164,17 +180,24 @@ def _decode_tokens(model: PhiForCausalLM, rows: list[list[int]], params: Samplin
         if params.repetition_penalty != 1.0:  # padding must not count as seen: repeat a real token instead
             ids[i, :longest - len(r)] = r[0]
     padded = any(len(r) != longest for r in rows)
-    cache = KVCache.allocate(model.config, b, total, device, _cache_dtype(model))
+    capacity = _cache_capacity(total, model.config.max_position_embeddings) if compile else total
+    cache = KVCache.allocate(model.config, b, capacity, device, _cache_dtype(model))
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
 
-    out = model(ids[:, :longest], attention_mask=mask[:, :longest] if padded else None, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+    next_logits = model(ids[:, :longest], attention_mask=mask[:, :longest] if padded else None,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    if compile:
+        step_fn = _compiled_step(model)
+        key_mask = torch.zeros((b, 1, capacity), dtype=torch.bool, device=device)
+        key_mask[:, 0, :longest] = mask[:, :longest].bool()
+        positions = mask[:, :longest].sum(-1, keepdim=True)  # the next token's position in each row
+        cache.write_index = torch.zeros(1, dtype=torch.long, device=device)
     for step in range(steps):
         cur = longest + step
-        raw = out.logits[:, -1].float()
+        raw = next_logits.float()
         seen = ids[:, :cur] if params.repetition_penalty != 1.0 else None
         logits = process_logits(raw, params, seen, vocab_limit)
         token = sample_next(logits, params, generator)
@@ -185,16 +208,23 @@ def _decode_tokens(model: PhiForCausalLM, rows: list[list[int]], params: Samplin
         yield token.tolist(), logprob.tolist()
         if bool(finished.all()) or step == steps - 1:
             return
-        out = model(token[:, None], attention_mask=mask[:, :cur + 1] if padded else None, past_key_values=cache,
-                    use_cache=True)
+        if compile:
+            key_mask[:, 0, cur] = True
+            cache.write_index.fill_(cur)
+            next_logits = step_fn(token[:, None], positions + step, key_mask, cache)
+        else:
+            next_logits = model(token[:, None], attention_mask=mask[:, :cur + 1] if padded else None,
+                                past_key_values=cache, use_cache=True).logits[:, -1]
 
 
 def _stream_rows(model: PhiForCausalLM, tokenizer: Tokenizer, rows: list[list[int]], params: SamplingParams,
-                 stop: Sequence[str], stop_ids: set[int], return_logprobs: bool) -> Iterator[Chunk]:
+                 stop: Sequence[str], stop_ids: set[int], return_logprobs: bool,
+                 compile: bool = False) -> Iterator[Chunk]:
     trackers = [_TextTracker(tokenizer, stop) for _ in rows]
     finished = torch.zeros(len(rows), dtype=torch.bool, device=model.device)
     reasons: list[str | None] = [None] * len(rows)
-    for tokens, logprobs in _decode_tokens(model, rows, params, stop_ids, _vocab_limit(model, tokenizer), finished):
+    for tokens, logprobs in _decode_tokens(model, rows, params, stop_ids, _vocab_limit(model, tokenizer), finished,
+                                           compile):
         for i, (tok, lp) in enumerate(zip(tokens, logprobs)):
             if reasons[i] is not None:
                 continue
@@ -317,8 +347,10 @@ def complete(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str 
              min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
              stop: Sequence[str] | str | None = None, num_beams: int = 1, stop_token_ids: Sequence[int] | None = None,
              return_logprobs: bool = False, length_penalty: float = 1.0, early_stopping: bool | str = False,
-             truncate: bool = False) -> list[Completion]:
-    """Generate for a batch of prompts; one Completion (text, ids, logprobs, finish reason) per prompt."""
+             truncate: bool = False, compile: bool = False) -> list[Completion]:
+    """Generate for a batch of prompts; one Completion (text, ids, logprobs, finish reason) per prompt.
+    compile=True decodes through torch.compile: the first call per batch size and length bucket compiles
+    (tens of seconds), later ones skip the Python overhead of each step (beam search stays eager)."""
     params = _sampling_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if not prompts:
@@ -335,7 +367,7 @@ def complete(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str 
     ids: list[list[int]] = [[] for _ in rows]
     lps: list[list[float]] = [[] for _ in rows]
     reasons = ["length"] * len(rows)
-    for c in _stream_rows(model, tokenizer, rows, params, stop, stop_ids, return_logprobs):
+    for c in _stream_rows(model, tokenizer, rows, params, stop, stop_ids, return_logprobs, compile):
         texts[c.index] += c.text
         ids[c.index] += c.token_ids
         lps[c.index] += c.logprobs
@@ -352,7 +384,7 @@ def generate(model: PhiForCausalLM, tokenizer: Tokenizer, prompt_or_prompts: str
              return_logprobs: bool = False, **options) -> str | list[str] | Completion | list[Completion]:
     """The continuation of a prompt (str) or of each prompt (list). return_logprobs=True returns Completion objects
     instead (text, token_ids, logprobs, finish_reason). Options: length_penalty, early_stopping (beam search),
-    truncate (keep the last tokens of an over-long prompt)."""
+    truncate (keep the last tokens of an over-long prompt), compile (decode through torch.compile)."""
     single = isinstance(prompt_or_prompts, str)
     prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
     results = complete(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
@@ -366,7 +398,7 @@ def stream_chunks(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence
                   min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                   stop: Sequence[str] | str | None = None, num_beams: int = 1,
                   stop_token_ids: Sequence[int] | None = None, return_logprobs: bool = False,
-                  truncate: bool = False) -> Iterator[Chunk]:
+                  truncate: bool = False, compile: bool = False) -> Iterator[Chunk]:
     """Chunks (row index, text delta, token ids, logprobs, finish reason) as they become final, for servers."""
     if num_beams != 1:
         raise ValueError("beam search cannot stream (the best beam is known only at the end): use num_beams=1")
@@ -375,7 +407,7 @@ def stream_chunks(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence
     rows = encode_prompts(model, tokenizer, prompts, max_new_tokens, truncate)
     _prepare_model(model)
     yield from _stream_rows(model, tokenizer, rows, params, stop, _stop_ids(tokenizer, stop_token_ids),
-                            return_logprobs)
+                            return_logprobs, compile)
 
 
 def stream(model: PhiForCausalLM, tokenizer: Tokenizer, prompt: str, **sampling) -> Iterator[str]:

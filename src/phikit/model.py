@@ -26,6 +26,9 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0  # tokens stored (same for all layers once a forward pass is complete)
+        # Static mode (PhiForCausalLM.forward_static): new keys/values go to these positions and attention reads the
+        # whole buffer under a mask, so every decoding step has the same shapes (what torch.compile wants).
+        self.write_index: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, config: PhiConfig, batch_size: int, capacity: int, device=None, dtype=None) -> "KVCache":
@@ -37,6 +40,10 @@ class KVCache:
         return cache
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.write_index is not None:
+            self.keys[layer].index_copy_(2, self.write_index, k)
+            self.values[layer].index_copy_(2, self.write_index, v)
+            return self.keys[layer], self.values[layer]
         start, t = self.length, k.shape[2]
         buf_k, buf_v = self.keys[layer], self.values[layer]
         if buf_k is None or buf_k.shape[2] < start + t:
@@ -317,6 +324,18 @@ class PhiForCausalLM(nn.Module):
             attentions=tuple(all_attn) if output_attentions else None,
             loss=loss,
         )
+
+    def forward_static(self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor,
+                       cache: KVCache) -> torch.Tensor:
+        """One decoding step with fixed shapes, for torch.compile: input_ids and position_ids [B, T], the new
+        keys/values written at cache.write_index (T positions) of a preallocated cache, attention over the whole
+        cache under key_mask [B, T, capacity] (True: may attend). Returns the last position's logits [B, vocab].
+        No input checks, no cache bookkeeping: the caller (generate's compiled path) owns both."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(position_ids)
+        for layer in self.model.layers:
+            x, _ = layer(x, cos, sin, key_mask[:, None], cache, False)
+        return self.lm_head(self.model.final_layernorm(x[:, -1]))
 
 
 def build_model(config: PhiConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

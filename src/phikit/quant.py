@@ -90,7 +90,7 @@ class PackedFp32Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and self.weight.dtype == torch.float32 and x.dtype == torch.float32
-                and _rows(x) > 1 and not torch.is_grad_enabled()):
+                and _rows(x) > 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
             packed = self._packed_weight()
             if packed is not None:
                 shape = x.shape
@@ -168,6 +168,12 @@ class Int8Linear(nn.Module):
             # fp32 product with the integer weights, then the per-channel scale on the output (it factors out).
             weight = fp32_scratch(self.weight.shape, x.device).copy_(self.weight)
             y = F.linear(x2.float(), weight) * self.scales.float()
+            if self.bias is not None:
+                y = y + self.bias.float()
+            y = y.to(x.dtype)
+        elif x.device.type == "cpu" and self.dynamic and torch.compiler.is_compiling():
+            # torch.compile cannot trace fbgemm's packed weights: the weight-only kernel, in fp32
+            y = torch.ops.aten._weight_int8pack_mm(x2.float().contiguous(), self.weight, self.scales.float())
             if self.bias is not None:
                 y = y + self.bias.float()
             y = y.to(x.dtype)
