@@ -99,6 +99,16 @@ def test_int8_and_int4_decode_close_to_fp32(model, phi_tokenizer):
             assert abs(a.logprobs[0] - b.logprobs[0]) < (0.5 if mode == "int4" else 0.1)
 
 
+def test_compiled_int8_decodes_the_same_tokens_as_eager(model, phi_tokenizer):
+    """On the CPU, compile=True reaches fbgemm's int8 kernel through a custom op (its packed weights cannot be
+    traced), so the compiled model computes what the eager one does."""
+    q = quantize_model(build_model(model.config, seed=2).eval(), "int8")
+    prompts = ["def add(a, b):", "Once upon a time"]
+    eager = complete(q, phi_tokenizer, prompts, max_new_tokens=12, stop_token_ids=[])
+    compiled = complete(q, phi_tokenizer, prompts, max_new_tokens=12, stop_token_ids=[], compile=True)
+    assert [c.token_ids for c in compiled] == [e.token_ids for e in eager]
+
+
 @pytest.mark.parametrize("mode", ["int8", "int8-weight-only", "int4"])
 @pytest.mark.parametrize("rows", [1, 3, 20])
 def test_quantized_linear_matches_fp32_on_decode_and_prompt_rows(mode, rows):

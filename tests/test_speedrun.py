@@ -82,3 +82,22 @@ def test_generation_budget_fits_the_longest_reference_solution():
     budget = solution_tokens(tok, problems)
     assert all(len(tok.encode(r["text"][len(r["prompt"]):])) < budget for r in problems)
     assert budget > 96  # the old fixed budget cut most word-problem solutions off before their answer
+
+
+def test_baseline_test_is_the_exact_hypergeometric_tail():
+    """The report's 'clearly above the baseline' verdict rests on a one-sided Fisher exact test; check it against
+    the hypergeometric tail computed by hand: P(at least a of the a+b successes fall in the trained group)."""
+    from math import comb
+
+    from phikit.speedrun_report import above_baseline_p, baseline_lines
+
+    def tail(a, n, b, m):
+        k = a + b
+        return sum(comb(n, i) * comb(m, k - i) for i in range(a, min(n, k) + 1)) / comb(n + m, k)
+
+    for trained, base in (([7, 60], [0, 60]), ([3, 60], [1, 60]), ([20, 60], [6, 60]), ([0, 60], [0, 60])):
+        assert abs(above_baseline_p(trained, base) - tail(*trained, *base)) < 1e-12
+    ev = {"untrained": {"arithmetic_easy_counts": [0, 60]},
+          "pretrained": {"arithmetic_easy_counts": [4, 60]}, "sft": {"arithmetic_easy_counts": [7, 60]}}
+    (line,) = baseline_lines(ev)
+    assert "sft 7/60 against untrained 0/60" in line and "clearly above" in line

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,9 @@ def prepare_cpu_linears(model: nn.Module) -> nn.Module:
 
 
 
+_LIVE_INT8: "weakref.WeakValueDictionary[int, Int8Linear]" = weakref.WeakValueDictionary()
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T + b with q int8 [out, in] and one scale per output channel (symmetric).
 
@@ -147,6 +151,8 @@ class Int8Linear(nn.Module):
         bias = linear.bias.detach().to(act_dtype) if linear.bias is not None else None
         self.register_buffer("bias", bias)
         self._packed = None  # fbgemm's packed copy of the weights, made on first use (not part of the state)
+        self._key = id(self)  # how the compiled path's custom op finds this layer
+        _LIVE_INT8[self._key] = self
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.scales.float()[:, None]
@@ -172,10 +178,8 @@ class Int8Linear(nn.Module):
                 y = y + self.bias.float()
             y = y.to(x.dtype)
         elif x.device.type == "cpu" and self.dynamic and torch.compiler.is_compiling():
-            # torch.compile cannot trace fbgemm's packed weights: the weight-only kernel, in fp32
-            y = torch.ops.aten._weight_int8pack_mm(x2.float().contiguous(), self.weight, self.scales.float())
-            if self.bias is not None:
-                y = y + self.bias.float()
+            # torch.compile cannot trace fbgemm's packed weights: call the kernel through an opaque custom op
+            y = torch.ops.phikit.int8_linear_dynamic(x2.float().contiguous(), self._key, self.out_features)
             y = y.to(x.dtype)
         elif x.device.type == "cpu" and self.dynamic:
             y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._fbgemm_weights(), True).to(x.dtype)
@@ -192,6 +196,17 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         kind = "fbgemm dynamic" if self.dynamic else "weight-only"
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel, {kind}"
+
+
+@torch.library.custom_op("phikit::int8_linear_dynamic", mutates_args=())
+def _int8_linear_dynamic(x: torch.Tensor, layer_id: int, out_features: int) -> torch.Tensor:
+    """fbgemm's int8 GEMM for the Int8Linear with this id (its packed weights stay outside the compiled graph)."""
+    return torch.ops.quantized.linear_dynamic(x, _LIVE_INT8[layer_id]._fbgemm_weights(), True)
+
+
+@_int8_linear_dynamic.register_fake
+def _(x: torch.Tensor, layer_id: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
 
 
 class Int4Linear(nn.Module):

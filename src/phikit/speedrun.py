@@ -451,6 +451,7 @@ def evaluate_model(model, tokenizer, heldout: dict[str, list[dict]], chat_format
                             stop=["\n\n", "Question:"])
         correct = [final_answer(o) == r["answer"] for o, r in zip(outs, records)]
         result[f"{kind}_accuracy"] = sum(correct) / len(correct)
+        result[f"{kind}_counts"] = [sum(correct), len(correct)]  # for the report's exact test against the baseline
         if kind.startswith("arithmetic"):  # also by difficulty: one operation, or several
             ops = [sum(r["question"].count(f" {c} ") for c in "+-*") for r in records]
             for label, keep in (("1op", lambda n: n == 1), ("multi_op", lambda n: n > 1)):

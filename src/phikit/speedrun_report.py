@@ -58,6 +58,32 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def above_baseline_p(trained: list[int], baseline: list[int]) -> float:
+    """One-sided Fisher exact p-value that the trained model's accuracy (correct, total) beats the baseline's by
+    more than chance: small p means clearly above."""
+    from scipy.stats import fisher_exact
+    (a, n), (b, m) = trained, baseline
+    return float(fisher_exact([[a, n - a], [b, m - b]], alternative="greater")[1])
+
+
+def baseline_lines(ev: dict[str, dict]) -> list[str]:
+    """One line per held-out task: the best trained model against the untrained one, with the exact test."""
+    lines = []
+    for kind, name in (("arithmetic_easy", "easy arithmetic"), ("arithmetic", "arithmetic"),
+                       ("word_problem", "word problems")):
+        base = ev.get("untrained", {}).get(f"{kind}_counts")
+        trained = [(c, ev[c][f"{kind}_counts"]) for c in ("pretrained", "sft") if f"{kind}_counts" in ev.get(c, {})]
+        if not base or not trained:
+            continue
+        stage, (a, n) = max(trained, key=lambda t: t[1][0] / max(1, t[1][1]))
+        p = above_baseline_p([a, n], base)
+        verdict = "clearly above the baseline" if p < 0.01 else "above the baseline" if p < 0.05 else \
+            "not distinguishable from the baseline"
+        lines.append(f"- {name}: {stage} {a}/{n} against untrained {base[0]}/{base[1]}; one-sided Fisher exact "
+                     f"p = {p:.2g}: {verdict}")
+    return lines
+
+
 def write_report(out: Path, results: dict[str, dict], minutes: float, elapsed: float) -> Path:
     out = Path(out)
     lines = ["# phikit speedrun report", ""]
@@ -74,6 +100,9 @@ def write_report(out: Path, results: dict[str, dict], minutes: float, elapsed: f
         lines += ["", "`untrained`: the same architecture at random initialization (the baseline); `pretrained`: "
                   "after pretraining on the textbook corpus, prompted in the QA format; `sft`: after ChatML "
                   "instruction tuning, asked as a chat.", ""]
+        tests = baseline_lines(ev)
+        if tests:
+            lines += ["Against the untrained baseline (held-out exercises, greedy, exact answer):", ""] + tests + [""]
 
     runs = {"pretrain": out / "pretrain", "sft": out / "sft-run"}
     png = plot_losses({k: v for k, v in runs.items() if v.exists()}, out / "loss.png")

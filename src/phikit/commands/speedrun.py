@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<11} easy arithmetic {s.get('arithmetic_easy_accuracy', 0):.1%}  "
               f"arithmetic {s.get('arithmetic_accuracy', 0):.1%}  "
               f"word problems {s.get('word_problem_accuracy', 0):.1%}  perplexity {s.get('heldout_perplexity', 0):.2f}")
+    from ..speedrun_report import baseline_lines
+    for line in baseline_lines(scores):
+        print(line)
     print(f"\ntalk to it:   phikit chat --model {Path(args.out) / 'model-chat'}")
     print(f"serve it:     phikit serve --model {Path(args.out) / 'model-chat'} --port 8000")
     return 0
