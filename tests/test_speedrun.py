@@ -13,8 +13,9 @@ import phikit
 from phikit.generate import chat
 
 
-def _start(out: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "phikit", "speedrun", "--preset", "micro", "--minutes", "0.4", "--out", str(out)]
+def _start(out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "phikit", "speedrun", "--preset", "micro", "--minutes", "0.4", "--out", str(out),
+           *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
@@ -60,6 +61,16 @@ def test_speedrun_survives_sigkill_and_resumes(tmp_path):
     proc = _start(out)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and log.count("done already") == 7, log
+
+    # Asking for the ablation later runs only it (same steps for both arms) and writes the report again with it.
+    proc = _start(out, "--ablation")
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and log.count("done already") == 6 and "report: finished" in log, log
+    arms = json.loads((out / "stages" / "ablation.json").read_text())["arms"]
+    assert arms["textbook"]["steps"] == arms["web-like"]["steps"] > 0
+    # Same compute; the textbook-trained model predicts the held-out worked solutions better.
+    assert arms["textbook"]["heldout_perplexity"] < arms["web-like"]["heldout_perplexity"]
+    assert "## Ablation: textbook data vs an unfiltered web-like mix" in (out / "report.md").read_text()
 
 
 def test_answers_are_read_from_the_answer_line_only():

@@ -115,9 +115,10 @@ class Speedrun:
         (self.path("speedrun.json")).write_text(json.dumps(plan, indent=2) + "\n")
         results = {}
         stages = [s for s in STAGES if s != "ablation" or self.ablation]
+        ran = False
         for i, stage in enumerate(stages, 1):
             previous = self.done(stage)
-            if previous is not None:
+            if previous is not None and not (stage == "report" and ran):  # new results: write the report again
                 self.log(f"[{i}/{len(stages)}] {stage}: done already ({previous['seconds']} s), skipping")
                 results[stage] = previous
                 continue
@@ -125,6 +126,7 @@ class Speedrun:
             t0 = time.time()
             result = getattr(self, f"stage_{stage}")(results)
             results[stage] = self.finish(stage, result, time.time() - t0)
+            ran = True
             self.log(f"[{i}/{len(stages)}] {stage}: finished in {time.time() - t0:.0f} s")
         return results
 
@@ -351,7 +353,7 @@ class Speedrun:
             steps = summary["steps"]  # the second arm gets exactly the same number of steps (same compute)
             model, tok = load(abl / f"model-{name}")
             arms[name] = {"steps": summary["steps"], "tokens": summary["tokens"],
-                          **evaluate_model(model, tok, self._heldout(), chat_format=False, perplexity=False)}
+                          **evaluate_model(model, tok, self._heldout(), chat_format=False)}
         return {"arms": arms}
 
     def _heldout(self) -> dict[str, list[dict]]:

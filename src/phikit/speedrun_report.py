@@ -112,14 +112,15 @@ def write_report(out: Path, results: dict[str, dict], minutes: float, elapsed: f
     abl = results.get("ablation", {}).get("arms")
     if abl:
         lines += ["## Ablation: textbook data vs an unfiltered web-like mix (same steps, same model)", "",
-                  "| training data | steps | tokens | easy arithmetic acc | arithmetic acc | word-problem acc | "
-                  "code pass@1 | MC acc |", "|---|---|---|---|---|---|---|---|"]
+                  "| training data | steps | tokens | held-out perplexity | easy arithmetic acc | arithmetic acc | "
+                  "word-problem acc | code pass@1 | MC acc |", "|---|---|---|---|---|---|---|---|---|"]
         for name, r in abl.items():
-            lines.append(f"| {name} | {r.get('steps')} | {r.get('tokens')} | "
+            lines.append(f"| {name} | {r.get('steps')} | {r.get('tokens')} | {_fmt(r.get('heldout_perplexity'))} | "
                          f"{_fmt(r.get('arithmetic_easy_accuracy'))} | {_fmt(r.get('arithmetic_accuracy'))} | "
                          f"{_fmt(r.get('word_problem_accuracy'))} | {_fmt(r.get('code_pass@1'))} | "
                          f"{_fmt(r.get('mc_accuracy'))} |")
-        lines.append("")
+        lines += ["", "Held-out perplexity is measured on the held-out exercises (questions with their worked "
+                  "solutions): how well each model predicts textbook-quality solutions it never saw.", ""]
 
     samples = results.get("eval", {}).get("samples", {})
     if samples:
