@@ -1,6 +1,8 @@
 """Decoding behaviour: seeds, stop strings, streaming, padding rows, quantization, bad input."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -141,6 +143,10 @@ def test_packed_fp32_linear_matches_plain_and_follows_weight_updates():
     layer(x).sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
     assert set(layer.state_dict()) == {"weight", "bias"}
+    twin = copy.deepcopy(layer)  # as DPO's reference model and adapter merging copy a model that has generated
+    assert twin._packed is None
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), layer(x))
 
 
 @pytest.mark.parametrize("kw,message", [

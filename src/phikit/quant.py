@@ -80,6 +80,11 @@ class PackedFp32Linear(nn.Linear):
 
     _packed: tuple | None = None
 
+    def __getstate__(self) -> dict:  # copies and pickles leave the packed copy out (oneDNN tensors have no storage)
+        state = self.__dict__.copy()
+        state["_packed"] = None
+        return state
+
     def _packed_weight(self) -> torch.Tensor | None:
         key = (self.weight.data_ptr(), self.weight._version)
         if self._packed is None or self._packed[0] != key:
@@ -128,7 +133,6 @@ def prepare_cpu_linears(model: nn.Module) -> nn.Module:
         elif m.weight.dtype == torch.float32 and packed:
             m.__class__ = PackedFp32Linear
     return model
-
 
 
 _LIVE_INT8: "weakref.WeakValueDictionary[int, Int8Linear]" = weakref.WeakValueDictionary()
