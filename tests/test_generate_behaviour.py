@@ -137,7 +137,7 @@ def test_packed_fp32_linear_matches_plain_and_follows_weight_updates():
     x = torch.randn(2, 5, 96)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-        assert layer._packed is not None
+        assert layer._packed is not None and layer._packed[1] is not None  # the packed copy was made
         layer.weight.mul_(-2.0)
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
     layer(x).sum().backward()

@@ -89,9 +89,10 @@ class PackedFp32Linear(nn.Linear):
         key = (self.weight.data_ptr(), self.weight._version)
         if self._packed is None or self._packed[0] != key:
             self._packed = None
-            if not _memory_to_spare(self.weight.numel() * 4):
-                return None  # the plain path is slower, not wrong
-            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8))
+            # Short of memory: remember the refusal (None) for these weights; the plain path is slower, not wrong.
+            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8) \
+                if _memory_to_spare(self.weight.numel() * 4) else None
+            self._packed = (key, packed)
         return self._packed[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
