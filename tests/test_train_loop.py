@@ -19,6 +19,7 @@ from phikit.train import checkpointing
 from phikit.train.config import TrainConfig
 from phikit.train.data import Mixture, PretrainBatches
 from phikit.train.loop import Trainer, TrainingDiverged
+from phikit.train.muon import Muon
 from phikit.train.pretrain import run_pretraining
 from phikit.train.report import read_metrics
 from train_shards import textbook_shards, write_shards
@@ -125,6 +126,74 @@ def test_sigterm_checkpoints_and_corrupt_fallback(shards, tmp_path):
     assert trainer.step == 4
     with pytest.raises(ValueError, match="already holds checkpoints"):
         _trainer(cfg).fit(resume=False)
+
+
+def test_muon_splits_parameters_and_resumes_exactly(shards, tmp_path):
+    """optimizer: muon gives the decoder blocks' matrices to torch's Muon and everything else to AdamW; both
+    optimizers' state goes into the checkpoint, so a run stopped at step 10 and resumed equals an uninterrupted one."""
+    full = _config(shards, tmp_path / "full", optimizer="muon")
+    assert run_pretraining(full, export=False)["status"] == "completed"
+    reference = _losses(full.out_dir)
+    assert reference[20] < reference[1] - 0.2, "Muon must train the model"
+
+    cfg = _config(shards, tmp_path / "split", optimizer="muon")
+    mix = Mixture.from_path(cfg.data)
+    plain = PretrainBatches(mix, cfg.seq_len, cfg.global_batch_size, cfg.micro_batch_size, seed=cfg.seed)
+
+    def batches(step, micro):
+        if step == 9 and micro == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # step 10 finishes, then a checkpoint
+        return plain(step, micro)
+
+    trainer = _trainer(cfg, batch_fn=batches)
+    adamw, muon = trainer.optimizers
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, Muon)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    names = {n for n, p in trainer.model.named_parameters() if id(p) in in_muon}
+    expected = {n for n, p in trainer.model.named_parameters() if p.dim() == 2 and ".layers." in n}
+    assert names == expected and len(names) == 2 * 6  # q, k, v, dense, fc1, fc2 in each of the 2 blocks
+    assert trainer.fit()["step"] == 10
+    resumed = run_pretraining(_config(shards, tmp_path / "split", optimizer="muon"), resume=True, export=False)
+    assert resumed["status"] == "completed"
+    losses = _losses(cfg.out_dir)
+    for step in range(1, 21):
+        assert losses[step] == pytest.approx(reference[step], rel=1e-6), step
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (96, 32), (32, 96)])
+def test_muon_matches_torch_muon(shape):
+    """phikit's Muon (fp32 where bf16 is slow, batched by shape) follows torch.optim.Muon's update rule: run both in
+    bf16 arithmetic for a few steps on the same weights and gradients and compare; and in fp32 the iteration
+    moves the singular values of the update toward 1 (it orthogonalizes)."""
+    from phikit.train.muon import Muon, orthogonalize
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(*shape, generator=gen)) for _ in range(2)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt_ours = Muon(ours, lr=0.02, weight_decay=0.1)
+    opt_theirs = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1)
+    import phikit.train.muon as muon_module
+    original = muon_module.bf16_matmul_is_fast
+    muon_module.bf16_matmul_is_fast = lambda device: True  # torch's always iterates in bf16
+    try:
+        for _ in range(3):
+            grads = [torch.randn(*shape, generator=gen) for _ in ours]
+            for p, q, g in zip(ours, theirs, grads):
+                p.grad, q.grad = g.clone(), g.clone()
+            opt_ours.step()
+            opt_theirs.step()
+    finally:
+        muon_module.bf16_matmul_is_fast = original
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=0, atol=2e-3)
+    sv = torch.linalg.svdvals(orthogonalize(torch.randn(3, *shape, generator=gen), dtype=torch.float32))
+    assert sv.max() < 1.3 and 0.7 < sv.mean() < 1.2  # Newton-Schulz's quintic lands singular values near 1
+
+
+def test_muon_refuses_fsdp():
+    with pytest.raises(ValueError, match="optimizer muon needs whole matrices"):
+        TrainConfig(model="tiny", data="x", optimizer="muon", strategy="fsdp").validate()
+    with pytest.raises(ValueError, match="optimizer 'sgd' is unknown"):
+        TrainConfig(model="tiny", data="x", optimizer="sgd").validate()
 
 
 def test_nan_guard_skips_then_stops(shards, tmp_path):

@@ -40,6 +40,8 @@ class SpeedrunPreset:
     seq_len: int = 256
     batch: int = 16
     lr: float = 2e-3
+    optimizer: str = "adamw"            # adamw | muon (see TrainConfig.optimizer)
+    muon_lr: float = 0.02
     pretrain_share: float = 0.70        # share of the time budget given to pretraining
     sft_share: float = 0.14
     precision: str = "fp32"
@@ -51,14 +53,16 @@ PRESETS: dict[str, SpeedrunPreset] = {
         model=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
                    partial_rotary_factor=0.5, max_position_embeddings=256),
         tokenizer="bpe", bpe_vocab=512,
-        docs={"arithmetic_easy": 300, "arithmetic": 100, "word_problem": 200, "python": 100, "passage": 50},
-        heldout=12, seq_len=128, batch=8, lr=3e-3),
+        docs={"arithmetic_easy": 300, "arithmetic_facts": 200, "arithmetic": 100, "word_problem": 200, "python": 100,
+              "passage": 50},
+        heldout=12, seq_len=128, batch=8, lr=3e-3, optimizer="muon"),
     "cpu-tiny": SpeedrunPreset(
         model=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
                    partial_rotary_factor=0.5, max_position_embeddings=512, resid_pdrop=0.0),
         tokenizer="bpe", bpe_vocab=2048,
-        docs={"arithmetic_easy": 12000, "arithmetic": 3000, "word_problem": 5000, "python": 2000, "passage": 1500},
-        heldout=60, seq_len=256, batch=16, lr=2e-3),
+        docs={"arithmetic_easy": 12000, "arithmetic_facts": 8000, "arithmetic": 3000, "word_problem": 3000,
+              "python": 2000, "passage": 1500},
+        heldout=60, seq_len=256, batch=16, lr=2e-3, optimizer="muon"),
     "gpu-small": SpeedrunPreset(
         model=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                    partial_rotary_factor=0.5, max_position_embeddings=2048),
@@ -245,6 +249,7 @@ class Speedrun:
         cfg = TrainConfig(model="tiny", model_config=self._model_overrides(), data=str(shards),
                           seq_len=self.preset.seq_len, global_batch_size=self.preset.batch,
                           micro_batch_size=self.preset.batch, lr=self.preset.lr, schedule="cosine",
+                          optimizer=self.preset.optimizer, muon_lr=self.preset.muon_lr,
                           precision=self.preset.precision, out_dir=str(run_dir), eval_every=50, eval_sequences=32,
                           checkpoint_every=10, keep_last=1, tensorboard=False, seed=self.seed, max_steps=10)
         if max_steps is None:
@@ -370,10 +375,11 @@ class Speedrun:
 
 
 def probe_step_seconds(cfg, steps: int = 3) -> float:
-    """Seconds per optimizer step of this config on this machine (forward, backward, AdamW on random tokens)."""
+    """Seconds per optimizer step of this config on this machine (forward, backward, update on random tokens)."""
     from .model import build_model
+    from .train.loop import build_optimizers
     model = build_model(cfg.model_preset(), seed=0).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizers = build_optimizers(model, cfg, sharded=False)
     ids = torch.randint(0, model.config.tokenizer_vocab_size or model.config.vocab_size,
                         (cfg.micro_batch_size, cfg.seq_len + 1))
     times = []
@@ -382,8 +388,9 @@ def probe_step_seconds(cfg, steps: int = 3) -> float:
         out = model(ids[:, :-1])
         loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     accum = cfg.global_batch_size // cfg.micro_batch_size
     return sorted(times[1:])[len(times[1:]) // 2] * accum * 1.1  # median, first step is warm-up; 10% for eval

@@ -17,9 +17,10 @@ import random
 import re
 from typing import Callable
 
-KINDS = ("arithmetic", "word_problem", "python", "passage", "arithmetic_easy")
-MIX = {"arithmetic": 0.3, "word_problem": 0.3, "python": 0.25, "passage": 0.15, "arithmetic_easy": 0.0}
-DEFAULT_KINDS = ("arithmetic", "word_problem", "python", "passage")  # arithmetic_easy only when asked for
+KINDS = ("arithmetic", "word_problem", "python", "passage", "arithmetic_easy", "arithmetic_facts")
+MIX = {"arithmetic": 0.3, "word_problem": 0.3, "python": 0.25, "passage": 0.15, "arithmetic_easy": 0.0,
+       "arithmetic_facts": 0.0}
+DEFAULT_KINDS = ("arithmetic", "word_problem", "python", "passage")  # the other two only when asked for
 HELDOUT_FRACTION = 0.1
 
 
@@ -71,6 +72,29 @@ def arithmetic_easy(rng: random.Random) -> dict:
     """First-grade arithmetic for models trained in minutes: one or two operations on numbers up to 10. Held-out
     one-step facts still appear as steps of longer training problems, which is how a small model learns them."""
     return arithmetic(rng, ops=(1, 1, 2), high=10)
+
+
+def arithmetic_facts(rng: random.Random) -> dict:
+    """A page of a number-facts table, drilled the way a first-grade textbook does it: one number combined with
+    each of 2..10 by one operation, in shuffled order. Besides the one-digit table, pages count on and back by a
+    single digit from larger or negative numbers, which are the second steps of two-operation exercises.
+    Exercises are held out; the facts they use, like a times table, are taught."""
+    op = rng.choice("+-*")
+    start = rng.random()
+    if op == "*" or start < 0.5:
+        a = rng.randint(2, 10)
+    elif start < 0.9:
+        a = rng.randint(11, 99)
+    else:
+        a = rng.randint(-9, -1)
+    bs = list(range(2, 11))
+    rng.shuffle(bs)
+    value = {"+": lambda b: a + b, "-": lambda b: a - b, "*": lambda b: a * b}[op]
+    title = {"+": f"Adding to {a}", "-": f"Subtracting from {a}", "*": f"Multiplying by {a}"}[op]
+    lines = [f"{a} {op} {b} = {value(b)}." for b in bs] if op != "*" else [f"{b} * {a} = {value(b)}." for b in bs]
+    text = f"{title}:\n" + "\n".join(lines)
+    check = "".join(f"assert {line.rstrip('.').replace('=', '==')}\n" for line in lines)
+    return {"text": text, "key": f"facts:{text}", "check": check}
 
 
 def arithmetic(rng: random.Random, ops: tuple[int, ...] = (1, 2, 2, 3), high: int = 60) -> dict:
@@ -357,7 +381,7 @@ def passage(rng: random.Random) -> dict:
 
 
 MAKERS: dict[str, Callable[[random.Random], dict]] = {
-    "arithmetic_easy": arithmetic_easy,
+    "arithmetic_easy": arithmetic_easy, "arithmetic_facts": arithmetic_facts,
     "arithmetic": arithmetic, "word_problem": word_problem, "python": python_function, "passage": passage,
 }
 

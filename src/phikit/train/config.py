@@ -19,6 +19,7 @@ from ..config import PRESETS, PhiConfig, get_config
 SCHEDULES = ("constant", "cosine", "wsd")
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRATEGIES = ("auto", "ddp", "fsdp")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -34,8 +35,10 @@ class TrainConfig:
     global_batch_size: int = 32             # sequences per optimizer step, over all processes
     micro_batch_size: int = 8               # sequences per forward/backward on one process
     max_steps: int = 100
-    # --- optimizer: AdamW ---
-    lr: float = 2e-4
+    # --- optimizer ---
+    optimizer: str = "adamw"                # adamw | muon (Muon on the blocks' matrices, AdamW on the rest)
+    lr: float = 2e-4                        # AdamW's peak learning rate (embeddings, lm_head, biases, LayerNorms)
+    muon_lr: float = 0.02                   # muon: peak learning rate of the blocks' matrices (same schedule)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-7
     weight_decay: float = 0.1
@@ -91,6 +94,12 @@ class TrainConfig:
             bad(f"schedule {self.schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             bad(f"precision {self.precision!r} is unknown: choose one of {', '.join(PRECISIONS)}")
+        if self.optimizer not in OPTIMIZERS:
+            bad(f"optimizer {self.optimizer!r} is unknown: choose one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "muon" and self.strategy == "fsdp":
+            bad("optimizer muon needs whole matrices and FSDP shards them: use strategy ddp, or optimizer adamw")
+        if self.optimizer == "muon" and self.muon_lr <= 0:
+            bad(f"muon_lr must be > 0, got {self.muon_lr}")
         if self.strategy not in STRATEGIES:
             bad(f"strategy {self.strategy!r} is unknown: choose one of {', '.join(STRATEGIES)}")
         for name in ("seq_len", "global_batch_size", "micro_batch_size", "max_steps", "keep_last"):

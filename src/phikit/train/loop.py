@@ -18,8 +18,8 @@ Usage:
     summary = trainer.fit(resume=True)
 
 The Trainer moves the model to the device, applies activation checkpointing / torch.compile, wraps it for DDP or
-FSDP2 under torchrun, owns the AdamW optimizer, the schedule, loss scaling, the NaN guard, checkpoints, metrics,
-the progress bar and the final report.
+FSDP2 under torchrun, owns the optimizers (AdamW, or Muon + AdamW), the schedule, loss scaling, the NaN guard,
+checkpoints, metrics, the progress bar and the final report.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ from . import checkpointing, distributed, report
 from .config import TrainConfig
 from .distributed import DistEnv
 from .losses import causal_lm_loss, fused_causal_lm_loss
+from .muon import Muon
 
 Batch = dict[str, torch.Tensor]
 BatchFn = Callable[[int, int], Batch]
@@ -71,15 +72,27 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, sharded: bool) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on biases and LayerNorm parameters)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def build_optimizers(model: nn.Module, cfg: TrainConfig, sharded: bool) -> list[torch.optim.Optimizer]:
+    """AdamW with weight decay on matrices only (not on biases and LayerNorm parameters); with
+    `optimizer: muon`, the matrices inside the decoder blocks go to Muon instead (orthogonalized momentum: small
+    models learn lookup-like facts many times faster) and AdamW keeps the embedding, lm_head and vectors.
+    Each group remembers its peak learning rate as `base_lr`; the schedule scales all of them alike."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # Block matrices are named model.layers.N...; wrapped models (DDP, compile) only prefix the name.
+    muon = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and ".layers." in n]
+    taken = {id(p) for p in muon}
+    rest = [p for _, p in named if id(p) not in taken]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "base_lr": cfg.lr}]
     # The fused kernel does the whole update in one pass per tensor (much faster on the CPU than foreach);
     # FSDP2's sharded DTensor parameters use the foreach path.
     impl = {"foreach": True} if sharded else {"fused": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **impl)
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **impl)]
+    if muon:
+        optimizers.append(Muon([{"params": muon, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr,
+                               weight_decay=cfg.weight_decay, momentum=0.95))
+    return optimizers
 
 
 def _init_on_device(model: nn.Module, seed: int, env: DistEnv) -> None:
@@ -141,7 +154,7 @@ class Trainer:
             # The fused loss reads lm_head outside the forward; FSDP2 reshards it there, so it uses plain logits.
             loss_fn = fused_causal_lm_loss if cfg.fused_loss and not self.sharded else causal_lm_loss
         self.loss_fn = loss_fn
-        self.optimizer = build_optimizer(self.model, cfg, self.sharded)
+        self.optimizers = build_optimizers(self.model, cfg, self.sharded)
         # fp16 needs dynamic loss scaling (the paper's recipe); bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
@@ -173,8 +186,9 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns its metrics."""
         cfg, env = self.cfg, self.env
         lr = lr_at(self.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr * group.get("base_lr", cfg.lr) / cfg.lr  # older checkpoints: AdamW only
         # Backward on loss * weight / norm keeps gradients O(1); the exact mean is restored below.
         norm = float(cfg.micro_batch_size * cfg.seq_len)
         weighted_loss, weight, tokens = 0.0, 0.0, 0
@@ -193,7 +207,8 @@ class Trainer:
                     extra.setdefault(k, []).append(float(v))
         weighted_loss, weight, tokens = distributed.all_reduce([weighted_loss, weight, tokens], env)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        self.scaler.unscale_(self.optimizer)
+        for opt in self.optimizers:
+            self.scaler.unscale_(opt)
         factor = env.world_size * norm / max(weight, 1e-12)  # DDP/FSDP average over processes: undo, then mean
         torch._foreach_mul_([p.grad for p in params], factor)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -205,13 +220,16 @@ class Trainer:
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if self.scaler.is_enabled():
             scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
+            for opt in self.optimizers:
+                self.scaler.step(opt)  # skips the update itself when gradients overflowed
             self.scaler.update()
             overflow = self.scaler.get_scale() < scale
             finite = math.isfinite(loss)  # an fp16 gradient overflow is routine: the scale drops and we go on
         elif finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            for opt in self.optimizers:
+                opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         record = {"event": "train", "step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens": int(tokens)}
         record.update({k: float(np.mean(v)) for k, v in extra.items()})
@@ -258,14 +276,14 @@ class Trainer:
         return out
 
     def save(self) -> Path:
-        return checkpointing.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
+        return checkpointing.save_checkpoint(self.run_dir, self.step, self.model, self.optimizers,
                                              self._trainer_state(), self.env, self.cfg.keep_last)
 
     def resume(self) -> bool:
         path = checkpointing.find_resumable(self.run_dir, self.env)
         if path is None:
             return False
-        state = checkpointing.load_checkpoint(path, self.model, self.optimizer, self.env)
+        state = checkpointing.load_checkpoint(path, self.model, self.optimizers, self.env)
         self.step, self.tokens = state["step"], state["tokens"]
         self.skipped_steps, self.bad_streak, self.elapsed = state["skipped_steps"], state["bad_streak"], state["elapsed"]
         if state.get("scaler") and self.scaler.is_enabled():
