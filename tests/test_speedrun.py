@@ -112,3 +112,18 @@ def test_baseline_test_is_the_exact_hypergeometric_tail():
           "pretrained": {"arithmetic_easy_counts": [4, 60]}, "sft": {"arithmetic_easy_counts": [7, 60]}}
     (line,) = baseline_lines(ev)
     assert "sft 7/60 against untrained 0/60" in line and "clearly above" in line
+
+
+def test_sft_data_keeps_one_step_solutions_a_third_of_the_arithmetic():
+    """Dedup leaves each one-step exercise once; the SFT conversations repeat them back to a third of the
+    arithmetic, so the assistant does not add a second step to a one-step question."""
+    from phikit.data import procedural
+    from phikit.data.dedup import dedup
+    from phikit.speedrun import Speedrun
+    records = list(dedup(procedural.generate(3000, "train", seed=0, kinds=("arithmetic_easy",)), threshold=0.95))
+    convs = Speedrun._sft_conversations(records, seed=0)
+    one_step = [r for r in records if r["text"].count("Step ") == 1]
+    assert len(one_step) < len(records) / 5  # few distinct one-step exercises: the space is small
+    steps = [c["messages"][1]["content"].count("Step ") for c in convs]
+    assert 0.25 < steps.count(1) / len(steps) < 0.42
+    assert {c["messages"][0]["content"] for c in convs} == {r["question"] for r in records}

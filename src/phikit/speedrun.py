@@ -42,6 +42,7 @@ class SpeedrunPreset:
     lr: float = 2e-3
     optimizer: str = "adamw"            # adamw | muon (see TrainConfig.optimizer)
     muon_lr: float = 0.02
+    sft_lr: float | None = None         # SFT's peak learning rate (AdamW); None: half of lr
     pretrain_share: float = 0.70        # share of the time budget given to pretraining
     sft_share: float = 0.14
     precision: str = "fp32"
@@ -175,7 +176,7 @@ class Speedrun:
         data_dir.mkdir(parents=True, exist_ok=True)
         write_records(data_dir / "train.jsonl", ({"text": r["text"], "kind": r.get("kind", "teacher")} for r in kept))
         write_records(data_dir / "heldout.jsonl", (r for rs in heldout.values() for r in rs))
-        write_records(data_dir / "sft.jsonl", self._sft_conversations(kept))
+        write_records(data_dir / "sft.jsonl", self._sft_conversations(kept, self.seed))
         return {"documents": len(docs), "teacher_documents": len(teacher_docs), "kept": len(kept),
                 "dedup": {"exact": dedup_report.exact_duplicates, "near": dedup_report.near_duplicates},
                 "decontaminate": {"benchmarks (HumanEval, GSM8K; 13-gram)": contam.contaminated,
@@ -198,18 +199,32 @@ class Speedrun:
         return [{"text": r["text"], "kind": "teacher"} for r in read_records([out])]
 
     @staticmethod
-    def _sft_conversations(records: list[dict]) -> list[dict]:
-        """Instruction data from the corpus: exercises as user/assistant turns in OpenAI message shape."""
-        convs = []
+    def _sft_conversations(records: list[dict], seed: int = 0) -> list[dict]:
+        """Instruction data from the corpus: exercises as user/assistant turns in OpenAI message shape.
+
+        Exact dedup keeps each one-step arithmetic exercise once (they repeat in a small space), which leaves
+        one in thirty solutions one step long, and an assistant tuned on that mix adds a second step to every
+        one-step question. The one-step solutions are repeated until they are a third of the arithmetic, as in
+        the generator's mix."""
+        convs, one_step, arithmetic = [], [], 0
         for r in records:
             if r.get("kind") in ("arithmetic_easy", "arithmetic", "word_problem") and r.get("prompt") and r["text"].startswith(r["prompt"]):
                 answer = r["text"][len(r["prompt"]):].strip()
-                convs.append({"messages": [{"role": "user", "content": r["question"]},
-                                           {"role": "assistant", "content": answer}]})
+                conv = {"messages": [{"role": "user", "content": r["question"]},
+                                     {"role": "assistant", "content": answer}]}
+                convs.append(conv)
+                if r["kind"] != "word_problem":
+                    arithmetic += 1
+                    if answer.count("Step ") == 1:
+                        one_step.append(conv)
             elif r.get("kind") == "python" and r.get("entry_point"):
                 prompt, body = _split_python(r["text"])
                 convs.append({"messages": [{"role": "user", "content": "Complete this function:\n" + prompt},
                                            {"role": "assistant", "content": body}]})
+        if one_step:
+            repeats = max(0, round((arithmetic - len(one_step)) / (2 * len(one_step))) - 1)
+            convs += one_step * repeats
+            random.Random(seed).shuffle(convs)
         return convs
 
     def stage_tokenizer(self, results: dict) -> dict:
@@ -312,7 +327,7 @@ class Speedrun:
         steps = max(20, int(seconds / probe_step_seconds(probe)))
         cfg = SFTConfig(model=str(self.path("model-base")), data=str(self.path("data", "sft.jsonl")),
                         out_dir=str(run_dir), max_length=self.preset.seq_len, batch_size=self.preset.batch,
-                        micro_batch_size=self.preset.batch, max_steps=steps, lr=self.preset.lr / 2,
+                        micro_batch_size=self.preset.batch, max_steps=steps, lr=self.preset.sft_lr or self.preset.lr / 2,
                         warmup_steps=min(20, steps // 10), val_fraction=0.02, eval_every=max(10, steps // 4),
                         checkpoint_every=50, keep_last=1, precision=self.preset.precision, seed=self.seed)
         summary = run_sft(cfg, resume=(run_dir / "checkpoints").is_dir())
