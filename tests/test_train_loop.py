@@ -128,12 +128,18 @@ def test_sigterm_checkpoints_and_corrupt_fallback(shards, tmp_path):
         _trainer(cfg).fit(resume=False)
 
 
-def test_muon_splits_parameters_and_resumes_exactly(shards, tmp_path):
-    """optimizer: muon gives the decoder blocks' matrices to torch's Muon and everything else to AdamW; both
-    optimizers' state goes into the checkpoint, so a run stopped at step 10 and resumed equals an uninterrupted one."""
-    full = _config(shards, tmp_path / "full", optimizer="muon")
+@pytest.fixture(scope="module")
+def muon_reference(shards, tmp_path_factory):
+    """One uninterrupted single-process run with optimizer: muon."""
+    full = _config(shards, tmp_path_factory.mktemp("muon") / "run", optimizer="muon")
     assert run_pretraining(full, export=False)["status"] == "completed"
-    reference = _losses(full.out_dir)
+    return _losses(full.out_dir)
+
+
+def test_muon_splits_parameters_and_resumes_exactly(shards, muon_reference, tmp_path):
+    """optimizer: muon gives the decoder blocks' matrices to Muon and everything else to AdamW; both optimizers'
+    state goes into the checkpoint, so a run stopped at step 10 and resumed equals an uninterrupted one."""
+    reference = muon_reference
     assert reference[20] < reference[1] - 0.2, "Muon must train the model"
 
     cfg = _config(shards, tmp_path / "split", optimizer="muon")
@@ -249,6 +255,16 @@ def test_two_processes_match_one(shards, reference, tmp_path, strategy):
     assert sorted(losses) == list(range(1, 21))
     for step in range(1, 21):
         assert losses[step] == pytest.approx(reference[step], rel=1e-5), step
+
+
+def test_muon_under_ddp_matches_one_process(shards, muon_reference, tmp_path):
+    """Muon sees the all-reduced gradients, so 2 DDP processes follow the 1-process Muon curve."""
+    cfg = _config(shards, tmp_path / "run", strategy="ddp", optimizer="muon", checkpoint_every=10)
+    _torchrun(_write_yaml(cfg, tmp_path / "c.yaml"))
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 21))
+    for step in range(1, 21):
+        assert losses[step] == pytest.approx(muon_reference[step], rel=1e-5), step
 
 
 def test_small_model_learns_textbooks(tmp_path_factory):
