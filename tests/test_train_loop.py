@@ -167,28 +167,24 @@ def test_muon_splits_parameters_and_resumes_exactly(shards, muon_reference, tmp_
 
 
 @pytest.mark.parametrize("shape", [(48, 48), (96, 32), (32, 96)])
-def test_muon_matches_torch_muon(shape):
+def test_muon_matches_torch_muon(shape, monkeypatch):
     """phikit's Muon (fp32 where bf16 is slow, batched by shape) follows torch.optim.Muon's update rule: run both in
     bf16 arithmetic for a few steps on the same weights and gradients and compare; and in fp32 the iteration
     moves the singular values of the update toward 1 (it orthogonalizes)."""
+    import phikit.train.muon as muon_module
     from phikit.train.muon import Muon, orthogonalize
+    monkeypatch.setattr(muon_module, "bf16_matmul_is_fast", lambda device: True)  # torch's always iterates in bf16
     gen = torch.Generator().manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(*shape, generator=gen)) for _ in range(2)]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     opt_ours = Muon(ours, lr=0.02, weight_decay=0.1)
     opt_theirs = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1)
-    import phikit.train.muon as muon_module
-    original = muon_module.bf16_matmul_is_fast
-    muon_module.bf16_matmul_is_fast = lambda device: True  # torch's always iterates in bf16
-    try:
-        for _ in range(3):
-            grads = [torch.randn(*shape, generator=gen) for _ in ours]
-            for p, q, g in zip(ours, theirs, grads):
-                p.grad, q.grad = g.clone(), g.clone()
-            opt_ours.step()
-            opt_theirs.step()
-    finally:
-        muon_module.bf16_matmul_is_fast = original
+    for _ in range(3):
+        grads = [torch.randn(*shape, generator=gen) for _ in ours]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_theirs.step()
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, rtol=0, atol=2e-3)
     sv = torch.linalg.svdvals(orthogonalize(torch.randn(3, *shape, generator=gen), dtype=torch.float32))

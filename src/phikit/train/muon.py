@@ -10,6 +10,7 @@ On the speedrun's 4 x 192 model on a 2-core CPU the whole optimizer step costs a
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 
@@ -18,6 +19,7 @@ import torch
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # the quintic of torch.optim.Muon (steepest slope at zero)
 
 
+@functools.cache  # asked on every step: the answer for a device never changes
 def bf16_matmul_is_fast(device: torch.device) -> bool:
     """bf16 matrix products beat fp32 on GPUs and on CPUs with bf16 units; elsewhere they are emulated."""
     if device.type != "cpu":
