@@ -111,6 +111,52 @@ def test_compiled_int8_decodes_the_same_tokens_as_eager(model, phi_tokenizer):
     assert [c.token_ids for c in compiled] == [e.token_ids for e in eager]
 
 
+def test_compiled_bf16_keeps_the_matrix_vector_kernel(model, phi_tokenizer):
+    """Single-row bf16 layers reach torch.mv through an opaque custom op when compiled (inductor's own product is
+    slower on CPUs without native bf16); the compiled model decodes what the eager one does."""
+    from phikit.model import KVCache
+    bf16 = prepare_cpu_linears(copy.deepcopy(model).to(torch.bfloat16))
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    cache = KVCache.allocate(bf16.config, 1, 64, dtype=torch.bfloat16)
+    cache.write_index = torch.zeros(1, dtype=torch.long)
+    key_mask = torch.zeros(1, 1, 64, dtype=torch.bool)
+    key_mask[..., 0] = True
+    with torch.inference_mode():
+        torch.compile(bf16.forward_static, backend=capture, fullgraph=True)(
+            torch.ones(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), key_mask, cache)
+    assert "phikit.bf16_mv" in graphs[0]
+    prompts = ["def add(a, b):"]
+    eager = complete(bf16, phi_tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True)
+    compiled = complete(bf16, phi_tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True,
+                        compile=True)
+    assert compiled[0].token_ids == eager[0].token_ids
+    for a, b in zip(eager[0].logprobs, compiled[0].logprobs):
+        assert abs(a - b) < 0.05
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-weight-only", "int4"])
+def test_quantized_attention_fuses_qkv_exactly(model, mode):
+    """quantize_model gives each attention one [3d, d] projection; its output is bit for bit the three separately
+    quantized projections side by side, on the decoding (one row), batch and prompt paths."""
+    from phikit.quant import Int4Linear, Int8Linear
+    reference = model.model.layers[0].self_attn
+    q = quantize_model(copy.deepcopy(model), mode)
+    attn = q.model.layers[0].self_attn
+    assert attn.qkv_proj is not None and not hasattr(attn, "q_proj")
+    dtype = torch.float32 if mode == "int8" else torch.bfloat16
+    separate = [Int8Linear(m, dtype, dynamic=mode == "int8") if mode.startswith("int8") else Int4Linear(m)
+                for m in (reference.q_proj, reference.k_proj, reference.v_proj)]
+    torch.manual_seed(0)
+    for rows in (1, 3, 20):
+        x = torch.randn(rows, model.config.hidden_size, dtype=dtype)
+        torch.testing.assert_close(attn.qkv_proj(x), torch.cat([m(x) for m in separate], -1), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mode", ["int8", "int8-weight-only", "int4"])
 @pytest.mark.parametrize("rows", [1, 3, 20])
 def test_quantized_linear_matches_fp32_on_decode_and_prompt_rows(mode, rows):

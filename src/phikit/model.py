@@ -119,13 +119,20 @@ class PhiAttention(nn.Module):
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
         self.dense = nn.Linear(d, d)
+        # Quantized models (phikit.quant) replace q/k/v by this one [3d, d] projection: one kernel call per step
+        # instead of three, which decoding notices. The checkpoint layout keeps the three.
+        self.qkv_proj: nn.Module | None = None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, output_attentions: bool):
         b, t, _ = x.shape
-        shape = (b, t, self.num_heads, self.head_dim)
-        q = self.q_proj(x).view(shape).transpose(1, 2)
-        k = self.k_proj(x).view(shape).transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(b, t, 3, self.num_heads, self.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            shape = (b, t, self.num_heads, self.head_dim)
+            q = self.q_proj(x).view(shape).transpose(1, 2)
+            k = self.k_proj(x).view(shape).transpose(1, 2)
+            v = self.v_proj(x).view(shape).transpose(1, 2)
         q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)

@@ -61,12 +61,25 @@ class Bf16Linear(nn.Linear):
             bias = self.bias.float() if self.bias is not None else None
             return F.linear(x.float(), weight, bias).to(x.dtype)
         if x.device.type == "cpu" and self.weight.dtype == torch.bfloat16 and _rows(x) == 1:
-            # torch's bf16 matrix-vector kernel streams the weights twice as fast as F.linear's bf16 path here
-            y = torch.mv(self.weight, x.reshape(-1))
+            # torch's bf16 matrix-vector kernel streams the weights twice as fast as F.linear's bf16 path here;
+            # torch.compile would lower torch.mv to its own (slower) product, so the compiled step calls it opaquely
+            mv = torch.ops.phikit.bf16_mv if torch.compiler.is_compiling() else torch.mv
+            y = mv(self.weight, x.reshape(-1))
             if self.bias is not None:
                 y = y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features)
         return super().forward(x)
+
+
+@torch.library.custom_op("phikit::bf16_mv", mutates_args=())
+def _bf16_mv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """torch.mv, kept whole inside torch.compile graphs (see Bf16Linear)."""
+    return torch.mv(weight, x)
+
+
+@_bf16_mv.register_fake
+def _(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return weight.new_empty(weight.shape[0])
 
 
 class PackedFp32Linear(nn.Linear):
@@ -265,6 +278,27 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}"
 
 
+def _fuse_qkv(model: nn.Module) -> None:
+    """Each attention's q/k/v projections become one [3d, d] nn.Linear (`qkv_proj`), quantized like the others.
+    Exact: the scales are per output channel (int8) or per output channel and input group (int4), and fbgemm
+    rounds the one input vector the same way for all three. One kernel call instead of three per layer and step
+    saves ~15% of an int8 decoding step on 2 CPU cores (phi-1.5)."""
+    for attn in model.modules():
+        if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj")) \
+                or not hasattr(attn, "qkv_proj"):
+            continue
+        parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+        if len({p.bias is None for p in parts}) > 1:
+            continue
+        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts),
+                          bias=all(p.bias is not None for p in parts), device="meta")
+        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+        if fused.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+        del attn.q_proj, attn.k_proj, attn.v_proj
+        attn.qkv_proj = fused
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
     """Replace every nn.Linear (lm_head included) by its quantized form, in place; returns the model.
@@ -285,6 +319,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Modu
         act_dtype = torch.float32 if dynamic else torch.bfloat16
     elif act_dtype == torch.float32:
         act_dtype = torch.bfloat16
+    _fuse_qkv(model)
     replacements = [(parent, name, child) for parent in model.modules()
                     for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     for parent, name, child in replacements:
