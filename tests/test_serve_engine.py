@@ -59,7 +59,10 @@ async def drain(group: Group) -> dict[int, list[int]]:
     return out
 
 
-def test_joining_and_leaving_requests_decode_like_transformers(models, phi_tokenizer):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_joining_and_leaving_requests_decode_like_transformers(models, phi_tokenizer, compile):
+    """compiled: the steps run PhiForCausalLM.forward_static through torch.compile over a cache that grows and
+    shrinks, with batch sizes from 1 to 5 (symbolic sizes)."""
     ours, ref = models
     prompts = {
         "first": phi_tokenizer.encode("def add(a, b):"),
@@ -68,7 +71,7 @@ def test_joining_and_leaving_requests_decode_like_transformers(models, phi_token
         "pair": phi_tokenizer.encode("Alice: hello\nBob:"),
     }
     lengths = {"first": 40, "longer": 12, "shorter": 25, "pair": 8}
-    engine = Engine(ours, phi_tokenizer, max_batch=8, max_queue=8)
+    engine = Engine(ours, phi_tokenizer, max_batch=8, max_queue=8, compile=compile)
 
     async def scenario():
         groups = {name: greedy_group(prompts[name], lengths[name], n=2 if name == "pair" else 1)
@@ -91,7 +94,7 @@ def test_joining_and_leaving_requests_decode_like_transformers(models, phi_token
 
     engine.start()
     try:
-        results = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+        results = asyncio.run(asyncio.wait_for(scenario(), timeout=400 if compile else 60))
     finally:
         engine.stop()
     assert engine.max_rows_seen >= 3, "requests should have decoded in one batch"

@@ -28,12 +28,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="weight dtype (default: fp32 on CPU, the checkpoint's dtype on GPU)")
     p.add_argument("--quantize", choices=MODES, default=None, help="int8, int8-weight-only or int4 weights")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile: pays on GPUs and small models; the first requests of each "
+                        "new batch shape wait for compiling (tens of seconds on a CPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 can be faster on a busy machine)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.epilog = ("examples:\n"
                 "  phikit serve --model ./phi-2 --port 8000\n"
                 "  phikit serve --model ./my-sft --api-key secret --max-batch 32\n"
+                "  phikit serve --model ./phi-1_5 --device cuda --dtype fp16 --compile\n"
                 "  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
                 "    -d '{\"model\": \"phi-2\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'\n"
                 "  open http://127.0.0.1:8000/ for the chat page")
@@ -61,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key, max_batch=args.max_batch,
-                     max_queue=args.max_queue, request_timeout=args.request_timeout, format_name=args.format)
+                     max_queue=args.max_queue, request_timeout=args.request_timeout, format_name=args.format,
+                     compile=args.compile)
     fmt = app.state.format.name
     print(f"serving {name} ({model.num_parameters():,} parameters, {fmt} chat format) on "
           f"http://{args.host}:{args.port}  (chat page at /, API at /v1, Ctrl-C to stop)", flush=True)

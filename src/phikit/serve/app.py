@@ -26,13 +26,14 @@ from .service import OpenAIService
 
 def create_app(model: PhiForCausalLM, tokenizer: Tokenizer, *, model_name: str = "phi", api_key: str | None = None,
                max_batch: int = 16, max_queue: int = 64, request_timeout: float = 600.0,
-               format_name: str | None = None, max_body_bytes: int = 2 * 2**20) -> FastAPI:
+               format_name: str | None = None, max_body_bytes: int = 2 * 2**20, compile: bool = False) -> FastAPI:
     """The server as an ASGI app; the engine thread starts and stops with the app's lifespan.
 
     format_name picks how chat messages become a prompt (default: ChatML when the tokenizer has its tokens, else
-    the chat transcript). max_queue bounds the prompts waiting for a batch slot (429 beyond it).
+    the chat transcript). max_queue bounds the prompts waiting for a batch slot (429 beyond it). compile runs the
+    decoding steps through torch.compile (see Engine).
     """
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, compile=compile)
     fmt = get_format(format_name or default_format(tokenizer))
     metrics = Metrics(engine)
     service = OpenAIService(engine, tokenizer, fmt, model_name, metrics, request_timeout)

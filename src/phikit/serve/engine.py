@@ -143,7 +143,7 @@ class Engine:
     """The decoding loop. `submit` from the event loop; events come back on each group's queue."""
 
     def __init__(self, model: PhiForCausalLM, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 prefill_tokens: int = 4096) -> None:
+                 prefill_tokens: int = 4096, compile: bool = False) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model = model.eval()
@@ -165,6 +165,10 @@ class Engine:
         self._outbox: list[tuple[Group, Event]] = []
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # torch.compile of the fixed-shape decoding step (PhiForCausalLM.forward_static). Batch size and cache
+        # capacity change as requests come and go, so both are symbolic: one graph serves every batch (torch
+        # specializes a batch of one, which gets a second).
+        self._compiled_step = torch.compile(model.forward_static, fullgraph=True, dynamic=True) if compile else None
         self.steps = 0  # decoding steps run (observability and tests)
         self.max_rows_seen = 0  # largest batch decoded together
 
@@ -325,13 +329,41 @@ class Engine:
         self._mask = torch.cat([self._mask, torch.ones((batch, 1), dtype=torch.bool)], dim=1)
         padded = not bool(self._mask.all())
         device = self.model.device
-        out = self.model(self._last[:, None].to(device), past_key_values=self._cache, use_cache=True,
-                         attention_mask=self._mask.to(device) if padded else None)
+        if self._compiled_step is not None:
+            logits = self._static_step()
+        else:
+            out = self.model(self._last[:, None].to(device), past_key_values=self._cache, use_cache=True,
+                             attention_mask=self._mask.to(device) if padded else None)
+            logits = out.logits[:, -1]
         self.steps += 1
-        logits = out.logits[:, -1]
         tokens_next = self._sample(logits, self._running)
         self._last = tokens_next
         self._advance(self._running, tokens_next, logits)
+
+    def _static_step(self) -> torch.Tensor:
+        """The compiled step: writes the new keys/values at column `length` of the cache and attends over the whole
+        buffer under the mask (self._mask already has the new column). Returns [B, vocab] logits."""
+        cache, device = self._cache, self.model.device
+        length = cache.length
+        if cache.keys[0].shape[2] <= length:  # full: reallocate at the next power of two
+            capacity = 1 << length.bit_length()
+            for store in (cache.keys, cache.values):
+                for i, buf in enumerate(store):
+                    grown = buf.new_zeros(*buf.shape[:2], capacity, buf.shape[3])
+                    grown[:, :, :length] = buf[:, :, :length]
+                    store[i] = grown
+        capacity = cache.keys[0].shape[2]
+        key_mask = torch.zeros((self._mask.shape[0], 1, capacity), dtype=torch.bool)
+        key_mask[:, 0, :length + 1] = self._mask
+        positions = self._mask.sum(-1, keepdim=True) - 1  # real tokens before the new one, as in forward()
+        cache.write_index = torch.tensor([length], device=device)
+        try:
+            logits = self._compiled_step(self._last[:, None].to(device), positions.to(device), key_mask.to(device),
+                                         cache)
+        finally:
+            cache.write_index = None
+        cache.length = length + 1
+        return logits
 
     def _merge(self, cache: KVCache, mask: torch.Tensor, seqs: list[Sequence], last: torch.Tensor) -> None:
         """Append prefilled rows to the batch, right-aligning both caches on a common length."""
