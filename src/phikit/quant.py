@@ -12,6 +12,7 @@ take an exact fp32 path: upcast (or dequantize) one layer at a time.
     quantize_model(model, "int8-weight-only")  the same weights; activations stay bf16 (torch's _weight_int8pack_mm),
                                                exact but ~3x slower on a CPU without VNNI
     quantize_model(model, "int4")              group-wise asymmetric int4 (groups of 32 inputs), _weight_int4pack_mm
+                                               (every mode first joins each attention's q/k/v into one layer)
     prepare_cpu_linears(model)                 bf16 nn.Linear layers on the CPU run prompts in fp32 (same weights)
                                                and single rows through torch.mv (2x F.linear's bf16 speed); fp32
                                                ones run several rows on oneDNN-packed weights (1.4-2x faster)
