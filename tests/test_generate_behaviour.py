@@ -115,7 +115,8 @@ def test_compiled_bf16_keeps_the_matrix_vector_kernel(model, phi_tokenizer):
     """Single-row bf16 layers reach torch.mv through an opaque custom op when compiled (inductor's own product is
     slower on CPUs without native bf16); the compiled model decodes what the eager one does."""
     from phikit.model import KVCache
-    bf16 = prepare_cpu_linears(copy.deepcopy(model).to(torch.bfloat16))
+    bf16 = prepare_cpu_linears(copy.deepcopy(prepare_cpu_linears(model)).to(torch.bfloat16))
+    assert type(bf16.lm_head).__name__ == "Bf16Linear"  # a model prepared in fp32 and then cast gets the bf16 path
     graphs = []
 
     def capture(gm, example_inputs):
@@ -137,6 +138,39 @@ def test_compiled_bf16_keeps_the_matrix_vector_kernel(model, phi_tokenizer):
     assert compiled[0].token_ids == eager[0].token_ids
     for a, b in zip(eager[0].logprobs, compiled[0].logprobs):
         assert abs(a - b) < 0.05
+
+
+@pytest.mark.skipif(not packed_fp32_available(), reason="this torch build has no oneDNN")
+def test_compiled_fp32_batch_uses_the_packed_weights(model, phi_tokenizer):
+    """Compiled batched fp32 steps reach the oneDNN-packed weights through a custom op (plain GEMM with few rows is
+    ~2x slower); a deep copy's graph uses the copy's weights, not the original's."""
+    from phikit.model import KVCache
+    original = prepare_cpu_linears(copy.deepcopy(model))
+    fp32 = copy.deepcopy(original)
+    with torch.no_grad():
+        for p in original.parameters():
+            p.mul_(-1)  # were the copy's graph to read the original's layers, its logits would change
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    cache = KVCache.allocate(fp32.config, 2, 64)
+    cache.write_index = torch.zeros(1, dtype=torch.long)
+    key_mask = torch.zeros(2, 1, 64, dtype=torch.bool)
+    key_mask[..., 0] = True
+    with torch.inference_mode():
+        torch.compile(fp32.forward_static, backend=capture, fullgraph=True)(
+            torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), key_mask, cache)
+    assert "phikit.packed_fp32_linear" in graphs[0]
+    prompts = ["def add(a, b):", "Once upon a time there was"]
+    eager = complete(fp32, phi_tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True)
+    compiled = complete(fp32, phi_tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True,
+                        compile=True)
+    for e, c in zip(eager, compiled):
+        assert c.token_ids == e.token_ids
+        assert max(abs(a - b) for a, b in zip(e.logprobs, c.logprobs)) < 1e-3
 
 
 @pytest.mark.parametrize("mode", ["int8", "int8-weight-only", "int4"])

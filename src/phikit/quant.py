@@ -99,6 +99,11 @@ class PackedFp32Linear(nn.Linear):
         state["_packed"] = None
         return state
 
+    def __setstate__(self, state: dict) -> None:  # a copy registers itself, not the original, for compiled graphs
+        super().__setstate__(state)
+        self._key = id(self)
+        _LIVE_PACKED[self._key] = self
+
     def _packed_weight(self) -> torch.Tensor | None:
         key = (self.weight.data_ptr(), self.weight._version)
         if self._packed is None or self._packed[0] != key:
@@ -111,14 +116,34 @@ class PackedFp32Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and self.weight.dtype == torch.float32 and x.dtype == torch.float32
-                and _rows(x) > 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+                and _rows(x) > 1 and not torch.is_grad_enabled()):
+            shape, x2 = x.shape, x.reshape(-1, self.in_features).contiguous()
+            if torch.compiler.is_compiling():  # the packed copy cannot be traced: reach it through a custom op
+                y = torch.ops.phikit.packed_fp32_linear(x2, self._key, self.out_features)
+                return y.reshape(*shape[:-1], self.out_features)
             packed = self._packed_weight()
             if packed is not None:
-                shape = x.shape
-                y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features).contiguous(), packed,
-                                                       self.bias, "none", [], "")
+                y = torch.ops.mkldnn._linear_pointwise(x2, packed, self.bias, "none", [], "")
                 return y.reshape(*shape[:-1], self.out_features)
         return super().forward(x)
+
+
+_LIVE_PACKED: "weakref.WeakValueDictionary[int, PackedFp32Linear]" = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("phikit::packed_fp32_linear", mutates_args=())
+def _packed_fp32_linear(x: torch.Tensor, layer_id: int, out_features: int) -> torch.Tensor:
+    """The PackedFp32Linear with this id on its packed weights (plain F.linear when it has none)."""
+    layer = _LIVE_PACKED[layer_id]
+    packed = layer._packed_weight()
+    if packed is None:
+        return F.linear(x, layer.weight, layer.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
+
+
+@_packed_fp32_linear.register_fake
+def _(x: torch.Tensor, layer_id: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
 
 
 def _memory_to_spare(nbytes: int) -> bool:
@@ -138,15 +163,21 @@ def packed_fp32_available() -> bool:
 def prepare_cpu_linears(model: nn.Module) -> nn.Module:
     """Give every CPU nn.Linear its fast inference path (idempotent; numerics stay those of fp32 or better):
     bf16 weights compute prompts in fp32 and single rows with torch.mv (Bf16Linear); fp32 weights compute
-    several rows on oneDNN-packed weights (PackedFp32Linear)."""
+    several rows on oneDNN-packed weights (PackedFp32Linear). A layer whose dtype changed since (model.to) gets
+    the path of its new dtype."""
     packed = packed_fp32_available()
     for m in model.modules():
-        if type(m) is not nn.Linear or m.weight.device.type != "cpu":
+        if type(m) not in (nn.Linear, Bf16Linear, PackedFp32Linear) or m.weight.device.type != "cpu":
             continue
         if m.weight.dtype == torch.bfloat16:
             m.__class__ = Bf16Linear
         elif m.weight.dtype == torch.float32 and packed:
-            m.__class__ = PackedFp32Linear
+            if type(m) is not PackedFp32Linear:
+                m.__class__ = PackedFp32Linear
+                m._key = id(m)  # how the compiled path's custom op finds this layer
+                _LIVE_PACKED[m._key] = m
+        else:
+            m.__class__ = nn.Linear
     return model
 
 
@@ -171,6 +202,16 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
         self._packed = None  # fbgemm's packed copy of the weights, made on first use (not part of the state)
         self._key = id(self)  # how the compiled path's custom op finds this layer
+        _LIVE_INT8[self._key] = self
+
+    def __getstate__(self) -> dict:  # copies and pickles leave fbgemm's packed copy out (made again on use)
+        state = self.__dict__.copy()
+        state["_packed"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:  # a copy registers itself, not the original, for compiled graphs
+        super().__setstate__(state)
+        self._key = id(self)
         _LIVE_INT8[self._key] = self
 
     def dequantize(self) -> torch.Tensor:
