@@ -323,8 +323,8 @@ class Int4Linear(nn.Module):
 def _fuse_qkv(model: nn.Module) -> None:
     """Each attention's q/k/v projections become one [3d, d] nn.Linear (`qkv_proj`), quantized like the others.
     Exact: the scales are per output channel (int8) or per output channel and input group (int4), and fbgemm
-    rounds the one input vector the same way for all three. One kernel call instead of three per layer and step
-    saves ~15% of an int8 decoding step on 2 CPU cores (phi-1.5)."""
+    rounds the one input vector the same way for all three. One kernel call instead of three per layer: on 2 CPU
+    cores a pass of fbgemm over phi-1.5's matrices takes 88 ms instead of 107, about 5% of an eager int8 step."""
     for attn in model.modules():
         if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj")) \
                 or not hasattr(attn, "qkv_proj"):
