@@ -111,26 +111,31 @@ def test_compiled_int8_decodes_the_same_tokens_as_eager(model, phi_tokenizer):
     assert [c.token_ids for c in compiled] == [e.token_ids for e in eager]
 
 
-def test_compiled_bf16_keeps_the_matrix_vector_kernel(model, phi_tokenizer):
-    """Single-row bf16 layers reach torch.mv through an opaque custom op when compiled (inductor's own product is
-    slower on CPUs without native bf16); the compiled model decodes what the eager one does."""
+def compiled_step_code(model, batch: int) -> str:
+    """The code of the graph torch.compile traces for one decoding step (forward_static) of `batch` rows."""
     from phikit.model import KVCache
-    bf16 = prepare_cpu_linears(copy.deepcopy(prepare_cpu_linears(model)).to(torch.bfloat16))
-    assert type(bf16.lm_head).__name__ == "Bf16Linear"  # a model prepared in fp32 and then cast gets the bf16 path
     graphs = []
 
     def capture(gm, example_inputs):
         graphs.append(gm.code)
         return gm.forward
 
-    cache = KVCache.allocate(bf16.config, 1, 64, dtype=torch.bfloat16)
+    cache = KVCache.allocate(model.config, batch, 64, dtype=model.dtype)
     cache.write_index = torch.zeros(1, dtype=torch.long)
-    key_mask = torch.zeros(1, 1, 64, dtype=torch.bool)
+    key_mask = torch.zeros(batch, 1, 64, dtype=torch.bool)
     key_mask[..., 0] = True
     with torch.inference_mode():
-        torch.compile(bf16.forward_static, backend=capture, fullgraph=True)(
-            torch.ones(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), key_mask, cache)
-    assert "phikit.bf16_mv" in graphs[0]
+        torch.compile(model.forward_static, backend=capture, fullgraph=True)(
+            torch.ones(batch, 1, dtype=torch.long), torch.zeros(batch, 1, dtype=torch.long), key_mask, cache)
+    return graphs[0]
+
+
+def test_compiled_bf16_keeps_the_matrix_vector_kernel(model, phi_tokenizer):
+    """Single-row bf16 layers reach torch.mv through an opaque custom op when compiled (inductor's own product is
+    slower on CPUs without native bf16); the compiled model decodes what the eager one does."""
+    bf16 = prepare_cpu_linears(copy.deepcopy(prepare_cpu_linears(model)).to(torch.bfloat16))
+    assert type(bf16.lm_head).__name__ == "Bf16Linear"  # a model prepared in fp32 and then cast gets the bf16 path
+    assert "phikit.bf16_mv" in compiled_step_code(bf16, batch=1)
     prompts = ["def add(a, b):"]
     eager = complete(bf16, phi_tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True)
     compiled = complete(bf16, phi_tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True,
@@ -144,26 +149,12 @@ def test_compiled_bf16_keeps_the_matrix_vector_kernel(model, phi_tokenizer):
 def test_compiled_fp32_batch_uses_the_packed_weights(model, phi_tokenizer):
     """Compiled batched fp32 steps reach the oneDNN-packed weights through a custom op (plain GEMM with few rows is
     ~2x slower); a deep copy's graph uses the copy's weights, not the original's."""
-    from phikit.model import KVCache
     original = prepare_cpu_linears(copy.deepcopy(model))
     fp32 = copy.deepcopy(original)
     with torch.no_grad():
         for p in original.parameters():
             p.mul_(-1)  # were the copy's graph to read the original's layers, its logits would change
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm.code)
-        return gm.forward
-
-    cache = KVCache.allocate(fp32.config, 2, 64)
-    cache.write_index = torch.zeros(1, dtype=torch.long)
-    key_mask = torch.zeros(2, 1, 64, dtype=torch.bool)
-    key_mask[..., 0] = True
-    with torch.inference_mode():
-        torch.compile(fp32.forward_static, backend=capture, fullgraph=True)(
-            torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), key_mask, cache)
-    assert "phikit.packed_fp32_linear" in graphs[0]
+    assert "phikit.packed_fp32_linear" in compiled_step_code(fp32, batch=2)
     prompts = ["def add(a, b):", "Once upon a time there was"]
     eager = complete(fp32, phi_tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True)
     compiled = complete(fp32, phi_tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True,

@@ -83,7 +83,32 @@ def _(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return weight.new_empty(weight.shape[0])
 
 
-class PackedFp32Linear(nn.Linear):
+class _PackedOutsideGraphs:
+    """A layer with a packed copy of its weights that torch.compile cannot trace: the compiled graph calls a
+    custom op with the layer's `_key`, which finds the layer in its class's `_registry`. Copies and pickles leave
+    the packed copy out (it is made again on use) and register under their own key."""
+
+    _registry: "weakref.WeakValueDictionary[int, nn.Module]"
+
+    def _register(self) -> None:
+        self._key = id(self)
+        self._registry[self._key] = self
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_packed"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._register()
+
+
+_LIVE_PACKED: "weakref.WeakValueDictionary[int, PackedFp32Linear]" = weakref.WeakValueDictionary()
+_LIVE_INT8: "weakref.WeakValueDictionary[int, Int8Linear]" = weakref.WeakValueDictionary()
+
+
+class PackedFp32Linear(_PackedOutsideGraphs, nn.Linear):
     """nn.Linear with fp32 weights whose multi-row inputs, outside autograd, run on a oneDNN-packed copy of the
     weights: at 2-128 rows torch's plain fp32 GEMM is 1.4-2x slower than the blocked layout on this CPU class.
     Single rows keep the plain path (a matrix-vector product, as fast as the packed one and without its padding).
@@ -93,16 +118,7 @@ class PackedFp32Linear(nn.Linear):
     while memory is short (it would leave less than a fifth of the machine free)."""
 
     _packed: tuple | None = None
-
-    def __getstate__(self) -> dict:  # copies and pickles leave the packed copy out (oneDNN tensors have no storage)
-        state = self.__dict__.copy()
-        state["_packed"] = None
-        return state
-
-    def __setstate__(self, state: dict) -> None:  # a copy registers itself, not the original, for compiled graphs
-        super().__setstate__(state)
-        self._key = id(self)
-        _LIVE_PACKED[self._key] = self
+    _registry = _LIVE_PACKED
 
     def _packed_weight(self) -> torch.Tensor | None:
         key = (self.weight.data_ptr(), self.weight._version)
@@ -126,9 +142,6 @@ class PackedFp32Linear(nn.Linear):
                 y = torch.ops.mkldnn._linear_pointwise(x2, packed, self.bias, "none", [], "")
                 return y.reshape(*shape[:-1], self.out_features)
         return super().forward(x)
-
-
-_LIVE_PACKED: "weakref.WeakValueDictionary[int, PackedFp32Linear]" = weakref.WeakValueDictionary()
 
 
 @torch.library.custom_op("phikit::packed_fp32_linear", mutates_args=())
@@ -174,22 +187,20 @@ def prepare_cpu_linears(model: nn.Module) -> nn.Module:
         elif m.weight.dtype == torch.float32 and packed:
             if type(m) is not PackedFp32Linear:
                 m.__class__ = PackedFp32Linear
-                m._key = id(m)  # how the compiled path's custom op finds this layer
-                _LIVE_PACKED[m._key] = m
+                m._register()
         else:
             m.__class__ = nn.Linear
     return model
 
 
-_LIVE_INT8: "weakref.WeakValueDictionary[int, Int8Linear]" = weakref.WeakValueDictionary()
-
-
-class Int8Linear(nn.Module):
+class Int8Linear(_PackedOutsideGraphs, nn.Module):
     """y = x @ (q * scale)^T + b with q int8 [out, in] and one scale per output channel (symmetric).
 
     With `dynamic`, CPU inputs of fewer than PREFILL_ROWS rows run through fbgemm's int8 GEMM: the activations are
     rounded to 7-bit unsigned integers with one scale and zero point per call (7, not 8: fbgemm's non-VNNI kernel
     sums pairs of products in int16, which 8-bit activations can overflow), and the product is exact in int32."""
+
+    _registry = _LIVE_INT8
 
     def __init__(self, linear: nn.Linear, act_dtype: torch.dtype, dynamic: bool = False) -> None:
         super().__init__()
@@ -201,18 +212,7 @@ class Int8Linear(nn.Module):
         bias = linear.bias.detach().to(act_dtype) if linear.bias is not None else None
         self.register_buffer("bias", bias)
         self._packed = None  # fbgemm's packed copy of the weights, made on first use (not part of the state)
-        self._key = id(self)  # how the compiled path's custom op finds this layer
-        _LIVE_INT8[self._key] = self
-
-    def __getstate__(self) -> dict:  # copies and pickles leave fbgemm's packed copy out (made again on use)
-        state = self.__dict__.copy()
-        state["_packed"] = None
-        return state
-
-    def __setstate__(self, state: dict) -> None:  # a copy registers itself, not the original, for compiled graphs
-        super().__setstate__(state)
-        self._key = id(self)
-        _LIVE_INT8[self._key] = self
+        self._register()
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.scales.float()[:, None]
