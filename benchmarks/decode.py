@@ -4,7 +4,7 @@ Random phi-1.5-shaped weights (the speed of a matrix product does not depend on 
 64 new tokens, greedy, batch 1 and 8. For each engine and weight format:
   prefill tok/s = batch * prompt_len / time(generate 1 token)
   decode  tok/s = batch * (new_tokens - 1) / (time(generate new_tokens) - time(generate 1 token))
-Both engines are timed the same way, after a warm-up, best of --repeats. The memory-bandwidth floor is the time to
+Both engines are timed the same way, after a warm-up, best of --repeats rounds, taken in turns. The memory-bandwidth floor is the time to
 read the weights once per step at the read bandwidth measured at start; `floor_fraction` = floor time / step time.
 The int8/int4 agreement rate (greedy tokens equal to fp32 for the first 32 tokens, on a tiny model trained here
 in a few seconds) is measured with --agreement.
@@ -35,15 +35,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def read_bandwidth_gbs(device: str) -> float:
-    """Sustained read bandwidth: summing a 1 GiB tensor (best of 3)."""
+    """Sustained read bandwidth: the faster of summing a 1 GiB tensor and a 1 GiB matrix-vector product (what a
+    decoding step does), best of 3 each."""
     x = torch.ones(2**28, dtype=torch.float32, device=device)
+    vec = torch.ones(2**14, dtype=torch.float32, device=device)
     best = float("inf")
-    for _ in range(3):
-        _sync(device)
-        start = time.perf_counter()
-        x.sum()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
+    for fn in (x.sum, lambda: torch.mv(x.view(2**14, 2**14), vec)):
+        for _ in range(3):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
     del x
     return 2**30 / best / 1e9
 
@@ -96,42 +99,56 @@ def to_transformers(model: PhiForCausalLM):
     return ref.eval()
 
 
-def time_generate(fn, new_tokens: int, repeats: int, device: str) -> tuple[float, float, int]:
-    """(seconds for 1 new token, seconds for new_tokens, extra peak bytes) best of `repeats` after a warm-up."""
-    t1 = tn = float("inf")
-    with PeakRSS() as mem:  # the warm-up counts: lazily made copies (packed weights) are memory the engine needs
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        fn(2)  # warm-up: allocator, kernels, lazy init
-        for _ in range(repeats):
-            for n in (1, new_tokens):
-                _sync(device)
-                start = time.perf_counter()
-                fn(n)
-                _sync(device)
-                elapsed = time.perf_counter() - start
-                if n == 1:
-                    t1 = min(t1, elapsed)
-                else:
-                    tn = min(tn, elapsed)
-    extra = torch.cuda.max_memory_allocated() if device.startswith("cuda") else mem.extra
-    return t1, tn, extra
+class Timed:
+    """One engine's timings: a warm-up (which also measures its extra peak memory), then rounds of
+    (generate 1 token, generate new_tokens), keeping the best of each. Engines of one table row group run their
+    rounds in turn, so that a noisy stretch of the machine slows all of them instead of one."""
+
+    def __init__(self, name: str, fn, device: str) -> None:
+        self.name, self.fn, self.device = name, fn, device
+        self.t1 = self.tn = float("inf")
+
+    def warm_up(self) -> None:
+        with PeakRSS() as mem:  # the warm-up counts: lazily made copies (packed weights) are memory the engine needs
+            if self.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            self.fn(2)  # allocator, kernels, lazy init
+        self.extra = torch.cuda.max_memory_allocated() if self.device.startswith("cuda") else mem.extra
+
+    def run_round(self, new_tokens: int) -> None:
+        for n in (1, new_tokens):
+            _sync(self.device)
+            start = time.perf_counter()
+            self.fn(n)
+            _sync(self.device)
+            elapsed = time.perf_counter() - start
+            if n == 1:
+                self.t1 = min(self.t1, elapsed)
+            else:
+                self.tn = min(self.tn, elapsed)
 
 
-def measure(name: str, fn, model, batch: int, prompt_len: int, new_tokens: int, repeats: int, device: str,
-            bandwidth: float) -> dict:
-    t1, tn, extra = time_generate(fn, new_tokens, repeats, device)
+def time_interleaved(engines: list[Timed], new_tokens: int, repeats: int) -> None:
+    for engine in engines:
+        if not hasattr(engine, "extra"):
+            engine.warm_up()
+    for _ in range(repeats):
+        for engine in engines:
+            engine.run_round(new_tokens)
+
+
+def result_row(engine: Timed, model, batch: int, prompt_len: int, new_tokens: int, bandwidth: float) -> dict:
+    t1, tn, extra, cuda = engine.t1, engine.tn, engine.extra, engine.device.startswith("cuda")
     decode_s = (tn - t1) / (new_tokens - 1)  # per step (one token per row)
     wbytes = weight_bytes(model)
     row = {
-        "engine": name, "batch": batch,
+        "engine": engine.name, "batch": batch,
         "prefill_tok_s": round(batch * prompt_len / t1, 2),
         "decode_tok_s": round(batch / decode_s, 2),
         "ms_per_step": round(decode_s * 1000, 2),
         "end_to_end_s": round(tn, 2),
         "weights_mb": round(wbytes / 2**20),
-        "peak_mem_mb": round((wbytes + (extra if not device.startswith("cuda") else 0)) / 2**20)
-        if not device.startswith("cuda") else round(extra / 2**20),
+        "peak_mem_mb": round(extra / 2**20) if cuda else round((wbytes + extra) / 2**20),
         "floor_fraction": round((wbytes / (bandwidth * 1e9)) / decode_s, 3),
     }
     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -174,7 +191,9 @@ def llama_cpp_rows(model, tokenizer, args, bandwidth) -> list[dict]:
                 for _ in range(n - 1):
                     tok = llm.sample(temp=0.0)
                     llm.eval([tok])
-            t1, tn, _ = time_generate(fn, args.new_tokens, args.repeats, "cpu")
+            timed = Timed(f"llama.cpp-{gguf_type}", fn, "cpu")
+            time_interleaved([timed], args.new_tokens, args.repeats)
+            t1, tn = timed.t1, timed.tn
             size = os.path.getsize(path)
             decode_s = (tn - t1) / (args.new_tokens - 1)
             row = {"engine": f"llama.cpp-{gguf_type}", "batch": 1,
@@ -239,7 +258,8 @@ def main() -> None:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed rounds per engine (best kept); the engines of a mode and batch take turns")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--transformers-batches", default="1,8", help="batches for which transformers is also timed")
@@ -278,20 +298,21 @@ def main() -> None:
         model.eval()
         for b in batches:
             ids = torch.randint(0, min(50000, config.vocab_size), (b, args.prompt_len), generator=gen).to(args.device)
-            rows.append(measure(f"phikit-{mode}", phikit_fn(model, tokenizer, ids.tolist()), model, b,
-                                args.prompt_len, args.new_tokens, args.repeats, args.device, bandwidth))
+            engines = [Timed(f"phikit-{mode}", phikit_fn(model, tokenizer, ids.tolist()), args.device)]
+            engines[0].warm_up()  # before compiling, so its peak memory counts what it makes (packed weights)
             if args.compile:
                 fn = phikit_fn(model, tokenizer, ids.tolist(), compile=True)
                 start = time.perf_counter()
                 fn(args.new_tokens)  # compiles (the cache capacity, so the graph, is that of the timed calls)
                 print(f"compiled {mode} batch {b} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
-                rows.append(measure(f"phikit-{mode}-compiled", fn, model, b, args.prompt_len, args.new_tokens,
-                                    args.repeats, args.device, bandwidth))
+                engines.append(Timed(f"phikit-{mode}-compiled", fn, args.device))
+            ref = None
             if not args.skip_transformers and mode in DTYPES and b in hf_batches:
                 ref = to_transformers(model)
-                rows.append(measure(f"transformers-{mode}", transformers_fn(ref, ids), model, b, args.prompt_len,
-                                    args.new_tokens, args.repeats, args.device, bandwidth))
-                del ref
+                engines.append(Timed(f"transformers-{mode}", transformers_fn(ref, ids), args.device))
+            time_interleaved(engines, args.new_tokens, args.repeats)
+            rows += [result_row(e, model, b, args.prompt_len, args.new_tokens, bandwidth) for e in engines]
+            del ref, engines
         if model is not base:
             del model
     if not cuda and not args.skip_transformers:

@@ -98,6 +98,23 @@ def test_unmasked_cache_decoding_matches():
     assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
 
 
+def test_single_query_attention_equals_fused_attention():
+    """CPU decoding steps (one query) take their own attention, faster there than torch's fused kernel."""
+    import torch.nn.functional as F
+    from phikit.model import single_query_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 64, generator=g) for n in (1, 20, 20))
+    mask = torch.rand(2, 1, 1, 20, generator=g) < 0.6
+    mask[..., -1] = True  # the new token sees itself
+    for m in (mask, None):
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.125)
+        assert (single_query_attention(q, k, v, m, 0.125) - ref).abs().max() <= 1e-6
+        halves = [t.bfloat16() for t in (q, k, v)]  # bf16 in, bf16 out, fp32 inside
+        ref = F.scaled_dot_product_attention(*(t.float() for t in halves), attn_mask=m, scale=0.125)
+        out = single_query_attention(*halves, m, 0.125)
+        assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() <= 1e-2
+
+
 def test_segment_ids_isolate_packed_documents():
     _, ours = make_pair(**SHAPES["phi-1_5-like"])
     a, b = torch.randint(0, 512, (1, 7)), torch.randint(0, 512, (1, 5))

@@ -164,6 +164,32 @@ def test_compiled_fp32_batch_uses_the_packed_weights(model, phi_tokenizer):
         assert max(abs(a - b) for a, b in zip(e.logprobs, c.logprobs)) < 1e-3
 
 
+def test_compiled_decoding_outlasts_the_default_recompile_limit(model, phi_tokenizer, monkeypatch):
+    """Each batch size is one graph of the shared forward_static; past torch's default limit (8 graphs per
+    function) compiled decoding keeps working, also from a thread of its own (torch's limit is per thread; the
+    server decodes in its own thread). The graphs run uncompiled here, which is enough to count them."""
+    import threading
+    import torch._dynamo
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    fresh = build_model(model.config, seed=2).eval()
+    errors = []
+
+    def decode_many_batch_sizes():
+        try:
+            for batch in range(1, 11):
+                out = complete(fresh, phi_tokenizer, ["def f(x):"] * batch, max_new_tokens=2, stop_token_ids=[],
+                               compile=True)
+                assert len(out) == batch
+        except Exception as e:  # noqa: BLE001 - reported in the main thread
+            errors.append(e)
+
+    thread = threading.Thread(target=decode_many_batch_sizes)
+    thread.start()
+    thread.join()
+    assert not errors, errors[0]
+
+
 @pytest.mark.parametrize("mode", ["int8", "int8-weight-only", "int4"])
 def test_quantized_attention_fuses_qkv_exactly(model, mode):
     """quantize_model gives each attention one [3d, d] projection; its output is bit for bit the three separately

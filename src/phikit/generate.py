@@ -151,7 +151,7 @@ def _compiled_step(model: PhiForCausalLM):
     size and cache capacity, which _cache_capacity rounds to a power of two)."""
     step = model.__dict__.get("_compiled_decode_step")
     if step is None:
-        step = torch.compile(model.forward_static, dynamic=False, fullgraph=True)
+        step = model.compile_forward_static(dynamic=False)
         model.__dict__["_compiled_decode_step"] = step
     return step
 

@@ -107,6 +107,18 @@ def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return torch.cat((x_rot, x_pass), dim=-1)
 
 
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                           scale: float) -> torch.Tensor:
+    """Attention of one query per row (a decoding step) in fp32: q [B, H, 1, D], k/v [B, H, L, D].
+
+    On the CPU torch's fused attention kernel is built for long queries; at one query it takes 1.2x (fp32) to 3x
+    (bf16) the time of these two small products and a softmax, and decoding calls it in every layer."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
+
+
 class PhiAttention(nn.Module):
     def __init__(self, config: PhiConfig, layer_idx: int) -> None:
         super().__init__()
@@ -149,7 +161,9 @@ class PhiAttention(nn.Module):
             out = torch.matmul(probs.to(v.dtype), v)
         else:
             probs = None
-            if q.dtype == torch.float16 and q.device.type != "cuda":
+            if q.device.type == "cpu" and q.shape[2] == 1 and dropout == 0.0:
+                out = single_query_attention(q, k, v, mask, scale)
+            elif q.dtype == torch.float16 and q.device.type != "cuda":
                 # CPU fp16 SDPA runs the math kernel in fp16: upcast so scores cannot overflow.
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                      dropout_p=dropout, scale=scale, is_causal=causal).to(q.dtype)
@@ -343,6 +357,19 @@ class PhiForCausalLM(nn.Module):
         for layer in self.model.layers:
             x, _ = layer(x, cos, sin, key_mask[:, None], cache, False)
         return self.lm_head(self.model.final_layernorm(x[:, -1]))
+
+    def compile_forward_static(self, dynamic: bool = False):
+        """torch.compile of forward_static (fullgraph). Torch stops compiling a function after
+        `recompile_limit` graphs (8), counted over every model in the process, since they share forward_static's
+        code: a few batch sizes and lengths of a few models reach that, so calls raise the limit to 64 (a setting
+        of the calling thread, hence at each call)."""
+        compiled = torch.compile(self.forward_static, dynamic=dynamic, fullgraph=True)
+
+        def step(*args):
+            if torch._dynamo.config.recompile_limit < 64:
+                torch._dynamo.config.recompile_limit = 64
+            return compiled(*args)
+        return step
 
 
 def build_model(config: PhiConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

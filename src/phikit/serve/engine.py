@@ -168,7 +168,7 @@ class Engine:
         # torch.compile of the fixed-shape decoding step (PhiForCausalLM.forward_static). Batch size and cache
         # capacity change as requests come and go, so both are symbolic: one graph serves every batch (torch
         # specializes a batch of one, which gets a second).
-        self._compiled_step = torch.compile(model.forward_static, fullgraph=True, dynamic=True) if compile else None
+        self._compiled_step = model.compile_forward_static(dynamic=True) if compile else None
         self.steps = 0  # decoding steps run (observability and tests)
         self.max_rows_seen = 0  # largest batch decoded together
 
