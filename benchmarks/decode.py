@@ -4,8 +4,9 @@ Random phi-1.5-shaped weights (the speed of a matrix product does not depend on 
 64 new tokens, greedy, batch 1 and 8. For each engine and weight format:
   prefill tok/s = batch * prompt_len / time(generate 1 token)
   decode  tok/s = batch * (new_tokens - 1) / (time(generate new_tokens) - time(generate 1 token))
-Both engines are timed the same way, after a warm-up, best of --repeats rounds, taken in turns. The memory-bandwidth floor is the time to
-read the weights once per step at the read bandwidth measured at start; `floor_fraction` = floor time / step time.
+Both engines are timed the same way, after a warm-up, best of --repeats rounds taken in turns. The memory-bandwidth
+floor is the time to read the weights once per step at the read bandwidth measured at start; `floor_fraction` =
+floor time / step time.
 The int8/int4 agreement rate (greedy tokens equal to fp32 for the first 32 tokens, on a tiny model trained here
 in a few seconds) is measured with --agreement.
 
@@ -107,6 +108,7 @@ class Timed:
     def __init__(self, name: str, fn, device: str) -> None:
         self.name, self.fn, self.device = name, fn, device
         self.t1 = self.tn = float("inf")
+        self.extra: int | None = None  # extra peak bytes, set by the warm-up
 
     def warm_up(self) -> None:
         with PeakRSS() as mem:  # the warm-up counts: lazily made copies (packed weights) are memory the engine needs
@@ -130,7 +132,7 @@ class Timed:
 
 def time_interleaved(engines: list[Timed], new_tokens: int, repeats: int) -> None:
     for engine in engines:
-        if not hasattr(engine, "extra"):
+        if engine.extra is None:
             engine.warm_up()
     for _ in range(repeats):
         for engine in engines:

@@ -107,6 +107,10 @@ def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return torch.cat((x_rot, x_pass), dim=-1)
 
 
+# How many compiled graphs of forward_static a process may hold (batch sizes x cache lengths x models).
+STATIC_STEP_GRAPHS = 64
+
+
 def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                            scale: float) -> torch.Tensor:
     """Attention of one query per row (a decoding step) in fp32: q [B, H, 1, D], k/v [B, H, L, D].
@@ -361,13 +365,13 @@ class PhiForCausalLM(nn.Module):
     def compile_forward_static(self, dynamic: bool = False):
         """torch.compile of forward_static (fullgraph). Torch stops compiling a function after
         `recompile_limit` graphs (8), counted over every model in the process, since they share forward_static's
-        code: a few batch sizes and lengths of a few models reach that, so calls raise the limit to 64 (a setting
-        of the calling thread, hence at each call)."""
+        code: a few batch sizes and lengths of a few models reach that, so calls raise the limit to
+        STATIC_STEP_GRAPHS (a setting of the calling thread, hence at each call)."""
         compiled = torch.compile(self.forward_static, dynamic=dynamic, fullgraph=True)
 
         def step(*args):
-            if torch._dynamo.config.recompile_limit < 64:
-                torch._dynamo.config.recompile_limit = 64
+            if torch._dynamo.config.recompile_limit < STATIC_STEP_GRAPHS:
+                torch._dynamo.config.recompile_limit = STATIC_STEP_GRAPHS
             return compiled(*args)
         return step
 
