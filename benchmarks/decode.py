@@ -4,9 +4,10 @@ Random phi-1.5-shaped weights (the speed of a matrix product does not depend on 
 64 new tokens, greedy, batch 1 and 8. For each engine and weight format:
   prefill tok/s = batch * prompt_len / time(generate 1 token)
   decode  tok/s = batch * (new_tokens - 1) / (time(generate new_tokens) - time(generate 1 token))
-Both engines are timed the same way, after a warm-up, best of --repeats rounds taken in turns. The memory-bandwidth
-floor is the time to read the weights once per step at the read bandwidth measured at start; `floor_fraction` =
-floor time / step time.
+Both engines are timed the same way, after a warm-up, best of --repeats rounds taken in turns. Every format
+is compared with transformers fp32 timed in its own turns (row transformers-fp32-beside-MODE), since the host's
+speed drifts between formats. The memory-bandwidth floor is the time to read the weights once per step at the
+read bandwidth measured at start; `floor_fraction` = floor time / step time.
 The int8/int4 agreement rate (greedy tokens equal to fp32 for the first 32 tokens, on a tiny model trained here
 in a few seconds) is measured with --agreement.
 
@@ -308,13 +309,19 @@ def main() -> None:
                 fn(args.new_tokens)  # compiles (the cache capacity, so the graph, is that of the timed calls)
                 print(f"compiled {mode} batch {b} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
                 engines.append(Timed(f"phikit-{mode}-compiled", fn, args.device))
-            ref = None
+            ref = base_ref = None
             if not args.skip_transformers and mode in DTYPES and b in hf_batches:
                 ref = to_transformers(model)
                 engines.append(Timed(f"transformers-{mode}", transformers_fn(ref, ids), args.device))
+            if not args.skip_transformers and not cuda and mode != "fp32" and b == 1:
+                # The targets compare every format with transformers fp32: time it in the same turns, so that the
+                # ratio does not depend on how fast the host was when the fp32 rows ran.
+                base_ref = to_transformers(base)
+                engines.append(Timed(f"transformers-fp32-beside-{mode}", transformers_fn(base_ref, ids), args.device))
             time_interleaved(engines, args.new_tokens, args.repeats)
-            rows += [result_row(e, model, b, args.prompt_len, args.new_tokens, bandwidth) for e in engines]
-            del ref, engines
+            rows += [result_row(e, base if e.name.startswith("transformers-fp32") else model, b, args.prompt_len,
+                                args.new_tokens, bandwidth) for e in engines]
+            del ref, base_ref, engines
         if model is not base:
             del model
     if not cuda and not args.skip_transformers:
@@ -329,6 +336,9 @@ def main() -> None:
     hf_dec, hf_pre = get(f"transformers-{ref_mode}", 1, "decode_tok_s"), get(f"transformers-{ref_mode}", 1, "prefill_tok_s")
     for mode in modes:
         ours_dec = get(f"phikit-{mode}", 1, "decode_tok_s")
+        # the reference timed in this mode's turns when there is one, else the one of the fp32 rows
+        hf_dec = get(f"transformers-{ref_mode}-beside-{mode}", 1, "decode_tok_s") or \
+            get(f"transformers-{ref_mode}", 1, "decode_tok_s")
         if hf_dec and ours_dec:
             ratios[f"{mode}_decode_vs_transformers_{ref_mode}"] = round(ours_dec / hf_dec, 2)
         same = get(f"transformers-{mode}", 1, "decode_tok_s")
