@@ -333,7 +333,7 @@ def main() -> None:
 
     ratios = {}
     ref_mode = "fp16" if cuda else "fp32"
-    hf_dec, hf_pre = get(f"transformers-{ref_mode}", 1, "decode_tok_s"), get(f"transformers-{ref_mode}", 1, "prefill_tok_s")
+    hf_pre = get(f"transformers-{ref_mode}", 1, "prefill_tok_s")
     for mode in modes:
         ours_dec = get(f"phikit-{mode}", 1, "decode_tok_s")
         # the reference timed in this mode's turns when there is one, else the one of the fp32 rows

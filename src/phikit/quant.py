@@ -73,8 +73,8 @@ class Bf16Linear(nn.Linear):
 
 
 # Operators that compiled graphs call opaquely. Registered as plain CPU kernels of a library rather than with
-# torch.library.custom_op: a decoding step calls them ~100-150 times, and custom_op's Python wrapper costs ~20 us
-# more per call (32 against 13 us measured on this CPU, ~3 ms a step on phi-1.5). They run in inference only.
+# torch.library.custom_op: a decoding step calls them ~100-150 times, and custom_op's Python wrapper made each call
+# about 3x dearer (61 against 20 us for a small torch.mv, measured in one process on this CPU). Inference only.
 _LIB = torch.library.Library("phikit", "DEF")
 _LIB.define("bf16_mv(Tensor weight, Tensor x) -> Tensor")
 _LIB.define("packed_fp32_linear(Tensor x, int layer_id, int out_features) -> Tensor")
