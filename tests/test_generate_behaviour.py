@@ -8,7 +8,8 @@ import torch
 
 from phikit import build_model, get_config
 from phikit.generate import _TextTracker, complete, generate, stream
-from phikit.quant import PackedFp32Linear, packed_fp32_available, prepare_cpu_linears, quantize_model
+from phikit.quant import (Bf16Linear, PackedFp32Linear, packed_fp16_available, packed_fp32_available,
+                          prepare_cpu_linears, quantize_model)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,18 @@ def test_compiled_bf16_keeps_the_matrix_vector_kernel(model, phi_tokenizer):
         assert abs(a - b) < 0.05
 
 
+def assert_compiled_batch_decodes_as_eager(model, tokenizer, logprob_tolerance: float) -> None:
+    """A batch of two: its compiled step calls the packed weights' operator and decodes what eager decoding does."""
+    assert "phikit.packed_linear" in compiled_step_code(model, batch=2)
+    prompts = ["def add(a, b):", "Once upon a time there was"]
+    eager = complete(model, tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True)
+    compiled = complete(model, tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True,
+                        compile=True)
+    for e, c in zip(eager, compiled):
+        assert c.token_ids == e.token_ids
+        assert max(abs(a - b) for a, b in zip(e.logprobs, c.logprobs)) < logprob_tolerance
+
+
 @pytest.mark.skipif(not packed_fp32_available(), reason="this torch build has no oneDNN")
 def test_compiled_fp32_batch_uses_the_packed_weights(model, phi_tokenizer):
     """Compiled batched fp32 steps reach the oneDNN-packed weights through a custom op (plain GEMM with few rows is
@@ -154,14 +167,7 @@ def test_compiled_fp32_batch_uses_the_packed_weights(model, phi_tokenizer):
     with torch.no_grad():
         for p in original.parameters():
             p.mul_(-1)  # were the copy's graph to read the original's layers, its logits would change
-    assert "phikit.packed_fp32_linear" in compiled_step_code(fp32, batch=2)
-    prompts = ["def add(a, b):", "Once upon a time there was"]
-    eager = complete(fp32, phi_tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True)
-    compiled = complete(fp32, phi_tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True,
-                        compile=True)
-    for e, c in zip(eager, compiled):
-        assert c.token_ids == e.token_ids
-        assert max(abs(a - b) for a, b in zip(e.logprobs, c.logprobs)) < 1e-3
+    assert_compiled_batch_decodes_as_eager(fp32, phi_tokenizer, logprob_tolerance=1e-3)
 
 
 def test_compiled_decoding_outlasts_the_default_recompile_limit(model, phi_tokenizer, monkeypatch):
@@ -244,6 +250,45 @@ def test_packed_fp32_linear_matches_plain_and_follows_weight_updates():
     assert twin._packed is None
     with torch.no_grad():
         torch.testing.assert_close(twin(x), layer(x))
+
+
+@pytest.mark.skipif(not packed_fp16_available(), reason="this torch build has no fbgemm")
+def test_bf16_linear_rows_match_fp32_product_of_the_same_weights():
+    """bf16 layers run several rows (batches, prompts) on an fp16-packed copy with fp32 activations: the result is
+    the fp32 product of the bf16 weights, far closer than bf16 F.linear; the copy follows in-place weight (and
+    bias) updates, autograd takes the plain path, and weights beyond fp16's range keep the fp32 path."""
+    torch.manual_seed(0)
+    layer = prepare_cpu_linears(torch.nn.Linear(96, 160).to(torch.bfloat16))
+    assert type(layer) is Bf16Linear
+    for rows in (2, 7, 40, 600):  # 600: past FP16_PACKED_MAX_ROWS, the fp32 upcast
+        x = torch.randn(rows, 96, dtype=torch.bfloat16)
+        exact = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+        with torch.no_grad():
+            got = layer(x)
+            assert layer._packed is not None and layer._packed[1] is not None  # the packed copy was made
+            layer.bias.mul_(-2.0)
+            moved = layer(x)
+            layer.bias.div_(-2.0)
+        assert got.dtype == torch.bfloat16
+        # the only rounding left is the output's to bf16 (relative 2^-9)
+        torch.testing.assert_close(got.double(), exact, rtol=2 ** -8, atol=1e-6)
+        torch.testing.assert_close(moved.double(), exact - 3 * layer.bias.double(), rtol=2 ** -8, atol=1e-6)
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    with torch.no_grad():
+        layer.weight[0, 0] = 1e6
+        exact = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+        torch.testing.assert_close(layer(x).double(), exact, rtol=2 ** -8, atol=1e-6)
+        assert layer._packed[1] is None
+
+
+@pytest.mark.skipif(not packed_fp16_available(), reason="this torch build has no fbgemm")
+def test_compiled_bf16_batch_uses_the_packed_weights(model, phi_tokenizer):
+    """Compiled batched bf16 steps reach the fp16-packed weights through the same opaque operator as fp32's."""
+    bf16 = prepare_cpu_linears(copy.deepcopy(model).to(torch.bfloat16))
+    assert_compiled_batch_decodes_as_eager(bf16, phi_tokenizer, logprob_tolerance=0.05)
 
 
 @pytest.mark.parametrize("kw,message", [
