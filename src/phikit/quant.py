@@ -253,9 +253,9 @@ def packed_fp16_available() -> bool:
 
 def prepare_cpu_linears(model: nn.Module) -> nn.Module:
     """Give every CPU nn.Linear its fast inference path (idempotent; numerics stay those of fp32 or better):
-    bf16 weights compute prompts in fp32 and single rows with torch.mv (Bf16Linear); fp32 weights compute
-    several rows on oneDNN-packed weights (PackedFp32Linear). A layer whose dtype changed since (model.to) gets
-    the path of its new dtype."""
+    bf16 weights compute single rows with torch.mv and several rows on an fp16-packed copy in fbgemm
+    (Bf16Linear); fp32 weights compute several rows on oneDNN-packed weights (PackedFp32Linear). A layer whose
+    dtype changed since (model.to) gets the path of its new dtype."""
     packed = packed_fp32_available()
     for m in model.modules():
         if type(m) not in (nn.Linear, Bf16Linear, PackedFp32Linear) or m.weight.device.type != "cpu":
