@@ -19,6 +19,7 @@ The last line printed is JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,7 +31,7 @@ import torch
 from phikit import build_model, get_config
 from phikit.generate import complete
 from phikit.model import PhiForCausalLM
-from phikit.quant import MODES, quantize_model
+from phikit.quant import MODES, cpu_kernels, quantize_model
 from phikit.tokenizer import build_phi_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -280,13 +281,17 @@ def main() -> None:
 
     bandwidth = read_bandwidth_gbs(args.device)
     print(f"read bandwidth {bandwidth:.1f} GB/s, {args.threads} threads, torch {torch.__version__}", file=sys.stderr)
+    kernels = None if cuda else cpu_kernels()  # measured now, before any model takes the memory
+    if kernels:
+        print(f"CPU kernels: {kernels}", file=sys.stderr)
     tokenizer = build_phi_tokenizer()
     config = get_config(args.preset)
     base = build_model(config, seed=0, device=args.device)  # fp32 master copy
     gen = torch.Generator().manual_seed(0)
     rows = []
     results = {"preset": args.preset, "device": args.device, "threads": args.threads,
-               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "bandwidth_gbs": round(bandwidth, 1)}
+               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "bandwidth_gbs": round(bandwidth, 1),
+               "cpu_kernels": dataclasses.asdict(kernels) if kernels else None}
     for mode in modes:
         if mode in DTYPES:
             model = base if mode == "fp32" else build_model(config, seed=None, meta=True)

@@ -8,8 +8,17 @@ import torch
 
 from phikit import build_model, get_config
 from phikit.generate import _TextTracker, complete, generate, stream
-from phikit.quant import (Bf16Linear, PackedFp32Linear, packed_fp16_available, packed_fp32_available,
-                          prepare_cpu_linears, quantize_model)
+from phikit.quant import (Bf16Linear, CpuKernels, PackedFp32Linear, cpu_kernels, measure_cpu_kernels,
+                          packed_fp16_available, packed_fp32_available, prepare_cpu_linears, quantize_model,
+                          use_cpu_kernels)
+
+# The kernel choices of the two CPU classes phikit tells apart (quant.CpuKernels): every path must compute the same
+# thing on any CPU, only its speed differs, so each test below runs both whatever this machine measured.
+WITHOUT_NATIVE_BF16 = CpuKernels()
+NATIVE_BF16 = CpuKernels(fp32_single_row_packed=True, bf16_packing="bf16", bf16_single_row_packed=True,
+                         bf16_native_gemm=True)
+KERNEL_CHOICES = pytest.mark.parametrize("kernels", [WITHOUT_NATIVE_BF16, NATIVE_BF16],
+                                         ids=["without-native-bf16", "native-bf16"])
 
 
 @pytest.fixture(scope="module")
@@ -134,28 +143,40 @@ def compiled_step_code(model, batch: int) -> str:
 def test_compiled_bf16_keeps_the_matrix_vector_kernel(model, phi_tokenizer):
     """Single-row bf16 layers reach torch.mv through an opaque custom op when compiled (inductor's own product is
     slower on CPUs without native bf16); the compiled model decodes what the eager one does."""
-    bf16 = prepare_cpu_linears(copy.deepcopy(prepare_cpu_linears(model)).to(torch.bfloat16))
-    assert type(bf16.lm_head).__name__ == "Bf16Linear"  # a model prepared in fp32 and then cast gets the bf16 path
-    assert "phikit.bf16_mv" in compiled_step_code(bf16, batch=1)
-    prompts = ["def add(a, b):"]
-    eager = complete(bf16, phi_tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True)
-    compiled = complete(bf16, phi_tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True,
-                        compile=True)
-    assert compiled[0].token_ids == eager[0].token_ids
-    for a, b in zip(eager[0].logprobs, compiled[0].logprobs):
-        assert abs(a - b) < 0.05
+    with use_cpu_kernels(WITHOUT_NATIVE_BF16):
+        bf16 = prepare_cpu_linears(copy.deepcopy(prepare_cpu_linears(model)).to(torch.bfloat16))
+        assert type(bf16.lm_head).__name__ == "Bf16Linear"  # a model prepared in fp32 and then cast gets bf16's path
+        assert "phikit.bf16_mv" in compiled_step_code(bf16, batch=1)
+        assert_compiled_decoding_equals_eager(bf16, phi_tokenizer, ["def add(a, b):"], logprob_tolerance=0.05)
 
 
-def assert_compiled_batch_decodes_as_eager(model, tokenizer, logprob_tolerance: float) -> None:
-    """A batch of two: its compiled step calls the packed weights' operator and decodes what eager decoding does."""
-    assert "phikit.packed_linear" in compiled_step_code(model, batch=2)
-    prompts = ["def add(a, b):", "Once upon a time there was"]
+@pytest.mark.skipif(not packed_fp32_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_single_row_uses_the_packed_weights_where_chosen(model, phi_tokenizer, dtype):
+    """Where the packed copy is the faster single-row kernel (CPUs with native bf16), compiled batch-1 steps reach
+    it through the packed weights' operator, and decode what eager decoding does."""
+    with use_cpu_kernels(NATIVE_BF16):
+        twin = prepare_cpu_linears(copy.deepcopy(model).to(dtype))
+        code = compiled_step_code(twin, batch=1)
+        assert "phikit.packed_linear" in code and "phikit.bf16_mv" not in code
+        assert_compiled_decoding_equals_eager(twin, phi_tokenizer, ["def add(a, b):"],
+                                              logprob_tolerance=1e-3 if dtype == torch.float32 else 0.05)
+
+
+def assert_compiled_decoding_equals_eager(model, tokenizer, prompts: list[str], logprob_tolerance: float) -> None:
     eager = complete(model, tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True)
     compiled = complete(model, tokenizer, prompts, max_new_tokens=8, stop_token_ids=[], return_logprobs=True,
                         compile=True)
     for e, c in zip(eager, compiled):
         assert c.token_ids == e.token_ids
         assert max(abs(a - b) for a, b in zip(e.logprobs, c.logprobs)) < logprob_tolerance
+
+
+def assert_compiled_batch_decodes_as_eager(model, tokenizer, logprob_tolerance: float) -> None:
+    """A batch of two: its compiled step calls the packed weights' operator and decodes what eager decoding does."""
+    assert "phikit.packed_linear" in compiled_step_code(model, batch=2)
+    assert_compiled_decoding_equals_eager(model, tokenizer, ["def add(a, b):", "Once upon a time there was"],
+                                          logprob_tolerance)
 
 
 @pytest.mark.skipif(not packed_fp32_available(), reason="this torch build has no oneDNN")
@@ -230,17 +251,25 @@ def test_quantized_linear_matches_fp32_on_decode_and_prompt_rows(mode, rows):
 
 
 @pytest.mark.skipif(not packed_fp32_available(), reason="this torch build has no oneDNN")
-def test_packed_fp32_linear_matches_plain_and_follows_weight_updates():
-    """Several rows outside autograd run on the packed copy; it equals F.linear, is remade when the weights change
-    in place (as an optimizer step changes them), and autograd still takes the plain path."""
+@KERNEL_CHOICES
+@pytest.mark.parametrize("rows", [1, 10])
+def test_packed_fp32_linear_matches_plain_and_follows_weight_updates(kernels, rows):
+    """Several rows (and single rows where that kernel was chosen) outside autograd run on the packed copy; it
+    equals F.linear, is remade when the weights change in place (as an optimizer step changes them), and autograd
+    still takes the plain path."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(96, 160)
+    with use_cpu_kernels(kernels):
+        check_packed_fp32_linear(layer, torch.randn(rows, 1, 96),
+                                 uses_packed=rows > 1 or kernels.fp32_single_row_packed)
+
+
+def check_packed_fp32_linear(layer, x, uses_packed: bool) -> None:
     prepare_cpu_linears(layer)
     assert type(layer) is PackedFp32Linear
-    x = torch.randn(2, 5, 96)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-        assert layer._packed is not None and layer._packed[1] is not None  # the packed copy was made
+        assert (layer._packed is not None and layer._packed[1] is not None) == uses_packed  # the copy was made
         layer.weight.mul_(-2.0)
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
     layer(x).sum().backward()
@@ -252,43 +281,69 @@ def test_packed_fp32_linear_matches_plain_and_follows_weight_updates():
         torch.testing.assert_close(twin(x), layer(x))
 
 
-@pytest.mark.skipif(not packed_fp16_available(), reason="this torch build has no fbgemm")
-def test_bf16_linear_rows_match_fp32_product_of_the_same_weights():
-    """bf16 layers run several rows (batches, prompts) on an fp16-packed copy with fp32 activations: the result is
-    the fp32 product of the bf16 weights, far closer than bf16 F.linear; the copy follows in-place weight (and
-    bias) updates, autograd takes the plain path, and weights beyond fp16's range keep the fp32 path."""
+@pytest.mark.skipif(not (packed_fp16_available() and packed_fp32_available()), reason="no fbgemm or oneDNN")
+@KERNEL_CHOICES
+def test_bf16_linear_rows_match_fp32_product_of_the_same_weights(kernels):
+    """bf16 layers run several rows (batches, prompts), and single rows where chosen, on a packed copy (fbgemm fp16
+    with fp32 activations, or oneDNN bf16), prompts past its range in bf16 GEMM or on an fp32 upcast: each is the
+    product of the bf16 weights accumulated in fp32, rounded once to bf16; the copy follows in-place weight (and
+    bias) updates, autograd takes the plain path, and weights beyond fp16's range keep off the fp16 copy."""
     torch.manual_seed(0)
-    layer = prepare_cpu_linears(torch.nn.Linear(96, 160).to(torch.bfloat16))
-    assert type(layer) is Bf16Linear
-    for rows in (2, 7, 40, 600):  # 600: past FP16_PACKED_MAX_ROWS, the fp32 upcast
-        x = torch.randn(rows, 96, dtype=torch.bfloat16)
-        exact = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+    with use_cpu_kernels(kernels):
+        layer = prepare_cpu_linears(torch.nn.Linear(96, 160).to(torch.bfloat16))
+        assert type(layer) is Bf16Linear
+        for rows in (1, 2, 7, 40, 600):  # 600: past FP16_PACKED_MAX_ROWS (the fp16 copy's range)
+            x = torch.randn(rows, 96, dtype=torch.bfloat16)
+            exact = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+            with torch.no_grad():
+                got = layer(x)
+                packed = layer._packed is not None and layer._packed[1] is not None
+                assert packed == (rows > 1 or kernels.bf16_single_row_packed) or rows == 600
+                layer.bias.mul_(-2.0)
+                moved = layer(x)
+                layer.bias.div_(-2.0)
+            assert got.dtype == torch.bfloat16
+            # the only rounding left is the output's to bf16 (relative 2^-9); torch.mv (a single row where it is
+            # the kernel) also rounds partial sums to bf16, as bf16 F.linear does
+            tol = dict(rtol=2 ** -8, atol=1e-6) if packed or rows > 1 else dict(rtol=2 ** -5, atol=2 ** -5)
+            torch.testing.assert_close(got.double(), exact, **tol)
+            torch.testing.assert_close(moved.double(), exact - 3 * layer.bias.double(), **tol)
+        x = torch.randn(3, 96, dtype=torch.bfloat16)
+        layer(x).sum().backward()
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+        assert set(layer.state_dict()) == {"weight", "bias"}
         with torch.no_grad():
-            got = layer(x)
-            assert layer._packed is not None and layer._packed[1] is not None  # the packed copy was made
-            layer.bias.mul_(-2.0)
-            moved = layer(x)
-            layer.bias.div_(-2.0)
-        assert got.dtype == torch.bfloat16
-        # the only rounding left is the output's to bf16 (relative 2^-9)
-        torch.testing.assert_close(got.double(), exact, rtol=2 ** -8, atol=1e-6)
-        torch.testing.assert_close(moved.double(), exact - 3 * layer.bias.double(), rtol=2 ** -8, atol=1e-6)
-    x = torch.randn(3, 96, dtype=torch.bfloat16)
-    layer(x).sum().backward()
-    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
-    assert set(layer.state_dict()) == {"weight", "bias"}
-    with torch.no_grad():
-        layer.weight[0, 0] = 1e6
-        exact = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
-        torch.testing.assert_close(layer(x).double(), exact, rtol=2 ** -8, atol=1e-6)
-        assert layer._packed[1] is None
+            layer.weight[0, 0] = 1e6
+            exact = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+            torch.testing.assert_close(layer(x).double(), exact, rtol=2 ** -8, atol=1e-6)
+            if kernels.bf16_packing == "fp16":
+                assert layer._packed[1] is None
+
+
+def test_cpu_kernel_choices_are_measured_once_or_taken_as_defaults(monkeypatch):
+    """The choices are measured on this CPU (a valid CpuKernels, in well under the time of loading a model), kept
+    for the process, and PHIKIT_CPU_KERNELS=default skips measuring."""
+    import time
+    import phikit.quant as quant
+    start = time.perf_counter()
+    measured = measure_cpu_kernels()
+    assert time.perf_counter() - start < 20
+    assert measured.bf16_packing in ("fp16", "bf16")
+    assert all(isinstance(getattr(measured, f), bool) for f in ("fp32_single_row_packed", "bf16_single_row_packed",
+                                                                 "bf16_native_gemm"))
+    monkeypatch.setattr(quant, "_kernels", None)
+    monkeypatch.setenv("PHIKIT_CPU_KERNELS", "default")
+    assert cpu_kernels() == CpuKernels() and cpu_kernels() is cpu_kernels()
 
 
 @pytest.mark.skipif(not packed_fp16_available(), reason="this torch build has no fbgemm")
-def test_compiled_bf16_batch_uses_the_packed_weights(model, phi_tokenizer):
-    """Compiled batched bf16 steps reach the fp16-packed weights through the same opaque operator as fp32's."""
-    bf16 = prepare_cpu_linears(copy.deepcopy(model).to(torch.bfloat16))
-    assert_compiled_batch_decodes_as_eager(bf16, phi_tokenizer, logprob_tolerance=0.05)
+@KERNEL_CHOICES
+def test_compiled_bf16_batch_uses_the_packed_weights(model, phi_tokenizer, kernels):
+    """Compiled batched bf16 steps reach the packed weights (fp16 or bf16) through the same opaque operator as
+    fp32's."""
+    with use_cpu_kernels(kernels):
+        bf16 = prepare_cpu_linears(copy.deepcopy(model).to(torch.bfloat16))
+        assert_compiled_batch_decodes_as_eager(bf16, phi_tokenizer, logprob_tolerance=0.05)
 
 
 @pytest.mark.parametrize("kw,message", [

@@ -13,16 +13,20 @@ of quantized layers take an exact fp32 path: dequantize one layer at a time.
                                                exact but ~3x slower on a CPU without VNNI
     quantize_model(model, "int4")              group-wise asymmetric int4 (groups of 32 inputs), _weight_int4pack_mm
                                                (every mode first joins each attention's q/k/v into one layer)
-    prepare_cpu_linears(model)                 bf16 nn.Linear layers on the CPU run single rows through torch.mv
-                                               (2x F.linear's bf16 speed) and several rows (batches, prompts) on an
-                                               fp16-packed copy in fbgemm (1.3-4.6x faster); fp32 ones run several
-                                               rows on oneDNN-packed weights (1.4-2x faster)
+    prepare_cpu_linears(model)                 bf16 and fp32 nn.Linear layers on the CPU run on packed copies of
+                                               their weights in the kernels measured fastest on this CPU
+                                               (CpuKernels: they differ by 2-5x between CPUs with and without
+                                               native bf16)
 """
 from __future__ import annotations
 
+import os
 import threading
+import time
 import warnings
 import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +46,13 @@ def _rows(x: torch.Tensor) -> int:
 _local = threading.local()
 
 
-def fp32_scratch(shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """A reusable fp32 buffer per weight shape (and thread) for the prompt path: converting into memory that is
-    already mapped is ~6x faster than into a fresh allocation, which page-faults on every call."""
+def weight_scratch(shape: torch.Size, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A reusable buffer per weight shape and dtype (and thread) for the prompt path: converting into memory that
+    is already mapped is ~6x faster than into a fresh allocation, which page-faults on every call."""
     buffers = _local.__dict__.setdefault("buffers", {})
-    key = (tuple(shape), str(device))
+    key = (tuple(shape), str(device), dtype)
     if key not in buffers:
-        buffers[key] = torch.empty(shape, dtype=torch.float32, device=device)
+        buffers[key] = torch.empty(shape, dtype=dtype, device=device)
     return buffers[key]
 
 
@@ -99,6 +103,111 @@ _LIVE_PACKED: "weakref.WeakValueDictionary[int, _PackedCpuLinear]" = weakref.Wea
 _LIVE_INT8: "weakref.WeakValueDictionary[int, Int8Linear]" = weakref.WeakValueDictionary()
 
 
+@dataclass(frozen=True)
+class CpuKernels:
+    """Which kernel each CPU linear path takes. CPUs differ by several times here, in both directions: with native
+    bf16 (AVX512-BF16, AMX) oneDNN's packed products stream weights 2.5-3.3x faster than torch's plain
+    matrix-vector product, and bf16 GEMM beats an fp32 upcast 5x; without it, torch.mv and fbgemm's fp16 GEMM win
+    and bf16 GEMM is the slowest choice. So the choices are measured once per process (measure_cpu_kernels); the
+    defaults are the right ones for CPUs without native bf16."""
+
+    fp32_single_row_packed: bool = False  # one row (decoding) on the oneDNN-packed fp32 copy, not F.linear
+    bf16_packing: str = "fp16"            # bf16 layers' packed copy: "fp16" (fbgemm's GEMM) or "bf16" (oneDNN's)
+    bf16_single_row_packed: bool = False  # one row on that copy, not torch.mv
+    bf16_native_gemm: bool = False        # prompt-sized inputs in bf16 F.linear, not on an fp32 upcast
+
+
+_kernels: CpuKernels | None = None
+# Another kernel than the default is chosen only when it is this much faster: the host's speed drifts by 10-30%.
+_CLEAR_WIN = 1.25
+
+
+def _seconds(fn, repeats: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
+def measure_cpu_kernels() -> CpuKernels:
+    """Time each candidate kernel on this CPU and return the choices (about 0.5 s on 2 cores). Four 4096 x 2048
+    matrices (128 MB in fp32, 64 MB in bf16) exceed a last-level cache, so a pass streams weights from memory as
+    decoding does; prompts are timed at 128 rows."""
+    gen = torch.Generator().manual_seed(0)
+    fp32 = [torch.randn(4096, 2048, generator=gen) * 0.02 for _ in range(4)]
+    bf16 = [w.bfloat16() for w in fp32]
+    row, rows, prompt = (torch.randn(n, 2048, generator=gen) for n in (1, 8, 128))
+    choice = {}
+    onednn = packed_fp32_available()
+    if onednn:
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in fp32]
+        plain = _seconds(lambda: [F.linear(row, w) for w in fp32])
+        fast = _seconds(lambda: [torch.ops.mkldnn._linear_pointwise(row, p, None, "none", [], "") for p in packed])
+        choice["fp32_single_row_packed"] = fast * _CLEAR_WIN < plain
+        del packed
+    prompt_bf16, scratch = prompt.bfloat16(), torch.empty(bf16[0].shape)
+    native = _seconds(lambda: F.linear(prompt_bf16, bf16[0]))
+    upcast = _seconds(lambda: F.linear(prompt, scratch.copy_(bf16[0])).bfloat16())
+    choice["bf16_native_gemm"] = native * _CLEAR_WIN < upcast
+    products = {}  # packing -> (one row, 8 rows) on the packed copy
+    if packed_fp16_available():
+        packed16 = [torch.ops.quantized.linear_prepack_fp16(w.float(), None) for w in bf16]
+        products["fp16"] = [_seconds(lambda: [torch.ops.quantized.linear_dynamic_fp16(x, p) for p in packed16])
+                            for x in (row, rows)]
+        del packed16
+    if onednn:
+        try:
+            packed_bf16 = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in bf16]
+            products["bf16"] = [_seconds(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+                                                  for p in packed_bf16]) for x in (row.bfloat16(), rows.bfloat16())]
+            del packed_bf16
+        except RuntimeError:  # a oneDNN build without bf16 kernels
+            pass
+    if products:
+        packing = "fp16" if "fp16" in products else "bf16"
+        if "bf16" in products and "fp16" in products:
+            # Where bf16 is native its own GEMM also serves prompts of any length, so a tie goes to it.
+            margin = 1.0 if choice["bf16_native_gemm"] else _CLEAR_WIN
+            if products["bf16"][1] * margin < products["fp16"][1]:
+                packing = "bf16"
+        choice["bf16_packing"] = packing
+        mv = _seconds(lambda: [torch.mv(w, row[0].bfloat16()) for w in bf16])
+        choice["bf16_single_row_packed"] = products[packing][0] * _CLEAR_WIN < mv
+    return CpuKernels(**choice)
+
+
+def cpu_kernels() -> CpuKernels:
+    """This process's kernel choices, measured on first use (PHIKIT_CPU_KERNELS=default takes the defaults
+    without measuring, for runs that must not depend on the host)."""
+    global _kernels
+    if _kernels is None:
+        _kernels = CpuKernels() if os.environ.get("PHIKIT_CPU_KERNELS") == "default" else measure_cpu_kernels()
+    return _kernels
+
+
+def _current_kernels() -> CpuKernels:
+    """The choices in force, without measuring (layers read this on every call, also inside compiled graphs)."""
+    return _kernels if _kernels is not None else _DEFAULT_KERNELS
+
+
+_DEFAULT_KERNELS = CpuKernels()
+
+
+@contextmanager
+def use_cpu_kernels(kernels: CpuKernels):
+    """Run the CPU layers on these choices inside the block (tests, comparisons); packed copies follow."""
+    global _kernels
+    previous, _kernels = _kernels, kernels
+    try:
+        yield kernels
+    finally:
+        _kernels = previous
+
+
 class _PackedCpuLinear(_PackedOutsideGraphs, nn.Linear):
     """nn.Linear whose multi-row inputs, on the CPU and outside autograd, run on a packed copy of its weights in a
     faster kernel's layout. The copy (one more copy of the weights) is made on first use, remade when the weights
@@ -118,8 +227,12 @@ class _PackedCpuLinear(_PackedOutsideGraphs, nn.Linear):
     def _multiply_unpacked(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def _packing(self) -> str:
+        """The packed copy's format (a change of format makes it again)."""
+        return ""
+
     def _packed_weight(self):
-        key = tuple((t.data_ptr(), t._version) for t in (self.weight, self.bias) if t is not None)
+        key = (self._packing(),) + tuple((t.data_ptr(), t._version) for t in (self.weight, self.bias) if t is not None)
         if self._packed is None or self._packed[0] != key:
             self._packed = None
             # Short of memory: remember the refusal (None) for these weights.
@@ -143,8 +256,9 @@ class _PackedCpuLinear(_PackedOutsideGraphs, nn.Linear):
 
 class PackedFp32Linear(_PackedCpuLinear):
     """nn.Linear with fp32 weights whose multi-row inputs run on a oneDNN-packed copy of the weights: at 2-128
-    rows torch's plain fp32 GEMM is 1.4-2x slower than the blocked layout on this CPU class. Single rows keep the
-    plain path (a matrix-vector product, as fast as the packed one and without its padding).
+    rows torch's plain fp32 GEMM is 1.4-5x slower than the blocked layout. Single rows take the packed copy too
+    where it was measured faster (CpuKernels.fp32_single_row_packed: 3.3x on an AVX512-BF16 CPU, where torch's
+    plain matrix-vector product streams at 23 GB/s of the machine's 50-75), else the plain path.
 
     The class is swapped in place (same parameters, same state_dict), see prepare_cpu_linears."""
 
@@ -156,7 +270,7 @@ class PackedFp32Linear(_PackedCpuLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and self.weight.dtype == torch.float32 and x.dtype == torch.float32
-                and _rows(x) > 1 and not torch.is_grad_enabled()):
+                and (_rows(x) > 1 or _current_kernels().fp32_single_row_packed) and not torch.is_grad_enabled()):
             return self._forward_rows(x)
         return super().forward(x)
 
@@ -169,37 +283,49 @@ FP16_PACKED_MAX_ROWS = 512
 
 
 class Bf16Linear(_PackedCpuLinear):
-    """nn.Linear with bf16 weights, fast on CPUs without native bf16 arithmetic.
+    """nn.Linear with bf16 weights on the CPU, on the kernels measured fastest for this CPU (CpuKernels).
 
-    - one row (decoding): torch.mv, which streams bf16 weights twice as fast as bf16 F.linear here;
-    - 2 to FP16_PACKED_MAX_ROWS rows (batched decoding, prompts): fbgemm's fp16 GEMM on an fp16-packed copy of the
-      weights, with fp32 activations and accumulation: 4.6x bf16 F.linear at 8 rows and 1.2-1.3x the fp32 upcast
-      at 128-256 rows (one phi-1.5 layer, 2 threads). bf16 -> fp16 is exact for every weight of magnitude 6.1e-5
-      to 65504 (fp16 has more mantissa bits); smaller ones keep an absolute error below 3e-8.
-    - more rows, or no packed copy (no fbgemm, memory short): prompt-sized inputs in fp32 on an upcast copy of one
-      layer at a time, small batches in bf16 F.linear.
+    - one row (decoding): torch.mv, which streams bf16 weights twice as fast as bf16 F.linear on CPUs without
+      native bf16; or, where measured faster (CPUs with AVX512-BF16: 2.7x), the packed copy below;
+    - 2 to FP16_PACKED_MAX_ROWS rows (batched decoding, prompts): a packed copy of the weights. Without native bf16,
+      fbgemm's fp16 GEMM on an fp16-packed copy, with fp32 activations and accumulation: 4.6x bf16 F.linear at 8
+      rows and 1.2-1.3x the fp32 upcast at 128-256 rows (one phi-1.5 layer, 2 threads); bf16 -> fp16 is exact for
+      every weight of magnitude 6.1e-5 to 65504 (fp16 has more mantissa bits), smaller ones keep an absolute error
+      below 3e-8. With native bf16, oneDNN's bf16 GEMM on a oneDNN-packed copy (2x plain bf16 F.linear at 8 rows).
+    - more rows, or no packed copy (memory short, no such kernel): prompt-sized inputs in bf16 F.linear where bf16
+      matrix products are native (5x an fp32 upcast), else in fp32 on an upcast copy of one layer at a time; small
+      batches in bf16 F.linear.
 
     The class is swapped in place (same parameters, same state_dict), see prepare_cpu_linears."""
 
     _packed_bytes_per_weight = 2
 
+    def _packing(self) -> str:
+        return _current_kernels().bf16_packing
+
     def _pack(self):
+        if self._packing() == "bf16":
+            if not packed_fp32_available():
+                return None
+            return torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8)
         if not packed_fp16_available() or float(self.weight.detach().abs().max()) > _FP16_MAX:
             return None
         bias = self.bias.detach().float() if self.bias is not None else None
         return torch.ops.quantized.linear_prepack_fp16(self.weight.detach().float(), bias)
 
     def multiply_rows(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.shape[0] >= FP16_PACKED_MAX_ROWS:
+        if x2.shape[0] >= FP16_PACKED_MAX_ROWS and self._packing() == "fp16":
             return self._multiply_unpacked(x2)
         return super().multiply_rows(x2)
 
     def _multiply_packed(self, x: torch.Tensor, packed) -> torch.Tensor:
+        if self._packing() == "bf16":
+            return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
         return torch.ops.quantized.linear_dynamic_fp16(x.float(), packed).to(x.dtype)
 
     def _multiply_unpacked(self, x: torch.Tensor) -> torch.Tensor:
-        if _rows(x) >= PREFILL_ROWS:
-            weight = fp32_scratch(self.weight.shape, self.weight.device).copy_(self.weight)
+        if _rows(x) >= PREFILL_ROWS and not _current_kernels().bf16_native_gemm:
+            weight = weight_scratch(self.weight.shape, self.weight.device).copy_(self.weight)
             bias = self.bias.float() if self.bias is not None else None
             return F.linear(x.float(), weight, bias).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
@@ -207,7 +333,7 @@ class Bf16Linear(_PackedCpuLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or self.weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16:
             return super().forward(x)
-        if _rows(x) == 1:
+        if _rows(x) == 1 and not (_current_kernels().bf16_single_row_packed and not torch.is_grad_enabled()):
             # torch.compile would lower torch.mv to its own (slower) product, so the compiled step calls it opaquely
             mv = torch.ops.phikit.bf16_mv if torch.compiler.is_compiling() else torch.mv
             y = mv(self.weight, x.reshape(-1))
@@ -252,11 +378,15 @@ def packed_fp16_available() -> bool:
 
 
 def prepare_cpu_linears(model: nn.Module) -> nn.Module:
-    """Give every CPU nn.Linear its fast inference path (idempotent; numerics stay those of fp32 or better):
-    bf16 weights compute single rows with torch.mv and several rows on an fp16-packed copy in fbgemm
-    (Bf16Linear); fp32 weights compute several rows on oneDNN-packed weights (PackedFp32Linear). A layer whose
-    dtype changed since (model.to) gets the path of its new dtype."""
+    """Give every CPU nn.Linear its fast inference path (idempotent; numerics stay those of the layer's dtype or
+    better), on the kernels measured fastest for this CPU (cpu_kernels, measured on the first call): bf16 weights
+    compute single rows with torch.mv or a packed copy, several rows on a packed copy (fbgemm fp16 or oneDNN bf16)
+    (Bf16Linear); fp32 weights compute several rows, and single rows where that is faster, on oneDNN-packed
+    weights (PackedFp32Linear). A layer whose dtype changed since (model.to) gets the path of its new dtype."""
     packed = packed_fp32_available()
+    if any(type(m) in (nn.Linear, Bf16Linear, PackedFp32Linear) and m.weight.device.type == "cpu"
+           for m in model.modules()):
+        cpu_kernels()
     for m in model.modules():
         if type(m) not in (nn.Linear, Bf16Linear, PackedFp32Linear) or m.weight.device.type != "cpu":
             continue
@@ -312,9 +442,12 @@ class Int8Linear(_PackedOutsideGraphs, nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x.device.type == "cpu" and x2.shape[0] >= PREFILL_ROWS:
-            # fp32 product with the integer weights, then the per-channel scale on the output (it factors out).
-            weight = fp32_scratch(self.weight.shape, x.device).copy_(self.weight)
-            y = F.linear(x2.float(), weight) * self.scales.float()
+            # A product with the integer weights, then the per-channel scale on the output (it factors out). In
+            # bf16 where bf16 GEMM is native (4x fp32 there; int8 values are exact in bf16, the activations are
+            # rounded to bf16), else in fp32, exact.
+            dtype = torch.bfloat16 if _current_kernels().bf16_native_gemm else torch.float32
+            weight = weight_scratch(self.weight.shape, x.device, dtype).copy_(self.weight)
+            y = F.linear(x2.to(dtype), weight).float() * self.scales.float()
             if self.bias is not None:
                 y = y + self.bias.float()
             y = y.to(x.dtype)
@@ -390,8 +523,13 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] >= PREFILL_ROWS:
             bias = self.bias.float() if self.bias is not None else None
-            weight = self.dequantize(fp32_scratch((self.out_features, self.in_features), x.device))
-            y = F.linear(x2.float(), weight, bias).to(x.dtype)
+            weight = self.dequantize(weight_scratch((self.out_features, self.in_features), x.device))
+            if _current_kernels().bf16_native_gemm:  # 4x fp32 GEMM where bf16 is native, after one more pass
+                weight = weight_scratch(weight.shape, x.device, torch.bfloat16).copy_(weight)
+                y = F.linear(x2.to(torch.bfloat16), weight).float()
+                y = (y + bias if bias is not None else y).to(x.dtype)
+            else:
+                y = F.linear(x2.float(), weight, bias).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight,
                                                            self.group_size, self.scales_and_zeros).to(x.dtype)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import KVCache, PhiForCausalLM
+from ..quant import prepare_cpu_linears
 from ..sampling import SamplingParams, process_logits
 from ..tokenizer import Tokenizer
 
@@ -146,7 +147,8 @@ class Engine:
                  prefill_tokens: int = 4096, compile: bool = False) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        self.model = model.eval()
+        # The CPU's fast linear paths (packed weights for batches, kernels measured for this CPU), as generate uses.
+        self.model = prepare_cpu_linears(model.eval())
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
