@@ -68,6 +68,10 @@ def test_generate_cli_batch_json_matches_library(tiny_phi_checkpoint, tmp_path, 
                  "--stream"]) == 0
     assert capsys.readouterr().out == generate(model, tokenizer, "Hi", max_new_tokens=5) + "\n"
 
+    assert main(["generate", "--model", str(tiny_phi_checkpoint), "--prompts-file", str(prompts),
+                 "--max-new-tokens", "5", "--json", "--prompt-lookup", "4"]) == 0
+    assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == [r["text"] for r in rows]
+
 
 @pytest.mark.parametrize("argv,message", [
     (["--prompt", "hi", "--temperature", "-1"], "temperature"),
@@ -75,6 +79,7 @@ def test_generate_cli_batch_json_matches_library(tiny_phi_checkpoint, tmp_path, 
     (["--prompt", ""], "empty"),
     ([], "no prompt"),
     (["--prompts-file", "missing.txt"], "does not exist"),
+    (["--prompt", "hi", "--prompt-lookup", "4", "--temperature", "0.8"], "temperature=0"),
 ])
 def test_generate_cli_bad_input_is_one_line(tiny_phi_checkpoint, capsys, argv, message):
     assert main(["generate", "--model", str(tiny_phi_checkpoint), *argv]) == 2

@@ -83,3 +83,76 @@ def test_beam_search_without_stops_equals_transformers(models, phi_tokenizer):
     got = complete(ours, phi_tokenizer, [PROMPTS[1]], max_new_tokens=12, num_beams=3, stop_token_ids=[])[0]
     assert got.token_ids == out[0, ids.shape[1]:].tolist()
     assert got.finish_reason == "length"
+
+
+
+@pytest.mark.parametrize("guesses,passes", [("right", 6), ("wrong", 40), ("four right", 9)])
+def test_prompt_lookup_keeps_the_guesses_greedy_decoding_agrees_with(models, phi_tokenizer, monkeypatch, guesses,
+                                                                      passes):
+    """prompt_lookup feeds up to 8 guessed tokens with the last one and keeps the guesses the model's argmax
+    agrees with: whatever the guesses, the tokens and logprobs are transformers' greedy ones, and each pass
+    yields the guesses taken plus one. Here the guesser is an oracle that knows the answer (right), misses every
+    token (wrong), or knows the next four; the lookup itself is tested below. Passes for 40 tokens: the prompt's,
+    then 9 tokens each (right), 1 (wrong) or 5 (four right)."""
+    import phikit.generate as generation
+    ours, ref = models
+    prompt = phi_tokenizer.encode(PROMPTS[1])
+    ids = torch.tensor([prompt])
+    expected = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                            num_beams=1, pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+
+    def oracle(text_ids, max_tokens, longest_ngram=3, shortest_ngram=2):
+        assert text_ids[:len(prompt)] == prompt and text_ids[len(prompt):] == expected[:len(text_ids) - len(prompt)]
+        answer = expected[len(text_ids) - len(prompt):][:max_tokens]
+        if guesses == "wrong":
+            return [(t + 1) % 50000 for t in answer]
+        if guesses == "four right":
+            return answer[:4] + [(t + 1) % 50000 for t in answer[4:]]
+        return answer
+
+    monkeypatch.setattr(generation, "_lookup_draft", oracle)
+    plain = complete(ours, phi_tokenizer, [prompt], max_new_tokens=40, stop_token_ids=[], return_logprobs=True)[0]
+    calls = []
+    hook = ours.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        got = complete(ours, phi_tokenizer, [prompt], max_new_tokens=40, stop_token_ids=[], return_logprobs=True,
+                       prompt_lookup=8)[0]
+    finally:
+        hook.remove()
+    assert got.token_ids == expected and got.finish_reason == "length"
+    assert got.text == phi_tokenizer.decode(expected)
+    torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(plain.logprobs), atol=1e-4, rtol=1e-4)
+    assert len(calls) == passes
+
+
+def test_prompt_lookup_guesses_what_followed_the_latest_match():
+    from phikit.generate import _lookup_draft
+    assert _lookup_draft([5, 1, 2, 3, 9, 8, 7, 1, 2, 3], 2) == [9, 8]  # the 3-gram [1, 2, 3] seen before
+    assert _lookup_draft([1, 2, 4, 1, 2, 6, 1, 2], 3) == [6, 1, 2]  # no 3-gram match; the latest [1, 2]
+    assert _lookup_draft([1, 2, 4, 1, 2, 6, 2], 3) == []  # one matching token is not enough
+    assert _lookup_draft([1, 2, 3, 4], 5) == []  # nothing repeats
+    assert _lookup_draft([7, 7, 7, 7], 2) == [7]  # the latest earlier [7, 7, 7] is followed by one token
+    assert _lookup_draft([1, 2, 1, 2], 0) == []
+
+
+def test_prompt_lookup_stops_and_streams_as_plain_decoding(models, phi_tokenizer):
+    """Stop strings and stop tokens end a row where plain greedy decoding ends it, with a batch of prompts (decoded
+    one after the other); streaming joins to the same text; bad combinations are one-line errors."""
+    from phikit.generate import stream
+    ours, _ = models
+    prompts = PROMPTS + ["the cat sat on the mat. the cat sat on the mat. the cat sat on the"]
+    free = complete(ours, phi_tokenizer, prompts, max_new_tokens=20, stop_token_ids=[])
+    stop_id = free[0].token_ids[6]
+    stop_text = phi_tokenizer.decode(free[1].token_ids[3:5])
+    kw = dict(max_new_tokens=20, stop_token_ids=[stop_id], stop=[stop_text])
+    plain = complete(ours, phi_tokenizer, prompts, **kw)
+    looked = complete(ours, phi_tokenizer, prompts, prompt_lookup=5, **kw)
+    assert [(c.text, c.token_ids, c.finish_reason) for c in looked] == \
+        [(c.text, c.token_ids, c.finish_reason) for c in plain]
+    assert plain[0].finish_reason == plain[1].finish_reason == "stop"
+    assert "".join(stream(ours, phi_tokenizer, prompts[3], prompt_lookup=5, **kw)) == plain[3].text
+    for bad, message in [(dict(temperature=0.7), "temperature=0"), (dict(compile=True), "eagerly"),
+                         (dict(num_beams=2), "eagerly"), (dict(prompt_lookup=-1), ">= 0")]:
+        with pytest.raises(ValueError, match=message) as err:
+            complete(ours, phi_tokenizer, prompts[:1], **{"prompt_lookup": 4, **bad})
+        assert "\n" not in str(err.value)

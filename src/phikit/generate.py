@@ -17,6 +17,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -57,6 +58,15 @@ def _sampling_params(max_new_tokens: int, temperature: float, top_k: int, top_p:
                      repetition_penalty: float, seed: int | None) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           min_p=min_p, repetition_penalty=repetition_penalty, seed=seed).validate()
+
+
+def check_prompt_lookup(prompt_lookup: int, params: SamplingParams, num_beams: int, compile: bool) -> None:
+    if prompt_lookup < 0:
+        raise ValueError(f"prompt_lookup must be >= 0 (0 turns it off), got {prompt_lookup}")
+    if prompt_lookup and not params.greedy:
+        raise ValueError("prompt_lookup keeps the guesses greedy decoding would make: use temperature=0")
+    if prompt_lookup and (num_beams > 1 or compile):
+        raise ValueError("prompt_lookup decodes eagerly without beams: drop num_beams/compile, or prompt_lookup")
 
 
 def encode_prompts(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str | list[int]],
@@ -217,27 +227,90 @@ def _decode_tokens(model: PhiForCausalLM, rows: list[list[int]], params: Samplin
                                 past_key_values=cache, use_cache=True).logits[:, -1]
 
 
+def _lookup_draft(ids: list[int], max_tokens: int, longest_ngram: int = 3, shortest_ngram: int = 2) -> list[int]:
+    """Up to max_tokens ids that followed the latest earlier occurrence of the text's last n ids (n from
+    longest_ngram down to shortest_ngram): the guess of prompt lookup decoding, free to make and often right when
+    the answer quotes its context (code edits, summaries, extraction). A single matching token guesses wrong too
+    often to pay for the longer pass, so at least two must match."""
+    if max_tokens < 1:
+        return []
+    arr = np.asarray(ids)
+    for n in range(min(longest_ngram, len(ids) - 1), shortest_ngram - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # starts 0 .. len-n-1: not the tail itself
+        hits = np.flatnonzero((windows == arr[-n:]).all(1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return ids[start:start + max_tokens]
+    return []
+
+
+@torch.inference_mode()
+def _decode_prompt_lookup(model: PhiForCausalLM, row: list[int], params: SamplingParams, stop_ids: set[int],
+                          vocab_limit: int | None, stop_now, draft_tokens: int) -> Iterator[tuple[int, float]]:
+    """Greedy decoding of one prompt that checks several tokens per forward pass: each pass feeds the last token
+    and up to draft_tokens guessed by _lookup_draft, keeps the guesses the model's own argmax agrees with, plus
+    the model's token after them, and drops the rest from the cache. The tokens are greedy decoding's (a pass over
+    several rows rounds differently from one over a single row, which can only flip exact near-ties), in fewer
+    passes when the guesses are right. Yields (token, logprob); stops after a stop token or when stop_now()."""
+    context = model.config.max_position_embeddings
+    steps = min(params.max_new_tokens, context - len(row))
+    cache = KVCache.allocate(model.config, 1, len(row) + steps + draft_tokens, model.device, _cache_dtype(model))
+    ids = list(row)
+    logits = model(torch.tensor([row], device=model.device), past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits[0]
+    draft: list[int] = []
+    produced = 0
+    while True:
+        in_cache = cache.length  # the prompt, or every token but the fed ones
+        for j in range(len(draft) + 1):  # logits row j follows the last token and the first j guesses
+            raw = logits[j:j + 1].float()
+            seen = torch.tensor([ids], device=model.device) if params.repetition_penalty != 1.0 else None
+            token = int(process_logits(raw, params, seen, vocab_limit).argmax(-1))
+            logprob = float(torch.log_softmax(mask_padding_rows(raw, vocab_limit), -1)[0, token])
+            ids.append(token)
+            produced += 1
+            yield token, logprob
+            if token in stop_ids or produced == steps or stop_now():
+                return
+            if j == len(draft) or token != draft[j]:
+                break
+        cache.crop(in_cache - len(draft) + j)  # keep the fed tokens up to the last guess taken
+        draft = _lookup_draft(ids, min(draft_tokens, steps - produced - 1, context - len(ids)))
+        logits = model(torch.tensor([[token] + draft], device=model.device), past_key_values=cache,
+                       use_cache=True).logits[0]
+
+
 def _stream_rows(model: PhiForCausalLM, tokenizer: Tokenizer, rows: list[list[int]], params: SamplingParams,
                  stop: Sequence[str], stop_ids: set[int], return_logprobs: bool,
-                 compile: bool = False) -> Iterator[Chunk]:
+                 compile: bool = False, prompt_lookup: int = 0) -> Iterator[Chunk]:
     trackers = [_TextTracker(tokenizer, stop) for _ in rows]
     finished = torch.zeros(len(rows), dtype=torch.bool, device=model.device)
     reasons: list[str | None] = [None] * len(rows)
-    for tokens, logprobs in _decode_tokens(model, rows, params, stop_ids, _vocab_limit(model, tokenizer), finished,
-                                           compile):
-        for i, (tok, lp) in enumerate(zip(tokens, logprobs)):
-            if reasons[i] is not None:
-                continue
-            tracker = trackers[i]
-            if tok in stop_ids:
-                reasons[i] = "stop"
-                yield Chunk(i, tracker.finish(), finish_reason="stop")
-                continue
-            delta = tracker.push(tok)
-            if tracker.stopped:
-                reasons[i] = "stop"
-                finished[i] = True
-            yield Chunk(i, delta, [tok], [lp] if return_logprobs else [], reasons[i])
+    vocab_limit = _vocab_limit(model, tokenizer)
+
+    def row_tokens() -> Iterator[tuple[int, int, float]]:  # (row, token, logprob)
+        if prompt_lookup:  # one prompt after the other: rows accept different numbers of guesses per pass
+            for i, row in enumerate(rows):
+                for tok, lp in _decode_prompt_lookup(model, row, params, stop_ids, vocab_limit,
+                                                     lambda i=i: bool(finished[i]), prompt_lookup):
+                    yield i, tok, lp
+            return
+        for tokens, logprobs in _decode_tokens(model, rows, params, stop_ids, vocab_limit, finished, compile):
+            yield from ((i, tok, lp) for i, (tok, lp) in enumerate(zip(tokens, logprobs)))
+
+    for i, tok, lp in row_tokens():
+        if reasons[i] is not None:
+            continue
+        tracker = trackers[i]
+        if tok in stop_ids:
+            reasons[i] = "stop"
+            yield Chunk(i, tracker.finish(), finish_reason="stop")
+            continue
+        delta = tracker.push(tok)
+        if tracker.stopped:
+            reasons[i] = "stop"
+            finished[i] = True
+        yield Chunk(i, delta, [tok], [lp] if return_logprobs else [], reasons[i])
     for i, tracker in enumerate(trackers):
         if reasons[i] is None:  # ran out of new tokens (or context)
             yield Chunk(i, tracker.finish(), finish_reason="length")
@@ -347,11 +420,14 @@ def complete(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str 
              min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
              stop: Sequence[str] | str | None = None, num_beams: int = 1, stop_token_ids: Sequence[int] | None = None,
              return_logprobs: bool = False, length_penalty: float = 1.0, early_stopping: bool | str = False,
-             truncate: bool = False, compile: bool = False) -> list[Completion]:
+             truncate: bool = False, compile: bool = False, prompt_lookup: int = 0) -> list[Completion]:
     """Generate for a batch of prompts; one Completion (text, ids, logprobs, finish reason) per prompt.
     compile=True decodes through torch.compile: the first call per batch size and length bucket compiles
-    (tens of seconds), later ones skip the Python overhead of each step (beam search stays eager)."""
+    (tens of seconds), later ones skip the Python overhead of each step (beam search stays eager).
+    prompt_lookup=N (greedy only) guesses up to N tokens per step from earlier text that ends like the text so
+    far and checks them in one pass: the same tokens, in fewer passes when the answer repeats its context."""
     params = _sampling_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    check_prompt_lookup(prompt_lookup, params, num_beams, compile)
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if not prompts:
         raise ValueError("no prompts given: pass a string or a non-empty list of strings")
@@ -367,7 +443,7 @@ def complete(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str 
     ids: list[list[int]] = [[] for _ in rows]
     lps: list[list[float]] = [[] for _ in rows]
     reasons = ["length"] * len(rows)
-    for c in _stream_rows(model, tokenizer, rows, params, stop, stop_ids, return_logprobs, compile):
+    for c in _stream_rows(model, tokenizer, rows, params, stop, stop_ids, return_logprobs, compile, prompt_lookup):
         texts[c.index] += c.text
         ids[c.index] += c.token_ids
         lps[c.index] += c.logprobs
@@ -384,7 +460,8 @@ def generate(model: PhiForCausalLM, tokenizer: Tokenizer, prompt_or_prompts: str
              return_logprobs: bool = False, **options) -> str | list[str] | Completion | list[Completion]:
     """The continuation of a prompt (str) or of each prompt (list). return_logprobs=True returns Completion objects
     instead (text, token_ids, logprobs, finish_reason). Options: length_penalty, early_stopping (beam search),
-    truncate (keep the last tokens of an over-long prompt), compile (decode through torch.compile)."""
+    truncate (keep the last tokens of an over-long prompt), compile (decode through torch.compile),
+    prompt_lookup (check up to N guessed tokens per pass, greedy only)."""
     single = isinstance(prompt_or_prompts, str)
     prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
     results = complete(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
@@ -398,16 +475,17 @@ def stream_chunks(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence
                   min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                   stop: Sequence[str] | str | None = None, num_beams: int = 1,
                   stop_token_ids: Sequence[int] | None = None, return_logprobs: bool = False,
-                  truncate: bool = False, compile: bool = False) -> Iterator[Chunk]:
+                  truncate: bool = False, compile: bool = False, prompt_lookup: int = 0) -> Iterator[Chunk]:
     """Chunks (row index, text delta, token ids, logprobs, finish reason) as they become final, for servers."""
     if num_beams != 1:
         raise ValueError("beam search cannot stream (the best beam is known only at the end): use num_beams=1")
     params = _sampling_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    check_prompt_lookup(prompt_lookup, params, num_beams, compile)
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     rows = encode_prompts(model, tokenizer, prompts, max_new_tokens, truncate)
     _prepare_model(model)
     yield from _stream_rows(model, tokenizer, rows, params, stop, _stop_ids(tokenizer, stop_token_ids),
-                            return_logprobs, compile)
+                            return_logprobs, compile, prompt_lookup)
 
 
 def stream(model: PhiForCausalLM, tokenizer: Tokenizer, prompt: str, **sampling) -> Iterator[str]:

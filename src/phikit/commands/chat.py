@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         else get_format(name)
     system = args.system
     history: list[dict] = []
-    kw = dict(sampling_kwargs(args), compile=args.compile)
+    kw = dict(sampling_kwargs(args), compile=args.compile, prompt_lookup=args.prompt_lookup)
     budget = model.config.max_position_embeddings - min(args.max_new_tokens, model.config.max_position_embeddings // 2)
     you = f"{args.user_name}> " if name == "chat" else "you> "
     bot = f"{args.assistant_name}> " if name == "chat" else "model> "

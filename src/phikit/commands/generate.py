@@ -35,6 +35,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256
     g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop string (repeatable; cut from the output)")
+    g.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="greedy only: check up to N tokens per step guessed from earlier text (the same output, "
+                        "fewer steps when the answer repeats its context: code edits, extraction; 0: off)")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -45,8 +48,10 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 def load_model(args: argparse.Namespace):
     from ..checkpoint import load
     from ..sampling import SamplingParams
+    from ..generate import check_prompt_lookup
     # Check the sampling values before spending seconds loading weights.
-    SamplingParams(**{k: v for k, v in sampling_kwargs(args).items()}).validate()
+    params = SamplingParams(**{k: v for k, v in sampling_kwargs(args).items()}).validate()
+    check_prompt_lookup(args.prompt_lookup, params, getattr(args, "num_beams", 1), args.compile)
     start = time.perf_counter()
     model, tokenizer = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     print(f"loaded {args.model} ({model.num_parameters() / 1e6:,.1f}M parameters) in "
@@ -83,7 +88,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                 "  phikit generate --model ./phi-2 --prompt 'Why is the sky blue?' --format instruct --stream\n"
                 "  phikit generate --model ./phi-1_5 --prompts-file prompts.jsonl --temperature 0.7 --seed 1 --json\n"
                 "  phikit generate --model ./phi-1_5 --prompt 'Once upon a time' --quantize int8\n"
-                "  phikit generate --model ./phi-1_5 --prompts-file prompts.txt --device cuda --dtype fp16 --compile")
+                "  phikit generate --model ./phi-1_5 --prompts-file prompts.txt --device cuda --dtype fp16 --compile\n"
+                "  phikit generate --model ./phi-1 --prompt \"$(cat edit_request.txt)\" --prompt-lookup 10")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -120,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     model, tokenizer = load_model(args)
-    kw = dict(sampling_kwargs(args), compile=args.compile)
+    kw = dict(sampling_kwargs(args), compile=args.compile, prompt_lookup=args.prompt_lookup)
     stop_token_ids = None
     fmt = None
     texts = prompts
