@@ -78,7 +78,7 @@ def main() -> None:
         return answer[len(ids) - len(prompt):][:max_tokens]
 
     def wrong(ids, max_tokens, longest_ngram=3, shortest_ngram=2):
-        return [(t + 1) % 50000 for t in oracle(ids, max_tokens)]
+        return [(t + 1) % len(tokenizer) for t in oracle(ids, max_tokens)]
 
     passes: list[int] = []
     hook = model.register_forward_hook(lambda *_: passes.append(1))

@@ -91,7 +91,7 @@ def test_prompt_lookup_keeps_the_guesses_greedy_decoding_agrees_with(models, phi
                                                                       passes):
     """prompt_lookup feeds up to 8 guessed tokens with the last one and keeps the guesses the model's argmax
     agrees with: whatever the guesses, the tokens and logprobs are transformers' greedy ones, and each pass
-    yields the guesses taken plus one. Here the guesser is an oracle that knows the answer (right), misses every
+    yields the guesses taken plus one, and asks for fewer guesses after a miss. Here the guesser is an oracle that knows the answer (right), misses every
     token (wrong), or knows the next four; the lookup itself is tested below. Passes for 40 tokens: the prompt's,
     then 9 tokens each (right), 1 (wrong) or 5 (four right)."""
     import phikit.generate as generation
@@ -101,7 +101,10 @@ def test_prompt_lookup_keeps_the_guesses_greedy_decoding_agrees_with(models, phi
     expected = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
                             num_beams=1, pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
 
+    requested = []
+
     def oracle(text_ids, max_tokens, longest_ngram=3, shortest_ngram=2):
+        requested.append(max_tokens)
         assert text_ids[:len(prompt)] == prompt and text_ids[len(prompt):] == expected[:len(text_ids) - len(prompt)]
         answer = expected[len(text_ids) - len(prompt):][:max_tokens]
         if guesses == "wrong":
@@ -123,6 +126,9 @@ def test_prompt_lookup_keeps_the_guesses_greedy_decoding_agrees_with(models, phi
     assert got.text == phi_tokenizer.decode(expected)
     torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(plain.logprobs), atol=1e-4, rtol=1e-4)
     assert len(calls) == passes
+    # A pass that keeps no guess halves the next guess; one that keeps them all doubles it back (up to 8); the
+    # right oracle's fifth pass asks only for what is left of the 40 tokens.
+    assert requested[:5] == {"right": [8, 8, 8, 8, 2], "wrong": [8, 4, 2, 1, 1], "four right": [8] * 5}[guesses]
 
 
 def test_prompt_lookup_guesses_what_followed_the_latest_match():

@@ -251,7 +251,9 @@ def _decode_prompt_lookup(model: PhiForCausalLM, row: list[int], params: Samplin
     and up to draft_tokens guessed by _lookup_draft, keeps the guesses the model's own argmax agrees with, plus
     the model's token after them, and drops the rest from the cache. The tokens are greedy decoding's (a pass over
     several rows rounds differently from one over a single row, which can only flip exact near-ties), in fewer
-    passes when the guesses are right. Yields (token, logprob); stops after a stop token or when stop_now()."""
+    passes when the guesses are right. A wrong guess costs a longer pass for nothing, so the number of guesses
+    halves after a pass that kept none and doubles back (up to draft_tokens) after one that kept all.
+    Yields (token, logprob); stops after a stop token or when stop_now()."""
     context = model.config.max_position_embeddings
     steps = min(params.max_new_tokens, context - len(row))
     cache = KVCache.allocate(model.config, 1, len(row) + steps + draft_tokens, model.device, _cache_dtype(model))
@@ -259,7 +261,7 @@ def _decode_prompt_lookup(model: PhiForCausalLM, row: list[int], params: Samplin
     logits = model(torch.tensor([row], device=model.device), past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[0]
     draft: list[int] = []
-    produced = 0
+    produced, guesses = 0, draft_tokens
     while True:
         in_cache = cache.length  # the prompt, or every token but the fed ones
         for j in range(len(draft) + 1):  # logits row j follows the last token and the first j guesses
@@ -275,7 +277,9 @@ def _decode_prompt_lookup(model: PhiForCausalLM, row: list[int], params: Samplin
             if j == len(draft) or token != draft[j]:
                 break
         cache.crop(in_cache - len(draft) + j)  # keep the fed tokens up to the last guess taken
-        draft = _lookup_draft(ids, min(draft_tokens, steps - produced - 1, context - len(ids)))
+        if draft:
+            guesses = max(1, guesses // 2) if j == 0 else min(draft_tokens, 2 * guesses) if j == len(draft) else guesses
+        draft = _lookup_draft(ids, min(guesses, steps - produced - 1, context - len(ids)))
         logits = model(torch.tensor([[token] + draft], device=model.device), past_key_values=cache,
                        use_cache=True).logits[0]
 
