@@ -144,11 +144,15 @@ def measure_cpu_kernels() -> CpuKernels:
     choice = {}
     onednn = packed_fp32_available()
     if onednn:
-        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in fp32]
-        plain = _seconds(lambda: [F.linear(row, w) for w in fp32])
-        fast = _seconds(lambda: [torch.ops.mkldnn._linear_pointwise(row, p, None, "none", [], "") for p in packed])
-        choice["fp32_single_row_packed"] = fast * _CLEAR_WIN < plain
-        del packed
+        try:
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in fp32]
+            plain = _seconds(lambda: [F.linear(row, w) for w in fp32])
+            fast = _seconds(lambda: [torch.ops.mkldnn._linear_pointwise(row, p, None, "none", [], "")
+                                     for p in packed])
+            choice["fp32_single_row_packed"] = fast * _CLEAR_WIN < plain
+            del packed
+        except RuntimeError:  # a oneDNN build without these kernels for this CPU: keep the plain product
+            onednn = False
     prompt_bf16, scratch = prompt.bfloat16(), torch.empty(bf16[0].shape)
     native = _seconds(lambda: F.linear(prompt_bf16, bf16[0]))
     upcast = _seconds(lambda: F.linear(prompt, scratch.copy_(bf16[0])).bfloat16())
