@@ -49,11 +49,13 @@ def load_model(args: argparse.Namespace):
     from ..checkpoint import load
     from ..sampling import SamplingParams
     from ..generate import check_prompt_lookup
+    from ..quant import prepare_cpu_linears
     # Check the sampling values before spending seconds loading weights.
     params = SamplingParams(**{k: v for k, v in sampling_kwargs(args).items()}).validate()
     check_prompt_lookup(args.prompt_lookup, params, getattr(args, "num_beams", 1), args.compile)
     start = time.perf_counter()
     model, tokenizer = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    prepare_cpu_linears(model)  # measures this CPU's kernels now, not inside the first timed generation
     print(f"loaded {args.model} ({model.num_parameters() / 1e6:,.1f}M parameters) in "
           f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
     return model, tokenizer
