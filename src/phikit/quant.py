@@ -115,6 +115,7 @@ class CpuKernels:
     bf16_packing: str = "fp16"            # bf16 layers' packed copy: "fp16" (fbgemm's GEMM) or "bf16" (oneDNN's)
     bf16_single_row_packed: bool = False  # one row on that copy, not torch.mv
     bf16_native_gemm: bool = False        # prompt-sized inputs in bf16 F.linear, not on an fp32 upcast
+    int8_full_range: bool = False         # int8 layers round activations to 8 bits, not 7 (fbgemm sums exactly)
 
 
 _kernels: CpuKernels | None = None
@@ -181,7 +182,26 @@ def measure_cpu_kernels() -> CpuKernels:
         choice["bf16_packing"] = packing
         mv = _seconds(lambda: [torch.mv(w, row[0].bfloat16()) for w in bf16])
         choice["bf16_single_row_packed"] = products[packing][0] * _CLEAR_WIN < mv
+    choice["int8_full_range"] = _int8_full_range_is_exact()
     return CpuKernels(**choice)
+
+
+def _int8_full_range_is_exact() -> bool:
+    """Whether fbgemm's int8 product is exact with 8-bit activations. Without VNNI it adds pairs of u8 x s8
+    products in int16, which saturates (255 * 127 * 2 > 32767), so activations get 7 bits; with VNNI the pairs go
+    straight to int32. Tested, not assumed: the worst case (activations 255, weights +-127) against fp32."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    with warnings.catch_warnings():  # quantized-tensor constructors warn about their future in torch
+        warnings.simplefilter("ignore")
+        weight = torch.full((16, 256), 127.0)
+        weight[1::2] = -127.0
+        qweight = torch._make_per_channel_quantized_tensor(
+            weight.to(torch.int8), torch.ones(16, dtype=torch.double), torch.zeros(16, dtype=torch.long), 0)
+        x = torch.ones(1, 256)
+        x[0, ::3] = 0.0  # quantizes to codes 0 and 255
+        got = torch.ops.quantized.linear_dynamic(x, torch.ops.quantized.linear_prepack(qweight, None), False)
+    return bool(torch.allclose(got, F.linear(x, weight), atol=0.01))
 
 
 def cpu_kernels() -> CpuKernels:
@@ -412,8 +432,9 @@ class Int8Linear(_PackedOutsideGraphs, nn.Module):
     """y = x @ (q * scale)^T + b with q int8 [out, in] and one scale per output channel (symmetric).
 
     With `dynamic`, CPU inputs of fewer than PREFILL_ROWS rows run through fbgemm's int8 GEMM: the activations are
-    rounded to 7-bit unsigned integers with one scale and zero point per call (7, not 8: fbgemm's non-VNNI kernel
-    sums pairs of products in int16, which 8-bit activations can overflow), and the product is exact in int32."""
+    rounded to unsigned integers with one scale and zero point per call, and the product is exact in int32. 8-bit
+    integers where fbgemm sums exactly (VNNI; CpuKernels.int8_full_range), else 7-bit: its non-VNNI kernel sums
+    pairs of products in int16, which 8-bit activations can overflow."""
 
     _registry = _LIVE_INT8
 
@@ -460,7 +481,8 @@ class Int8Linear(_PackedOutsideGraphs, nn.Module):
             y = torch.ops.phikit.int8_linear_dynamic(x2.float().contiguous(), self._key, self.out_features)
             y = y.to(x.dtype)
         elif x.device.type == "cpu" and self.dynamic:
-            y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._fbgemm_weights(), True).to(x.dtype)
+            y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._fbgemm_weights(),
+                                                   not _current_kernels().int8_full_range).to(x.dtype)
         elif x.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(self.scales.dtype).contiguous(), self.weight, self.scales).to(x.dtype)
             if self.bias is not None:
@@ -478,7 +500,8 @@ class Int8Linear(_PackedOutsideGraphs, nn.Module):
 
 def _int8_linear_dynamic(x: torch.Tensor, layer_id: int, out_features: int) -> torch.Tensor:
     """fbgemm's int8 GEMM for the Int8Linear with this id (its packed weights stay outside the compiled graph)."""
-    return torch.ops.quantized.linear_dynamic(x, _LIVE_INT8[layer_id]._fbgemm_weights(), True)
+    return torch.ops.quantized.linear_dynamic(x, _LIVE_INT8[layer_id]._fbgemm_weights(),
+                                              not _current_kernels().int8_full_range)
 
 
 _LIB.impl("int8_linear_dynamic", _int8_linear_dynamic, "CPU")
