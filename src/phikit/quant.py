@@ -134,10 +134,17 @@ def _seconds(fn, repeats: int = 3) -> float:
 
 
 @torch.inference_mode()
-def measure_cpu_kernels() -> CpuKernels:
-    """Time each candidate kernel on this CPU and return the choices (about 0.5 s on 2 cores). Four 4096 x 2048
+def measure_cpu_kernels(timings: dict[str, float] | None = None) -> CpuKernels:
+    """Time each candidate kernel on this CPU and return the choices (about 0.7 s on 2 cores); `timings`, when
+    given, receives each candidate's best time in seconds (benchmarks/kernels.py prints them). Four 4096 x 2048
     matrices (128 MB in fp32, 64 MB in bf16) exceed a last-level cache, so a pass streams weights from memory as
     decoding does; prompts are timed at 128 rows."""
+    timings = {} if timings is None else timings
+
+    def timed(name: str, fn) -> float:
+        timings[name] = _seconds(fn)
+        return timings[name]
+
     gen = torch.Generator().manual_seed(0)
     fp32 = [torch.randn(4096, 2048, generator=gen) * 0.02 for _ in range(4)]
     bf16 = [w.bfloat16() for w in fp32]
@@ -147,28 +154,29 @@ def measure_cpu_kernels() -> CpuKernels:
     if onednn:
         try:
             packed = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in fp32]
-            plain = _seconds(lambda: [F.linear(row, w) for w in fp32])
-            fast = _seconds(lambda: [torch.ops.mkldnn._linear_pointwise(row, p, None, "none", [], "")
-                                     for p in packed])
+            plain = timed("fp32 one row, F.linear", lambda: [F.linear(row, w) for w in fp32])
+            fast = timed("fp32 one row, oneDNN packed", lambda: [
+                torch.ops.mkldnn._linear_pointwise(row, p, None, "none", [], "") for p in packed])
             choice["fp32_single_row_packed"] = fast * _CLEAR_WIN < plain
             del packed
         except RuntimeError:  # a oneDNN build without these kernels for this CPU: keep the plain product
             onednn = False
     prompt_bf16, scratch = prompt.bfloat16(), torch.empty(bf16[0].shape)
-    native = _seconds(lambda: F.linear(prompt_bf16, bf16[0]))
-    upcast = _seconds(lambda: F.linear(prompt, scratch.copy_(bf16[0])).bfloat16())
+    native = timed("bf16 128 rows, bf16 GEMM", lambda: F.linear(prompt_bf16, bf16[0]))
+    upcast = timed("bf16 128 rows, fp32 upcast", lambda: F.linear(prompt, scratch.copy_(bf16[0])).bfloat16())
     choice["bf16_native_gemm"] = native * _CLEAR_WIN < upcast
     products = {}  # packing -> (one row, 8 rows) on the packed copy
     if packed_fp16_available():
         packed16 = [torch.ops.quantized.linear_prepack_fp16(w.float(), None) for w in bf16]
-        products["fp16"] = [_seconds(lambda: [torch.ops.quantized.linear_dynamic_fp16(x, p) for p in packed16])
-                            for x in (row, rows)]
+        products["fp16"] = [timed(f"bf16 {len(x)} row(s), fbgemm fp16 packed", lambda: [
+            torch.ops.quantized.linear_dynamic_fp16(x, p) for p in packed16]) for x in (row, rows)]
         del packed16
     if onednn:
         try:
             packed_bf16 = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in bf16]
-            products["bf16"] = [_seconds(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
-                                                  for p in packed_bf16]) for x in (row.bfloat16(), rows.bfloat16())]
+            products["bf16"] = [timed(f"bf16 {len(x)} row(s), oneDNN packed", lambda: [
+                torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed_bf16])
+                for x in (row.bfloat16(), rows.bfloat16())]
             del packed_bf16
         except RuntimeError:  # a oneDNN build without bf16 kernels
             pass
@@ -180,7 +188,7 @@ def measure_cpu_kernels() -> CpuKernels:
             if products["bf16"][1] * margin < products["fp16"][1]:
                 packing = "bf16"
         choice["bf16_packing"] = packing
-        mv = _seconds(lambda: [torch.mv(w, row[0].bfloat16()) for w in bf16])
+        mv = timed("bf16 1 row(s), torch.mv", lambda: [torch.mv(w, row[0].bfloat16()) for w in bf16])
         choice["bf16_single_row_packed"] = products[packing][0] * _CLEAR_WIN < mv
     choice["int8_full_range"] = _int8_full_range_is_exact()
     return CpuKernels(**choice)
