@@ -404,3 +404,15 @@ def test_int8_activations_take_8_bits_where_fbgemm_sums_exactly():
     if not _int8_full_range_is_exact():
         pytest.skip("fbgemm saturates 8-bit activations on this CPU (no VNNI): 7 bits only")
     assert errors[True] < 0.7 * errors[False], errors
+
+
+def test_quantized_models_get_the_measured_kernel_choices(model, monkeypatch):
+    """A quantized model has no nn.Linear left, yet its layers read the choices (prompt path, int8 activation
+    bits): preparing it for decoding measures them too."""
+    import phikit.quant as quant
+    measured = []
+    monkeypatch.setattr(quant, "_kernels", None)
+    monkeypatch.setattr(quant, "measure_cpu_kernels", lambda: measured.append(1) or NATIVE_BF16)
+    q = quantize_model(copy.deepcopy(model), "int8")
+    prepare_cpu_linears(q)
+    assert measured == [1] and quant._current_kernels() is NATIVE_BF16

@@ -2,8 +2,8 @@
 
 Decoding one token reads every weight once, so its speed is memory bandwidth: int8 weights (1 byte) decode about
 twice as fast as bf16 and four times as fast as fp32, when the kernel keeps up with memory. Prompts (many rows at
-once) are compute-bound instead, and this CPU class has no fast bf16 matrix-matrix kernel, so prompt-sized inputs
-of quantized layers take an exact fp32 path: dequantize one layer at a time.
+once) are compute-bound instead, so prompt-sized inputs of quantized layers dequantize one layer at a time and
+run a matrix-matrix product: in bf16 where bf16 GEMM is native, else in fp32 (exact).
 
     quantize_model(model, "int8")              int8 weights, one scale per output channel. On the CPU, decoding
                                                runs fbgemm's int8 GEMM, which also rounds each call's activations to
@@ -416,9 +416,9 @@ def prepare_cpu_linears(model: nn.Module) -> nn.Module:
     (Bf16Linear); fp32 weights compute several rows, and single rows where that is faster, on oneDNN-packed
     weights (PackedFp32Linear). A layer whose dtype changed since (model.to) gets the path of its new dtype."""
     packed = packed_fp32_available()
-    if any(type(m) in (nn.Linear, Bf16Linear, PackedFp32Linear) and m.weight.device.type == "cpu"
+    if any(isinstance(m, (nn.Linear, Int8Linear, Int4Linear)) and m.weight.device.type == "cpu"
            for m in model.modules()):
-        cpu_kernels()
+        cpu_kernels()  # quantized layers read the choices too (their prompt path, int8's activation bits)
     for m in model.modules():
         if type(m) not in (nn.Linear, Bf16Linear, PackedFp32Linear) or m.weight.device.type != "cpu":
             continue
