@@ -9,16 +9,19 @@ import torch
 from phikit import build_model, get_config
 from phikit.generate import _TextTracker, complete, generate, stream
 from phikit.quant import (Bf16Linear, CpuKernels, PackedFp32Linear, cpu_kernels, measure_cpu_kernels,
-                          packed_fp16_available, packed_fp32_available, prepare_cpu_linears, quantize_model,
-                          use_cpu_kernels)
+                          packed_bf16_available, packed_fp16_available, packed_fp32_available, prepare_cpu_linears,
+                          quantize_model, use_cpu_kernels)
 
 # The kernel choices of the two CPU classes phikit tells apart (quant.CpuKernels): every path must compute the same
 # thing on any CPU, only its speed differs, so each test below runs both whatever this machine measured.
 WITHOUT_NATIVE_BF16 = CpuKernels()
 NATIVE_BF16 = CpuKernels(fp32_single_row_packed=True, bf16_packing="bf16", bf16_single_row_packed=True,
                          bf16_native_gemm=True)
-KERNEL_CHOICES = pytest.mark.parametrize("kernels", [WITHOUT_NATIVE_BF16, NATIVE_BF16],
-                                         ids=["without-native-bf16", "native-bf16"])
+KERNEL_CHOICES = pytest.mark.parametrize("kernels", [
+    WITHOUT_NATIVE_BF16,
+    pytest.param(NATIVE_BF16, marks=pytest.mark.skipif(not packed_bf16_available(),
+                                                       reason="oneDNN refuses bf16 weights on this CPU"))],
+    ids=["without-native-bf16", "native-bf16"])
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +153,7 @@ def test_compiled_bf16_keeps_the_matrix_vector_kernel(model, phi_tokenizer):
         assert_compiled_decoding_equals_eager(bf16, phi_tokenizer, ["def add(a, b):"], logprob_tolerance=0.05)
 
 
-@pytest.mark.skipif(not packed_fp32_available(), reason="this torch build has no oneDNN")
+@pytest.mark.skipif(not packed_bf16_available(), reason="no oneDNN, or it refuses bf16 weights on this CPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_single_row_uses_the_packed_weights_where_chosen(model, phi_tokenizer, dtype):
     """Where the packed copy is the faster single-row kernel (CPUs with native bf16), compiled batch-1 steps reach

@@ -20,6 +20,7 @@ run a matrix-matrix product: in bf16 where bf16 GEMM is native, else in fp32 (ex
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -171,7 +172,7 @@ def measure_cpu_kernels(timings: dict[str, float] | None = None) -> CpuKernels:
         products["fp16"] = [timed(f"bf16 {len(x)} row(s), fbgemm fp16 packed", lambda: [
             torch.ops.quantized.linear_dynamic_fp16(x, p) for p in packed16]) for x in (row, rows)]
         del packed16
-    if onednn:
+    if onednn and packed_bf16_available():
         try:
             packed_bf16 = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in bf16]
             products["bf16"] = [timed(f"bf16 {len(x)} row(s), oneDNN packed", lambda: [
@@ -337,7 +338,7 @@ class Bf16Linear(_PackedCpuLinear):
 
     def _pack(self):
         if self._packing() == "bf16":
-            if not packed_fp32_available():
+            if not packed_bf16_available():
                 return None
             return torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8)
         if not packed_fp16_available() or float(self.weight.detach().abs().max()) > _FP16_MAX:
@@ -402,6 +403,19 @@ def _memory_to_spare(nbytes: int) -> bool:
 
 def packed_fp32_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+@functools.cache
+def packed_bf16_available() -> bool:
+    """Whether oneDNN packs and multiplies bf16 weights on this CPU (some builds refuse without AVX512)."""
+    if not packed_fp32_available():
+        return False
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=torch.bfloat16), 8)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=torch.bfloat16), packed, None, "none", [], "")
+        return True
+    except RuntimeError:
+        return False
 
 
 def packed_fp16_available() -> bool:
