@@ -143,7 +143,8 @@ def test_prompt_lookup_guesses_what_followed_the_latest_match():
 
 def test_prompt_lookup_stops_and_streams_as_plain_decoding(models, phi_tokenizer):
     """Stop strings and stop tokens end a row where plain greedy decoding ends it, with a batch of prompts (decoded
-    one after the other); streaming joins to the same text; bad combinations are one-line errors."""
+    one after the other); streaming joins to the same text; a repetition penalty sees the same tokens; bad
+    combinations are one-line errors."""
     from phikit.generate import stream
     ours, _ = models
     prompts = PROMPTS + ["the cat sat on the mat. the cat sat on the mat. the cat sat on the"]
@@ -157,6 +158,9 @@ def test_prompt_lookup_stops_and_streams_as_plain_decoding(models, phi_tokenizer
         [(c.text, c.token_ids, c.finish_reason) for c in plain]
     assert plain[0].finish_reason == plain[1].finish_reason == "stop"
     assert "".join(stream(ours, phi_tokenizer, prompts[3], prompt_lookup=5, **kw)) == plain[3].text
+    penalized = dict(max_new_tokens=20, stop_token_ids=[], repetition_penalty=1.3)  # seen tokens grow with guesses
+    assert [c.token_ids for c in complete(ours, phi_tokenizer, prompts, prompt_lookup=5, **penalized)] == \
+        [c.token_ids for c in complete(ours, phi_tokenizer, prompts, **penalized)]
     for bad, message in [(dict(temperature=0.7), "temperature=0"), (dict(compile=True), "eagerly"),
                          (dict(num_beams=2), "eagerly"), (dict(prompt_lookup=-1), ">= 0")]:
         with pytest.raises(ValueError, match=message) as err:

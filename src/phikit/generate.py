@@ -61,6 +61,7 @@ def _sampling_params(max_new_tokens: int, temperature: float, top_k: int, top_p:
 
 
 def check_prompt_lookup(prompt_lookup: int, params: SamplingParams, num_beams: int, compile: bool) -> None:
+    """One-line errors for settings prompt lookup cannot honour (the CLI checks them before loading a model)."""
     if prompt_lookup < 0:
         raise ValueError(f"prompt_lookup must be >= 0 (0 turns it off), got {prompt_lookup}")
     if prompt_lookup and not params.greedy:
@@ -277,8 +278,10 @@ def _decode_prompt_lookup(model: PhiForCausalLM, row: list[int], params: Samplin
             if j == len(draft) or token != draft[j]:
                 break
         cache.crop(in_cache - len(draft) + j)  # keep the fed tokens up to the last guess taken
-        if draft:
-            guesses = max(1, guesses // 2) if j == 0 else min(draft_tokens, 2 * guesses) if j == len(draft) else guesses
+        if draft and j == 0:  # every guess missed
+            guesses = max(1, guesses // 2)
+        elif draft and j == len(draft):  # every guess was kept
+            guesses = min(draft_tokens, 2 * guesses)
         draft = _lookup_draft(ids, min(guesses, steps - produced - 1, context - len(ids)))
         logits = model(torch.tensor([[token] + draft], device=model.device), past_key_values=cache,
                        use_cache=True).logits[0]
