@@ -120,6 +120,7 @@ class CpuKernels:
 
 
 _kernels: CpuKernels | None = None
+_DEFAULT_KERNELS = CpuKernels()
 # Another kernel than the default is chosen only when it is this much faster: the host's speed drifts by 10-30%.
 _CLEAR_WIN = 1.25
 
@@ -225,9 +226,6 @@ def cpu_kernels() -> CpuKernels:
 def _current_kernels() -> CpuKernels:
     """The choices in force, without measuring (layers read this on every call, also inside compiled graphs)."""
     return _kernels if _kernels is not None else _DEFAULT_KERNELS
-
-
-_DEFAULT_KERNELS = CpuKernels()
 
 
 @contextmanager
