@@ -1,4 +1,5 @@
-"""GGUF export, read back with the gguf package's own reader and run through transformers' Phi model."""
+"""GGUF export, read back with the gguf package's own reader and run through transformers' Phi model, and run by
+llama.cpp itself (llama-cpp-python) when it is installed."""
 from __future__ import annotations
 
 import numpy as np
@@ -58,7 +59,9 @@ def test_gguf_round_trip_gives_the_same_logits_in_transformers(model, tokenizer,
     ids = torch.tensor([tokenizer.encode("def fib(n):\n    return")])
     with torch.no_grad():
         expected, got = model(ids).logits, ref(ids).logits
-    assert (got - expected).abs().max().item() < tolerance
+    real = len(tokenizer)
+    assert (got[..., :real] - expected[..., :real]).abs().max().item() < tolerance
+    assert got[..., real:].max().item() < -1e8  # padding rows carry a -1e9 bias: never sampled
     assert not path.with_name(path.name + ".tmp").exists()
 
 
@@ -67,3 +70,39 @@ def test_gguf_export_refuses_bad_input(model, tokenizer, tmp_path):
         export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="q3_k")
     with pytest.raises(ValueError, match=".gguf"):
         export_gguf(model, tokenizer, tmp_path / "m.bin")
+
+
+LLAMA_TEXTS = ["def f(x):\n        return  x\t+ 1\n\n\n", "Alice: h\u00e9llo w\u00f6rld \U0001f642 \u65e5\u672c\u8a9e\nBob:",
+               "<|endoftext|>Instruct: add 2 and 3.<|endoftext|>", "   spaces before and after   ", "it's 12345 don't"]
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("f32", 1e-3), ("bf16", 2e-2), ("q8_0", 5e-2)])
+def test_llama_cpp_runs_the_export_like_phikit(phi_tokenizer, tmp_path, dtype, tolerance):
+    """llama.cpp is the reference here: it must tokenize as we do, give our logits, and decode our greedy tokens,
+    never producing a padding row (a random model favours them as often as any other)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python to run GGUF exports here")
+    from phikit.generate import complete
+    model = build_model(get_config("tiny", vocab_size=51200, tokenizer_vocab_size=len(phi_tokenizer)), seed=0).eval()
+    path = export_gguf(model, phi_tokenizer, tmp_path / f"phi-tiny-{dtype}.gguf", dtype=dtype)
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    try:
+        for text in LLAMA_TEXTS:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == phi_tokenizer.encode(text), text
+        prompt = phi_tokenizer.encode("def fib(n):\n    return")
+        llm.eval(prompt)
+        got = torch.tensor(np.array(llm.scores[:len(prompt)]))
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt])).logits[0]
+        real = len(phi_tokenizer)
+        assert (got[:, :real] - expected[:, :real]).abs().max().item() < tolerance
+        if dtype == "f32":
+            ours = complete(model, phi_tokenizer, [prompt], max_new_tokens=24, stop_token_ids=[])[0].token_ids
+            llm.reset()
+            theirs = []
+            for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+                theirs.append(token)
+                if len(theirs) == len(ours):
+                    break
+            assert theirs == ours and max(theirs) < real
+    finally:
+        llm.close()

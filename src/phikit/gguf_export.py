@@ -2,8 +2,9 @@
 
 Tensor names come from gguf's own name map for phi2 (so llama.cpp finds them); the tokenizer is written as a
 GPT-2 byte-level BPE ("gpt2" model, "phi-2" pre-tokenizer) with its merges, and the embedding's padding rows get
-unused placeholder tokens so the vocabulary matches the embedding. 2-D weights take the chosen type; LayerNorms
-and biases stay f32, as llama.cpp's own converter writes them.
+unused placeholder tokens so the vocabulary matches the embedding. llama.cpp samples over every row, so those rows
+also get an output bias of -1e9: like phikit, it then never produces a token the tokenizer cannot decode.
+2-D weights take the chosen type; LayerNorms and biases stay f32, as llama.cpp's own converter writes them.
 
     export_gguf(model, tokenizer, "phi-1_5-q8_0.gguf", dtype="q8_0")
 """
@@ -35,6 +36,7 @@ FILE_TYPES = {
     gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
     gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
 }
+PADDING_LOGIT_BIAS = -1e9  # finite, so no sampler meets inf - inf; exp() of it is 0 in f32
 
 
 def _vocab(tokenizer: Tokenizer, rows: int) -> tuple[list[str], list[int], list[str]]:
@@ -92,6 +94,7 @@ def export_gguf(model: PhiForCausalLM, tokenizer: Tokenizer, path: str | os.Path
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     tokens, types, merges = _vocab(tokenizer, cfg.vocab_size)
+    unused = np.array([t == gguf.TokenType.UNUSED for t in types])
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("phi-2")
     writer.add_token_list(tokens)
@@ -110,6 +113,9 @@ def export_gguf(model: PhiForCausalLM, tokenizer: Tokenizer, path: str | os.Path
             if gguf_name is None:
                 raise ValueError(f"no GGUF name for tensor {name}: is this a phi model?")
             data = tensor.detach().to("cpu", torch.float32).numpy()
+            if name == "lm_head.bias":
+                data = data.copy()
+                data[unused] = PADDING_LOGIT_BIAS
             if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
                 writer.add_tensor(gguf_name, data)
             elif qtype == gguf.GGMLQuantizationType.F16:
