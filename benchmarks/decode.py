@@ -7,7 +7,8 @@ Random phi-1.5-shaped weights (the speed of a matrix product does not depend on 
 Both engines are timed the same way, after a warm-up, best of --repeats rounds taken in turns. Every format
 is compared with transformers fp32 timed in its own turns (row transformers-fp32-beside-MODE), and batch 8
 with batch 1 timed again in batch 8's turns (row phikit-MODE-batch1-beside-batch8), since the host's speed
-drifts. The memory-bandwidth floor is the time to read the weights once per step at the read bandwidth measured
+drifts. llama.cpp, when llama-cpp-python is installed, runs our GGUF export in the turns of the phikit format of
+equal bits (row llama.cpp-TYPE, on the same prompt). The memory-bandwidth floor is the time to read the weights once per step at the read bandwidth measured
 at start; `floor_fraction` = floor time / step time.
 The int8/int4 agreement rate (greedy tokens equal to fp32 for the first 32 tokens, on a tiny model trained here
 in a few seconds) is measured with --agreement.
@@ -173,43 +174,49 @@ def transformers_fn(ref, ids):
 EQUAL_BITS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
 
 
-def llama_cpp_rows(model, tokenizer, args, bandwidth) -> list[dict]:
-    """llama.cpp through llama-cpp-python on our GGUF export (skipped when the package is missing)."""
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python, running our GGUF export of `model` at one GGUF type, timed like the
+    other engines (Timed); close() frees it and deletes the file."""
+
+    def __init__(self, llama_cpp, model, tokenizer, gguf_type: str, prompt_ids: list[int], args) -> None:
+        import tempfile
+        from phikit.gguf_export import export_gguf
+        self.tmp = tempfile.TemporaryDirectory()
+        self.path = export_gguf(model, tokenizer, os.path.join(self.tmp.name, f"m-{gguf_type}.gguf"), dtype=gguf_type)
+        self.llm = llama_cpp.Llama(str(self.path), n_ctx=args.prompt_len + args.new_tokens + 8,
+                                   n_threads=args.threads, n_batch=args.prompt_len, verbose=False)
+
+        def fn(n):
+            self.llm.reset()
+            self.llm.eval(prompt_ids)
+            for _ in range(n - 1):
+                self.llm.eval([self.llm.sample(temp=0.0)])
+        self.timed = Timed(f"llama.cpp-{gguf_type}", fn, "cpu")
+
+    def row(self, args, bandwidth: float) -> dict:
+        t1, tn = self.timed.t1, self.timed.tn
+        size = os.path.getsize(self.path)
+        decode_s = (tn - t1) / (args.new_tokens - 1)
+        row = {"engine": self.timed.name, "batch": 1,
+               "prefill_tok_s": round(args.prompt_len / t1, 2), "decode_tok_s": round(1 / decode_s, 2),
+               "ms_per_step": round(decode_s * 1000, 2), "end_to_end_s": round(tn, 2),
+               "weights_mb": round(size / 2**20),
+               "floor_fraction": round((size / (bandwidth * 1e9)) / decode_s, 3)}
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        return row
+
+    def close(self) -> None:
+        self.llm.close()
+        self.tmp.cleanup()
+
+
+def import_llama_cpp():
     try:
         import llama_cpp
+        return llama_cpp
     except ImportError:
         print("llama-cpp-python is not installed: llama.cpp rows skipped", file=sys.stderr)
-        return []
-    import tempfile
-    from phikit.gguf_export import export_gguf
-    rows = []
-    prompt_ids = [int(i) for i in torch.randint(0, min(50000, model.config.vocab_size), (args.prompt_len,), generator=torch.Generator().manual_seed(0))]
-    for gguf_type in args.llama_types:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = export_gguf(model, tokenizer, os.path.join(tmp, "m.gguf"), dtype=gguf_type)
-            llm = llama_cpp.Llama(str(path), n_ctx=args.prompt_len + args.new_tokens + 8, n_threads=args.threads,
-                                  n_batch=args.prompt_len, verbose=False)
-
-            def fn(n):
-                llm.reset()
-                llm.eval(prompt_ids)
-                for _ in range(n - 1):
-                    tok = llm.sample(temp=0.0)
-                    llm.eval([tok])
-            timed = Timed(f"llama.cpp-{gguf_type}", fn, "cpu")
-            time_interleaved([timed], args.new_tokens, args.repeats)
-            t1, tn = timed.t1, timed.tn
-            size = os.path.getsize(path)
-            decode_s = (tn - t1) / (args.new_tokens - 1)
-            row = {"engine": f"llama.cpp-{gguf_type}", "batch": 1,
-                   "prefill_tok_s": round(args.prompt_len / t1, 2), "decode_tok_s": round(1 / decode_s, 2),
-                   "ms_per_step": round(decode_s * 1000, 2), "end_to_end_s": round(tn, 2),
-                   "weights_mb": round(size / 2**20),
-                   "floor_fraction": round((size / (bandwidth * 1e9)) / decode_s, 3)}
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            rows.append(row)
-            del llm
-    return rows
+        return None
 
 
 def agreement(modes: list[str], prompts_n: int = 32, tokens: int = 32) -> dict:
@@ -268,7 +275,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--transformers-batches", default="1,8", help="batches for which transformers is also timed")
-    p.add_argument("--llama-types", default="f32,bf16,q8_0,q4_0", help="GGUF types llama.cpp runs (\"\" for none)")
+    p.add_argument("--llama-types", default="f32,bf16,q8_0,q4_0",
+                   help="GGUF types llama.cpp runs (\"\" for none); each runs in the turns of the phikit mode of "
+                        "equal bits (f32: fp32, bf16: bf16, q8_0: int8, q4_0: int4) when that mode runs")
     p.add_argument("--agreement", action="store_true", help="measure int8/int4 greedy agreement with fp32")
     p.add_argument("--compile", action="store_true",
                    help="also time phikit with compile=True (rows phikit-MODE-compiled; compile time not counted)")
@@ -282,6 +291,7 @@ def main() -> None:
 
     bandwidth = read_bandwidth_gbs(args.device)
     print(f"read bandwidth {bandwidth:.1f} GB/s, {args.threads} threads, torch {torch.__version__}", file=sys.stderr)
+    llama_cpp = import_llama_cpp() if args.llama_types and not cuda else None
     kernels = None if cuda else cpu_kernels()  # measured now, before any model takes the memory
     if kernels:
         print(f"CPU kernels: {kernels}", file=sys.stderr)
@@ -326,6 +336,11 @@ def main() -> None:
             if not args.skip_transformers and mode in DTYPES and b in hf_batches:
                 ref = to_transformers(model)
                 engines.append(Timed(f"transformers-{mode}", transformers_fn(ref, ids), args.device))
+            llama = None
+            if llama_cpp and b == 1 and EQUAL_BITS.get(mode) in args.llama_types:
+                # llama.cpp at the same bits per weight, in this row's turns, on the same prompt
+                llama = LlamaCpp(llama_cpp, base, tokenizer, EQUAL_BITS[mode], ids[0].tolist(), args)
+                engines.append(llama.timed)
             if not args.skip_transformers and not cuda and mode != "fp32" and b == 1:
                 # The targets compare every format with transformers fp32: time it in the same turns, so that the
                 # ratio does not depend on how fast the host was when the fp32 rows ran.
@@ -334,12 +349,20 @@ def main() -> None:
             time_interleaved(engines, args.new_tokens, args.repeats)
             rows += [result_row(e, base if e.name.startswith("transformers-fp32") else model,
                                 1 if "batch1-beside" in e.name else b, args.prompt_len, args.new_tokens, bandwidth)
-                     for e in engines]
-            del ref, base_ref, engines
+                     for e in engines if llama is None or e is not llama.timed]
+            if llama:
+                rows.append(llama.row(args, bandwidth))
+                llama.close()
+            del ref, base_ref, engines, llama
         if model is not base:
             del model
-    if not cuda and not args.skip_transformers:
-        rows += llama_cpp_rows(base, tokenizer, args, bandwidth)
+    ids = torch.randint(0, min(50000, config.vocab_size), (1, args.prompt_len), generator=gen)
+    for gguf_type in args.llama_types if llama_cpp else []:  # types without a phikit mode of equal bits: alone
+        if not any(EQUAL_BITS.get(m) == gguf_type for m in modes):
+            llama = LlamaCpp(llama_cpp, base, tokenizer, gguf_type, ids[0].tolist(), args)
+            time_interleaved([llama.timed], args.new_tokens, args.repeats)
+            rows.append(llama.row(args, bandwidth))
+            llama.close()
     results["rows"] = rows
 
     def get(engine, b, key):
