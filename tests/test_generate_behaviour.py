@@ -253,6 +253,37 @@ def test_quantized_linear_matches_fp32_on_decode_and_prompt_rows(mode, rows):
     assert error < (0.1 if mode == "int4" else 0.02), error  # 4 bits: ~range/15/sqrt(12) on uniform weights
 
 
+@KERNEL_CHOICES
+def test_int4_dequantizes_to_its_grid_and_prompts_multiply_block_by_block(kernels):
+    """Int4 keeps each weight's 4-bit code two to a byte; dequantized, every weight is at its group's nearest grid
+    point lo + k * (hi - lo) / 15, computed here from the definition. Prompts multiply that matrix a block of output
+    channels at a time (more channels than one block, the last one partial) and equal the plain product with it;
+    single rows (torch's int4 kernel) agree with it to bf16 rounding."""
+    from phikit.quant import INT4_BLOCK_ROWS, Int4Linear
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(128, 2 * INT4_BLOCK_ROWS + 48)
+    int4 = Int4Linear(layer, group_size=32)
+    groups = layer.weight.detach().reshape(layer.out_features, -1, 32)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    expected = (((groups - lo) / step).round() * step + lo).reshape(layer.weight.shape)
+    dequantized = int4.dequantize()
+    # scale and zero are kept in bf16, so a weight lands within a fraction of a step of its grid point, and the
+    # nearest grid point is the right code
+    assert ((dequantized - expected).abs() < step.expand_as(groups).reshape(expected.shape) / 4).all()
+    assert int4.nibbles.numel() == layer.weight.numel() // 2
+    x = torch.randn(40, 128, dtype=torch.bfloat16)
+    with torch.no_grad(), use_cpu_kernels(kernels):
+        prompt = int4(x).float()
+        rows = torch.cat([int4(x[i:i + 1]) for i in range(8)]).float()
+    exact = torch.nn.functional.linear(x.double(), dequantized.double(), layer.bias.detach().double()).float()
+    if kernels.bf16_native_gemm:  # the weights are rounded to bf16 for the GEMM, the output to bf16 at the end
+        torch.testing.assert_close(prompt, exact, rtol=2e-2, atol=2e-2)
+    else:
+        torch.testing.assert_close(prompt, exact.bfloat16().float(), rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(rows, exact[:8], rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.skipif(not packed_fp32_available(), reason="this torch build has no oneDNN")
 @KERNEL_CHOICES
 @pytest.mark.parametrize("rows", [1, 10])

@@ -36,6 +36,9 @@ from torch import nn
 # Inputs with at least this many rows (prompt processing) take the fp32 path on the CPU; fewer rows (decoding,
 # small batches) use the low-precision kernels, which win as long as reading the weights dominates.
 PREFILL_ROWS = 16
+# int4 prompts dequantize this many output channels at a time (4 MB of fp32 at phi-1.5's width): the block stays
+# in cache between dequantizing and multiplying (1024: 0.97x the time, 512: 1x, 128: 1.26x on 2 cores).
+INT4_BLOCK_ROWS = 512
 
 MODES = ("int8", "int8-weight-only", "int4")
 
@@ -539,8 +542,9 @@ class Int4Linear(nn.Module):
     def __init__(self, linear: nn.Linear, group_size: int = 32, inner_k_tiles: int = 2) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
-        if self.in_features % group_size:
-            raise ValueError(f"int4 needs in_features ({self.in_features}) divisible by the group size {group_size}")
+        if self.in_features % group_size or group_size % 2 or self.out_features % 16:
+            raise ValueError(f"int4 needs in_features ({self.in_features}) divisible by an even group size "
+                             f"({group_size}) and out_features ({self.out_features}) divisible by 16: use int8")
         w = linear.weight.detach().float().reshape(self.out_features, -1, group_size)
         lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
         scale = ((hi - lo) / 15).clamp(min=1e-6)
@@ -554,29 +558,56 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", sz)
         bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None
         self.register_buffer("bias", bias)
-        self._q = q.to(torch.uint8)  # kept for the fp32 prompt path (unpacking the kernel layout is not public)
+        # The same 4-bit values two to a byte, for the prompt path (unpacking the kernel's layout is not public):
+        # half a byte per weight more, where a byte per weight would double int4's memory.
+        q = q.to(torch.uint8)
+        self.register_buffer("nibbles", q[:, 0::2] | (q[:, 1::2] << 4), persistent=False)
 
     def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The fp32 weight (written into `out` when given)."""
-        out = self._q.float() if out is None else out.copy_(self._q)
-        groups = out.view(self.out_features, -1, self.group_size)
-        scale = self.scales_and_zeros[..., 0].transpose(0, 1).float()[..., None]
-        zero = self.scales_and_zeros[..., 1].transpose(0, 1).float()[..., None]
-        groups.sub_(8).mul_(scale).add_(zero)
+        if out is None:
+            out = torch.empty(self.out_features, self.in_features, device=self.nibbles.device)
+        for start in range(0, self.out_features, INT4_BLOCK_ROWS):
+            end = min(start + INT4_BLOCK_ROWS, self.out_features)
+            self._dequantize_rows(start, end, out[start:end])
         return out
+
+    def _dequantize_rows(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
+        """Output channels start:end of the fp32 weight, written into `out` [end - start, in_features]."""
+        pairs = out.view(end - start, -1, 2)
+        nibbles = self.nibbles[start:end]
+        pairs[..., 0].copy_(nibbles & 15)
+        pairs[..., 1].copy_(nibbles >> 4)
+        scale = self.scales_and_zeros[:, start:end, 0].transpose(0, 1).float()[..., None]
+        low = self.scales_and_zeros[:, start:end, 1].transpose(0, 1).float()[..., None] - 8 * scale
+        out.view(end - start, -1, self.group_size).mul_(scale).add_(low)  # (q - 8) * scale + zero
+        return out
+
+    def _forward_prompt(self, x2: torch.Tensor) -> torch.Tensor:
+        """Many rows: dequantize a block of output channels at a time and multiply it while it is in cache. In
+        bf16 where bf16 GEMM is native (4x fp32 there), else in fp32. 2x faster than dequantizing the whole
+        matrix first (a phi-1.5 fc1 at 128 rows: 10 against 19 ms on 2 cores), and no full-size scratch copy."""
+        dtype = torch.bfloat16 if _current_kernels().bf16_native_gemm else torch.float32
+        rows = min(INT4_BLOCK_ROWS, self.out_features)
+        block = weight_scratch((rows, self.in_features), x2.device)
+        block_in_dtype = weight_scratch((rows, self.in_features), x2.device, dtype) if dtype != torch.float32 else None
+        x_in_dtype = x2.to(dtype)
+        y = torch.empty(x2.shape[0], self.out_features, device=x2.device)
+        for start in range(0, self.out_features, rows):
+            end = min(start + rows, self.out_features)
+            weight = self._dequantize_rows(start, end, block[:end - start])
+            if block_in_dtype is not None:
+                weight = block_in_dtype[:end - start].copy_(weight)
+            y[:, start:end] = F.linear(x_in_dtype, weight)
+        if self.bias is not None:
+            y += self.bias.float()
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] >= PREFILL_ROWS:
-            bias = self.bias.float() if self.bias is not None else None
-            weight = self.dequantize(weight_scratch((self.out_features, self.in_features), x.device))
-            if _current_kernels().bf16_native_gemm:  # 4x fp32 GEMM where bf16 is native, after one more pass
-                weight = weight_scratch(weight.shape, x.device, torch.bfloat16).copy_(weight)
-                y = F.linear(x2.to(torch.bfloat16), weight).float()
-                y = (y + bias if bias is not None else y).to(x.dtype)
-            else:
-                y = F.linear(x2.float(), weight, bias).to(x.dtype)
+            y = self._forward_prompt(x2).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight,
                                                            self.group_size, self.scales_and_zeros).to(x.dtype)
