@@ -106,3 +106,29 @@ def test_llama_cpp_runs_the_export_like_phikit(phi_tokenizer, tmp_path, dtype, t
             assert theirs == ours and max(theirs) < real
     finally:
         llm.close()
+
+
+def test_llama_cpp_renders_and_ends_chatml_like_phikit(phi_tokenizer, tmp_path):
+    """An instruction-tuned (ChatML) export: llama.cpp renders the GGUF's chat template to our prompt, tokenizes
+    <|im_start|>/<|im_end|> to our ids and ends a turn at <|im_end|>."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python to run GGUF exports here")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from phikit.generate import chat_prompt
+    from phikit.tokenizer import Tokenizer
+    from phikit.train.chat_data import add_chatml_tokens
+    tokenizer = Tokenizer(phi_tokenizer.backend.__class__.from_str(phi_tokenizer.backend.to_str()))
+    model = build_model(get_config("tiny", vocab_size=51200, tokenizer_vocab_size=len(tokenizer)), seed=0).eval()
+    im_start, im_end = add_chatml_tokens(model, tokenizer)
+    path = export_gguf(model, tokenizer, tmp_path / "chat.gguf", dtype="f32")
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, verbose=False)
+    try:
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}]
+        ours, _, _ = chat_prompt(tokenizer, messages)
+        rendered = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|endoftext|>",
+                                       bos_token="<|endoftext|>")(messages=messages).prompt
+        assert rendered == ours
+        assert llm.tokenize(ours.encode(), add_bos=False, special=True) == tokenizer.encode(ours)
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        assert llama_cpp.llama_vocab_is_eog(vocab, im_end) and not llama_cpp.llama_vocab_is_eog(vocab, im_start)
+    finally:
+        llm.close()
