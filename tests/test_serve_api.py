@@ -172,6 +172,34 @@ def test_chat_streamed_equals_non_streamed(client, phi_tokenizer):
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
 
 
+def test_predicted_outputs_give_the_same_answer_and_count_kept_tokens(client):
+    """OpenAI's `prediction` parameter: the answer does not change, right or wrong; usage says how many predicted
+    tokens the model agreed with, as OpenAI reports them."""
+    messages = [{"role": "user", "content": "Rewrite this code: def f(x): return x + 1"}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0)
+    answer = plain.choices[0].message.content
+    assert plain.usage.completion_tokens_details is None  # no prediction, no prediction counts
+    right = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0,
+                                           prediction={"type": "content", "content": answer})
+    assert right.choices[0].message.content == answer
+    details = right.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens >= right.usage.completion_tokens // 2, details
+    wrong = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0,
+                                           prediction={"type": "content",
+                                                       "content": [{"type": "text", "text": "nothing alike"}]})
+    assert wrong.choices[0].message.content == answer
+    assert wrong.usage.completion_tokens_details.accepted_prediction_tokens == 0
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0,
+                                                 prediction={"type": "content", "content": answer}, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
+    assert chunks[-1].usage.completion_tokens_details.accepted_prediction_tokens == details.accepted_prediction_tokens
+    text = greedy(client, "def add(a, b):", max_tokens=30).choices[0].text
+    predicted = greedy(client, "def add(a, b):", max_tokens=30, extra_body={"prediction": {"type": "content",
+                                                                                            "content": text}})
+    assert predicted.choices[0].text == text and predicted.usage.completion_tokens_details.accepted_prediction_tokens
+
+
 def test_stop_token_and_logit_bias(client, phi_tokenizer):
     eos = phi_tokenizer.eos_token_id
     out = greedy(client, "Hello", max_tokens=10, logit_bias={str(eos): 100})
@@ -265,6 +293,8 @@ MALFORMED = [
     ("top_logprobs without logprobs", CHAT, {"model": MODEL, "messages": USER, "top_logprobs": 2}, 400, "logprobs"),
     ("image content", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "content"),
+    ("prediction of another type", CHAT, {"model": MODEL, "messages": USER, "prediction": {"type": "file",
+                                                                                          "content": "x"}}, 400, "prediction"),
     ("10 MB body", COMPLETIONS, b'{"model": "tiny-phi", "prompt": "' + b"a" * (10 * 2**20) + b'"}', 413, "larger"),
 ]
 

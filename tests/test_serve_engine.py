@@ -11,7 +11,7 @@ import transformers
 from phikit import build_model, get_config
 from phikit.quant import PackedFp32Linear, packed_fp32_available
 from phikit.sampling import SamplingParams
-from phikit.serve.engine import Engine, Group, draw, stop_prefix_length
+from phikit.serve.engine import PREDICTION_DRAFT_TOKENS, Engine, Group, draw, stop_prefix_length
 
 VOCAB = 50295
 
@@ -57,6 +57,8 @@ async def drain(group: Group) -> dict[int, list[int]]:
         ev = await group.events.get()
         out.setdefault(ev.index, []).extend(t.token_id for t in ev.tokens)
         done += ev.finish_reason is not None
+        if ev.finish_reason:
+            group.predicted = (ev.accepted_prediction_tokens, ev.rejected_prediction_tokens)
     return out
 
 
@@ -126,3 +128,73 @@ def test_draw_samples_the_given_distribution():
     assert torch.allclose(freq, probs, atol=0.01)
     again = draw(logits[:8], SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
     assert again.tolist() == ids[:8].tolist()  # a seed reproduces its draws
+
+
+def run_groups(engine: Engine, groups: list[Group], timeout: float = 120) -> list[dict[int, list[int]]]:
+    async def scenario():
+        engine.submit(groups)
+        return await asyncio.gather(*(drain(g) for g in groups))
+    engine.start()
+    try:
+        return asyncio.run(asyncio.wait_for(scenario(), timeout=timeout))
+    finally:
+        engine.stop()
+
+
+def test_predicted_outputs_decode_like_transformers_in_fewer_steps(models, phi_tokenizer):
+    """OpenAI's predicted outputs: a greedy row checks the client's expected tokens several per step. Right,
+    edited and wrong predictions, next to a sampled row and a plain greedy row in the same batch, all decode what
+    they decode without one (transformers' greedy; the sampled row its own run alone); a right prediction takes
+    a fraction of the steps."""
+    ours, ref = models
+    prompt = phi_tokenizer.encode("def add(a, b):")
+    other = phi_tokenizer.encode("The quick brown fox")
+    expected = reference_greedy(ref, prompt, 48)
+    expected_other = reference_greedy(ref, other, 30)
+    edited = expected[:10] + [11, 12, 13] + expected[13:30] + expected[34:]  # a replaced run, then a deletion
+    wrong = list(range(1000, 1048))  # tokens of text unlike the answer
+
+    def sampled():
+        return Group(list(other), SamplingParams(max_new_tokens=30, temperature=0.9, seed=7), logprobs=0)
+    alone = run_groups(Engine(ours, phi_tokenizer, max_batch=8), [sampled()])[0][0]
+
+    engine = Engine(ours, phi_tokenizer, max_batch=8)
+    right = greedy_group(prompt, 48)
+    right.prediction, right.logprobs = phi_tokenizer.decode(expected), 0
+    assert run_groups(engine, [right])[0][0] == expected
+    assert engine.steps <= 48 // PREDICTION_DRAFT_TOKENS + 3, engine.steps
+
+    groups = [greedy_group(prompt, 48) for _ in range(3)] + [sampled(), greedy_group(other, 30)]
+    for g, prediction in zip(groups, (expected, edited, wrong)):
+        g.prediction = phi_tokenizer.decode(prediction)
+    for g in groups:
+        g.logprobs = 0
+    engine = Engine(ours, phi_tokenizer, max_batch=8)
+    results = run_groups(engine, groups)
+    assert engine.max_rows_seen == 5
+    assert [r[0] for r in results] == [expected, expected, expected, alone, expected_other]
+    # kept guesses: nearly all of the right prediction, most of the edited one, none of the wrong one
+    right_kept, edited_kept, wrong_kept = (g.predicted[0] for g in groups[:3])
+    assert right_kept >= 40 and edited_kept >= 25 and wrong_kept == 0, [g.predicted for g in groups]
+    assert groups[3].predicted == groups[4].predicted == (0, 0)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_predicted_outputs_leave_holes_that_compaction_removes(models, phi_tokenizer, compile):
+    """A prediction that is wrong every few tokens leaves unused cache columns behind each miss; when they would
+    push the cache past the context the engine compacts it, and decoding goes on unchanged to the context's end.
+    compiled: steps without guesses run the compiled fixed-shape step over the same cache, next to a plain row."""
+    ours, ref = models
+    prompt = phi_tokenizer.encode("Hi")
+    steps = ours.config.max_position_embeddings - len(prompt)
+    expected = reference_greedy(ref, prompt, steps)
+    group = greedy_group(prompt, steps)
+    group.prediction = phi_tokenizer.decode([t if k % 5 else t + 1 for k, t in enumerate(expected)])  # 1 in 5 wrong
+    group.logprobs = 0
+    plain_prompt = phi_tokenizer.encode("def f(x):")
+    plain = greedy_group(plain_prompt, 60)
+    plain.logprobs = 0
+    engine = Engine(ours, phi_tokenizer, max_batch=4, compile=compile)
+    got, got_plain = (r[0] for r in run_groups(engine, [group, plain], timeout=400 if compile else 120))
+    assert got == expected and got_plain == reference_greedy(ref, plain_prompt, 60)
+    assert engine.compactions >= 1

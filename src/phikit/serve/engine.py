@@ -9,6 +9,13 @@ model derives every row's positions from the mask (cumsum). Between two decoding
 - finished, cancelled (client gone) and timed-out rows are dropped at once, and padding columns that no remaining
   row needs are cut away, so the cache is never longer than the longest live sequence.
 
+Predicted outputs (OpenAI's `prediction`): a greedy row whose request sent the text it expects checks up to
+PREDICTION_DRAFT_TOKENS tokens of it per step, fed after the row's last token in one pass, and keeps those the
+model's own argmax agrees with, plus the model's token after them. Columns of guesses it did not keep stay in the
+cache as holes that the row's mask hides (positions come from the mask, so they do not count); the cache is
+compacted when holes take too much of it. The tokens are the ones plain greedy decoding gives, in fewer steps
+when the prediction is right.
+
 The HTTP layer talks to the engine through `Group` objects (one prompt, `n` sampled continuations) and receives
 `Event`s on an asyncio queue: text deltas that are safe to show (never part of a stop string, never half a UTF-8
 character), per-token logprobs when asked, and the finish reason.
@@ -25,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..generate import _lookup_draft
 from ..model import KVCache, PhiForCausalLM
 from ..quant import prepare_cpu_linears
 from ..sampling import SamplingParams, process_logits
@@ -34,6 +42,9 @@ log = logging.getLogger("phikit.serve")
 
 # Extra cache columns allocated when rows are merged, so the next steps append without reallocating.
 CACHE_HEADROOM = 128
+# Most predicted tokens a row checks in one step. A step that keeps none halves the row's next guess, one that
+# keeps all doubles it back: wrong predictions then cost little.
+PREDICTION_DRAFT_TOKENS = 16
 
 
 class QueueFull(Exception):
@@ -56,6 +67,8 @@ class Event:
     finish_reason: str | None = None  # stop | length | timeout | cancelled | error
     completion_tokens: int = 0  # tokens generated so far for this choice
     error: str | None = None
+    accepted_prediction_tokens: int = 0  # predicted tokens the model agreed with (so far)
+    rejected_prediction_tokens: int = 0  # predicted tokens checked and found wrong (so far)
 
 
 @dataclass(eq=False)
@@ -74,6 +87,7 @@ class Group:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     deadline: float | None = None  # time.monotonic() after which the request times out
+    prediction: str = ""  # the text the client expects (greedy rows check it)
     events: asyncio.Queue | None = None  # where events go (filled from the engine thread)
     loop: asyncio.AbstractEventLoop | None = None
     cancelled: bool = False  # set from the event loop when the client is gone
@@ -101,6 +115,10 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(seed + index - group.first_index)
         self.counts: dict[int, int] = {}  # generated token counts, for presence/frequency penalties
         self.failure: str | None = None  # why sampling this row failed (its request gets an error)
+        self.guesses = PREDICTION_DRAFT_TOKENS  # predicted tokens to check next step
+        self.accepted = self.rejected = 0  # predicted tokens kept and thrown away
+        self.all_ids: list[int] = []  # every generated token (stop tokens included), in cache order
+        self.prediction_ids: list[int] | None = None  # the prediction's tokens, encoded at the first draft
 
     @property
     def finished(self) -> bool:
@@ -112,6 +130,31 @@ class Sequence:
         g = self.group
         return (self.generator is None and g.params.repetition_penalty == 1.0 and not g.presence_penalty
                 and not g.frequency_penalty and not g.logit_bias)
+
+
+def prediction_draft(prediction_ids: list[int], prediction_text: str, generated_ids: list[int], generated_text: str,
+                     encode, max_tokens: int) -> list[int]:
+    """Up to max_tokens tokens of the prediction that should come next:
+    - its tokens after the output's, while the output still equals its start;
+    - else what followed the latest place in its tokens that ends like the output (3, then 2 tokens), as after an
+      edit the output goes back to quoting the prediction;
+    - else its text after the latest place that ends like the output's text (32, 16 or 8 characters), encoded
+      afresh: the output may split the same text into other tokens (a stripped chat answer, say)."""
+    if max_tokens < 1 or not prediction_ids:
+        return []
+    n = len(generated_ids)
+    if prediction_ids[:n] == generated_ids:
+        return prediction_ids[n:n + max_tokens]
+    draft = _lookup_draft(prediction_ids + generated_ids[-3:], max_tokens) if n >= 2 else []
+    if draft:
+        return draft
+    for chars in (32, 16, 8):
+        if len(generated_text) >= chars:
+            at = prediction_text.rfind(generated_text[-chars:])
+            if at >= 0:
+                at += chars
+                return encode(prediction_text[at:at + 8 * max_tokens])[:max_tokens]
+    return []
 
 
 def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -173,6 +216,7 @@ class Engine:
         self._compiled_step = model.compile_forward_static(dynamic=True) if compile else None
         self.steps = 0  # decoding steps run (observability and tests)
         self.max_rows_seen = 0  # largest batch decoded together
+        self.compactions = 0  # times the cache was compacted (holes left by predicted outputs)
 
     # --- the event-loop side ---
     @property
@@ -326,6 +370,12 @@ class Engine:
 
     def _step(self) -> None:
         """One decoding step for every running row."""
+        if self._cache.length >= self.context or self._holes() > max(CACHE_HEADROOM, self._cache.length // 2):
+            self._compact()  # only predicted outputs leave holes
+        drafts = [self._draft(s) for s in self._running]
+        if any(drafts):
+            self._predicted_step(drafts)
+            return
         batch = len(self._running)
         self.max_rows_seen = max(self.max_rows_seen, batch)
         self._mask = torch.cat([self._mask, torch.ones((batch, 1), dtype=torch.bool)], dim=1)
@@ -341,6 +391,84 @@ class Engine:
         tokens_next = self._sample(logits, self._running)
         self._last = tokens_next
         self._advance(self._running, tokens_next, logits)
+
+    def _draft(self, s: Sequence) -> list[int]:
+        """The predicted tokens row `s` checks this step ([] for rows without a prediction, or not greedy)."""
+        g = s.group
+        if not g.prediction or not g.params.greedy or not s.simple_sampling or s.finished:
+            return []
+        room = min(s.guesses, s.max_new - s.generated - 1, self.context - 1 - self._cache.length)
+        if s.prediction_ids is None:
+            s.prediction_ids = self.tokenizer.encode(g.prediction)[:self.context]
+        return prediction_draft(s.prediction_ids, g.prediction, s.all_ids, s.text, self.tokenizer.encode, room)
+
+    def _predicted_step(self, drafts: list[list[int]]) -> None:
+        """One pass over each row's last token and its predicted tokens (rows without any feed padding after the
+        last token); every row keeps its last token, the guesses its argmax agreed with, and the hidden columns
+        of the rest, and gets the model's next token after them."""
+        batch, width = len(self._running), 1 + max(map(len, drafts))
+        self.max_rows_seen = max(self.max_rows_seen, batch)
+        ids = torch.full((batch, width), self.tokenizer.eos_token_id, dtype=torch.long)
+        fed = torch.zeros((batch, width), dtype=torch.bool)
+        ids[:, 0], fed[:, 0] = self._last, True
+        for i, d in enumerate(drafts):
+            ids[i, 1:1 + len(d)] = torch.tensor(d, dtype=torch.long)
+            fed[i, 1:1 + len(d)] = True
+        mask = torch.cat([self._mask, fed], dim=1)
+        device = self.model.device
+        logits = self.model(ids.to(device), past_key_values=self._cache, use_cache=True,
+                            attention_mask=mask.to(device)).logits
+        self.steps += 1
+        kept = torch.zeros((batch, width), dtype=torch.bool)
+        kept[:, 0] = True
+        last = self._last.clone()
+        alive = list(range(batch))
+        for j in range(width):  # column j follows the last token and the first j guesses
+            tokens = self._sample(logits[alive, j], [self._running[i] for i in alive])
+            for i, token in zip(alive, tokens.tolist()):  # counted before _advance, whose events report them
+                s, d = self._running[i], drafts[i]
+                if j < len(d) and token == d[j]:
+                    s.accepted += 1
+                elif j < len(d):
+                    s.rejected += len(d) - j
+            self._advance([self._running[i] for i in alive], tokens, logits[alive, j])
+            going = []
+            for i, token in zip(alive, tokens.tolist()):
+                s, d = self._running[i], drafts[i]
+                last[i] = token
+                if j < len(d) and token == d[j] and not s.finished:
+                    kept[i, j + 1] = True  # the guess stays: the next column holds it
+                    going.append(i)
+            alive = going
+            if not alive:
+                break
+        for i, (s, d) in enumerate(zip(self._running, drafts)):
+            if d:
+                taken = int(kept[i, 1:].sum())
+                s.guesses = max(1, s.guesses // 2) if taken == 0 else \
+                    min(PREDICTION_DRAFT_TOKENS, s.guesses * 2) if taken == len(d) else s.guesses
+        self._mask = torch.cat([self._mask, kept], dim=1)
+        self._last = last
+
+    def _holes(self) -> int:
+        """Cache columns the longest row does not use (holes and padding)."""
+        return self._cache.length - int(self._mask.sum(-1).max())
+
+    def _compact(self) -> None:
+        """Right-align each row's real columns, dropping holes: the cache becomes as long as its longest row."""
+        length = int(self._mask.sum(-1).max())
+        order = torch.sort(self._mask.to(torch.int8), dim=1, stable=True).indices[:, -length:]  # real last
+        index = order.to(self.model.device)
+        for store in (self._cache.keys, self._cache.values):
+            for i, buf in enumerate(store):
+                gathered = buf[:, :, :self._cache.length].gather(
+                    2, index[:, None, :, None].expand(buf.shape[0], buf.shape[1], length, buf.shape[3]))
+                grown = buf.new_zeros(buf.shape[0], buf.shape[1], length + CACHE_HEADROOM, buf.shape[3])
+                grown[:, :, :length] = gathered
+                store[i] = grown
+        self._mask = self._mask.gather(1, order)
+        self._cache.length = length
+        self.compactions += 1
 
     def _static_step(self) -> torch.Tensor:
         """The compiled step: writes the new keys/values at column `length` of the cache and attends over the whole
@@ -482,6 +610,7 @@ class Engine:
                 continue
             g = s.group
             s.generated += 1
+            s.all_ids.append(tok)
             s.counts[tok] = s.counts.get(tok, 0) + 1
             before = len(s.text)
             if s.failure:
@@ -532,7 +661,8 @@ class Engine:
                 t.offset = max(0, off - start)
                 tokens.append(t)
         return Event(index=s.index, text=delta, tokens=tokens, finish_reason=s.finish_reason,
-                     completion_tokens=s.generated)
+                     completion_tokens=s.generated, accepted_prediction_tokens=s.accepted,
+                     rejected_prediction_tokens=s.rejected)
 
 
 def _deliver(items: list[tuple[Group, Event]]) -> None:

@@ -37,6 +37,24 @@ class StreamOptions(BaseModel):
 Stop = Annotated[str, Field(min_length=1)]
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Prediction(BaseModel):
+    """OpenAI's predicted outputs: text the answer is expected to repeat (a file being edited, say). Greedy
+    requests check it several tokens per step; the answer is the same, sooner when the prediction is right."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["content"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
 class SamplingFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -59,6 +77,7 @@ class SamplingFields(BaseModel):
     top_k: int = Field(0, ge=-1, description="keep the k most likely tokens; 0 or -1 disables")
     min_p: float = Field(0.0, ge=0.0, lt=1.0)
     repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, description="1 disables; > 1 discourages repeats")
+    prediction: Prediction | None = Field(None, description="text the answer is expected to repeat (greedy only)")
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -78,12 +97,6 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    type: Literal["text"]
-    text: str
 
 
 class Message(BaseModel):

@@ -33,6 +33,8 @@ class Job:
         self.choices = sum(g.n for g in groups)
         for g in groups:
             g.events = self.events
+        self.predicted = any(g.prediction for g in groups)
+        self.accepted = self.rejected = 0  # predicted tokens kept and found wrong, over finished choices
 
     def cancel(self) -> None:
         for g in self.groups:
@@ -52,9 +54,14 @@ class Job:
                 if ev.finish_reason:
                     done += 1
                     self.metrics.generation_tokens.inc(ev.completion_tokens)
+                    self.accepted += ev.accepted_prediction_tokens
+                    self.rejected += ev.rejected_prediction_tokens
                 yield ev
         finally:
             self.cancel()
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        return R.usage(prompt_tokens, completion_tokens, (self.accepted, self.rejected) if self.predicted else None)
 
     async def collect(self, request: Request, timeout: float) -> tuple[list[str], list[list], list[str], int]:
         """Run to the end (non-streaming): texts, logprob tokens and finish reasons per choice, tokens generated."""
@@ -161,6 +168,7 @@ class OpenAIService:
                            f"({capacity}): send fewer", param="n")
         deadline = time.monotonic() + self.request_timeout
         temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
+        prediction = body.prediction.text() if body.prediction else ""
         out = []
         for i, ids in enumerate(prompts):
             params = SamplingParams(max_new_tokens=self.token_budget(max_tokens, len(ids), default, prompt_param),
@@ -168,7 +176,8 @@ class OpenAIService:
                                     min_p=body.min_p, repetition_penalty=body.repetition_penalty, seed=body.seed)
             out.append(Group(ids, params, n=body.n, first_index=i * body.n, stop=stops, stop_token_ids=stop_ids,
                              logprobs=logprobs, strip=strip, presence_penalty=body.presence_penalty,
-                             frequency_penalty=body.frequency_penalty, logit_bias=bias, deadline=deadline))
+                             frequency_penalty=body.frequency_penalty, logit_bias=bias, deadline=deadline,
+                             prediction=prediction))
         return out
 
     def submit(self, groups: list[Group]) -> Job:
@@ -215,7 +224,7 @@ class OpenAIService:
             out, tokens, reasons, completion = await job.collect(request, self.request_timeout)
             choices = [{"index": i, "text": echo(i) + out[i], "logprobs": logprobs(i, tokens[i]),
                         "finish_reason": reasons[i]} for i in range(len(out))]
-            return self.envelope(rid, "text_completion", choices, usage=R.usage(prompt_tokens, completion))
+            return self.envelope(rid, "text_completion", choices, usage=job.usage(prompt_tokens, completion))
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
@@ -236,7 +245,7 @@ class OpenAIService:
                 completion += ev.completion_tokens if ev.finish_reason else 0
             else:
                 if include_usage:
-                    yield R.sse(self.envelope(rid, "text_completion", [], usage=R.usage(prompt_tokens, completion)))
+                    yield R.sse(self.envelope(rid, "text_completion", [], usage=job.usage(prompt_tokens, completion)))
             yield R.sse("[DONE]")
 
         return event_stream(chunks())
@@ -265,7 +274,7 @@ class OpenAIService:
             out, tokens, reasons, completion = await job.collect(request, self.request_timeout)
             choices = [{"index": i, "message": {"role": "assistant", "content": out[i]},
                         "logprobs": logprobs(tokens[i]), "finish_reason": reasons[i]} for i in range(len(out))]
-            return self.envelope(rid, "chat.completion", choices, usage=R.usage(len(ids), completion))
+            return self.envelope(rid, "chat.completion", choices, usage=job.usage(len(ids), completion))
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
@@ -290,7 +299,7 @@ class OpenAIService:
                     yield chunk(ev.index, {}, finish_reason=ev.finish_reason)
             else:
                 if include_usage:
-                    usage = R.usage(len(ids), completion)
+                    usage = job.usage(len(ids), completion)
                     yield R.sse(self.envelope(rid, "chat.completion.chunk", [], usage=usage))
             yield R.sse("[DONE]")
 
