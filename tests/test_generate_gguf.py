@@ -132,3 +132,15 @@ def test_llama_cpp_renders_and_ends_chatml_like_phikit(phi_tokenizer, tmp_path):
         assert llama_cpp.llama_vocab_is_eog(vocab, im_end) and not llama_cpp.llama_vocab_is_eog(vocab, im_start)
     finally:
         llm.close()
+
+
+def test_llama_cpp_tokenizes_a_trained_bpe_like_phikit(model, tokenizer, tmp_path):
+    """Models of one's own come with a BPE trained by phikit (train_bpe): llama.cpp splits text as it does."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python to run GGUF exports here")
+    path = export_gguf(model, tokenizer, tmp_path / "own.gguf", dtype="f32")
+    llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False)
+    try:
+        for text in LLAMA_TEXTS + ["def fib(n):\n    return n if n < 2 else fib(n - 1)", "the  quick\n\n\nfox"]:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text), text
+    finally:
+        llm.close()
