@@ -76,15 +76,20 @@ LLAMA_TEXTS = ["def f(x):\n        return  x\t+ 1\n\n\n", "Alice: h\u00e9llo w\u
                "<|endoftext|>Instruct: add 2 and 3.<|endoftext|>", "   spaces before and after   ", "it's 12345 don't"]
 
 
-@pytest.mark.parametrize("dtype,tolerance", [("f32", 1e-3), ("bf16", 2e-2), ("q8_0", 5e-2)])
+# f32 is not exact: llama.cpp's GELU reads an fp16 table (3.8e-4 of the largest logit here).
+@pytest.mark.parametrize("dtype,tolerance", [("f32", 2e-3), ("bf16", 2e-2), ("q8_0", 5e-2)])
 def test_llama_cpp_runs_the_export_like_phikit(phi_tokenizer, tmp_path, dtype, tolerance):
     """llama.cpp is the reference here: it must tokenize as we do, give our logits, and decode our greedy tokens,
     never producing a padding row (a random model favours them as often as any other)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python to run GGUF exports here")
     from phikit.generate import complete
-    model = build_model(get_config("tiny", vocab_size=51200, tokenizer_vocab_size=len(phi_tokenizer)), seed=0).eval()
+    # A wide init spread makes greedy choices decisive: no near-tie for rounding on another CPU to flip.
+    config = get_config("tiny", vocab_size=51200, tokenizer_vocab_size=len(phi_tokenizer), initializer_range=0.1)
+    model = build_model(config, seed=0).eval()
     path = export_gguf(model, phi_tokenizer, tmp_path / f"phi-tiny-{dtype}.gguf", dtype=dtype)
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    # An f32 KV cache (llama.cpp's default is f16) keeps the f32 comparison about the weights alone.
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     try:
         for text in LLAMA_TEXTS:
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == phi_tokenizer.encode(text), text
@@ -94,7 +99,8 @@ def test_llama_cpp_runs_the_export_like_phikit(phi_tokenizer, tmp_path, dtype, t
         with torch.no_grad():
             expected = model(torch.tensor([prompt])).logits[0]
         real = len(phi_tokenizer)
-        assert (got[:, :real] - expected[:, :real]).abs().max().item() < tolerance
+        error = (got[:, :real] - expected[:, :real]).abs().max() / expected[:, :real].abs().max()
+        assert error.item() < tolerance  # relative to the largest logit
         if dtype == "f32":
             ours = complete(model, phi_tokenizer, [prompt], max_new_tokens=24, stop_token_ids=[])[0].token_ids
             llm.reset()
