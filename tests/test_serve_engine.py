@@ -173,6 +173,15 @@ def test_predicted_outputs_decode_like_transformers_in_fewer_steps(models, phi_t
     results = run_groups(engine, groups)
     assert engine.max_rows_seen == 5
     assert [r[0] for r in results] == [expected, expected, expected, alone, expected_other]
+    # Greedy with penalties that depend on what came before, and a seed (which greedy ignores): the prediction
+    # changes nothing there either.
+    def penalized(prediction=""):
+        return Group(list(prompt), SamplingParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.3, seed=3),
+                     logprobs=0, presence_penalty=0.5, frequency_penalty=0.3, prediction=prediction)
+    plain_penalized = run_groups(Engine(ours, phi_tokenizer, max_batch=8), [penalized()])[0][0]
+    guided = penalized(phi_tokenizer.decode(plain_penalized))
+    assert run_groups(Engine(ours, phi_tokenizer, max_batch=8), [guided])[0][0] == plain_penalized
+    assert guided.predicted[0] >= 30, guided.predicted
     # kept guesses: nearly all of the right prediction, most of the edited one, none of the wrong one
     right_kept, edited_kept, wrong_kept = (g.predicted[0] for g in groups[:3])
     assert right_kept >= 40 and edited_kept >= 25 and wrong_kept == 0, [g.predicted for g in groups]

@@ -393,9 +393,10 @@ class Engine:
         self._advance(self._running, tokens_next, logits)
 
     def _draft(self, s: Sequence) -> list[int]:
-        """The predicted tokens row `s` checks this step ([] for rows without a prediction, or not greedy)."""
+        """The predicted tokens row `s` checks this step ([] for rows without a prediction, or not greedy).
+        Penalties and biases are fine: _predicted_step samples each column after recording the ones before it."""
         g = s.group
-        if not g.prediction or not g.params.greedy or not s.simple_sampling or s.finished:
+        if not g.prediction or not g.params.greedy or s.finished:
             return []
         room = min(s.guesses, s.max_new - s.generated - 1, self.context - 1 - self._cache.length)
         if s.prediction_ids is None:
