@@ -389,8 +389,10 @@ class Speedrun:
         return {"report": str(report)}
 
 
-def probe_step_seconds(cfg, steps: int = 3) -> float:
-    """Seconds per optimizer step of this config on this machine (forward, backward, update on random tokens)."""
+def probe_step_seconds(cfg, steps: int = 5) -> float:
+    """Seconds per optimizer step of this config on this machine (forward, backward, update on random tokens).
+    The fastest of `steps` timed steps: a burst of other work on the machine during the probe only slows some of
+    them, and an inflated figure would leave the run with too few steps for its budget (the schedule is fixed)."""
     from .model import build_model
     from .train.loop import build_optimizers
     model = build_model(cfg.model_preset(), seed=0).train()
@@ -408,7 +410,7 @@ def probe_step_seconds(cfg, steps: int = 3) -> float:
             opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     accum = cfg.global_batch_size // cfg.micro_batch_size
-    return sorted(times[1:])[len(times[1:]) // 2] * accum * 1.1  # median, first step is warm-up; 10% for eval
+    return min(times[1:]) * accum * 1.1  # the first step is warm-up; 10% for evaluations
 
 
 # ---------------------------------------------------------------------- evaluation helpers
