@@ -120,6 +120,7 @@ class CpuKernels:
     bf16_single_row_packed: bool = False  # one row on that copy, not torch.mv
     bf16_native_gemm: bool = False        # prompt-sized inputs in bf16 F.linear, not on an fp32 upcast
     int8_full_range: bool = False         # int8 layers round activations to 8 bits, not 7 (fbgemm sums exactly)
+    int4_kernel_max_rows: int = 16        # int4 inputs of fewer rows take torch's int4 kernel, more dequantize
 
 
 _kernels: CpuKernels | None = None
@@ -196,7 +197,27 @@ def measure_cpu_kernels(timings: dict[str, float] | None = None) -> CpuKernels:
         mv = timed("bf16 1 row(s), torch.mv", lambda: [torch.mv(w, row[0].bfloat16()) for w in bf16])
         choice["bf16_single_row_packed"] = products[packing][0] * _CLEAR_WIN < mv
     choice["int8_full_range"] = _int8_full_range_is_exact()
+    choice["int4_kernel_max_rows"] = _int4_kernel_max_rows(fp32[0], CpuKernels(**choice), timed)
     return CpuKernels(**choice)
+
+
+def _int4_kernel_max_rows(weight: torch.Tensor, kernels: CpuKernels, timed) -> int:
+    """The fewest rows at which torch's int4 kernel stops clearly beating the blocked dequantization of prompts:
+    its time grows with the rows, dequantizing costs about the same for any. With native bf16 the kernel wins up
+    to 64-96 rows (0.8 against 5.8 ms for an 8192 x 2048 layer at 8 rows, 3.2 against 6.6 at 32), so batches of
+    16-64 rows (a busy server) stay on it."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight.data = weight
+    int4 = Int4Linear(layer)
+    with use_cpu_kernels(kernels):
+        for rows in (16, 32, 64, 128, 256):
+            x = torch.randn(rows, weight.shape[1]).bfloat16()
+            kernel = timed(f"int4 {rows} rows, int4 kernel", lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x, int4.weight, int4.group_size, int4.scales_and_zeros))
+            blocked = timed(f"int4 {rows} rows, blocked dequantization", lambda: int4._forward_prompt(x))
+            if kernel * _CLEAR_WIN >= blocked:
+                return rows
+    return 512
 
 
 def _int8_full_range_is_exact() -> bool:
@@ -606,7 +627,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] >= PREFILL_ROWS:
+        if x2.shape[0] >= _current_kernels().int4_kernel_max_rows:
             y = self._forward_prompt(x2).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight,
