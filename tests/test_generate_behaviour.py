@@ -241,15 +241,19 @@ def test_quantized_attention_fuses_qkv_exactly(model, mode):
 
 @pytest.mark.parametrize("mode", ["int8", "int8-weight-only", "int4"])
 @pytest.mark.parametrize("rows", [1, 3, 20])
-def test_quantized_linear_matches_fp32_on_decode_and_prompt_rows(mode, rows):
-    """Each kernel path (one row, a small batch, a prompt-sized block) stays within its quantization error of the
-    fp32 product."""
+@pytest.mark.parametrize("kernel_rows", [16, 64], ids=["kernels-below-16-rows", "kernels-below-64-rows"])
+def test_quantized_linear_matches_fp32_on_decode_and_prompt_rows(mode, rows, kernel_rows):
+    """Each kernel path (one row, a small batch, a prompt-sized block; 20 rows take the quantized kernel where it
+    was measured faster up to 64 rows) stays within its quantization error of the fp32 product."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(256, 384)
     x = torch.randn(rows, 256)
     reference = layer(x)
     quantized = quantize_model(torch.nn.Sequential(layer), mode)[0]
-    got = quantized(x.to(torch.float32 if mode == "int8" else torch.bfloat16)).float()
+    kernels = CpuKernels(int8_full_range=cpu_kernels().int8_full_range, int4_kernel_max_rows=kernel_rows,
+                         int8_kernel_max_rows=kernel_rows)
+    with torch.no_grad(), use_cpu_kernels(kernels):
+        got = quantized(x.to(torch.float32 if mode == "int8" else torch.bfloat16)).float()
     error = (got - reference).norm() / reference.norm()
     assert error < (0.1 if mode == "int4" else 0.02), error  # 4 bits: ~range/15/sqrt(12) on uniform weights
 
@@ -373,6 +377,7 @@ def test_cpu_kernel_choices_are_measured_once_or_taken_as_defaults(monkeypatch):
     assert all(isinstance(getattr(measured, f), bool) for f in ("fp32_single_row_packed", "bf16_single_row_packed",
                                                                  "bf16_native_gemm"))
     assert measured.int4_kernel_max_rows in (16, 32, 64, 128, 256, 512)
+    assert measured.int8_kernel_max_rows in (16, 32, 64)
     monkeypatch.setattr(quant, "_kernels", None)
     monkeypatch.setenv("PHIKIT_CPU_KERNELS", "default")
     assert cpu_kernels() == CpuKernels() and cpu_kernels() is cpu_kernels()

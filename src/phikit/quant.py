@@ -121,6 +121,7 @@ class CpuKernels:
     bf16_native_gemm: bool = False        # prompt-sized inputs in bf16 F.linear, not on an fp32 upcast
     int8_full_range: bool = False         # int8 layers round activations to 8 bits, not 7 (fbgemm sums exactly)
     int4_kernel_max_rows: int = 16        # int4 inputs of fewer rows take torch's int4 kernel, more dequantize
+    int8_kernel_max_rows: int = 16        # int8 inputs of fewer rows take fbgemm's int8 GEMM, more a bf16/fp32 one
 
 
 _kernels: CpuKernels | None = None
@@ -198,7 +199,31 @@ def measure_cpu_kernels(timings: dict[str, float] | None = None) -> CpuKernels:
         choice["bf16_single_row_packed"] = products[packing][0] * _CLEAR_WIN < mv
     choice["int8_full_range"] = _int8_full_range_is_exact()
     choice["int4_kernel_max_rows"] = _int4_kernel_max_rows(fp32[0], CpuKernels(**choice), timed)
+    choice["int8_kernel_max_rows"] = _int8_kernel_max_rows(fp32[0], CpuKernels(**choice), timed)
     return CpuKernels(**choice)
+
+
+def _int8_kernel_max_rows(weight: torch.Tensor, kernels: CpuKernels, timed) -> int:
+    """The fewest rows (16, 32 or 64) at which fbgemm's int8 GEMM stops clearly beating the prompt path (the
+    integer weights in a bf16 or fp32 GEMM). fbgemm rounds the activations of all rows to 8 (or 7) bits with one
+    scale, so inputs of 64 rows or more, prompts, keep the precise path whatever the speed. With VNNI fbgemm wins
+    at every size (0.35 against 2.27 ms for an 8192 x 2048 layer at 16 rows), so server batches of 16-63 rows
+    stay on it."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return PREFILL_ROWS
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight.data = weight
+    int8 = Int8Linear(layer, torch.float32, dynamic=True)
+    with use_cpu_kernels(kernels):
+        for rows in (16, 32):
+            x = torch.randn(rows, weight.shape[1])
+            kernel = timed(f"int8 {rows} rows, fbgemm int8", lambda: torch.ops.quantized.linear_dynamic(
+                x, int8._fbgemm_weights(), not kernels.int8_full_range))
+            precise = timed(f"int8 {rows} rows, {'bf16' if kernels.bf16_native_gemm else 'fp32'} GEMM",
+                            lambda: int8._forward_prompt(x))
+            if kernel * _CLEAR_WIN >= precise:
+                return rows
+    return 64
 
 
 def _int4_kernel_max_rows(weight: torch.Tensor, kernels: CpuKernels, timed) -> int:
@@ -475,8 +500,9 @@ def prepare_cpu_linears(model: nn.Module) -> nn.Module:
 class Int8Linear(_PackedOutsideGraphs, nn.Module):
     """y = x @ (q * scale)^T + b with q int8 [out, in] and one scale per output channel (symmetric).
 
-    With `dynamic`, CPU inputs of fewer than PREFILL_ROWS rows run through fbgemm's int8 GEMM: the activations are
-    rounded to unsigned integers with one scale and zero point per call, and the product is exact in int32. 8-bit
+    With `dynamic`, CPU inputs of fewer than CpuKernels.int8_kernel_max_rows rows (16, or up to 64 where measured
+    faster) run through fbgemm's int8 GEMM: the activations are rounded to unsigned integers with one scale and
+    zero point per call, and the product is exact in int32. 8-bit
     integers where fbgemm sums exactly (VNNI; CpuKernels.int8_full_range), else 7-bit: its non-VNNI kernel sums
     pairs of products in int16, which 8-bit activations can overflow."""
 
@@ -507,19 +533,23 @@ class Int8Linear(_PackedOutsideGraphs, nn.Module):
                 self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
         return self._packed
 
+    def _forward_prompt(self, x2: torch.Tensor) -> torch.Tensor:
+        """A product with the integer weights, then the per-channel scale on the output (it factors out). In bf16
+        where bf16 GEMM is native (4x fp32 there; int8 values are exact in bf16, the activations are rounded to
+        bf16), else in fp32, exact."""
+        dtype = torch.bfloat16 if _current_kernels().bf16_native_gemm else torch.float32
+        weight = weight_scratch(self.weight.shape, x2.device, dtype).copy_(self.weight)
+        y = F.linear(x2.to(dtype), weight).float() * self.scales.float()
+        return y + self.bias.float() if self.bias is not None else y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and x2.shape[0] >= PREFILL_ROWS:
-            # A product with the integer weights, then the per-channel scale on the output (it factors out). In
-            # bf16 where bf16 GEMM is native (4x fp32 there; int8 values are exact in bf16, the activations are
-            # rounded to bf16), else in fp32, exact.
-            dtype = torch.bfloat16 if _current_kernels().bf16_native_gemm else torch.float32
-            weight = weight_scratch(self.weight.shape, x.device, dtype).copy_(self.weight)
-            y = F.linear(x2.to(dtype), weight).float() * self.scales.float()
-            if self.bias is not None:
-                y = y + self.bias.float()
-            y = y.to(x.dtype)
+        # fbgemm's GEMM only for the dynamic form, up to the measured row count; the weight-only form's kernel is
+        # a matrix-vector one, so its prompts start at PREFILL_ROWS
+        limit = _current_kernels().int8_kernel_max_rows if self.dynamic else PREFILL_ROWS
+        if x.device.type == "cpu" and x2.shape[0] >= limit:
+            y = self._forward_prompt(x2).to(x.dtype)
         elif x.device.type == "cpu" and self.dynamic and torch.compiler.is_compiling():
             # torch.compile cannot trace fbgemm's packed weights: call the kernel through an opaque custom op
             y = torch.ops.phikit.int8_linear_dynamic(x2.float().contiguous(), self._key, self.out_features)
