@@ -460,3 +460,18 @@ def test_quantized_models_get_the_measured_kernel_choices(model, monkeypatch):
     q = quantize_model(copy.deepcopy(model), "int8")
     prepare_cpu_linears(q)
     assert measured == [1] and quant._current_kernels() is NATIVE_BF16
+
+
+def test_quantized_prompts_run_under_no_grad_after_inference_mode_runs():
+    """Generation and the kernel measurement run under torch.inference_mode and fill the prompt paths' reusable
+    buffers; a user's own forward under plain no_grad must still be able to write into them."""
+    from phikit.quant import Int4Linear, Int8Linear
+    torch.manual_seed(0)
+    int4 = Int4Linear(torch.nn.Linear(256, 512))
+    int8 = Int8Linear(torch.nn.Linear(256, 512), torch.float32, dynamic=True)
+    x = torch.randn(100, 256)
+    with torch.inference_mode():
+        expected = int4(x.bfloat16()), int8(x)
+    with torch.no_grad():
+        torch.testing.assert_close(int4(x.bfloat16()), expected[0])
+        torch.testing.assert_close(int8(x), expected[1])

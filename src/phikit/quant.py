@@ -56,7 +56,10 @@ def weight_scratch(shape: torch.Size, device: torch.device, dtype: torch.dtype =
     buffers = _local.__dict__.setdefault("buffers", {})
     key = (tuple(shape), str(device), dtype)
     if key not in buffers:
-        buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        # Never an inference tensor (made under torch.inference_mode, as generation and measure_cpu_kernels run):
+        # writing into one later under plain no_grad would raise.
+        with torch.inference_mode(False):
+            buffers[key] = torch.empty(shape, dtype=dtype, device=device)
     return buffers[key]
 
 
