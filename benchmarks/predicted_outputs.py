@@ -41,7 +41,7 @@ def run(engine: Engine, prompt: list[int], new_tokens: int, prediction: str) -> 
 
     async def scenario():
         engine.submit([group])
-        tokens, kept = [], 0
+        tokens = []
         while True:
             ev = await group.events.get()
             tokens += [t.token_id for t in ev.tokens]
