@@ -8,8 +8,8 @@ Both engines are timed the same way, after a warm-up, best of --repeats rounds t
 is compared with transformers fp32 timed in its own turns (row transformers-fp32-beside-MODE), and batch 8
 with batch 1 timed again in batch 8's turns (row phikit-MODE-batch1-beside-batch8), since the host's speed
 drifts. llama.cpp, when llama-cpp-python is installed, runs our GGUF export in the turns of the phikit format of
-equal bits (row llama.cpp-TYPE, on the same prompt). The memory-bandwidth floor is the time to read the weights once per step at the read bandwidth measured
-at start; `floor_fraction` = floor time / step time.
+equal bits (row llama.cpp-TYPE, on the same prompt). The memory-bandwidth floor is the time to read the weights
+once per step at the read bandwidth measured at start; `floor_fraction` = floor time / step time.
 The int8/int4 agreement rate (greedy tokens equal to fp32 for the first 32 tokens, on a tiny model trained here
 in a few seconds) is measured with --agreement.
 
@@ -147,19 +147,22 @@ def time_interleaved(engines: list[Timed], new_tokens: int, repeats: int) -> Non
 
 
 def result_row(engine: Timed, model, batch: int, prompt_len: int, new_tokens: int, bandwidth: float) -> dict:
-    t1, tn, extra, cuda = engine.t1, engine.tn, engine.extra, engine.device.startswith("cuda")
-    decode_s = (tn - t1) / (new_tokens - 1)  # per step (one token per row)
-    wbytes = weight_bytes(model)
-    row = {
-        "engine": engine.name, "batch": batch,
-        "prefill_tok_s": round(batch * prompt_len / t1, 2),
-        "decode_tok_s": round(batch / decode_s, 2),
-        "ms_per_step": round(decode_s * 1000, 2),
-        "end_to_end_s": round(tn, 2),
-        "weights_mb": round(wbytes / 2**20),
-        "peak_mem_mb": round(extra / 2**20) if cuda else round((weight_bytes(model, resident=True) + extra) / 2**20),
-        "floor_fraction": round((wbytes / (bandwidth * 1e9)) / decode_s, 3),
-    }
+    extra, cuda = engine.extra, engine.device.startswith("cuda")
+    peak = extra if cuda else weight_bytes(model, resident=True) + extra
+    return timing_row(engine, batch, prompt_len, new_tokens, weight_bytes(model), bandwidth,
+                      peak_mem_mb=round(peak / 2**20))
+
+
+def timing_row(engine: Timed, batch: int, prompt_len: int, new_tokens: int, wbytes: int, bandwidth: float,
+               **extra) -> dict:
+    """One engine's JSON row (also printed): speeds from its timings, and the fraction of the bandwidth floor for
+    reading `wbytes` once per step."""
+    decode_s = (engine.tn - engine.t1) / (new_tokens - 1)  # per step (one token per row)
+    row = {"engine": engine.name, "batch": batch,
+           "prefill_tok_s": round(batch * prompt_len / engine.t1, 2), "decode_tok_s": round(batch / decode_s, 2),
+           "ms_per_step": round(decode_s * 1000, 2), "end_to_end_s": round(engine.tn, 2),
+           "weights_mb": round(wbytes / 2**20), **extra,
+           "floor_fraction": round((wbytes / (bandwidth * 1e9)) / decode_s, 3)}
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
 
@@ -197,16 +200,7 @@ class LlamaCpp:
         self.timed = Timed(f"llama.cpp-{gguf_type}", fn, "cpu")
 
     def row(self, args, bandwidth: float) -> dict:
-        t1, tn = self.timed.t1, self.timed.tn
-        size = os.path.getsize(self.path)
-        decode_s = (tn - t1) / (args.new_tokens - 1)
-        row = {"engine": self.timed.name, "batch": 1,
-               "prefill_tok_s": round(args.prompt_len / t1, 2), "decode_tok_s": round(1 / decode_s, 2),
-               "ms_per_step": round(decode_s * 1000, 2), "end_to_end_s": round(tn, 2),
-               "weights_mb": round(size / 2**20),
-               "floor_fraction": round((size / (bandwidth * 1e9)) / decode_s, 3)}
-        print(json.dumps(row), file=sys.stderr, flush=True)
-        return row
+        return timing_row(self.timed, 1, args.prompt_len, args.new_tokens, os.path.getsize(self.path), bandwidth)
 
     def close(self) -> None:
         self.llm.close()

@@ -72,7 +72,8 @@ def test_gguf_export_refuses_bad_input(model, tokenizer, tmp_path):
         export_gguf(model, tokenizer, tmp_path / "m.bin")
 
 
-LLAMA_TEXTS = ["def f(x):\n        return  x\t+ 1\n\n\n", "Alice: h\u00e9llo w\u00f6rld \U0001f642 \u65e5\u672c\u8a9e\nBob:",
+LLAMA_TEXTS = ["def f(x):\n        return  x\t+ 1\n\n\n",
+               "Alice: h\u00e9llo w\u00f6rld \U0001f642 \u65e5\u672c\u8a9e\nBob:",
                "<|endoftext|>Instruct: add 2 and 3.<|endoftext|>", "   spaces before and after   ", "it's 12345 don't"]
 
 

@@ -293,8 +293,8 @@ MALFORMED = [
     ("top_logprobs without logprobs", CHAT, {"model": MODEL, "messages": USER, "top_logprobs": 2}, 400, "logprobs"),
     ("image content", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "content"),
-    ("prediction of another type", CHAT, {"model": MODEL, "messages": USER, "prediction": {"type": "file",
-                                                                                          "content": "x"}}, 400, "prediction"),
+    ("prediction of another type", CHAT,
+     {"model": MODEL, "messages": USER, "prediction": {"type": "file", "content": "x"}}, 400, "prediction"),
     ("10 MB body", COMPLETIONS, b'{"model": "tiny-phi", "prompt": "' + b"a" * (10 * 2**20) + b'"}', 413, "larger"),
 ]
 

@@ -201,51 +201,47 @@ def measure_cpu_kernels(timings: dict[str, float] | None = None) -> CpuKernels:
         mv = timed("bf16 1 row(s), torch.mv", lambda: [torch.mv(w, row[0].bfloat16()) for w in bf16])
         choice["bf16_single_row_packed"] = products[packing][0] * _CLEAR_WIN < mv
     choice["int8_full_range"] = _int8_full_range_is_exact()
-    choice["int4_kernel_max_rows"] = _int4_kernel_max_rows(fp32[0], CpuKernels(**choice), timed)
-    choice["int8_kernel_max_rows"] = _int8_kernel_max_rows(fp32[0], CpuKernels(**choice), timed)
+    choice.update(_quantized_kernel_limits(fp32[0], CpuKernels(**choice), timed))
     return CpuKernels(**choice)
 
 
-def _int8_kernel_max_rows(weight: torch.Tensor, kernels: CpuKernels, timed) -> int:
-    """The fewest rows (16, 32 or 64) at which fbgemm's int8 GEMM stops clearly beating the prompt path (the
-    integer weights in a bf16 or fp32 GEMM). fbgemm rounds the activations of all rows to 8 (or 7) bits with one
-    scale, so inputs of 64 rows or more, prompts, keep the precise path whatever the speed. With VNNI fbgemm wins
-    at every size (0.35 against 2.27 ms for an 8192 x 2048 layer at 16 rows), so server batches of 16-63 rows
-    stay on it."""
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        return PREFILL_ROWS
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    layer.weight.data = weight
-    int8 = Int8Linear(layer, torch.float32, dynamic=True)
-    with use_cpu_kernels(kernels):
-        for rows in (16, 32):
-            x = torch.randn(rows, weight.shape[1])
-            kernel = timed(f"int8 {rows} rows, fbgemm int8", lambda: torch.ops.quantized.linear_dynamic(
-                x, int8._fbgemm_weights(), not kernels.int8_full_range))
-            precise = timed(f"int8 {rows} rows, {'bf16' if kernels.bf16_native_gemm else 'fp32'} GEMM",
-                            lambda: int8._forward_prompt(x))
-            if kernel * _CLEAR_WIN >= precise:
-                return rows
-    return 64
+def _kernel_max_rows(name: str, kernel, prompt_path, make_input, candidates: tuple[int, ...], beyond: int,
+                     timed) -> int:
+    """The fewest rows among `candidates` at which a quantized kernel stops clearly beating its prompt path
+    (`beyond` when it wins at all of them): the kernel's time grows with the rows, the prompt path's hardly."""
+    for rows in candidates:
+        x = make_input(rows)
+        fast = timed(f"{name} {rows} rows, quantized kernel", lambda: kernel(x))
+        slow = timed(f"{name} {rows} rows, prompt path", lambda: prompt_path(x))
+        if fast * _CLEAR_WIN >= slow:
+            return rows
+    return beyond
 
 
-def _int4_kernel_max_rows(weight: torch.Tensor, kernels: CpuKernels, timed) -> int:
-    """The fewest rows at which torch's int4 kernel stops clearly beating the blocked dequantization of prompts:
-    its time grows with the rows, dequantizing costs about the same for any. With native bf16 the kernel wins up
-    to 64-96 rows (0.8 against 5.8 ms for an 8192 x 2048 layer at 8 rows, 3.2 against 6.6 at 32), so batches of
-    16-64 rows (a busy server) stay on it."""
+def _quantized_kernel_limits(weight: torch.Tensor, kernels: CpuKernels, timed) -> dict[str, int]:
+    """int4_kernel_max_rows and int8_kernel_max_rows for this CPU.
+    - int4: torch's int4 kernel against the blocked dequantization. With native bf16 the kernel wins up to 64-96
+      rows (3.2 against 6.6 ms for an 8192 x 2048 layer at 32 rows), so batches of 16-63 rows stay on it.
+    - int8: fbgemm's int8 GEMM against the integer weights in a bf16 or fp32 GEMM. fbgemm rounds all rows'
+      activations to 8 (or 7) bits with one scale, so inputs of 64 rows or more, prompts, keep the precise path
+      whatever the speed. With VNNI fbgemm wins at every size (0.35 against 2.27 ms at 16 rows)."""
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     layer.weight.data = weight
     int4 = Int4Linear(layer)
     with use_cpu_kernels(kernels):
-        for rows in (16, 32, 64, 128, 256):
-            x = torch.randn(rows, weight.shape[1]).bfloat16()
-            kernel = timed(f"int4 {rows} rows, int4 kernel", lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x, int4.weight, int4.group_size, int4.scales_and_zeros))
-            blocked = timed(f"int4 {rows} rows, blocked dequantization", lambda: int4._forward_prompt(x))
-            if kernel * _CLEAR_WIN >= blocked:
-                return rows
-    return 512
+        limits = {"int4_kernel_max_rows": _kernel_max_rows(
+            "int4", lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4.weight, int4.group_size,
+                                                                          int4.scales_and_zeros),
+            int4._forward_prompt, lambda n: torch.randn(n, weight.shape[1]).bfloat16(), (16, 32, 64, 128, 256),
+            512, timed)}
+        limits["int8_kernel_max_rows"] = PREFILL_ROWS
+        if "fbgemm" in torch.backends.quantized.supported_engines:
+            int8 = Int8Linear(layer, torch.float32, dynamic=True)
+            limits["int8_kernel_max_rows"] = _kernel_max_rows(
+                "int8", lambda x: torch.ops.quantized.linear_dynamic(x, int8._fbgemm_weights(),
+                                                                     not kernels.int8_full_range),
+                int8._forward_prompt, lambda n: torch.randn(n, weight.shape[1]), (16, 32), 64, timed)
+    return limits
 
 
 def _int8_full_range_is_exact() -> bool:

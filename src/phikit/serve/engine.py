@@ -117,7 +117,6 @@ class Sequence:
         self.failure: str | None = None  # why sampling this row failed (its request gets an error)
         self.guesses = PREDICTION_DRAFT_TOKENS  # predicted tokens to check next step
         self.accepted = self.rejected = 0  # predicted tokens kept and thrown away
-        self.all_ids: list[int] = []  # every generated token (stop tokens included), in cache order
         self.prediction_ids: list[int] | None = None  # the prediction's tokens, encoded at the first draft
 
     @property
@@ -217,6 +216,7 @@ class Engine:
         self.steps = 0  # decoding steps run (observability and tests)
         self.max_rows_seen = 0  # largest batch decoded together
         self.compactions = 0  # times the cache was compacted (holes left by predicted outputs)
+        self._holes_possible = False  # a predicted step ran since the last compaction (else nothing to check)
 
     # --- the event-loop side ---
     @property
@@ -370,8 +370,9 @@ class Engine:
 
     def _step(self) -> None:
         """One decoding step for every running row."""
-        if self._cache.length >= self.context or self._holes() > max(CACHE_HEADROOM, self._cache.length // 2):
-            self._compact()  # only predicted outputs leave holes
+        if self._holes_possible and (self._cache.length >= self.context
+                                     or self._holes() > max(CACHE_HEADROOM, self._cache.length // 2)):
+            self._compact()  # only predicted steps leave holes
         drafts = [self._draft(s) for s in self._running]
         if any(drafts):
             self._predicted_step(drafts)
@@ -401,7 +402,8 @@ class Engine:
         room = min(s.guesses, s.max_new - s.generated - 1, self.context - 1 - self._cache.length)
         if s.prediction_ids is None:
             s.prediction_ids = self.tokenizer.encode(g.prediction)[:self.context]
-        return prediction_draft(s.prediction_ids, g.prediction, s.all_ids, s.text, self.tokenizer.encode, room)
+        # output_ids lacks only a stop token, after which the row has finished and drafts no more
+        return prediction_draft(s.prediction_ids, g.prediction, s.output_ids, s.text, self.tokenizer.encode, room)
 
     def _predicted_step(self, drafts: list[list[int]]) -> None:
         """One pass over each row's last token and its predicted tokens (rows without any feed padding after the
@@ -450,6 +452,7 @@ class Engine:
                     min(PREDICTION_DRAFT_TOKENS, s.guesses * 2) if taken == len(d) else s.guesses
         self._mask = torch.cat([self._mask, kept], dim=1)
         self._last = last
+        self._holes_possible = True
 
     def _holes(self) -> int:
         """Cache columns the longest row does not use (holes and padding)."""
@@ -470,6 +473,7 @@ class Engine:
         self._mask = self._mask.gather(1, order)
         self._cache.length = length
         self.compactions += 1
+        self._holes_possible = False
 
     def _static_step(self) -> torch.Tensor:
         """The compiled step: writes the new keys/values at column `length` of the cache and attends over the whole
@@ -530,6 +534,7 @@ class Engine:
             self._active -= len(self._running) - len(keep)
         if not keep:
             self._running, self._cache, self._mask, self._last = [], None, None, None
+            self._holes_possible = False
             return
         index = torch.tensor(keep)
         mask = self._mask[index]
@@ -552,6 +557,7 @@ class Engine:
         with self._lock:
             self._active = 0
         self._running, self._cache, self._mask, self._last = [], None, None, None
+        self._holes_possible = False
 
     # --- sampling and text ---
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -611,7 +617,6 @@ class Engine:
                 continue
             g = s.group
             s.generated += 1
-            s.all_ids.append(tok)
             s.counts[tok] = s.counts.get(tok, 0) + 1
             before = len(s.text)
             if s.failure:
