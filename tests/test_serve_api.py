@@ -281,6 +281,8 @@ MALFORMED = [
     ("messages as a string", CHAT, {"model": MODEL, "messages": "hi"}, 400, "messages"),
     ("content as a number", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "content"),
     ("huge max_tokens", COMPLETIONS, {"model": MODEL, "prompt": "a", "max_tokens": 10**9}, 400, "context of 128"),
+    ("huge max_completion_tokens", CHAT, {"model": MODEL, "messages": USER, "max_completion_tokens": 10**9}, 400,
+     "max_completion_tokens to at most"),
     ("negative max_tokens", COMPLETIONS, {"model": MODEL, "prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
     ("empty messages", CHAT, {"model": MODEL, "messages": []}, 400, "at least 1"),
     ("unknown model", CHAT, {"model": "gpt-5", "messages": USER}, 404, "does not exist"),
@@ -290,11 +292,25 @@ MALFORMED = [
     ("empty stop string", COMPLETIONS, {"model": MODEL, "prompt": "a", "stop": [""]}, 400, "stop"),
     ("token id out of vocabulary", COMPLETIONS, {"model": MODEL, "prompt": [99999999]}, 400, "vocabulary"),
     ("bad logit_bias key", COMPLETIONS, {"model": MODEL, "prompt": "a", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ("superscript logit_bias key", COMPLETIONS, {"model": MODEL, "prompt": "a", "logit_bias": {"\u00b2": 1}}, 400,
+     "logit_bias"),
     ("top_logprobs without logprobs", CHAT, {"model": MODEL, "messages": USER, "top_logprobs": 2}, 400, "logprobs"),
     ("image content", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "content"),
     ("prediction of another type", CHAT,
      {"model": MODEL, "messages": USER, "prediction": {"type": "file", "content": "x"}}, 400, "prediction"),
+    ("lone surrogate in content", CHAT,
+     b'{"model": "tiny-phi", "messages": [{"role": "user", "content": "a\\ud800"}]}', 400, "surrogate"),
+    ("lone surrogate in prompt", COMPLETIONS, b'{"model": "tiny-phi", "prompt": ["a", "\\udc00"]}', 400, "surrogate"),
+    ("lone surrogate in prediction", CHAT, b'{"model": "tiny-phi", "messages": [{"role": "user", "content": "a"}], '
+     b'"temperature": 0, "prediction": {"type": "content", "content": "x\\ud800"}}', 400, "surrogate"),
+    ("body not UTF-8", CHAT, b'{"model": "tiny-phi", "messages": [{"role": "user", "content": "\xff"}]}', 400,
+     "UTF-8"),
+    ("JSON mode", CHAT, {"model": MODEL, "messages": USER, "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ("forced tool call", CHAT, {"model": MODEL, "messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
+    ("null content", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": None}]}, 400,
+     "messages.0.content is required"),
     ("10 MB body", COMPLETIONS, b'{"model": "tiny-phi", "prompt": "' + b"a" * (10 * 2**20) + b'"}', 413, "larger"),
 ]
 
@@ -308,6 +324,31 @@ def test_malformed_requests_get_clear_4xx(server, path, body, status, words):
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert words in error["message"] and "\n" not in error["message"]
+
+
+def test_null_fields_take_their_defaults(client):
+    """OpenAI's optional fields are nullable, and the openai client sends null for a Python None."""
+    messages = [{"role": "user", "content": "Pick a number."}]
+    default = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, seed=5)
+    nulls = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, seed=5, temperature=None,
+                                           top_p=None, n=None, stop=None, logprobs=None, top_logprobs=None,
+                                           presence_penalty=None, frequency_penalty=None, stream_options=None,
+                                           max_completion_tokens=None, response_format={"type": "text"},
+                                           tool_choice="auto", extra_body={"top_k": None, "stream": None})
+    assert [c.message.content for c in nulls.choices] == [c.message.content for c in default.choices]
+    streamed = client.completions.create(model=MODEL, prompt="x", max_tokens=2, stream=True, echo=None,
+                                         stream_options={"include_usage": None})
+    assert "".join(c.choices[0].text for c in streamed if c.choices)
+
+
+def test_json_body_without_json_content_type_is_read(server, client):
+    # `curl -d '{...}'` sends Content-Type: application/x-www-form-urlencoded
+    body = {"model": MODEL, "prompt": "curl", "max_tokens": 4, "temperature": 0}
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):
+        r = httpx.post(server[0] + COMPLETIONS, content=json.dumps(body).encode(), timeout=60,
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": content_type})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy(client, "curl", max_tokens=4).choices[0].text
 
 
 def test_extreme_but_valid_sampling_parameters_work(client):

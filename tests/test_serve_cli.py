@@ -34,6 +34,17 @@ def test_bad_arguments_are_one_line_errors(capsys, tmp_path):
     assert "--max-batch" in err[1]
 
 
+def test_port_in_use_is_a_one_line_error_before_loading(capsys, tiny_phi_checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(tiny_phi_checkpoint), "--port", str(port)]) == 2
+    err = capsys.readouterr()
+    assert "serving" not in err.out  # refused before the model was loaded
+    assert err.err.strip().startswith("phikit: error: cannot listen on 127.0.0.1:") and str(port) in err.err
+
+
 def test_serve_process_answers_and_exits_cleanly_on_sigterm(tiny_phi_checkpoint):
     port = free_port()
     env = {**os.environ, "PHIKIT_API_KEY": "sk-cli"}

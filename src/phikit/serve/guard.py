@@ -125,6 +125,15 @@ class Guard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return receive, error_response(400, f"request body is not UTF-8 (byte {e.start}): send JSON encoded as "
+                                           "UTF-8")
+        # Every body this API takes is JSON: read it as JSON whatever Content-Type says (`curl -d` sends a form
+        # type), instead of refusing a valid object with a misleading "must be a JSON object".
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + \
+            [(b"content-type", b"application/json")]
         replayed = False
 
         async def replay():
@@ -144,7 +153,8 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """One line naming the first bad field and what it should be, and the field as OpenAI's `param`."""
     errors = exc.errors()
-    err = errors[0]
+    # A union (prompt: a string or a list of strings, ...) reports every alternative; our own checks say most.
+    err = next((e for e in errors if e["type"] == "value_error"), errors[0])
     loc = list(err.get("loc", ()))
     if loc and loc[0] == "body":
         loc = loc[1:]
@@ -162,7 +172,8 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"{param} is required", param
     others = {".".join(str(x) for x in e.get("loc", ())[1:2]) for e in errors} - {path[0]}
     more = f" (and {len(others)} more invalid field{'s' * (len(others) > 1)})" if others else ""
-    return f"{param}: {err['msg']}{more}", param
+    # Our own checks raise ValueError, which pydantic prefixes with "Value error, ".
+    return f"{param}: {err['msg'].removeprefix('Value error, ')}{more}", param
 
 
 def openapi_with_model(app: FastAPI, model_name: str) -> dict:

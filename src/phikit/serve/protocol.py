@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 # The most alternatives returned per token, as in OpenAI's API.
 MAX_COMPLETION_LOGPROBS = 5
@@ -29,36 +29,56 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class StreamOptions(BaseModel):
+class Body(BaseModel):
+    """Strict fields; null means "not given". OpenAI's optional fields are nullable, and the openai client sends
+    null for a Python None (temperature=None), so null takes the default instead of failing the type check."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+def _encodable(text: str) -> str:
+    # JSON can escape a lone UTF-16 surrogate ("\ud800"), which no tokenizer can encode: refuse it here, before it
+    # reaches the tokenizer (in the engine thread it would fail every request in the batch).
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"character {e.start} is a lone UTF-16 surrogate ({text[e.start]!a}): send valid Unicode")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-Stop = Annotated[str, Field(min_length=1)]
+Stop = Annotated[Text, Field(min_length=1)]
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class TextPart(Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class Prediction(BaseModel):
+class Prediction(Body):
     """OpenAI's predicted outputs: text the answer is expected to repeat (a file being edited, say). Greedy
     requests check it several tokens per step; the answer is the same, sooner when the prediction is right."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
     type: Literal["content"]
-    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    content: Text | Annotated[list[TextPart], Field(min_length=1)]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Body):
     """Fields shared by /v1/completions and /v1/chat/completions."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str = Field(description="the served model's id, as listed by GET /v1/models")
     max_tokens: int | None = Field(None, ge=1, description="most tokens to generate (prompt + max_tokens <= context)")
@@ -90,7 +110,7 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)] | TokenIds | \
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=64)] | TokenIds | \
         Annotated[list[TokenIds], Field(min_length=1, max_length=64)] = Field(
             description="a string, a list of strings, a list of token ids, or a list of token id lists")
     echo: bool = False
@@ -99,15 +119,18 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class Message(Body):
     # "developer" is OpenAI's newer name for the system role.
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    content: Text | Annotated[list[TextPart], Field(min_length=1)]
     name: str | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ResponseFormat(Body):
+    type: Literal["text", "json_object", "json_schema"]
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -115,3 +138,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, description="newer name of max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+    # Accepted so that clients sending the defaults work; what would change the answer is refused (service.py).
+    response_format: ResponseFormat | None = Field(None, description="only {\"type\": \"text\"} is supported")
+    tool_choice: Literal["none", "auto", "required"] | dict | None = Field(
+        None, description="tools are ignored: \"required\" or a named function is refused")

@@ -128,7 +128,8 @@ class OpenAIService:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "phikit",
                 "max_model_len": self.engine.context}
 
-    def token_budget(self, requested: int | None, prompt_len: int, default: int | None, param: str) -> int:
+    def token_budget(self, requested: int | None, prompt_len: int, default: int | None, param: str,
+                     budget_param: str = "max_tokens") -> int:
         context = self.engine.context
         room = context - prompt_len
         if room < 1:
@@ -137,9 +138,9 @@ class OpenAIService:
         if requested is None:
             return min(default, room) if default else room
         if requested > room:
-            raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({requested}) = {prompt_len + requested}"
-                           f" tokens exceeds the model's context of {context}: set max_tokens to at most {room}",
-                           param="max_tokens", code="context_length_exceeded")
+            raise APIError(400, f"prompt ({prompt_len} tokens) + {budget_param} ({requested}) = "
+                           f"{prompt_len + requested} tokens exceeds the model's context of {context}: set "
+                           f"{budget_param} to at most {room}", param=budget_param, code="context_length_exceeded")
         return requested
 
     def prompt_ids(self, prompts: list) -> list[list[int]]:
@@ -155,11 +156,11 @@ class OpenAIService:
 
     def groups(self, body: SamplingFields, prompts: list[list[int]], max_tokens: int | None, default: int | None,
                prompt_param: str, stops: list[str], stop_ids: frozenset[int], logprobs: int | None,
-               strip: str) -> list[Group]:
+               strip: str, budget_param: str = "max_tokens") -> list[Group]:
         limit = self.engine.vocab_limit
         bias = {}
         for key, value in (body.logit_bias or {}).items():
-            if not key.isdigit() or int(key) >= limit:
+            if not (key.isascii() and key.isdigit()) or int(key) >= limit:  # "²".isdigit(), but int("²") fails
                 raise APIError(400, f"logit_bias key {key!r} is not a token id below {limit}", param="logit_bias")
             bias[int(key)] = value
         capacity = self.engine.max_batch + self.engine.max_queue
@@ -171,9 +172,10 @@ class OpenAIService:
         prediction = body.prediction.text() if body.prediction else ""
         out = []
         for i, ids in enumerate(prompts):
-            params = SamplingParams(max_new_tokens=self.token_budget(max_tokens, len(ids), default, prompt_param),
-                                    temperature=temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
-                                    min_p=body.min_p, repetition_penalty=body.repetition_penalty, seed=body.seed)
+            budget = self.token_budget(max_tokens, len(ids), default, prompt_param, budget_param)
+            params = SamplingParams(max_new_tokens=budget, temperature=temperature, top_k=max(body.top_k, 0),
+                                    top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                                    seed=body.seed)
             out.append(Group(ids, params, n=body.n, first_index=i * body.n, stop=stops, stop_token_ids=stop_ids,
                              logprobs=logprobs, strip=strip, presence_penalty=body.presence_penalty,
                              frequency_penalty=body.frequency_penalty, logit_bias=bias, deadline=deadline,
@@ -255,6 +257,14 @@ class OpenAIService:
         self.check_model(body.model)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        # A client asking for JSON or a tool call must not silently get free text instead.
+        if body.response_format and body.response_format.type != "text":
+            raise APIError(400, f"response_format {body.response_format.type!r} is not supported (the server cannot "
+                           "constrain output): ask for JSON in the messages, or send {\"type\": \"text\"}",
+                           param="response_format")
+        if body.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice that forces a tool call is not supported (the server does not call "
+                           "tools): send \"auto\" or \"none\"", param="tool_choice")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:  # rendered here, once, in the model's own format: clients send plain messages
@@ -262,9 +272,11 @@ class OpenAIService:
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         top = (body.top_logprobs or 0) if body.logprobs else None
+        # The error names the field the client sent (max_completion_tokens wins, as its newer name).
+        budget_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         job = self.submit(self.groups(body, [ids], body.max_completion_tokens or body.max_tokens, None, "messages",
                                       self.fmt.stop_strings + body.stop_list(), self.chat_stop_ids, top,
-                                      strip="both" if self.fmt.strip_answer else "right"))
+                                      strip="both" if self.fmt.strip_answer else "right", budget_param=budget_param))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
 
         def logprobs(tokens) -> dict | None:
