@@ -102,3 +102,24 @@ def test_cli_dedup_and_decontaminate_reports(tmp_path, capsys):
     assert len(out) == 21 and out[-1]["contamination"][0]["item"] == "HumanEval/0"
     rep = json.loads((tmp_path / "c.jsonl.report.json").read_text())
     assert rep["contaminated"] == 1 and rep["benchmark_passages"]["humaneval"] > 164
+
+
+def test_degenerate_settings_are_refused(tmp_path, capsys):
+    docs = [{"text": f"document number {i} talks about topic {i * 7}"} for i in range(5)]
+    with pytest.raises(ValueError, match="ngram must be at least 1"):  # would call every document a duplicate
+        list(dedup(docs, ngram=0))
+    with pytest.raises(ValueError, match="num_perm must be at least 2"):
+        list(dedup(docs, num_perm=0))
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    assert main(["data", "dedup", str(f), "--ngram", "0", "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "ngram must be at least 1" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
+
+
+def test_every_removal_points_at_a_kept_document():
+    base = " ".join(f"word{i}" for i in range(60))
+    near = base.replace("word30", "other")  # a near copy of the first document
+    docs = [{"text": base}, {"text": near}, {"text": near.upper()}]  # the third is an exact copy of the second
+    report = DedupReport()
+    kept = list(dedup(docs, threshold=0.7, report=report))
+    assert kept == docs[:1] and [r["duplicate_of"] for r in report.removed] == [0, 0]

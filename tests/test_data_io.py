@@ -60,3 +60,46 @@ def test_parquet_and_gzip_round_trip(tmp_path):
     assert pq.read_table(tmp_path / "r.parquet").num_rows == 25  # readable by pyarrow itself
     with pytest.raises(DataError, match="no column 'body'"):
         list(read_records([tmp_path / "r.parquet"], text_field="body"))
+
+
+@pytest.mark.parametrize("step", [["dedup"], ["filter", "--score-field", "s"],
+                                  ["decontaminate", "--benchmarks", "humaneval"]])
+def test_skipped_lines_are_counted_in_the_report(tmp_path, capsys, step):
+    f = _write(tmp_path / "in.jsonl", ['{"text": "a b c", "s": 5}', '{"text": "d e', '{"text": "f g h", "s": 4}'])
+    out = tmp_path / "out.jsonl"
+    assert main(["data", step[0], str(f), "--output", str(out), "--on-error", "skip", *step[1:]]) == 0
+    report = json.loads((tmp_path / "out.jsonl.report.json").read_text())
+    assert report["skipped_lines"] == 1 and report["skipped"][0].endswith("in.jsonl:2: malformed JSON "
+                                                                         "(Invalid control character at, column 14)")
+    assert '"skipped_lines": 1' in capsys.readouterr().out
+
+
+def test_tokenizer_train_reads_record_files_like_the_data_steps(tmp_path, capsys):
+    from phikit.tokenizer import Tokenizer
+    f = _write(tmp_path / "c.jsonl", ['{"text": "the cat sat on the mat"}', '{"text": "a dog'])
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", str(f), "--vocab-size", "300", "--output", str(out)]) == 2
+    assert "c.jsonl:2: malformed JSON" in capsys.readouterr().err and not out.exists()
+    assert main(["tokenizer", "train", str(f), "--text-field", "body", "--output", str(out)]) == 2
+    assert "no string field 'body'" in capsys.readouterr().err  # not a KeyError traceback
+    assert main(["tokenizer", "train", str(_write(tmp_path / "e.jsonl", [])), "--output", str(out)]) == 2
+    assert "no documents in" in capsys.readouterr().err and not out.exists()
+    assert main(["tokenizer", "train", str(f), "--on-error", "skip", "--vocab-size", "300", "--output", str(out)]) == 0
+    assert Tokenizer.from_file(out / "tokenizer.json").encode("the cat")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["filter", "IN", "--output", "OUT.jsonl"], "record 1 has edu_score='high', not a number"),
+    (["mix", "shards/a=abc", "--output", "OUT.yaml"], "is not DIR=WEIGHT"),
+    (["procedural", "--n", "-5", "--output", "OUT.jsonl"], "--n must be at least 1"),
+    (["pack", "EMPTY", "--output", "OUT"], "are empty: nothing to pack"),
+])
+def test_bad_values_are_one_line_errors_and_write_nothing(tmp_path, capsys, argv, message):
+    src = _write(tmp_path / "in.jsonl", ['{"text": "a", "edu_score": "high"}'])
+    empty = _write(tmp_path / "empty.jsonl", [])
+    argv = [a.replace("IN", str(src)).replace("EMPTY", str(empty)).replace("OUT", str(tmp_path / "out"))
+            for a in argv]
+    assert main(["data", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("out*"))

@@ -72,3 +72,32 @@ def test_rerun_is_resumable_and_mixture_spec(packed, corpus, tmp_path):
     bad.write_text(json.dumps({"sources": [{"path": str(tmp_path), "weight": 1}]}))
     with pytest.raises(FileNotFoundError, match="no index.json"):
         load_mixture(bad)
+
+
+def test_mix_written_from_another_directory_loads(packed, tmp_path, monkeypatch):
+    # `phikit data mix data/shards/a=0.8 --output data/mix.yaml` run from the project root: the spec must point
+    # at the shards relative to itself, since that is how the trainer reads it.
+    import shutil
+
+    from phikit.train.data import Mixture
+    root = tmp_path / "proj"
+    shutil.copytree(packed[1], root / "data" / "shards" / "a")
+    monkeypatch.chdir(root)
+    write_mixture("data/mix.yaml", [("data/shards/a", 1.0)])
+    assert load_mixture(root / "data" / "mix.yaml")[0][0].resolve() == (root / "data" / "shards" / "a").resolve()
+    assert Mixture.from_path(root / "data" / "mix.yaml").sources[0].shards.num_tokens("train") > 0
+
+
+def test_overwrite_never_deletes_inputs_or_other_directories(tmp_path, capsys):
+    from phikit.cli import main
+    data = tmp_path / "data"
+    data.mkdir()
+    corpus = data / "c.jsonl"
+    corpus.write_text('{"text": "hello"}\n')
+    assert main(["data", "pack", str(corpus), "--output", str(data), "--overwrite"]) == 2
+    assert "holds the inputs" in capsys.readouterr().err and corpus.exists()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("x")
+    assert main(["data", "pack", str(corpus), "--output", str(notes), "--overwrite"]) == 2
+    assert "not a shard directory" in capsys.readouterr().err and (notes / "keep.txt").exists()

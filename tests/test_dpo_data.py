@@ -79,3 +79,28 @@ def test_completion_logps_sum_only_the_answer_tokens():
             expected = sum(full[t - 1, ex.labels[t]] for t in range(1, len(ex)) if ex.labels[t] != IGNORE_INDEX)
             assert float(logps[row]) == pytest.approx(float(expected), abs=1e-4)
             assert int(counts[row]) == ex.num_trained
+
+
+def test_malformed_json_line_is_a_counted_bad_pair(phi_tok, tmp_path):
+    from phikit.train.chat_data import read_records
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "q", "chosen": "yes", "rejected": "no"}\n{"prompt": "q", "chosen": \n')
+    pairs, report = build_pair_examples(read_records(path), phi_tok, max_length=64)
+    assert len(pairs) == 1 and report.problems == {"malformed": 1}
+    with pytest.raises(ValueError, match="pair 2: line 2 is not valid JSON"):
+        build_pair_examples(read_records(path), phi_tok, max_length=64, on_bad="error")
+
+
+def test_precomputed_reference_matches_the_policy_at_the_start_under_bf16():
+    from phikit.train.dpo import make_dpo_loss_fn, precompute_reference
+    tok = train_bpe(["yes no maybe what why"] * 20, vocab_size=300, whitespace_tokens=False)
+    model = build_model(get_config("tiny", vocab_size=320, hidden_size=32, intermediate_size=64,
+                                   num_attention_heads=1, max_position_embeddings=64), seed=0).eval()
+    add_chatml_tokens(model, tok)
+    records = [{"prompt": "why " * k, "chosen": "yes " * (k + 1), "rejected": "no maybe"} for k in range(1, 5)]
+    pairs, _ = build_pair_examples(records, tok, 64)
+    precompute_reference(model, pairs, 4, tok.eos_token_id, precision="bf16")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # how the Trainer runs a bf16 step
+        _, metrics = make_dpo_loss_fn("precompute")(model, collate_pairs(pairs, tok.eos_token_id))
+    # Unchanged policy = reference: every reward is exactly 0 (an fp32 reference is off by bf16 rounding).
+    assert metrics["rewards/chosen"] == 0 and metrics["rewards/rejected"] == 0

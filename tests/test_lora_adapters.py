@@ -112,3 +112,23 @@ def test_bad_lora_settings_are_named():
         apply_lora(model, targets=["q_proj", "Wqkv"])
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_adapter(model, "/nonexistent/adapter")
+
+
+def test_merge_refuses_an_output_that_would_delete_its_inputs_or_a_run(tmp_path, capsys):
+    from phikit.cli import main
+    run = tmp_path / "sft"
+    for sub in ("adapter", "checkpoints/step-00000001", "model"):
+        (run / sub).mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "model" / "config.json").write_text("{}")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out in (run, run / "adapter", run / "model"):  # the run dir would go whole, checkpoints and all
+        assert main(["merge", "--model", str(run / "model"), "--adapter", str(run / "adapter"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "choose another output directory" in err and len(err.strip().splitlines()) == 1
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    assert main(["merge", "--model", str(run / "model"), "--adapter", str(run / "adapter"), "--out", str(other)]) == 2
+    assert "is not a model directory" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "notes" not in str(p)) == before

@@ -132,3 +132,16 @@ def test_chatml_rows_use_padding_rows_when_there_is_room_and_resize_otherwise():
 
 def test_phi_vocabulary_puts_chatml_in_the_padding_rows(phi_tok):
     assert phi_tok.token_to_id("<|im_start|>") == 50295 and phi_tok.token_to_id(IM_END) == 50296
+
+
+def test_malformed_json_line_is_a_counted_bad_record(phi_tok, tmp_path):
+    import json
+
+    from phikit.train.chat_data import read_records
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": MESSAGES}) + "\n\n" + '{"messages": [}\n')
+    examples, report = build_sft_examples(read_records(path), phi_tok, max_length=128)
+    assert len(examples) == 1 and report.problems == {"malformed": 1}  # skipped by default, as the docs say
+    assert "line 3 is not valid JSON" in report.summary()
+    with pytest.raises(ValueError, match="record 2: line 3 is not valid JSON.*--on-bad skip"):
+        build_sft_examples(read_records(path), phi_tok, max_length=128, on_bad="error")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from phikit import build_model, get_config
@@ -31,3 +32,38 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     resumed = sft("split", 4, resume=True)
     for name, value in straight.items():
         torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-6)
+
+
+def test_refused_run_leaves_the_existing_run_untouched(tmp_path):
+    from phikit.train.dpo import DPOConfig, run_dpo
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run / "data_report.json").write_text('{"train": "the first run"}\n')
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
+    for cfg, fn in ((SFTConfig(model=str(tmp_path / "none"), data=str(data), out_dir=str(run)), run_sft),
+                    (DPOConfig(model=str(tmp_path / "none"), data=str(data), out_dir=str(run)), run_dpo)):
+        with pytest.raises(ValueError, match="already holds checkpoints: pass --resume"):
+            fn(cfg)  # refused before loading anything, so not even the missing model is reached
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "data_report.json"]
+    assert (run / "data_report.json").read_text() == '{"train": "the first run"}\n'
+
+
+def test_cli_exit_code_says_whether_the_run_completed(tmp_path, capsys):
+    import argparse
+
+    from phikit.commands.sft import run_finetune
+    from phikit.train.loop import TrainingDiverged
+    args = argparse.Namespace(model="m", data="d", out_dir=str(tmp_path), resume=False)
+
+    def stopped(cfg, resume):
+        return {"status": "stopped by SIGINT", "step": 3}
+
+    def diverged(cfg, resume):
+        raise TrainingDiverged("training diverged: lower lr")
+
+    assert run_finetune(args, SFTConfig, stopped) == 130  # Ctrl-C: checkpointed, not exported, not a success
+    assert run_finetune(args, SFTConfig, lambda cfg, resume: {"status": "completed"}) == 0
+    from phikit.cli import CLIError
+    with pytest.raises(CLIError, match="lower lr"):  # printed as one line by the CLI
+        run_finetune(args, SFTConfig, diverged)

@@ -173,3 +173,36 @@ def test_fused_loss_matches_model_loss_and_gradients():
         assert torch.allclose(fused_causal_lm_loss(model, batch)[0], grads[2][0], rtol=1e-6)
     ref = F.cross_entropy(model(ids).logits[:, :-1].reshape(-1, 300), labels[:, 1:].reshape(-1))
     assert torch.allclose(ref, grads[2][0], rtol=1e-6)
+
+
+def test_export_refuses_to_replace_the_run_it_reads(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    assert cli_main(["train", "--export", str(run), str(run)]) == 2
+    assert "would delete it" in capsys.readouterr().err and (run / "checkpoints" / "step-00000002").is_dir()
+
+
+def test_resume_with_only_corrupt_checkpoints_says_so(tmp_path):
+    from phikit.train.loop import Trainer
+    (tmp_path / "checkpoints" / "step-00000004").mkdir(parents=True)  # no manifest: an interrupted write
+    cfg = TrainConfig(data="x", seq_len=8, global_batch_size=1, micro_batch_size=1, max_steps=1, device="cpu",
+                      tensorboard=False)
+    trainer = Trainer(build_model(get_config("tiny", vocab_size=64), seed=0), cfg, lambda step, micro: {},
+                      run_dir=tmp_path)
+    with pytest.warns(UserWarning, match="skipping corrupt checkpoint"):
+        with pytest.raises(ValueError, match="nothing to resume from"):  # not "pass --resume": it was passed
+            trainer.fit(resume=True)
+
+
+def test_model_config_values_are_typed_and_bad_yaml_is_named(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: tiny\ndata: x\nmodel_config: {num_hidden_layers: '3'}\n")
+    cfg = load_config(path, ["model_config.layer_norm_eps=1e-6"])
+    assert cfg.model_config == {"num_hidden_layers": 3, "layer_norm_eps": 1e-6}
+    for bad in ("model_config.num_hidden_layers=abc", "model_config.num_hidden_layers=2.5"):
+        with pytest.raises(ValueError, match="'model_config.num_hidden_layers' expects int"):
+            load_config(path, [bad])
+    path.write_text("model: tiny\nlr: [1\n")
+    assert cli_main(["train", "--config", str(path), "data=x"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:3: not valid YAML" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

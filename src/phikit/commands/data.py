@@ -137,8 +137,17 @@ def _report(path: Path, report: dict) -> None:
 
 
 def _read(args, stats=None):
+    from tqdm import tqdm
+
     from phikit.data.io import read_records
-    return read_records(args.inputs, args.text_field, args.on_error, stats)
+    # A running count of documents on a terminal (dedup of millions takes a while); silent when piped or logged.
+    return tqdm(read_records(args.inputs, args.text_field, args.on_error, stats), desc=args.step, unit="doc",
+                disable=None, mininterval=1.0)
+
+
+def _skipped(stats) -> dict:
+    """The report's account of input lines skipped with --on-error skip (never dropped silently)."""
+    return {"skipped_lines": len(stats.skipped), "skipped": stats.skipped}
 
 
 def _synth(args) -> int:
@@ -168,6 +177,8 @@ def _procedural(args) -> int:
     from phikit.data import procedural
     from phikit.data.io import write_records
 
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
     kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
     records = procedural.generate(args.n, args.split, args.seed, kinds)
     failed = 0
@@ -201,9 +212,10 @@ def _score(args) -> int:
     import numpy as np
 
     from phikit.data import quality
-    from phikit.data.io import RecordWriter
+    from phikit.data.io import ReadStats, RecordWriter
 
-    records = list(_read(args))
+    stats = ReadStats()
+    records = list(_read(args, stats))
     if not records:
         raise ValueError("no documents in the input: check the files")
     texts = [r[args.text_field] for r in records]
@@ -239,50 +251,58 @@ def _score(args) -> int:
         for rec, s in zip(records, predicted):
             w.write({**rec, "edu_score": round(float(s), 4)})
     report_dir = Path(args.report_dir) if args.report_dir else Path(args.output).with_suffix(".quality")
-    report = quality.write_report(report_dir, {**metrics, "annotator": annotator, "model": args.model},
+    report = quality.write_report(report_dir, {**metrics, "annotator": annotator, "model": args.model,
+                                                  **_skipped(stats)},
                                   predicted, args.threshold)
     print(f"report: {report_dir / 'report.md'}", file=sys.stderr)
-    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}))
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
     return 0
 
 
 def _filter(args) -> int:
-    from phikit.data.io import RecordWriter
+    from phikit.data.io import ReadStats, RecordWriter
 
     seen = kept = 0
+    stats = ReadStats()
     with RecordWriter(args.output) as w:
-        for rec in _read(args):
+        for rec in _read(args, stats):
             seen += 1
             if args.score_field not in rec:
                 raise ValueError(f"a record has no {args.score_field!r} field: run `phikit data score` first")
-            if float(rec[args.score_field]) >= args.threshold:
+            try:
+                score = float(rec[args.score_field])
+            except (TypeError, ValueError):
+                raise ValueError(f"record {seen} has {args.score_field}={rec[args.score_field]!r}, not a number: "
+                                 "rerun `phikit data score`, or name the score with --score-field") from None
+            if score >= args.threshold:
                 w.write(rec)
                 kept += 1
-    _report(Path(args.output), {"input": seen, "kept": kept, "threshold": args.threshold})
+    _report(Path(args.output), {"input": seen, "kept": kept, "threshold": args.threshold, **_skipped(stats)})
     return 0
 
 
 def _dedup(args) -> int:
     from phikit.data.dedup import DedupReport, dedup
-    from phikit.data.io import RecordWriter
+    from phikit.data.io import ReadStats, RecordWriter
 
-    report = DedupReport()
+    report, stats = DedupReport(), ReadStats()
     with RecordWriter(args.output) as w:
-        w.write_all(dedup(_read(args), args.text_field, args.threshold, args.num_perm, args.ngram,
+        w.write_all(dedup(_read(args, stats), args.text_field, args.threshold, args.num_perm, args.ngram,
                           near=not args.exact_only, report=report))
-    _report(Path(args.output), report.summary())
+    _report(Path(args.output), {**report.summary(), **_skipped(stats)})
     return 0
 
 
 def _decontaminate(args) -> int:
     from phikit.data.decontaminate import DecontaminationReport, build_index, decontaminate
-    from phikit.data.io import RecordWriter
+    from phikit.data.io import ReadStats, RecordWriter
 
+    stats = ReadStats()
     index = build_index([b.strip() for b in args.benchmarks.split(",") if b.strip()], args.ngram)
     report = DecontaminationReport(action=args.action)
     with RecordWriter(args.output) as w:
-        w.write_all(decontaminate(_read(args), index, args.text_field, args.action, report))
-    _report(Path(args.output), report.summary(index))
+        w.write_all(decontaminate(_read(args, stats), index, args.text_field, args.action, report))
+    _report(Path(args.output), {**report.summary(index), **_skipped(stats)})
     return 0
 
 
@@ -291,8 +311,19 @@ def _pack(args) -> int:
 
     from phikit.data.pack import pack
 
-    if args.overwrite and Path(args.output).exists():
-        shutil.rmtree(args.output)
+    from phikit.data.io import expand_paths
+
+    if all(p.stat().st_size == 0 for p in expand_paths(args.inputs)):
+        raise ValueError(f"the inputs ({' '.join(args.inputs)}) are empty: nothing to pack")
+    out = Path(args.output)
+    if args.overwrite and out.exists():
+        # --overwrite deletes the directory whole: only ever a shard directory, and never one holding an input.
+        if any(out.resolve() == p.resolve() or out.resolve() in p.resolve().parents for p in map(Path, args.inputs)):
+            raise ValueError(f"--output {out} holds the inputs: --overwrite would delete them; pick a new directory")
+        if any(out.iterdir()) and not ((out / "index.json").exists() or (out / ".pack-args.json").exists()):
+            raise ValueError(f"--output {out} is not a shard directory: --overwrite would delete it whole; "
+                             "pick a new directory")
+        shutil.rmtree(out)
     cluster = {}
     if args.executor == "slurm":
         cluster = {k: v for k, v in {"partition": args.slurm_partition, "time": args.slurm_time}.items() if v}
@@ -310,9 +341,12 @@ def _mix(args) -> int:
     sources = []
     for item in args.sources:
         path, sep, weight = item.rpartition("=")
+        try:
+            sources.append((path, float(weight)))
+        except ValueError:
+            sep = ""
         if not sep:
             raise ValueError(f"source {item!r} is not DIR=WEIGHT: write e.g. shards/synth=0.8")
-        sources.append((path, float(weight)))
     write_mixture(args.output, sources)
     print(f"wrote {args.output}")
     return 0

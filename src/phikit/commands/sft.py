@@ -49,10 +49,19 @@ def add_finetune_arguments(p: argparse.ArgumentParser, defaults) -> None:
 
 
 def run_finetune(args: argparse.Namespace, config_cls, run_fn) -> int:
-    """Build config_cls from the parsed arguments, run it, print the summary's plain values as one JSON line."""
+    """Build config_cls from the parsed arguments, run it, print the summary's plain values as one JSON line.
+    Exit code as `phikit train`: 0 when completed, 130/143 when stopped by SIGINT/SIGTERM (checkpointed)."""
+    from ..cli import CLIError
+    from ..train.loop import TrainingDiverged
+
     fields = {f.name for f in dataclasses.fields(config_cls)}
-    summary = run_fn(config_cls(**{k: v for k, v in vars(args).items() if k in fields}), resume=args.resume)
+    try:
+        summary = run_fn(config_cls(**{k: v for k, v in vars(args).items() if k in fields}), resume=args.resume)
+    except TrainingDiverged as e:  # a message with the remedies, not a traceback
+        raise CLIError(str(e)) from e
     print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}))
+    if summary["status"] != "completed":  # stopped early: no model was exported, --resume continues
+        return 130 if "SIGINT" in summary["status"] else 143
     return 0
 
 

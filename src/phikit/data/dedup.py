@@ -49,6 +49,10 @@ class Deduplicator:
                  seed: int = 1) -> None:
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        if num_perm < 2:
+            raise ValueError(f"num_perm must be at least 2, got {num_perm} (128 is the usual setting)")
+        if ngram < 1:  # 0-word shingles are all the same empty string: every document would be a duplicate
+            raise ValueError(f"ngram must be at least 1 word, got {ngram} (5 is the usual setting)")
         self.threshold, self.num_perm, self.ngram, self.near, self.seed = threshold, num_perm, ngram, near, seed
         self.exact: dict[bytes, int] = {}
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
@@ -61,14 +65,16 @@ class Deduplicator:
         digest = hashlib.blake2b(normalize(text).encode(), digest_size=16).digest()
         if digest in self.exact:
             return {"index": index, "reason": "exact", "duplicate_of": self.exact[digest], "similarity": 1.0}
+        if self.near:
+            m = MinHash(num_perm=self.num_perm, seed=self.seed)
+            m.update_batch(list(shingles(text, self.ngram)))
+            best = max(((m.jaccard(self.signatures[c]), c) for c in self.lsh.query(m)), default=None)
+            if best and best[0] >= self.threshold:
+                return {"index": index, "reason": "near", "duplicate_of": best[1], "similarity": round(best[0], 3)}
+        # Only kept documents are remembered, so every removal points at a document that is in the output.
         self.exact[digest] = index
         if not self.near:
             return None
-        m = MinHash(num_perm=self.num_perm, seed=self.seed)
-        m.update_batch(list(shingles(text, self.ngram)))
-        best = max(((m.jaccard(self.signatures[c]), c) for c in self.lsh.query(m)), default=None)
-        if best and best[0] >= self.threshold:
-            return {"index": index, "reason": "near", "duplicate_of": best[1], "similarity": round(best[0], 3)}
         self.lsh.insert(index, m)
         self.signatures[index] = m
         return None

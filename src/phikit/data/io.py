@@ -134,7 +134,7 @@ def read_records(paths: Sequence[str | Path], text_field: str | None = "text", o
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    bad(f"{path}:{lineno}", f"malformed JSON ({e.msg} at column {e.colno})")
+                    bad(f"{path}:{lineno}", f"malformed JSON ({e.msg}, column {e.colno})")
                     continue
                 if not isinstance(rec, dict):
                     bad(f"{path}:{lineno}", f"expected a JSON object, got {type(rec).__name__}")

@@ -300,8 +300,12 @@ def write_mixture(spec: str | Path, sources: Sequence[tuple[str | Path, float]])
         read_index(path)
         if weight <= 0:
             raise ValueError(f"weight of {path} is {weight}: weights must be positive")
-    data = {"sources": [{"path": str(p), "weight": float(w)} for p, w in sources]}
     spec = Path(spec)
+    # Readers take relative paths relative to the spec file, so a path given relative to the current directory
+    # is rewritten relative to the spec's own directory (absolute paths stay as they are).
+    data = {"sources": [{"path": str(p) if Path(p).is_absolute()
+                         else os.path.relpath(Path(p).resolve(), spec.parent.resolve()), "weight": float(w)}
+                        for p, w in sources]}
     text = json.dumps(data, indent=2) + "\n" if spec.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
     tmp = spec.with_name(spec.name + ".tmp")
     tmp.write_text(text)

@@ -45,8 +45,9 @@ class BadExample(ValueError):
 
 
 # ---------------------------------------------------------------- reading files
-def read_records(path: str | Path) -> Iterator[dict]:
-    """Records of a .jsonl, .json (a list of objects) or .parquet file."""
+def read_records(path: str | Path) -> Iterator[Any]:
+    """Records of a .jsonl, .json (a list of objects) or .parquet file. A JSONL line that is not valid JSON comes
+    out as a BadExample("malformed") in its place, so the --on-bad policy counts or stops on it like any bad record."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist: pass a .jsonl, .json or .parquet file")
@@ -67,7 +68,7 @@ def read_records(path: str | Path) -> Iterator[dict]:
             try:
                 yield json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no} is not valid JSON ({e.msg}): fix the line or remove it") from e
+                yield BadExample("malformed", f"line {line_no} is not valid JSON ({e.msg}, column {e.colno})")
 
 
 # ---------------------------------------------------------------- conversation shapes
@@ -233,6 +234,8 @@ def build_sft_examples(records: Iterable[Any], tokenizer: Tokenizer, max_length:
     for i, record in enumerate(records, 1):
         where = f"{source} {i}"
         try:
+            if isinstance(record, BadExample):  # a line read_records could not parse
+                raise record
             example = tokenize_conversation(tokenizer, parse_conversation(record))
             if len(example) > max_length:
                 if too_long == "error":

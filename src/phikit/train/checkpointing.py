@@ -145,6 +145,20 @@ def load_model_weights(path: Path, model) -> None:
     model.load_state_dict(state["model"])
 
 
+def check_model_output(out_dir: str | Path, sources: list[str | Path]) -> None:
+    """Refuse an output directory whose replacement would destroy something: `phikit.save` swaps the whole
+    directory, so a run directory (or any other non-model directory), or one holding an input, must not be it.
+    An earlier exported model (it has config.json) is fine to replace."""
+    out = Path(out_dir).resolve()
+    for src in map(Path, sources):
+        if src.exists() and (src.resolve() == out or out in src.resolve().parents):
+            raise ValueError(f"output {out_dir} holds the input {src}: writing there would delete it; "
+                             "choose another output directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ValueError(f"output {out_dir} exists and is not a model directory (it would be replaced whole): "
+                         "choose a new or empty output directory")
+
+
 def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
     """Write a training checkpoint as an HF-native model directory with `phikit.save`."""
     from ..checkpoint import save

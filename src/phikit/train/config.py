@@ -171,17 +171,29 @@ def _coerce(key: str, value: Any) -> Any:
     raise ValueError(f"config key {key!r} expects {getattr(kind, '__name__', kind)}, got {value!r}")
 
 
+_MODEL_HINTS = typing.get_type_hints(PhiConfig)
+
+
 def _model_override(name: str, value: Any) -> Any:
     model_fields = {f.name: f for f in dataclasses.fields(PhiConfig)}
     if name not in model_fields or name == "extra":
         raise _unknown(f"model_config.{name}", [f"model_config.{k}" for k in model_fields if k != "extra"])
     value = yaml.safe_load(value) if isinstance(value, str) else value
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    return value
+    kind = _MODEL_HINTS[name]
+    if value is None and type(None) in typing.get_args(kind):  # e.g. tokenizer_vocab_size: null
+        return None
+    # PhiConfig's fields are ints and floats: give the value that type here, or say which key is wrong (a string
+    # would otherwise only fail deep inside the model constructor).
+    want = int if kind is int or int in typing.get_args(kind) else float
+    try:
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ValueError
+        if want is int and not float(number).is_integer():
+            raise ValueError
+        return want(number)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key 'model_config.{name}' expects {want.__name__}, got {value!r}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -192,7 +204,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found: pass an existing YAML file (see configs/)")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ValueError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}): fix the file") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a mapping of key: value lines")
         values.update(loaded)
@@ -210,7 +227,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key in values:
         if key not in _FIELDS:
             raise _unknown(key, _FIELDS)
-    for name, value in (values.get("model_config") or {}).items():
-        _model_override(name, value)
+    if values.get("model_config") is not None:
+        if not isinstance(values["model_config"], dict):
+            raise ValueError(f"model_config must be a mapping of PhiConfig fields, got {values['model_config']!r}")
+        values["model_config"] = {k: _model_override(k, v) for k, v in values["model_config"].items()}
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     return cfg.validate() if validate else cfg

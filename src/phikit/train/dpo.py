@@ -32,7 +32,8 @@ from tqdm import tqdm
 from ..tokenizer import IM_END, Tokenizer
 from .chat_data import (IGNORE_INDEX, BadExample, DataReport, Example, _message, check_policies, collate_padded,
                         handle_bad, render_chatml, tokenize_text_with_spans)
-from .sft import FineTuneConfig, export_result, load_base, prepare_policy, split_validation, train_config, write_json
+from .sft import (FineTuneConfig, check_run_dir, export_result, load_base, prepare_policy, split_validation,
+                  train_config, write_json)
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo")
 REFERENCE_MODES = ("copy", "precompute", "adapter")
@@ -123,6 +124,8 @@ def build_pair_examples(records: Iterable[Any], tokenizer: Tokenizer, max_length
     for i, record in enumerate(records, 1):
         where = f"{source} {i}"
         try:
+            if isinstance(record, BadExample):  # a line read_records could not parse
+                raise record
             prompt, chosen, rejected = parse_preference(record)
             pair = PairExample(tokenize_completion(tokenizer, prompt, chosen),
                                tokenize_completion(tokenizer, prompt, rejected))
@@ -238,14 +241,21 @@ def frozen_copy(model):
 
 @torch.no_grad()
 def precompute_reference(model, pairs: Sequence[PairExample], batch_size: int, pad_id: int,
-                         device: torch.device | str = "cpu") -> None:
-    """Store the reference log-probs in each pair, so training needs no second model."""
+                         device: torch.device | str = "cpu", precision: str = "fp32") -> None:
+    """Store the reference log-probs in each pair, so training needs no second model.
+
+    `precision` must be the training run's: the policy's log-probs are computed under its autocast, and a reference
+    computed otherwise would differ by rounding, so the rewards would not start at exactly 0."""
     was_training = model.training
     model.eval()
+    device = torch.device(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     for k in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", unit="batch", leave=False):
         chunk = pairs[k:k + batch_size]
         batch = {n: t.to(device) for n, t in collate_pairs(chunk, pad_id).items()}
-        logps, _ = completion_logps(model, batch)
+        with autocast:
+            logps, _ = completion_logps(model, batch)
         chosen, rejected = logps.double().cpu().chunk(2)
         for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
             p.ref_chosen, p.ref_rejected = c, r
@@ -386,6 +396,7 @@ def run_dpo(cfg: DPOConfig, model=None, tokenizer=None, resume: bool = False, ex
 
     cfg.check()
     mode = cfg.reference_mode()
+    check_run_dir(cfg.out_dir, resume)
     model, tokenizer = load_base(model if model is not None else cfg.model, tokenizer)
     model, _ = prepare_policy(model, tokenizer, cfg)
     pairs, report = build_pair_examples(read_records(cfg.data), tokenizer, cfg.max_length, cfg.on_bad,
@@ -402,7 +413,7 @@ def run_dpo(cfg: DPOConfig, model=None, tokenizer=None, resume: bool = False, ex
     pad_id = tokenizer.eos_token_id
     ref_model = None
     if mode == "precompute":
-        precompute_reference(model, pairs + val, cfg.micro_batch_size, pad_id, env.device)
+        precompute_reference(model, pairs + val, cfg.micro_batch_size, pad_id, env.device, cfg.precision)
     elif mode == "copy":
         ref_model = frozen_copy(model)
     grad_accum = cfg.batch_size // (cfg.micro_batch_size * env.world_size) or 1

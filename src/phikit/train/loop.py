@@ -303,6 +303,9 @@ class Trainer:
         distributed.barrier(env)
         resumed = self.resume() if resume else False
         if not resumed and checkpointing.list_checkpoints(self.run_dir):
+            if resume:  # asked to resume, but every checkpoint failed its checksums (warned above)
+                raise ValueError(f"no checkpoint in {self.run_dir / 'checkpoints'} is complete and intact, so there "
+                                 "is nothing to resume from: delete them to start over, or choose another out_dir")
             raise ValueError(f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
                              "or choose another out_dir")
         if env.is_main:

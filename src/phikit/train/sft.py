@@ -204,6 +204,15 @@ def export_result(model, tokenizer, run_dir: Path, lora: bool, merge: bool) -> d
     return out
 
 
+def check_run_dir(run_dir: str | Path, resume: bool) -> None:
+    """Refuse a run directory that holds another run's checkpoints unless resuming, before anything is loaded or
+    written into it (its config, data report and tokenizer must not be replaced by a run that then stops)."""
+    from .checkpointing import list_checkpoints
+    if not resume and list_checkpoints(run_dir):
+        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
+                         "or choose another --out")
+
+
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -229,6 +238,7 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, resume: bool = False, ex
     from .loop import Trainer
 
     cfg.check()
+    check_run_dir(cfg.out_dir, resume)
     model, tokenizer = load_base(model if model is not None else cfg.model, tokenizer)
     model, _new_ids = prepare_policy(model, tokenizer, cfg)
     records = list(read_records(cfg.data))
