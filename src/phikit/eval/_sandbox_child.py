@@ -172,6 +172,7 @@ def set_limits(req: dict) -> None:
 def run_program(req: dict, workdir: str, out_w: int, err_w: int, done_w: int, root: bool, sandbox_uid: int,
                 isolated: bool) -> None:
     """In the forked child: isolate, then execute the program in this interpreter. Never returns."""
+    write, exit_ = os.write, os._exit  # our own references: a program that patches os.* cannot skip the exit
     code = 1
     try:
         os.setsid()
@@ -195,27 +196,42 @@ def run_program(req: dict, workdir: str, out_w: int, err_w: int, done_w: int, ro
         sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")
         sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
         namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+        # The done pipe gets b"1" when the program ran to its end, else b"0" + str(exception): the official
+        # HumanEval checker's "failed: <message>". sys.exit() is leaving early, a failure there as here.
+        outcome = b"1"
         try:
-            exec(compile(req["code"], "program.py", "exec"), namespace)
+            # "<string>", the name a bare exec() gives: syntax errors read exactly as in the official checker
+            exec(compile(req["code"], "<string>", "exec"), namespace)
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             if not isinstance(e.code, (int, type(None))):
                 print(e.code, file=sys.stderr)
-        except BaseException:
+            outcome = b"0" + _message(e)
+        except BaseException as e:
             traceback.print_exc()
             code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if code == 0:
-            os.write(done_w, b"1")  # reached the end: tells an ordinary exit from an early os._exit(0)
+            outcome = b"0" + _message(e)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:  # the program closed or replaced its stdout: not a sandbox failure
+                pass
+        write(done_w, outcome)
     except BaseException:
         try:
-            os.write(2, ("[sandbox setup failed] " + traceback.format_exc()).encode())
+            write(2, ("[sandbox setup failed] " + traceback.format_exc()).encode())
         except OSError:
             pass
         code = 125
-    os._exit(code & 0xFF)
+    exit_(code & 0xFF)
+
+
+def _message(e: BaseException) -> bytes:
+    try:
+        return str(e)[:4096].encode("utf-8", "backslashreplace")
+    except BaseException:  # a hostile __str__
+        return b""
 
 
 def _wait_and_mirror(pid: int) -> None:
@@ -283,7 +299,9 @@ def supervise(req: dict, root: bool, slot_uid: int, base: str, isolated: bool) -
     returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
     stdout = b"".join(chunks[out_r]).decode("utf-8", "replace")
     stderr = b"".join(chunks[err_r]).decode("utf-8", "replace")
-    finished = b"".join(chunks[done_r]) == b"1"
+    done = b"".join(chunks[done_r])
+    finished = done == b"1"
+    error = done[1:].decode("utf-8", "replace") if done[:1] == b"0" else None
     if reason == "timeout":
         status_name = "timeout"
     elif reason == "output":
@@ -296,11 +314,12 @@ def supervise(req: dict, root: bool, slot_uid: int, base: str, isolated: bool) -
     else:
         status_name = "failed"
         if returncode == 0:
-            stderr += "\n[sandbox] program exited early (os._exit) before reaching its end"
+            how = "sys.exit" if error is not None else "os._exit"
+            stderr += f"\n[sandbox] program exited early ({how}) before reaching its end"
         elif returncode == 128 + signal.SIGXCPU:
             stderr += "\n[sandbox] CPU time limit exceeded"
     return {"status": status_name, "returncode": returncode, "stdout": stdout, "stderr": stderr,
-            "duration": duration}
+            "duration": duration, "error": error}
 
 
 def _kill_group(pid: int) -> None:

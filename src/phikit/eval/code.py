@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .data import load_split
+from .report import atomic_write_text
 from .sandbox import SandboxPool, SandboxResult
 
 HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # the harness's (and Codex paper's) stops
@@ -67,6 +67,8 @@ def official_result(r: SandboxResult) -> str:
         return "passed"
     if r.status == "timeout":
         return "timed out"
+    if r.error is not None:  # the checker's f"failed: {exception}", exactly
+        return f"failed: {r.error}"
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     last = lines[-1] if lines else f"exit code {r.returncode}"
     if ": " in last and not last.startswith("["):
@@ -109,11 +111,8 @@ def score_samples(samples_file: str | Path, problems: dict[str, dict] | None = N
     results = run_programs([humaneval_program(problems[s["task_id"]], s["completion"]) for s in samples], workers,
                            timeout)
     out_path = Path(str(samples_file) + "_results.jsonl")
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=".results-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for s, r in zip(samples, results):
-            f.write(json.dumps({**s, "result": official_result(r), "passed": r.passed}) + "\n")
-    os.replace(tmp, out_path)
+    atomic_write_text(out_path, "".join(json.dumps({**s, "result": official_result(r), "passed": r.passed}) + "\n"
+                                        for s, r in zip(samples, results)))
     return summarize([s["task_id"] for s in samples], [r.passed for r in results], ks), out_path
 
 
@@ -136,14 +135,17 @@ def evaluate_code(task: str, model, tokenizer, data_dir=None, limit: int | None 
         docs, prompts = docs[:limit], prompts[:limit]
     if num_samples > 1 and temperature == 0:
         raise ValueError("pass@k with several samples needs sampling: set --temperature (e.g. 0.8)")
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    # Every (problem, sample) pair in one queue, so batches stay full even with few problems and many samples.
+    jobs = [i for _ in range(num_samples) for i in range(len(prompts))]
     completions: list[list[str]] = [[] for _ in docs]
-    for s in range(num_samples):
-        for b in range(0, len(prompts), batch_size):
-            texts = generate(model, tokenizer, prompts[b:b + batch_size], max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_p=top_p if temperature else 1.0, stop=stops,
-                             seed=seed + s * 100003 + b)
-            for i, t in enumerate(texts):
-                completions[b + i].append(t)
+    for b in tqdm(range(0, len(jobs), batch_size), desc=f"{task} generating", unit="batch"):
+        batch = jobs[b:b + batch_size]
+        texts = generate(model, tokenizer, [prompts[i] for i in batch], max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p if temperature else 1.0, stop=stops, seed=seed + b)
+        for i, t in zip(batch, texts):
+            completions[i].append(t)
     if task == "humaneval":
         programs = [humaneval_program(d, c) for d, cs in zip(docs, completions) for c in cs]
         ids = [d["task_id"] for d, cs in zip(docs, completions) for _ in cs]

@@ -13,6 +13,8 @@ import re
 from importlib import resources
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .data import load_split
 from .sandbox import SandboxPool
 
@@ -20,6 +22,7 @@ PAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n\n\n"]
 COT_STOPS = ["Question:", "</s>", "<|im_end|>"]
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+HARNESS_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")  # the harness's gsm8k exact_match: removed from both sides
 
 
 def _asset(name: str) -> Path:
@@ -67,11 +70,28 @@ def cot_prompt(question: str, exemplars: list[dict]) -> str:
     return f"{shots}Question: {question}\nAnswer:"
 
 
-def extract_cot(text: str) -> tuple[float | None, float | None]:
-    """(strict, flexible) answers of a chain-of-thought completion."""
+def extract_cot_text(text: str) -> tuple[str | None, str | None]:
+    """(strict, flexible) answer strings of a chain-of-thought completion, as the harness's filters pick them."""
     strict = STRICT.search(text)
     matches = [m[0] or m[1] for m in FLEXIBLE.findall(text)]
-    return (_to_number(strict.group(1)) if strict else None, _to_number(matches[-1]) if matches else None)
+    return (strict.group(1).strip() if strict else None, matches[-1].strip() if matches else None)
+
+
+def extract_cot(text: str) -> tuple[float | None, float | None]:
+    """(strict, flexible) answers of a chain-of-thought completion, as numbers."""
+    return tuple(None if a is None else _to_number(a) for a in extract_cot_text(text))  # type: ignore[return-value]
+
+
+def harness_exact_match(pred: str | None, answer: str) -> bool:
+    """The harness's gsm8k exact_match: strings equal after HARNESS_IGNORE and lower-casing (so "5.00" != "5")."""
+    if pred is None:
+        return False
+
+    def norm(x: str) -> str:
+        for pattern in HARNESS_IGNORE:
+            x = re.sub(pattern, "", x)
+        return x.lower()
+    return norm(pred) == norm(answer)
 
 
 def same_number(a: float | None, b: float | None) -> bool:
@@ -101,13 +121,14 @@ def evaluate_gsm8k(model, tokenizer, data_dir=None, limit: int | None = None, mo
     else:
         raise ValueError(f"unknown GSM8K mode {mode!r}: use pal or cot")
     completions: list[str] = []
-    for b in range(0, len(prompts), batch_size):
+    for b in tqdm(range(0, len(prompts), batch_size), desc=f"gsm8k ({mode}) generating", unit="batch"):
         completions += generate(model, tokenizer, prompts[b:b + batch_size], max_new_tokens=max_new_tokens,
                                 stop=stops, truncate=True)
     records = []
     if mode == "pal":
         with SandboxPool(workers) as sandbox:
-            runs = sandbox.run_many([pal_program(d["question"], c) for d, c in zip(docs, completions)], timeout=5.0)
+            runs = sandbox.run_many([pal_program(d["question"], c) for d, c in zip(docs, completions)], timeout=5.0,
+                                    progress=True)
         for d, c, r in zip(docs, completions, runs):
             lines = r.stdout.strip().splitlines()
             pred = _to_number(lines[-1]) if r.passed and lines else None
@@ -117,11 +138,12 @@ def evaluate_gsm8k(model, tokenizer, data_dir=None, limit: int | None = None, mo
         metrics = {"accuracy": _mean([r["correct"] for r in records])}
     else:
         for d, c in zip(docs, completions):
-            strict, flexible = extract_cot(c)
-            gold = gold_answer(d["answer"])
+            # Scored as the harness scores gsm8k (string match), so numbers compare with lm-eval's.
+            strict, flexible = extract_cot_text(c)
             records.append({"question": d["question"], "completion": c, "strict": strict, "flexible": flexible,
-                            "gold": gold, "exact_match_strict": float(same_number(strict, gold)),
-                            "exact_match_flexible": float(same_number(flexible, gold))})
+                            "gold": gold_answer(d["answer"]),
+                            "exact_match_strict": float(harness_exact_match(strict, d["answer"])),
+                            "exact_match_flexible": float(harness_exact_match(flexible, d["answer"]))})
         metrics = {"exact_match_strict": _mean([r["exact_match_strict"] for r in records]),
                    "exact_match_flexible": _mean([r["exact_match_flexible"] for r in records])}
     return {"metrics": metrics, "n": len(records), "num_fewshot": k, "mode": mode, "records": records}

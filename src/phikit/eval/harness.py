@@ -23,7 +23,8 @@ from .scoring import LogLikelihoodScorer, encode_pair, rolling_windows
 @register_model("phikit")
 class PhikitLM(LM):
     """model_args: pretrained=DIR (or a loaded `model=`/`tokenizer=` pair from Python), dtype, device,
-    batch_tokens (log-likelihood token budget per forward), max_length, batch_size (prompts per generation batch)."""
+    batch_tokens (log-likelihood token budget per forward), max_length. lm-eval's own --batch_size (always passed
+    by lm-eval, so not in model_args) is the number of prompts per generation batch."""
 
     def __init__(self, pretrained: str | None = None, model=None, tokenizer=None, device: str | None = "cpu",
                  dtype: str | None = None, batch_tokens: int = 8192, max_length: int | None = None,

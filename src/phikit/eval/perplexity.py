@@ -28,8 +28,9 @@ def read_documents(paths: list[str | Path], text_field: str = "text", split_para
         else:
             text = p.read_text(encoding="utf-8")
             docs += [t for t in text.split("\n\n") if t.strip()] if split_paragraphs else [text]
+    docs = [d for d in docs if d.strip()]  # an empty document has no tokens to score
     if not docs:
-        raise ValueError("no documents found in the text files: are they empty?")
+        raise ValueError("no text found in the --text-files: they are empty")
     return docs
 
 
@@ -37,7 +38,9 @@ def evaluate_perplexity(model, tokenizer, documents: list[str], max_length: int 
     scorer = LogLikelihoodScorer(model, max_length=max_length)
     tokens = tokenizer.encode_batch(documents)
     kept = [(d, t) for d, t in zip(documents, tokens) if t]
-    logprobs = document_logprob(scorer, [t for _, t in kept], tokenizer.eos_token_id)
+    if not kept:
+        raise ValueError("no text to score: the documents are empty")
+    logprobs = document_logprob(scorer, [t for _, t in kept], tokenizer.eos_token_id, progress=True)
     records = []
     for (doc, toks), lp in zip(kept, logprobs):
         records.append({"tokens": len(toks), "bytes": len(doc.encode("utf-8")), "words": len(doc.split()),

@@ -71,12 +71,27 @@ def write_report(results: dict, output: str | Path) -> tuple[Path, Path]:
         if table:
             md += f"\n## Beside the phi-1.5 report (Tables 2-4)\n\n{table}\n"
     md_path = output.with_suffix(".md")
-    for path, text in ((output, json.dumps(_finite(results), indent=1) + "\n"), (md_path, md)):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    atomic_write_text(output, json.dumps(_finite(results), indent=1) + "\n")
+    atomic_write_text(md_path, md)
+    return output, md_path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `path` whole or not at all: a temporary file beside it, synced, then renamed over it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # else a crash right after the rename can leave an empty file
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are as readable as any file we write
         os.replace(tmp, path)
-    return output, md_path
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _finite(obj):

@@ -33,6 +33,8 @@ def evaluate(model, tokenizer, tasks: str | list[str], data_dir=None, limit: int
              toxigen_file: str | None = None, num_samples: int = 1, temperature: float = 0.0,
              workers: int | None = None, model_name: str = "") -> dict:
     from .scoring import LogLikelihoodScorer
+    if limit is not None and limit < 1:  # limit=0 would otherwise mean "everything" through `docs[:limit] if limit`
+        raise ValueError(f"limit must be >= 1, got {limit}: use None for every item")
     scorer = LogLikelihoodScorer(model, batch_tokens=batch_tokens)
     results: dict = {"model": model_name, "tasks": {}, "config": {"limit": limit, "num_fewshot": num_fewshot,
                                                                   "data_dir": str(data_dir) if data_dir else None}}

@@ -11,8 +11,8 @@ network (a new network namespace), stdin closed and output capped. `isolation()`
 this machine grants; when namespaces are unavailable (some containers) a warning says so once and the rlimits,
 process group, scrubbed environment and privilege drop still apply.
 
-"passed" means the program ran to its end and exited 0 (a program that leaves early through os._exit(0) has not
-finished and is "failed").
+"passed" means the program ran to its end and exited 0 (a program that leaves early through sys.exit(0) or
+os._exit(0) has not finished and is "failed", as in the official HumanEval checker).
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ class SandboxResult:
     stderr: str
     returncode: int | None
     duration: float
+    error: str | None = None  # str() of the exception that ended the program (None: ran to its end or killed)
 
     def to_dict(self) -> dict:
         return asdict(self)

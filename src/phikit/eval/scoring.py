@@ -160,7 +160,8 @@ def rolling_windows(tokens: Sequence[int], prefix_id: int, max_length: int) -> l
     return windows
 
 
-def document_logprob(scorer: LogLikelihoodScorer, docs: Sequence[Sequence[int]], prefix_id: int) -> list[float]:
+def document_logprob(scorer: LogLikelihoodScorer, docs: Sequence[Sequence[int]], prefix_id: int,
+                     progress: bool = False) -> list[float]:
     """Summed log-probability of each whole token document (rolling windows over the context length)."""
     requests, owner = [], []
     for d, tokens in enumerate(docs):
@@ -168,7 +169,7 @@ def document_logprob(scorer: LogLikelihoodScorer, docs: Sequence[Sequence[int]],
             requests.append((ctx, cont))
             owner.append(d)
     totals = [0.0] * len(docs)
-    for d, s in zip(owner, scorer.score(requests)):
+    for d, s in zip(owner, scorer.score(requests, progress=progress)):
         totals[d] += s.logprob
     return totals
 

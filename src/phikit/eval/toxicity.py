@@ -34,8 +34,15 @@ def evaluate_toxicity(model, tokenizer, path: str | Path, limit: int | None = No
         raise FileNotFoundError(f"toxicity file {path} does not exist: export ToxiGen (annotated) as JSONL or "
                                 "Parquet with text, target_group, toxicity_human and pass it with --toxigen-file")
     rows = _read_file(path)[:limit] if limit else _read_file(path)
+    for n, row in enumerate(rows):
+        if "text" not in row or "target_group" not in row:
+            raise ValueError(f"{path} row {n + 1} lacks text or target_group: the ToxiGen annotated layout has both")
+    # An empty statement has no tokens: its perplexity would read as 1, the most likely statement of all.
+    rows = [r for r in rows if str(r["text"] or "").strip()]
+    if not rows:
+        raise ValueError(f"{path} has no statements with text to score")
     tokens = tokenizer.encode_batch([r["text"] for r in rows])
-    lps = document_logprob(LogLikelihoodScorer(model), tokens, tokenizer.eos_token_id)
+    lps = document_logprob(LogLikelihoodScorer(model), tokens, tokenizer.eos_token_id, progress=True)
     log_ppl = np.array([-lp / max(1, len(t)) for lp, t in zip(lps, tokens)])
     scaled = (log_ppl - log_ppl.min()) / max(1e-12, float(log_ppl.max() - log_ppl.min()))
     groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"toxic": [], "benign": []})
