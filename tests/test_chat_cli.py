@@ -79,9 +79,56 @@ def test_generate_cli_batch_json_matches_library(tiny_phi_checkpoint, tmp_path, 
     (["--prompt", ""], "empty"),
     ([], "no prompt"),
     (["--prompts-file", "missing.txt"], "does not exist"),
+    (["--prompts-file", "."], "not a file"),
+    (["--prompt", "hi", "--system", "Be brief."], "--format"),
+    (["--prompts-file", "NUMBER.jsonl"], "'prompt' must be a string"),
+    (["--prompts-file", "LATIN1.txt"], "not UTF-8"),
     (["--prompt", "hi", "--prompt-lookup", "4", "--temperature", "0.8"], "temperature=0"),
 ])
-def test_generate_cli_bad_input_is_one_line(tiny_phi_checkpoint, capsys, argv, message):
+def test_generate_cli_bad_input_is_one_line(tiny_phi_checkpoint, tmp_path, capsys, argv, message):
+    (tmp_path / "NUMBER.jsonl").write_text('{"prompt": "fine"}\n{"prompt": 5}\n')
+    (tmp_path / "LATIN1.txt").write_bytes("café\n".encode("latin-1"))
+    argv = [str(tmp_path / a) if a in ("NUMBER.jsonl", "LATIN1.txt") else a for a in argv]
     assert main(["generate", "--model", str(tiny_phi_checkpoint), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith("phikit: error:")
+
+
+def test_streamed_answer_starts_where_the_printed_answer_does(tiny_phi_checkpoint, monkeypatch, capsys):
+    # The model's first deltas are blanks: --stream must drop them all, as fmt.cut does for the whole text.
+    import phikit.generate as engine
+    deltas = ["\n", " ", " The sky", " is blue."]
+    monkeypatch.setattr(engine, "stream", lambda *a, **k: iter(deltas))
+    monkeypatch.setattr(engine, "complete", lambda model, tok, batch, **k: [
+        engine.Completion("".join(deltas), [1] * len(deltas), None, "length", 3) for _ in batch])
+    argv = ["generate", "--model", str(tiny_phi_checkpoint), "--prompt", "Why?", "--format", "qa"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert main(argv + ["--stream"]) == 0
+    assert capsys.readouterr().out == printed == "The sky is blue.\n"
+
+
+def test_quantized_model_reports_its_parameter_count(tiny_phi_checkpoint, capsys):
+    assert main(["generate", "--model", str(tiny_phi_checkpoint), "--prompt", "Hi", "--max-new-tokens", "1",
+                 "--quantize", "int8"]) == 0
+    count = phikit.get_config("tiny", vocab_size=51200).num_parameters()
+    assert f"({count / 1e6:,.1f}M parameters)" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_an_answer_and_ctrl_c_at_the_prompt_leaves(tiny_phi_checkpoint):
+    child = pexpect.spawn(sys.executable, ["-m", "phikit", "chat", "--model", str(tiny_phi_checkpoint),
+                                           "--max-new-tokens", "400"],
+                          encoding="utf-8", timeout=60, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    try:
+        child.expect_exact("Alice> ")
+        child.sendline("Tell me a long story.")
+        child.expect_exact("Bob> ")
+        child.expect(r"\S")  # the answer has begun
+        child.sendintr()
+        child.expect_exact("(stopped)")
+        child.expect_exact("Alice> ")  # the conversation goes on
+        child.sendintr()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert "Traceback" not in child.before and child.exitstatus == 0

@@ -168,3 +168,81 @@ def test_config_weight_mismatch_names_the_tensors(tiny_phi_checkpoint, tmp_path)
         phikit.load(bad)
     msg = str(err.value)
     assert "missing" in msg and "model.layers.2" in msg and "misshapen" in msg and "mlp.fc1.weight" in msg
+
+
+@pytest.mark.parametrize("file,text,message", [
+    ("config.json", "[1, 2]", "not an object"),
+    ("model.safetensors.index.json", '{"weight_map": 5}', "weight_map"),
+    ("model.safetensors.index.json", "{broken", "not valid JSON"),
+])
+def test_malformed_json_files_are_one_line_errors(tiny_phi_checkpoint, tmp_path, capsys, file, text, message):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_phi_checkpoint, bad)
+    (bad / file).write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        phikit.load(bad)
+    assert cli_main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and file in err[0] and message in err[0]
+
+
+def test_shards_without_their_index_are_named(tmp_path, phi_tokenizer):
+    model = phikit.build_model(phikit.get_config("tiny", vocab_size=51200), seed=4)
+    phikit.save(model, phi_tokenizer, tmp_path / "sharded", max_shard_bytes=8 * 2**20)
+    (tmp_path / "sharded" / "model.safetensors.index.json").unlink()
+    with pytest.raises(CheckpointError, match="model-00001-of-.*no model.safetensors.index.json"):
+        phikit.load(tmp_path / "sharded")
+
+
+def test_saved_checkpoint_has_the_permissions_of_any_new_file(tmp_path, phi_tokenizer):
+    # The reference: what this process's umask gives a plainly created file and directory.
+    (tmp_path / "plain-file").touch()
+    (tmp_path / "plain-dir").mkdir()
+    file_mode, dir_mode = ((tmp_path / n).stat().st_mode & 0o777 for n in ("plain-file", "plain-dir"))
+    out = phikit.save(phikit.build_model(phikit.get_config("tiny", vocab_size=51200)), phi_tokenizer, tmp_path / "m")
+    assert out.stat().st_mode & 0o777 == dir_mode
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {f.name: file_mode for f in out.iterdir()}
+
+
+def test_convert_refuses_to_overwrite_and_writes_gguf_for_a_gguf_name(tiny_phi_checkpoint, tmp_path, capsys):
+    gguf = pytest.importorskip("gguf")
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "notes.md").write_text("mine")
+    assert cli_main(["convert", str(tiny_phi_checkpoint), str(dst)]) == 2
+    assert "--force" in capsys.readouterr().err and (dst / "notes.md").read_text() == "mine"
+    assert cli_main(["convert", str(tiny_phi_checkpoint), str(dst), "--force"]) == 0
+    assert (dst / "model.safetensors").exists() and not (dst / "notes.md").exists()
+    # A .gguf name means GGUF: a file llama.cpp's own reader opens, not a directory called x.gguf.
+    out = tmp_path / "tiny.gguf"
+    assert cli_main(["convert", str(tiny_phi_checkpoint), str(out), "--dtype", "fp32"]) == 0
+    assert out.is_file() and gguf.GGUFReader(out).fields["general.architecture"]
+    assert cli_main(["convert", str(tiny_phi_checkpoint), str(out)]) == 2
+    assert cli_main(["convert", str(tiny_phi_checkpoint), str(out), "--to", "hf", "--force"]) == 2  # a file
+    assert out.is_file() and not list(tmp_path.glob(".tiny.gguf*"))
+
+
+def test_convert_failing_midway_leaves_no_output(tiny_phi_checkpoint, tmp_path, monkeypatch):
+    import phikit.checkpoint
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(phikit.checkpoint, "_write_weights", disk_full)
+    with pytest.raises(OSError):
+        cli_main(["convert", str(tiny_phi_checkpoint), str(tmp_path / "out")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_info_reads_only_the_safetensors_headers(tmp_path, monkeypatch, phi_tokenizer):
+    ref = hf_reference(head_dim=80, prf=0.4)
+    ref.save_pretrained(tmp_path, max_shard_size="4MB")
+    import phikit.checkpoint
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("describe read the weights")
+
+    monkeypatch.setattr(phikit.checkpoint, "load_file", no_weights)
+    info = phikit.checkpoint.describe(tmp_path)
+    assert info["parameters"] == ref.num_parameters() and info["dtype"] == "float32" and info["layout"] == "hf"

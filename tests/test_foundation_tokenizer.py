@@ -84,6 +84,8 @@ def test_build_phi_cli(tmp_path):
     tok = Tokenizer.from_file(tmp_path / "tok")
     assert tok.has_chatml and tok.encode("<|im_start|>user")[0] == 50295
     assert cli_main(["tokenizer", "build-phi"]) == 2  # missing argument: usage error, no traceback
+    (tmp_path / "file").write_text("x")
+    assert cli_main(["tokenizer", "build-phi", str(tmp_path / "file")]) == 2  # a file, not a directory
 
 
 def test_missing_tokenizer_file(tmp_path):
@@ -102,3 +104,16 @@ def test_train_bpe_split_digits_keeps_one_digit_per_token_and_the_space_on_the_f
     # " 15" is " 1" then "5": no bare space token stands between "=" and the result it predicts.
     assert pieces[pieces.index(" =") + 1] == " 1", pieces
     assert not any(p == " " and q[:1].isdigit() for p, q in zip(pieces, pieces[1:])), pieces
+
+
+def test_unreadable_tokenizer_files_are_one_line_errors(tmp_path, phi_tokenizer):
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(ValueError, match="not a readable tokenizer.json"):
+        Tokenizer.from_file(tmp_path)
+    phi_tokenizer.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": ')
+    with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON"):
+        Tokenizer.from_file(tmp_path)
+    # transformers also writes a list of named templates; the default one is the chat template.
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": [{"name": "default", "template": "T"}]}')
+    assert Tokenizer.from_file(tmp_path).chat_template == "T"

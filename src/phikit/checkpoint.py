@@ -8,6 +8,7 @@ or from PyTorch .bin files through `torch.load(weights_only=True)` only; checkpo
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -17,7 +18,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import PhiConfig
@@ -79,26 +80,55 @@ def _read_weight_file(file: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """All weights of a checkpoint directory: single file or shards with an index; safetensors preferred."""
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint directory: one file, or the shards its index names; safetensors preferred."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_file = directory / index_name
         if index_file.exists():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            state: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
+            weight_map = _read_json(index_file).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index_file} has no 'weight_map' of tensor name -> shard file: "
+                                      "re-download or re-convert the checkpoint")
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
                 if not (directory / shard).exists():
                     raise CheckpointError(f"shard {shard} listed in {index_name} is missing from {directory}")
-                state.update(_read_weight_file(directory / shard))
-            return state
+            return [directory / shard for shard in shards]
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).exists():
-            return _read_weight_file(directory / name)
+            return [directory / name]
     found = sorted(p.name for p in directory.glob("*.safetensors")) or sorted(p.name for p in directory.glob("*.bin"))
     if len(found) == 1:
-        return _read_weight_file(directory / found[0])
+        return [directory / found[0]]
+    if found:  # shards whose index went missing: which file holds which tensor is unknown
+        names = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise CheckpointError(f"{directory} holds {len(found)} weight files ({names}) but no "
+                              "model.safetensors.index.json: copy the index that came with the shards")
     raise CheckpointError(f"no weights in {directory}: expected model.safetensors (or shards with "
                           "model.safetensors.index.json, or pytorch_model.bin)")
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """All weights of a checkpoint directory: single file or shards with an index; safetensors preferred."""
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(directory):
+        state.update(_read_weight_file(file))
+    return state
+
+
+def _read_shapes(file: Path) -> dict[str, tuple[list[int], str]]:
+    """Shape and dtype name of each tensor, from the safetensors header alone (phikit info on phi-2 need not read
+    5 GB); .bin files are memory-mapped, so reading them is already cheap."""
+    if file.suffix != ".safetensors":
+        return {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in _read_weight_file(file).items()}
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            return {k: (s.get_shape(), names.get(s.get_dtype(), s.get_dtype().lower())) for k, s in slices.items()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}): the file is truncated or "
+                              "corrupt; download or convert it again") from e
 
 
 # ---------------------------------------------------------------- layouts
@@ -188,14 +218,22 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def _read_json(file: Path) -> dict:
+    """A JSON object from a checkpoint file; anything else is a one-line CheckpointError naming the file."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}): fix or re-download it") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(raw).__name__}, not an object: fix or re-download it")
+    return raw
+
+
 def load_config(directory: Path) -> PhiConfig:
     cfg_file = directory / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{directory} has no config.json: not a model checkpoint directory")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON ({e}): fix or re-download it") from e
+    raw = _read_json(cfg_file)
     model_type = raw.get("model_type", "phi")
     if model_type not in ("phi", "phi-msft", "mixformer-sequential"):
         raise CheckpointError(f"{cfg_file} describes a {model_type!r} model: phikit loads phi models only")
@@ -250,6 +288,8 @@ def save(model: PhiForCausalLM, tokenizer: Tokenizer | None, directory: str | os
     directory = Path(directory)
     if getattr(model, "quantized", None):
         raise ValueError("cannot save a quantized model in the HF layout: save the unquantized weights instead")
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file: save into a directory (a .gguf file is `--to gguf`)")
     torch_dtype = parse_dtype(dtype)
     config = model.config
     state = {k: v.detach().to("cpu", torch_dtype or v.dtype).contiguous()
@@ -267,6 +307,7 @@ def save(model: PhiForCausalLM, tokenizer: Tokenizer | None, directory: str | os
         _write_weights(state, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp, model_max_length=config.max_position_embeddings)
+        _apply_umask(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -279,6 +320,16 @@ def save(model: PhiForCausalLM, tokenizer: Tokenizer | None, directory: str | os
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give the saved files the permissions of any file the user creates: mkdtemp makes the directory private
+    (0700) and safetensors writes 0600 files, which other users of a shared machine could not load."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for file in directory.iterdir():
+        file.chmod(0o666 & ~umask)
 
 
 def _write_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
@@ -310,15 +361,17 @@ def describe(path_or_repo_id: str | os.PathLike) -> dict:
     """Layout, config and parameter count of a checkpoint, without building the model."""
     directory = resolve_checkpoint(path_or_repo_id)
     config = load_config(directory)
-    raw = read_state_dict(directory)
-    layout = detect_layout(k for k in raw if not k.endswith("inv_freq"))
-    state, _ = to_hf_layout(raw, config.num_hidden_layers)
-    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})
+    shapes = {}
+    for file in weight_files(directory):
+        shapes.update(_read_shapes(file))
+    shapes = {k: v for k, v in shapes.items() if not k.endswith("inv_freq")}
+    layout = detect_layout(shapes)
+    # Every layout holds the same numbers (Wqkv is q, k and v stacked), so counting needs no renaming.
     return {
         "path": str(directory),
         "layout": layout,
-        "dtype": ",".join(dtypes),
-        "parameters": sum(v.numel() for v in state.values() if not isinstance(v, str)),
+        "dtype": ",".join(sorted({dtype for _, dtype in shapes.values()})),
+        "parameters": sum(math.prod(shape) for shape, _ in shapes.values()),
         "config": {k: v for k, v in config.to_hf_dict().items() if k not in ("architectures", "rope_parameters")},
         "tokenizer": "tokenizer.json" if (directory / "tokenizer.json").exists() else "missing (phi default)",
     }

@@ -82,6 +82,8 @@ class Tokenizer:
     def save(self, directory: str | Path, model_max_length: int = 2048) -> None:
         """Write tokenizer.json and a tokenizer_config.json that transformers' AutoTokenizer reads."""
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"{directory} is a file: give a directory for tokenizer.json and tokenizer_config.json")
         directory.mkdir(parents=True, exist_ok=True)
         _atomic_write(directory / "tokenizer.json", self.backend.to_str(pretty=True))
         cfg = {
@@ -106,11 +108,24 @@ class Tokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.exists():
             raise FileNotFoundError(f"no tokenizer.json at {path}: build one with `phikit tokenizer build-phi DIR`")
-        backend = HFTokenizer.from_file(str(file))
+        try:
+            backend = HFTokenizer.from_file(str(file))
+        except Exception as e:  # the Rust library raises a bare Exception for unreadable files
+            raise ValueError(f"{file} is not a readable tokenizer.json ({e}): copy or rebuild the tokenizer "
+                             "(`phikit tokenizer build-phi DIR` for phi's)") from e
         template = None
         cfg_file = file.parent / "tokenizer_config.json"
         if cfg_file.exists():
-            template = json.loads(cfg_file.read_text()).get("chat_template")
+            try:
+                cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{cfg_file} is not valid JSON ({e}): fix it or delete it") from e
+            template = cfg.get("chat_template") if isinstance(cfg, dict) else None
+            if isinstance(template, list):  # transformers' list of named templates: the default one
+                template = next((t.get("template") for t in template if isinstance(t, dict)
+                                 and t.get("name") == "default"), None)
+            if not isinstance(template, str):
+                template = None
         return cls(backend, template)
 
     # --- streaming decode ---

@@ -9,7 +9,7 @@ from .generate import add_model_arguments, add_sampling_arguments, load_model, s
 HELP = """commands:
   /reset           forget the conversation (keeps the system message)
   /system TEXT     set the system message (and reset)
-  /exit, /quit     leave (Ctrl-D works too)
+  /exit, /quit     leave (Ctrl-D or Ctrl-C at the prompt work too; Ctrl-C during an answer stops it)
   a line ending in \\ continues on the next line; a line of three double quotes starts or ends a block"""
 
 
@@ -30,7 +30,7 @@ def read_message(prompt: str) -> str | None:
     """One user message (None at end of input); continuation lines for a trailing \\ or a triple-quote block."""
     try:
         line = input(prompt)
-    except EOFError:
+    except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave
         return None
     if line.strip() == '"""':
         lines = []
@@ -108,11 +108,14 @@ def run(args: argparse.Namespace) -> int:
         prompt, _, stops = chat_prompt(tokenizer, fitted, fmt, args.stop)
         print(bot, end="", flush=True)
         reply = ""
-        for delta in stream(model, tokenizer, prompt, **stops, **kw):
-            if not reply:
-                delta = delta.lstrip()  # the space after "Bob:" / "Answer:" belongs to the format
-            reply += delta
-            print(delta, end="", flush=True)
+        try:
+            for delta in stream(model, tokenizer, prompt, **stops, **kw):
+                if not reply:
+                    delta = delta.lstrip()  # the space after "Bob:" / "Answer:" belongs to the format
+                reply += delta
+                print(delta, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C stops the answer, not the conversation (as llama.cpp does)
+            print(" (stopped)", end="")
         print()
         history = [m for m in fitted if m["role"] != "system"] + [
             {"role": "assistant", "content": fmt.cut(reply)}]

@@ -2,26 +2,34 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="checkpoint directory (HF-native, phi-msft or mixformer-sequential) or HF repo id")
     p.add_argument("dst", help="output directory (hf) or .gguf file (gguf)")
-    p.add_argument("--to", choices=["hf", "gguf"], default="hf", help="output format (default: hf)")
+    p.add_argument("--to", choices=["hf", "gguf"], default=None,
+                   help="output format (default: gguf when DST ends in .gguf, else hf)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "q8_0", "q4_0"], default=None,
                    help="weight type to write (default: as stored; gguf default fp16; q8_0/q4_0 for gguf only)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists (default: refuse)")
     p.epilog = ("examples:\n  phikit convert ~/phi-1_5-mixformer ./phi-1_5-hf\n"
                 "  phikit convert microsoft/phi-2 ./phi-2.gguf --to gguf --dtype fp16")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import describe, load, save
+    to = args.to or ("gguf" if args.dst.endswith(".gguf") else "hf")
     quantized = args.dtype in ("q8_0", "q4_0")
-    if quantized and args.to != "gguf":
+    if quantized and to != "gguf":
         raise ValueError(f"--dtype {args.dtype} exists only in GGUF files: add --to gguf or pick fp32/bf16/fp16")
+    # Checked before minutes of loading; save and export_gguf write to a temporary name, so a failure leaves
+    # DST as it was.
+    if Path(args.dst).exists() and not args.force:
+        raise ValueError(f"{args.dst} already exists: pick another output or pass --force to replace it")
     info = describe(args.src)
     model, tokenizer = load(args.src, dtype="fp32" if quantized else args.dtype or info["dtype"].split(",")[0])
-    if args.to == "gguf":
+    if to == "gguf":
         from ..gguf_export import export_gguf
         out = export_gguf(model, tokenizer, args.dst, dtype=args.dtype or "fp16")
     else:

@@ -56,7 +56,8 @@ def load_model(args: argparse.Namespace):
     start = time.perf_counter()
     model, tokenizer = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     prepare_cpu_linears(model)  # measures this CPU's kernels now, not inside the first timed generation
-    print(f"loaded {args.model} ({model.num_parameters() / 1e6:,.1f}M parameters) in "
+    # The config's count: a quantized model's packed weights are buffers, not parameters.
+    print(f"loaded {args.model} ({model.config.num_parameters() / 1e6:,.1f}M parameters) in "
           f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
     return model, tokenizer
 
@@ -100,17 +101,24 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         path = args.prompts_file
         if str(path) == "-":
             text = sys.stdin.read()
-        elif not path.exists():
-            raise FileNotFoundError(f"prompts file {path} does not exist")
+        elif not path.is_file():
+            raise FileNotFoundError(f"prompts file {path} does not exist (or is not a file)")
         else:
-            text = path.read_text(encoding="utf-8")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"prompts file {path} is not UTF-8 text ({e.reason} at byte {e.start}): "
+                                 "save it as UTF-8") from e
         if path.suffix == ".jsonl":
             for n, line in enumerate(text.splitlines(), 1):
                 if line.strip():
                     try:
-                        prompts.append(json.loads(line)["prompt"])
+                        prompt = json.loads(line)["prompt"]
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
                         raise ValueError(f"{path}:{n} is not a JSON object with a 'prompt' field") from e
+                    if not isinstance(prompt, str):  # a list would be taken for token ids, a number fails later
+                        raise ValueError(f"{path}:{n}: 'prompt' must be a string, got {type(prompt).__name__}")
+                    prompts.append(prompt)
         else:
             prompts += [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
     if not prompts:
@@ -125,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     if args.stream and (len(prompts) > 1 or args.num_beams > 1 or args.json):
         raise ValueError("--stream prints one prompt's text as it comes: use a single --prompt, "
                          "without --num-beams or --json")
+    if args.system and args.format == "raw":  # raw text has no place for a system message: say so, not drop it
+        raise ValueError("--system needs a prompt format: add --format chat (or qa, instruct, chatml, code)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     model, tokenizer = load_model(args)
@@ -144,10 +154,11 @@ def run(args: argparse.Namespace) -> int:
     if args.stream:
         if args.echo:
             print(texts[0], end="", flush=True)
-        start, first = time.perf_counter(), True
+        start, printed = time.perf_counter(), False
         for delta in stream(model, tokenizer, texts[0], stop_token_ids=stop_token_ids, truncate=args.truncate, **kw):
-            if first and fmt is not None and fmt.strip_answer:
-                delta, first = delta.lstrip(), False
+            if not printed and fmt is not None and fmt.strip_answer:
+                delta = delta.lstrip()  # as fmt.cut: the answer starts at its first non-blank, however many deltas in
+            printed = printed or bool(delta)
             print(delta, end="", flush=True)
         print()
         print(f"[{time.perf_counter() - start:.1f}s]", file=sys.stderr)
