@@ -230,8 +230,7 @@ def test_convert_failing_midway_leaves_no_output(tiny_phi_checkpoint, tmp_path, 
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(phikit.checkpoint, "_write_weights", disk_full)
-    with pytest.raises(OSError):
-        cli_main(["convert", str(tiny_phi_checkpoint), str(tmp_path / "out")])
+    assert cli_main(["convert", str(tiny_phi_checkpoint), str(tmp_path / "out")]) == 2  # one line, no traceback
     assert list(tmp_path.iterdir()) == []
 
 
@@ -246,3 +245,17 @@ def test_info_reads_only_the_safetensors_headers(tmp_path, monkeypatch, phi_toke
     monkeypatch.setattr(phikit.checkpoint, "load_file", no_weights)
     info = phikit.checkpoint.describe(tmp_path)
     assert info["parameters"] == ref.num_parameters() and info["dtype"] == "float32" and info["layout"] == "hf"
+
+
+def test_cli_reports_os_errors_in_one_line(monkeypatch, capsys):
+    """A full disk (or any refusal of the machine) mid-verb is one line and exit 2, not a traceback."""
+    import errno
+
+    import phikit.commands.info as info
+
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "out/model.safetensors")
+    monkeypatch.setattr(info, "run", full_disk)
+    assert cli_main(["info", "somewhere"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["phikit: error: [Errno 28] No space left on device: 'out/model.safetensors'"]

@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        # Bad input: one line naming the problem and the fix, no traceback (PHIKIT_DEBUG=1 shows it).
+    except (CLIError, ValueError, OSError) as e:
+        # Bad input, or the machine refusing (a missing or unwritable path, a full disk, no network): one line
+        # naming the problem, no traceback (PHIKIT_DEBUG=1 shows it).
         import os
         if os.environ.get("PHIKIT_DEBUG"):
             raise
