@@ -115,6 +115,30 @@ def test_single_query_attention_equals_fused_attention():
         assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() <= 1e-2
 
 
+def test_single_query_attention_reuses_its_upcast_buffers_safely():
+    """bf16 caches are upcast into buffers kept between calls: a longer cache grows them, an earlier result is not
+    overwritten by a later call, and a buffer made under inference_mode still takes a plain no_grad call."""
+    import torch.nn.functional as F
+    from phikit.model import single_query_attention
+    g = torch.Generator().manual_seed(1)
+
+    def case(length):
+        q, k, v = (torch.randn(2, 4, n, 64, generator=g).bfloat16() for n in (1, length, length))
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.125)
+        return (q, k, v), ref
+
+    (short, ref_short), (long, ref_long), (longer, ref_longer) = case(9), case(33), case(65)
+    with torch.inference_mode():
+        first = single_query_attention(*long, None, 0.125)
+    with torch.no_grad():
+        second = single_query_attention(*short, None, 0.125)  # writes into the buffer the first call made
+    third = single_query_attention(*longer, None, 0.125)  # grows it
+    assert (first.float() - ref_long).abs().max() <= 1e-2
+    assert (second.float() - ref_short).abs().max() <= 1e-2
+    assert (third.float() - ref_longer).abs().max() <= 1e-2
+    assert torch.equal(first, single_query_attention(*long, None, 0.125))
+
+
 def test_segment_ids_isolate_packed_documents():
     _, ours = make_pair(**SHAPES["phi-1_5-like"])
     a, b = torch.randint(0, 512, (1, 7)), torch.randint(0, 512, (1, 5))

@@ -7,6 +7,7 @@ Module names equal transformers' PhiForCausalLM, so an HF-native state dict load
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -111,16 +112,36 @@ def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 STATIC_STEP_GRAPHS = 64
 
 
+_upcast_buffers = threading.local()
+
+
+def _as_fp32(x: torch.Tensor, slot: int) -> torch.Tensor:
+    """x in fp32, written into a buffer this thread keeps (one per slot, grown as needed) rather than a fresh
+    allocation: a fresh one page-faults on every write, which made a bf16 cache's upcast 4-7x slower than the copy
+    itself (batch 8, 1000 cached tokens: 395 against 56 ms per step for the keys of 24 layers)."""
+    if x.dtype == torch.float32 or torch.compiler.is_compiling():  # compiled graphs plan their own memory
+        return x.float()
+    buffers = _upcast_buffers.__dict__.setdefault("buffers", {})
+    key = (slot, str(x.device))
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < x.numel():
+        with torch.inference_mode(False):  # never an inference tensor: a later no_grad call writes into it too
+            buf = buffers[key] = torch.empty(x.numel(), device=x.device)
+    return buf[:x.numel()].view(x.shape).copy_(x)
+
+
 def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                            scale: float) -> torch.Tensor:
     """Attention of one query per row (a decoding step) in fp32: q [B, H, 1, D], k/v [B, H, L, D].
 
     On the CPU torch's fused attention kernel is built for long queries; at one query it takes 1.2x (fp32) to 3x
-    (bf16) the time of these two small products and a softmax, and decoding calls it in every layer."""
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    (bf16) the time of these two small products and a softmax, and decoding calls it in every layer. Scores are
+    taken as k @ q (each key row a contiguous dot product), 1.2x faster than q @ k^T over a cache's strided view."""
+    k, v = _as_fp32(k, 0), _as_fp32(v, 1)
+    scores = torch.matmul(k, q.float().transpose(-1, -2)).transpose(-1, -2) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
+    return torch.matmul(scores.softmax(-1), v).to(q.dtype)
 
 
 class PhiAttention(nn.Module):
