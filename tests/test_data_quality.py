@@ -54,3 +54,30 @@ def test_score_and_filter_stdlib(tmp_path, tiny_phi_checkpoint):
     assert main(["data", "filter", str(scored), "--threshold", "2.5", "--output", str(kept)]) == 0
     expected = [r["id"] for r in rows if r["edu_score"] >= 2.5]
     assert [json.loads(x)["id"] for x in kept.read_text().splitlines()] == expected
+
+
+def test_score_reply_parsing():
+    assert quality.parse_score("Clear and useful.\nEducational score: 4") == 4
+    assert quality.parse_score("**Educational score: 3/5**") == 3
+    assert quality.parse_score("Educational score: 10") is None  # out of range, not a 1
+    assert quality.parse_score("no verdict") is None
+
+
+def test_one_failed_annotation_does_not_lose_the_others():
+    import httpx
+
+    from phikit.data.synth import Teacher
+
+    def grade(request):
+        if b"broken" in request.content:
+            return httpx.Response(503, text="overloaded")
+        return httpx.Response(200, json={"choices": [{"message": {"content": "Fine.\nEducational score: 3"}}]})
+    teacher = Teacher("http://grader.test/v1", "g", max_retries=1, backoff=0.001, transport=httpx.MockTransport(grade))
+    assert quality.annotate_with_teacher(["a lesson", "broken page", "another lesson"], teacher) == [3, None, 3]
+
+
+def test_report_counts_kept_both_ways(tmp_path):
+    # F1 judges rounded scores (2.6 counts as 3); kept_at_threshold is what `filter --threshold 3` keeps.
+    report = quality.write_report(tmp_path, {"heldout_f1": 0.5}, np.array([2.6, 3.0, 1.0, 4.2]), 3.0)
+    assert report["kept_at_threshold"] == 2 and report["kept_when_rounded"] == 3
+    assert "| kept_when_rounded | 3 |" in (tmp_path / "report.md").read_text()

@@ -116,3 +116,79 @@ def test_teacher_annotations_parse(teacher_url):
     teacher = synth.Teacher(teacher_url + "/annotator/v1", "grader", timeout=1, max_retries=30, backoff=0.05)
     docs = ['"""Doc."""\n# a\n# b\n# c\nx = 1', "x = 1"]
     assert quality.annotate_with_teacher(docs, teacher, concurrency=2) == [2, 0]
+
+
+def _mock_teacher(handler, **kw) -> synth.Teacher:
+    """A Teacher whose HTTP client answers with `handler` (an httpx.MockTransport), for fast fault tests."""
+    return synth.Teacher("http://teacher.test/v1", "m", backoff=0.001, transport=httpx.MockTransport(handler), **kw)
+
+
+def _complete(teacher: synth.Teacher) -> dict:
+    import asyncio
+    import random
+
+    async def go():
+        async with teacher.client(1) as client:
+            return await teacher.complete(client, [{"role": "user", "content": "x"}], random.Random(0))
+    return asyncio.run(go())
+
+
+def test_duplicate_topics_are_asked_once():
+    prompts = synth.build_prompts(["tides", "fractions", "tides"], ["kids", "kids"], ["textbook"])
+    assert [p["topic"] for p in prompts] == ["tides", "fractions"]
+
+
+def test_a_refusal_stops_at_once_and_garbage_is_retried():
+    calls = []
+
+    def refuse(request):
+        calls.append(request.headers.get("authorization"))
+        return httpx.Response(401, json={"error": "invalid api key"})
+    with pytest.raises(synth.TeacherRefused, match="HTTP 401.*invalid api key"):
+        _complete(_mock_teacher(refuse, api_key="wrong", max_retries=5))
+    assert calls == ["Bearer wrong"]  # not retried: a wrong key stays wrong
+
+    replies = iter([httpx.Response(200, json=[]), httpx.Response(200, text="<html>busy</html>"),
+                    httpx.Response(200, json={"choices": [{"message": {"content": [{"type": "text"}]}}]}),
+                    httpx.Response(200, json={"choices": [{"message": {"content": "Tides rise."}}], "usage": "?"})])
+    assert _complete(_mock_teacher(lambda r: next(replies), max_retries=5)) == \
+        {"text": "Tides rise.", "usage": {}, "finish_reason": None}
+    with pytest.raises(synth.TeacherError, match="gave up after 3 attempts: malformed response"):
+        _complete(_mock_teacher(lambda r: httpx.Response(200, json=[]), max_retries=2))
+
+
+def test_retry_after_is_never_cut_short(monkeypatch):
+    import asyncio
+    slept = []
+
+    async def sleep(seconds):
+        slept.append(seconds)
+    monkeypatch.setattr(synth.asyncio, "sleep", sleep)
+    replies = iter([httpx.Response(429, headers={"Retry-After": "2"})] * 6 + [httpx.Response(
+        200, json={"choices": [{"message": {"content": "ok"}}]})])
+    assert _complete(_mock_teacher(lambda r: next(replies), max_retries=8))["text"] == "ok"
+    assert len(slept) == 6 and min(slept) >= 2.0
+    assert asyncio  # the real module, restored by monkeypatch
+
+
+def test_unreachable_teacher_is_one_line_error(tmp_path, capsys):
+    from phikit.cli import main
+    out = tmp_path / "synth.jsonl"
+    start = time.time()
+    rc = main(["data", "synth", "--base-url", f"http://127.0.0.1:{_free_port()}/v1", "--model", "m",
+               "--limit", "40", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and time.time() - start < 10
+    assert "phikit: error: cannot reach the teacher at http://127.0.0.1" in err and "check --base-url" in err
+    assert "warning: prompt" not in err  # not one warning per prompt after minutes of backoff
+
+
+def test_refusal_stops_a_run_and_other_outputs_are_refused(tmp_path):
+    import asyncio
+    prompts = synth.build_prompts(["tides", "fractions"], ["kids", "adults"], ["textbook"])
+    teacher = _mock_teacher(lambda r: httpx.Response(404, json={"error": "no model m"}), max_retries=5)
+    with pytest.raises(synth.TeacherRefused, match="no model m"):
+        asyncio.run(synth.synthesize(prompts, tmp_path / "s.jsonl", teacher, concurrency=3, progress=False))
+    assert _lines(tmp_path / "s.jsonl") == []
+    with pytest.raises(ValueError, match="synth writes JSONL"):  # lines appended to a .parquet name are no parquet
+        asyncio.run(synth.synthesize(prompts, tmp_path / "s.parquet", teacher, progress=False))

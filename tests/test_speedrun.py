@@ -127,3 +127,58 @@ def test_sft_data_keeps_one_step_solutions_a_third_of_the_arithmetic():
     steps = [c["messages"][1]["content"].count("Step ") for c in convs]
     assert 0.25 < steps.count(1) / len(steps) < 0.42
     assert {c["messages"][0]["content"] for c in convs} == {r["question"] for r in records}
+
+
+def _finished_run(out: Path, **plan) -> None:
+    """A run directory whose stages are all marked finished, made with `plan`'s settings."""
+    (out / "stages").mkdir(parents=True)
+    for stage in ("data", "tokenizer", "pack", "pretrain", "sft", "eval", "report"):
+        (out / "stages" / f"{stage}.json").write_text(json.dumps({"stage": stage, "seconds": 1.0,
+                                                                   "report": str(out / "report.md")}))
+    (out / "speedrun.json").write_text(json.dumps({"preset": "micro", "minutes": 0.4, "seed": 0, "ablation": False,
+                                                   "teacher_url": None, "teacher_model": "teacher", **plan}))
+
+
+def test_other_settings_do_not_reuse_a_finished_run(tmp_path):
+    from phikit.speedrun import Speedrun
+    out = tmp_path / "run"
+    _finished_run(out, preset="cpu-tiny", minutes=10.0)
+    with pytest.raises(ValueError, match="made with --preset cpu-tiny, --minutes 10.0.*--fresh"):
+        Speedrun(out=out, preset="micro", minutes=0.4, log=lambda s: None).run()
+    assert json.loads((out / "speedrun.json").read_text())["preset"] == "cpu-tiny"  # left as it was
+    results = Speedrun(out=out, preset="cpu-tiny", minutes=10.0, log=lambda s: None).run()  # same settings: resume
+    assert set(results) == {"data", "tokenizer", "pack", "pretrain", "sft", "eval", "report"}
+
+
+def test_fresh_deletes_only_a_speedrun_directory(tmp_path, monkeypatch, capsys):
+    from phikit.cli import main
+    from phikit.speedrun import Speedrun
+    monkeypatch.setattr(Speedrun, "run", lambda self: {"report": {"report": "report.md"}})
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    assert main(["speedrun", "--fresh", "--out", str(work)]) == 2
+    assert (work / "notes.txt").exists() and "not a speedrun directory" in capsys.readouterr().err
+    run = tmp_path / "run"
+    _finished_run(run)
+    assert main(["speedrun", "--fresh", "--out", str(run)]) == 0 and not (run / "stages").exists()
+
+
+def test_a_resumed_training_keeps_its_step_count(tmp_path):
+    from phikit.speedrun import planned_steps
+    assert planned_steps(tmp_path / "pretrain", lambda: 345) == 345
+    # The rerun after a kill must not probe again: another count would change the cosine schedule mid-run.
+    assert planned_steps(tmp_path / "pretrain", lambda: pytest.fail("probed twice")) == 345
+
+
+def test_unanswered_teacher_prompts_keep_the_data_stage_open(tmp_path, monkeypatch):
+    from phikit.data import synth
+    from phikit.speedrun import Speedrun
+
+    async def partly(prompts, out, teacher, **kw):
+        Path(out).write_text(json.dumps({"text": "A passage.", "prompt_id": prompts[0]["prompt_id"]}) + "\n")
+        return synth.SynthStats(prompts=len(prompts), written=1, failed=len(prompts) - 1)
+    monkeypatch.setattr(synth, "synthesize", partly)
+    run = Speedrun(out=tmp_path, preset="micro", teacher_url="http://teacher.test/v1", log=lambda s: None)
+    with pytest.raises(synth.TeacherError, match="teacher prompts are unanswered: rerun"):
+        run._teacher_docs()

@@ -116,8 +116,20 @@ class Speedrun:
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         plan = {"preset": self.preset_name, "minutes": self.minutes, "seed": self.seed, "ablation": self.ablation,
-                "teacher_url": self.teacher_url, "sizes": asdict(self.preset)}
-        (self.path("speedrun.json")).write_text(json.dumps(plan, indent=2) + "\n")
+                "teacher_url": self.teacher_url, "teacher_model": self.teacher_model, "sizes": asdict(self.preset)}
+        old = json.loads(self.path("speedrun.json").read_text()) if self.path("speedrun.json").exists() else {}
+        if old and any(self.path("stages").glob("*.json")):
+            # Finished stages are reused as they are: with other settings the report would mix two runs.
+            changed = [k for k in ("preset", "minutes", "seed", "teacher_url", "teacher_model")
+                       if k in old and old[k] != plan[k]]
+            if changed:
+                was = ", ".join(f"--{k.replace('_', '-')} {old[k]}" for k in changed)
+                raise ValueError(f"{self.out} holds a speedrun made with {was}: rerun it with those settings to "
+                                 f"resume it, pass --fresh to start over, or choose another --out")
+            plan["ablation"] = self.ablation or bool(old.get("ablation"))
+        tmp = self.path("speedrun.json.tmp")
+        tmp.write_text(json.dumps(plan, indent=2) + "\n")
+        os.replace(tmp, self.path("speedrun.json"))
         results = {}
         stages = [s for s in STAGES if s != "ablation" or self.ablation]
         ran = False
@@ -188,14 +200,17 @@ class Speedrun:
         import asyncio
 
         from .data.io import read_records
-        from .data.synth import Teacher, api_key_from_env, build_prompts, load_topics, synthesize
+        from .data.synth import Teacher, TeacherError, api_key_from_env, build_prompts, load_topics, synthesize
         out = self.path("data", "teacher.jsonl")
         out.parent.mkdir(parents=True, exist_ok=True)
         prompts = build_prompts(load_topics(), limit=max(10, self.preset.docs.get("passage", 100) // 10),
                                 seed=self.seed)
         teacher = Teacher(base_url=self.teacher_url, model=self.teacher_model,
                           api_key=api_key_from_env("PHIKIT_TEACHER_API_KEY"))
-        asyncio.run(synthesize(prompts, out, teacher, concurrency=8, seed=self.seed))
+        stats = asyncio.run(synthesize(prompts, out, teacher, concurrency=8, seed=self.seed))
+        if stats.failed:  # finishing the stage now would leave these passages out for good
+            raise TeacherError(f"{stats.failed} of {stats.prompts} teacher prompts are unanswered: rerun the "
+                               f"speedrun to ask for them again")
         return [{"text": r["text"], "kind": "teacher"} for r in read_records([out])]
 
     @staticmethod
@@ -268,9 +283,12 @@ class Speedrun:
                           precision=self.preset.precision, out_dir=str(run_dir), eval_every=50, eval_sequences=32,
                           checkpoint_every=10, keep_last=1, tensorboard=False, seed=self.seed, max_steps=10)
         if max_steps is None:
-            step_seconds = probe_step_seconds(cfg)
-            max_steps = max(20, int(seconds / step_seconds))
-            self.log(f"  {step_seconds * 1000:.0f} ms/step measured: {max_steps} steps fit in {seconds:.0f} s")
+            def measure() -> int:
+                step_seconds = probe_step_seconds(cfg)
+                steps = max(20, int(seconds / step_seconds))
+                self.log(f"  {step_seconds * 1000:.0f} ms/step measured: {steps} steps fit in {seconds:.0f} s")
+                return steps
+            max_steps = planned_steps(run_dir, measure)
         cfg.max_steps = max_steps
         cfg.warmup_steps = min(50, max_steps // 10)
         cfg.checkpoint_every = max(5, max_steps // 5)  # a killed run loses at most a fifth of its steps
@@ -324,7 +342,7 @@ class Speedrun:
         probe = TrainConfig(model="tiny", model_config=self._model_overrides(), data="-", seq_len=self.preset.seq_len,
                             global_batch_size=self.preset.batch, micro_batch_size=self.preset.batch)
         seconds = self.budget(self.preset.sft_share)
-        steps = max(20, int(seconds / probe_step_seconds(probe)))
+        steps = planned_steps(run_dir, lambda: max(20, int(seconds / probe_step_seconds(probe))))
         cfg = SFTConfig(model=str(self.path("model-base")), data=str(self.path("data", "sft.jsonl")),
                         out_dir=str(run_dir), max_length=self.preset.seq_len, batch_size=self.preset.batch,
                         micro_batch_size=self.preset.batch, max_steps=steps, lr=self.preset.sft_lr or self.preset.lr / 2,
@@ -387,6 +405,20 @@ class Speedrun:
         from .speedrun_report import write_report
         report = write_report(self.out, results, self.minutes, time.time() - self.started)
         return {"report": str(report)}
+
+
+def planned_steps(run_dir: Path, measure: Callable[[], int]) -> int:
+    """A training run's step count, measured once and kept in run_dir: a resumed run must keep its schedule
+    (cosine length, checkpoint spacing), which a second throughput probe would change."""
+    plan = Path(run_dir) / "planned_steps.json"
+    if plan.exists():
+        return int(json.loads(plan.read_text())["max_steps"])
+    steps = measure()
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    tmp = plan.with_name(plan.name + ".tmp")
+    tmp.write_text(json.dumps({"max_steps": steps}) + "\n")
+    os.replace(tmp, plan)
+    return steps
 
 
 def probe_step_seconds(cfg, steps: int = 5) -> float:

@@ -10,28 +10,36 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="time budget; pretraining and SFT steps are sized to fit it (default 10)")
     p.add_argument("--out", default="runs/speedrun", help="run directory (default runs/speedrun)")
     p.add_argument("--preset", default="cpu-tiny", choices=list(PRESETS),
-                   help="scale: cpu-tiny (laptop CPU, default), gpu-small, phi-1_5 (see docs/speedrun.md)")
+                   help="scale: micro (a one-minute smoke test), cpu-tiny (laptop CPU, default), gpu-small, "
+                        "phi-1_5 (see docs/speedrun.md)")
     p.add_argument("--teacher-url", default=None,
                    help="OpenAI-compatible base URL of a teacher model that adds synthetic textbook passages "
                         "(key from $PHIKIT_TEACHER_API_KEY)")
     p.add_argument("--teacher-model", default="teacher", help="model name sent to the teacher")
     p.add_argument("--ablation", action="store_true",
                    help="also train on an unfiltered web-like mix with the same compute and compare")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data, held-out sample and initialization (default 0)")
     p.add_argument("--fresh", action="store_true", help="delete the run directory first instead of resuming")
     p.epilog = ("examples:\n  phikit speedrun                       # ~10 minutes on a laptop CPU\n"
                 "  phikit speedrun --minutes 30 --ablation --out runs/long\n"
                 "  phikit speedrun --teacher-url http://127.0.0.1:8000/v1\n\n"
-                "A rerun of the same command skips the stages that finished (kill it at any time).")
+                "A rerun of the same command skips the stages that finished (kill it at any time); adding --ablation\n"
+                "runs only that stage. Other settings need --fresh or another --out.")
 
 
 def run(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
+    from ..cli import CLIError
     from ..speedrun import Speedrun
-    if args.fresh and Path(args.out).exists():
-        shutil.rmtree(args.out)
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        # --out . or --out ~ with --fresh must not delete someone's work: only a speedrun's own directory goes.
+        if not (out / "speedrun.json").is_file() and any(out.iterdir()):
+            raise CLIError(f"--fresh would delete {out}, which is not a speedrun directory (no speedrun.json): "
+                           f"choose another --out, or remove it yourself")
+        shutil.rmtree(out)
     run = Speedrun(out=args.out, minutes=args.minutes, preset=args.preset, teacher_url=args.teacher_url,
                    teacher_model=args.teacher_model, ablation=args.ablation, seed=args.seed)
     results = run.run()

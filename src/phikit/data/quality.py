@@ -16,6 +16,7 @@ import hashlib
 import json
 import random
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,7 +45,8 @@ The extract:
 After examining the extract, briefly justify your total score in up to 100 words, then conclude with the score
 using the format: "Educational score: <total points>"."""
 
-_SCORE = re.compile(r"educational score:\s*([0-5])", re.IGNORECASE)
+# One digit 0-5 and no more digits: "Educational score: 10" is out of range, not a 1.
+_SCORE = re.compile(r"educational score:\s*([0-5])(?![\d])", re.IGNORECASE)
 
 
 def parse_score(reply: str) -> int | None:
@@ -100,11 +102,20 @@ async def _teacher_annotate(texts: Sequence[str], teacher, concurrency: int, max
     rng = random.Random(0)
     bar = tqdm(total=len(texts), desc="annotate", unit="doc")
 
+    from .synth import TeacherError, TeacherRefused
+
     async def one(client, text: str) -> int | None:
         async with sem:
-            res = await teacher.complete(client, [{"role": "user", "content": RUBRIC.format(text=text[:max_chars])}],
-                                         rng)
-            bar.update()
+            try:
+                res = await teacher.complete(client, [{"role": "user",
+                                                       "content": RUBRIC.format(text=text[:max_chars])}], rng)
+            except TeacherRefused:
+                raise
+            except TeacherError as e:  # one document out of retries must not throw away every other annotation
+                print(f"warning: a document was not annotated ({e})", file=sys.stderr)
+                return None
+            finally:
+                bar.update()
             return parse_score(res["text"])
 
     async with teacher.client(concurrency) as client:
@@ -221,7 +232,10 @@ def write_report(report_dir: str | Path, metrics: dict[str, Any], scores: np.nda
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     kept = int(np.sum(scores >= threshold))
-    report = {**metrics, "documents": int(len(scores)), "kept_at_threshold": kept,
+    # heldout_f1 judges the rounded score (FineWeb-Edu), i.e. `filter --threshold T-0.5`; say how many that keeps
+    # too, or F1 would describe a different set of documents than kept_at_threshold (`filter --threshold T`).
+    kept_rounded = int(np.sum(np.rint(scores) >= threshold))
+    report = {**metrics, "documents": int(len(scores)), "kept_at_threshold": kept, "kept_when_rounded": kept_rounded,
               "score_mean": round(float(np.mean(scores)), 4) if len(scores) else None,
               "histogram_png": "score_histogram.png"}
     plot_histogram(scores, threshold, report_dir / "score_histogram.png", title)
@@ -230,7 +244,7 @@ def write_report(report_dir: str | Path, metrics: dict[str, Any], scores: np.nda
     tmp.replace(report_dir / "report.json")
     md = [f"# {title}", "", "| | |", "|---|---|"]
     for key in ("annotations", "annotator", "head", "heldout", "heldout_f1", "heldout_mae", "documents",
-                "kept_at_threshold", "threshold"):
+                "kept_at_threshold", "kept_when_rounded", "threshold"):
         if key in report:
             md.append(f"| {key} | {report[key]} |")
     md += ["", "![score histogram](score_histogram.png)", ""]
@@ -243,8 +257,6 @@ def write_report(report_dir: str | Path, metrics: dict[str, Any], scores: np.nda
 def load_embedding_model(name_or_path: str):
     """(model, tokenizer) from a checkpoint directory, or a randomly initialized preset with the phi tokenizer
     (random features: fine for a demonstration, a trained model gives better ones)."""
-    import sys
-
     from phikit.config import PRESETS, get_config
     from phikit.model import build_model
     from phikit.tokenizer import build_phi_tokenizer

@@ -2,10 +2,11 @@
 
 Prompts are the product of seed topics x audiences x styles (optionally each with a random extract of seed text,
 for diversity, as in the phi-1.5 report). Requests run concurrently (asyncio + httpx) with retries and
-exponential backoff on 429, 5xx, timeouts and dropped connections. Results go to an append-only JSONL that
-survives a crash: each answer is one fsynced line, a torn last line is cut on restart, and a rerun asks only for
-the prompts that have no line yet, so every prompt ends up answered exactly once. Answers that are too short go
-to `<output>.rejected.jsonl` (also counted as done, so they are not asked again).
+exponential backoff on 429, 5xx, timeouts and dropped connections; a teacher never reached at all (a wrong
+URL, a server that is down) and any other 4xx stop the run at once with one message. Results go to an
+append-only JSONL that survives a crash: each answer is one fsynced line, a torn last line is cut on restart,
+and a rerun asks only for the prompts that have no line yet, so every prompt ends up answered exactly once.
+Answers that are too short go to `<output>.rejected.jsonl` (also counted as done, so they are not asked again).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 import random
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -80,6 +81,8 @@ def build_prompts(topics: Sequence[str], audiences: Sequence[str] = AUDIENCES,
     for s in styles:
         if s not in STYLES:
             raise ValueError(f"unknown style {s!r}: choose from {', '.join(STYLES)}")
+    # A topic listed twice would give two prompts with one prompt_id, both answered: a duplicated record.
+    topics, audiences, styles = (list(dict.fromkeys(x)) for x in (topics, audiences, styles))
     combos = [(t, a, s) for t in topics for a in audiences for s in styles]
     rng = random.Random(seed)
     if limit is not None and limit < len(combos):
@@ -108,6 +111,10 @@ class TeacherRefused(TeacherError):
     """The teacher rejected the request itself (a 4xx other than 429): retrying cannot help."""
 
 
+class TeacherUnreachable(TeacherRefused):
+    """No connection to the teacher before any answer: a wrong --base-url or a server that is not running."""
+
+
 @dataclass
 class Teacher:
     """An OpenAI-compatible chat-completions endpoint with retries: 429/5xx/timeouts/connection errors are
@@ -121,12 +128,14 @@ class Teacher:
     max_backoff: float = 30.0
     temperature: float = 0.7
     max_tokens: int = 1024
+    transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False)  # e.g. httpx.MockTransport
+    reached: bool = field(default=False, repr=False)  # set by the first HTTP response of any kind
 
     def client(self, concurrency: int) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         return httpx.AsyncClient(base_url=self.base_url.rstrip("/") + "/", headers=headers, limits=limits,
-                                 timeout=httpx.Timeout(self.timeout))
+                                 timeout=httpx.Timeout(self.timeout), transport=self.transport)
 
     async def complete(self, client: httpx.AsyncClient, messages: list[dict], rng: random.Random,
                        **extra: Any) -> dict[str, Any]:
@@ -138,25 +147,46 @@ class Teacher:
             wait = None
             try:
                 r = await client.post("chat/completions", json=body)
-                if r.status_code == 200:
-                    data = r.json()
-                    choice = data["choices"][0]
-                    return {"text": choice["message"]["content"] or "", "usage": data.get("usage") or {},
-                            "finish_reason": choice.get("finish_reason")}
-                last = f"HTTP {r.status_code}: {r.text[:200]}"
-                if r.status_code != 429 and r.status_code < 500:
-                    raise TeacherRefused(f"the teacher refused the request ({last}): check --model, --base-url "
-                                       f"and the API key")
-                if r.headers.get("retry-after", "").replace(".", "", 1).isdigit():
-                    wait = float(r.headers["retry-after"])
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                # Never reached: retrying every prompt with backoff would take hours to say the URL is wrong.
+                if not self.reached:
+                    raise TeacherUnreachable(f"cannot reach the teacher at {self.base_url} ({type(e).__name__}: "
+                                             f"{e}): check --base-url and that the server is running") from None
+                last = f"{type(e).__name__}: {e}"
             except (httpx.TimeoutException, httpx.TransportError) as e:
                 last = f"{type(e).__name__}: {e}"
-            except (KeyError, IndexError, ValueError) as e:
-                last = f"malformed response ({e})"
+            else:
+                self.reached = True
+                if r.status_code == 200:
+                    try:
+                        return _parse_completion(r)
+                    except (KeyError, IndexError, TypeError, ValueError) as e:
+                        last = f"malformed response ({type(e).__name__}: {e}): {r.text[:200]}"
+                else:
+                    last = f"HTTP {r.status_code}: {r.text[:200]}"
+                    if r.status_code != 429 and r.status_code < 500:  # the request itself is wrong
+                        raise TeacherRefused(f"the teacher refused the request ({last}): check --model, "
+                                             f"--base-url and the API key")
+                    if r.headers.get("retry-after", "").replace(".", "", 1).isdigit():
+                        wait = float(r.headers["retry-after"])
             if attempt < self.max_retries:
-                delay = wait if wait is not None else min(self.max_backoff, self.backoff * 2 ** attempt)
-                await asyncio.sleep(delay * (0.5 + rng.random()))
+                if wait is not None:  # the server said how long: jitter only upwards, never sooner
+                    await asyncio.sleep(wait * (1 + 0.25 * rng.random()))
+                else:
+                    await asyncio.sleep(min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + rng.random()))
         raise TeacherError(f"gave up after {self.max_retries + 1} attempts: {last}")
+
+
+def _parse_completion(r: httpx.Response) -> dict[str, Any]:
+    """{'text', 'usage', 'finish_reason'} of a 200 reply; raises on any other shape (then retried)."""
+    data = r.json()
+    choice = data["choices"][0]
+    text = choice["message"]["content"] or ""
+    if not isinstance(text, str):
+        raise TypeError(f"message content is {type(text).__name__}, not a string")
+    usage = data.get("usage")
+    return {"text": text, "usage": usage if isinstance(usage, dict) else {},
+            "finish_reason": choice.get("finish_reason")}
 
 
 @dataclass
@@ -191,6 +221,9 @@ async def synthesize(prompts: list[dict[str, Any]], output: str | Path, teacher:
     """Answer every prompt not yet in `output`; see the module docstring for the guarantees."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    if not str(output).endswith((".jsonl", ".ndjson")):  # the log is appended line by line: JSONL only
+        raise ValueError(f"synth writes JSONL: name the output .jsonl, not {Path(output).name} (convert it "
+                         f"afterwards, e.g. with `phikit data dedup ... --output x.parquet`)")
     stats = SynthStats(prompts=len(prompts))
     done = done_ids(output)
     todo = [p for p in prompts if p["prompt_id"] not in done]
@@ -233,7 +266,13 @@ async def synthesize(prompts: list[dict[str, Any]], output: str | Path, teacher:
                         stats.written += 1
                     bar.update()
 
-            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(todo)) or 1)))
+            tasks = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, len(todo)) or 1)]
+            try:
+                await asyncio.gather(*tasks)
+            finally:  # one worker stopped the run (a refusal): stop the others before the logs close
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
     bar.close()
     return stats
 
