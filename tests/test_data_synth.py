@@ -192,3 +192,24 @@ def test_refusal_stops_a_run_and_other_outputs_are_refused(tmp_path):
     assert _lines(tmp_path / "s.jsonl") == []
     with pytest.raises(ValueError, match="synth writes JSONL"):  # lines appended to a .parquet name are no parquet
         asyncio.run(synth.synthesize(prompts, tmp_path / "s.parquet", teacher, progress=False))
+
+
+def test_overwrite_starts_over(tmp_path, teacher_url):
+    """A rerun resumes (answered prompts are kept); --overwrite asks every prompt again."""
+    from phikit.cli import main
+    topics = tmp_path / "topics.txt"
+    topics.write_text("fractions\n")
+    out = tmp_path / "synth.jsonl"
+    prompt = synth.build_prompts(["fractions"], ["children"], ["textbook"])[0]
+    out.write_text(json.dumps({"prompt_id": prompt["prompt_id"], "text": "a stale answer"}) + "\n")
+    synth.rejected_path(out).write_text(json.dumps({"prompt_id": "gone", "reason": "old"}) + "\n")
+    args = ["data", "synth", "--base-url", teacher_url + "/v1", "--model", "tiny", "--max-tokens", "12",
+            "--temperature", "0", "--topics", str(topics), "--audiences", "children", "--styles", "textbook",
+            "--timeout", "1", "--max-retries", "30", "--retry-backoff", "0.05", "--min-words", "1",
+            "--output", str(out)]
+    assert main(args) == 0
+    assert [r["text"] for r in _lines(out)] == ["a stale answer"]  # resumed: nothing left to ask
+    assert main(args + ["--overwrite"]) == 0
+    answers = _lines(out) + _lines(synth.rejected_path(out))
+    assert [r["prompt_id"] for r in answers] == [prompt["prompt_id"]]
+    assert answers[0].get("text") != "a stale answer"

@@ -155,6 +155,9 @@ def _synth(args) -> int:
 
     from phikit.data import synth
 
+    if args.overwrite:  # start over: without it a rerun resumes, answering only the prompts still missing
+        for path in (Path(args.output), synth.rejected_path(args.output)):
+            path.unlink(missing_ok=True)
     topics = synth.load_topics(args.topics)
     audiences = [a.strip() for a in args.audiences.split(",")] if args.audiences else synth.AUDIENCES
     styles = [s.strip() for s in args.styles.split(",")] if args.styles else list(synth.STYLES)
