@@ -152,19 +152,30 @@ def test_segment_ids_isolate_packed_documents():
     assert (out[:, 7:] - sep_b).abs().max() <= 1e-4
 
 
-def test_fp16_attention_scores_do_not_overflow():
-    # Large activations make q.k^T exceed the fp16 range; scores are computed in fp32 so logits stay finite.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_attention_scores_do_not_overflow(device):
+    # Large activations make q.k^T exceed the fp16 range (phi-2's failure in fp16); scores are computed in fp32
+    # (the CPU paths upcast, CUDA's fused kernels accumulate in fp32), so logits stay finite: for a prompt, with
+    # attentions returned, and for decoding steps on the KV cache.
     _, ours = make_pair(**SHAPES["phi-2-like"])
     with torch.no_grad():
         for layer in ours.model.layers:
             layer.self_attn.q_proj.weight.mul_(300.0)
             layer.self_attn.k_proj.weight.mul_(300.0)
-    ours = ours.half()
-    ids = torch.randint(0, 512, (1, 12))
+    ours = ours.half().to(device)
+    ids = torch.randint(0, 512, (1, 12), device=device)
     with torch.no_grad():
+        q = ours.model.layers[0].self_attn.q_proj(ours.model.layers[0].input_layernorm(ours.model.embed_tokens(ids)))
+        head = q[..., :80]  # one head's queries (keys are scaled alike): their fp16 products overflow
+        assert not torch.isfinite(head @ head.transpose(-1, -2)).all()
         out = ours(ids, output_attentions=True)
-        fast = ours(ids)
+        fast = ours(ids, use_cache=True)
+        step = ours(ids[:, :1], past_key_values=fast.past_key_values, use_cache=True)
     assert torch.isfinite(out.logits).all() and torch.isfinite(fast.logits).all()
+    assert torch.isfinite(step.logits).all()
 
 
 def test_presets_have_the_released_sizes():

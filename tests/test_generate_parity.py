@@ -1,6 +1,8 @@
 """Decoding against transformers' generate: greedy (batched, left-padded), beam search, logprobs."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from phikit.generate import complete
 transformers = pytest.importorskip("transformers")
 
 PROMPTS = ["def fibonacci(n):", "The capital of France is a city that", "x"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +35,15 @@ def _left_padded(tokenizer, prompts):
     return ids, mask
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_greedy_batched_left_padded_equals_transformers(models, phi_tokenizer, compile):
-    """compile=True decodes through torch.compile over a fixed-shape cache: the same tokens and logprobs."""
+def test_greedy_batched_left_padded_equals_transformers(models, phi_tokenizer, compile, device):
+    """compile=True decodes through torch.compile over a fixed-shape cache: the same tokens and logprobs (on the
+    CPU, and on CUDA where there is a GPU)."""
     ours, ref = models
-    ids, mask = _left_padded(phi_tokenizer, PROMPTS)
+    if device != "cpu":
+        ours, ref = copy.deepcopy(ours).to(device), copy.deepcopy(ref).to(device)
+    ids, mask = (t.to(device) for t in _left_padded(phi_tokenizer, PROMPTS))
     out = ref.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, num_beams=1,
                        pad_token_id=phi_tokenizer.eos_token_id, eos_token_id=None, output_logits=True,
                        return_dict_in_generate=True)
@@ -48,7 +55,7 @@ def test_greedy_batched_left_padded_equals_transformers(models, phi_tokenizer, c
         assert completion.finish_reason == "length"
         assert completion.text == phi_tokenizer.decode(expected[row].tolist())
         ref_logprobs = torch.stack([torch.log_softmax(step[row].float(), -1)[tok]
-                                    for step, tok in zip(out.logits, expected[row])])
+                                    for step, tok in zip(out.logits, expected[row])]).cpu()
         torch.testing.assert_close(torch.tensor(completion.logprobs), ref_logprobs, atol=1e-4, rtol=1e-4)
 
 
