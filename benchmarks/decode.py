@@ -158,11 +158,18 @@ def timing_row(engine: Timed, batch: int, prompt_len: int, new_tokens: int, wbyt
     """One engine's JSON row (also printed): speeds from its timings, and the fraction of the bandwidth floor for
     reading `wbytes` once per step."""
     decode_s = (engine.tn - engine.t1) / (new_tokens - 1)  # per step (one token per row)
+    if decode_s <= 0:
+        # The two timings are separate minima: with few new tokens the noise can exceed the steps. A negative
+        # speed would be nonsense, so the decode figures are left out (null) and the ratios skip them.
+        print(f"{engine.name}: {new_tokens} new tokens are too few to time a step apart from the prompt's pass; "
+              "use more --new-tokens or --repeats", file=sys.stderr)
+    timed = decode_s > 0
     row = {"engine": engine.name, "batch": batch,
-           "prefill_tok_s": round(batch * prompt_len / engine.t1, 2), "decode_tok_s": round(batch / decode_s, 2),
-           "ms_per_step": round(decode_s * 1000, 2), "end_to_end_s": round(engine.tn, 2),
+           "prefill_tok_s": round(batch * prompt_len / engine.t1, 2),
+           "decode_tok_s": round(batch / decode_s, 2) if timed else None,
+           "ms_per_step": round(decode_s * 1000, 2) if timed else None, "end_to_end_s": round(engine.tn, 2),
            "weights_mb": round(wbytes / 2**20), **extra,
-           "floor_fraction": round((wbytes / (bandwidth * 1e9)) / decode_s, 3)}
+           "floor_fraction": round((wbytes / (bandwidth * 1e9)) / decode_s, 3) if timed else None}
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
 
@@ -279,10 +286,17 @@ def main() -> None:
     p.add_argument("--compile", action="store_true",
                    help="also time phikit with compile=True (rows phikit-MODE-compiled; compile time not counted)")
     args = p.parse_args()
+    if args.new_tokens < 2:  # decode speed is the time of tokens 2..N beyond the first
+        p.error(f"--new-tokens must be >= 2, got {args.new_tokens}")
+    if args.repeats < 1 or args.prompt_len < 1:
+        p.error("--repeats and --prompt-len must be >= 1")
     args.llama_types = [t for t in args.llama_types.split(",") if t]  # "" skips llama.cpp
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     modes = (args.modes or ("fp16,bf16,int8" if cuda else "fp32,bf16,int8,int4")).split(",")
+    unknown = [m for m in modes if m not in DTYPES and m not in MODES]
+    if unknown:  # before the bandwidth test and the model, which take a while
+        p.error(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join([*DTYPES, *MODES])}")
     batches = [int(b) for b in args.batches.split(",")]
     hf_batches = {int(b) for b in args.transformers_batches.split(",")}
 
@@ -297,7 +311,7 @@ def main() -> None:
     base = build_model(config, seed=0, device=args.device)  # fp32 master copy
     gen = torch.Generator().manual_seed(0)
     rows = []
-    results = {"preset": args.preset, "device": args.device, "threads": args.threads,
+    results = {"benchmark": "decode", "preset": args.preset, "device": args.device, "threads": args.threads,
                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "bandwidth_gbs": round(bandwidth, 1),
                "cpu_kernels": dataclasses.asdict(kernels) if kernels else None}
     for mode in modes:

@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--skip-mc", action="store_true")
     ap.add_argument("--skip-sandbox", action="store_true")
     args = ap.parse_args()
+    if args.items < 1 or args.workers < 1:
+        ap.error("--items and --workers must be >= 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     torch.set_num_threads(os.cpu_count() or 1)

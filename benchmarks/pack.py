@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds of (peer, pack); each side's best round is reported, with the spread")
     args = ap.parse_args()
+    if min(args.docs, args.workers, args.tasks, args.repeat) < 1:
+        ap.error("--docs, --workers, --tasks and --repeat must be >= 1")
 
     peer_runs, pack_runs = [], []
     with tempfile.TemporaryDirectory() as tmp:

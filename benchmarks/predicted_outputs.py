@@ -68,6 +68,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    if args.repeats < 1 or args.new_tokens < 1:
+        p.error("--repeats and --new-tokens must be >= 1")
     torch.set_num_threads(args.threads)
     if args.model:
         import phikit

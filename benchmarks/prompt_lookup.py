@@ -46,6 +46,12 @@ def cumulative(values):
 '''
 
 
+def tokens_per_pass(tokens: int, passes: int) -> float:
+    """Tokens per decoding pass: the prompt's pass makes the first token, so it and that token are left out
+    (plain greedy decoding is then exactly 1, a guesser that is always right N + 1)."""
+    return round((tokens - 1) / max(1, passes - 1), 2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="phi-1_5", help="random weights of this shape (default: phi-1_5)")
@@ -57,6 +63,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    if args.repeats < 1 or args.new_tokens < 1:
+        p.error("--repeats and --new-tokens must be >= 1")
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.model:
@@ -97,7 +105,7 @@ def main() -> None:
             if out.token_ids != answer:
                 print(f"{label}: the tokens differ from greedy decoding's (a near-tie rounded the other way)",
                       file=sys.stderr)
-            stats[label] = {"passes": len(passes), "tokens_per_pass": round(len(answer) / max(1, len(passes) - 1), 2)}
+            stats[label] = {"passes": len(passes), "tokens_per_pass": tokens_per_pass(len(answer), len(passes))}
     generation._lookup_draft = real_guess
     hook.remove()
     rows = []

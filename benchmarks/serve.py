@@ -118,6 +118,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the server (default: 1; 0: torch's)")
     ap.add_argument("--compile", action="store_true", help="start the server with --compile")
     args = ap.parse_args()
+    if args.clients < 1 or args.max_tokens < 1:
+        ap.error("--clients and --max-tokens must be >= 1")
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else make_checkpoint(Path(tmp))

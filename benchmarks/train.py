@@ -54,11 +54,20 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3, help="steps per timed round")
     ap.add_argument("--ablation", action="store_true", help="also time phikit with the plain (unfused) loss")
     args = ap.parse_args()
+    if min(args.rounds, args.steps, args.batch, args.seq_len) < 1:
+        ap.error("--rounds, --steps, --batch and --seq-len must be >= 1")
+    # The random shards and the trainer's run directory are scratch: removed however the run ends.
+    with tempfile.TemporaryDirectory(prefix="phikit-bench-train-") as tmp:
+        result = measure(args, Path(tmp))
+    print(json.dumps(result))
+    return 0
 
+
+def measure(args: argparse.Namespace, work: Path) -> dict:
+    """Time each variant in alternating rounds; the JSON result."""
     device = torch.device(args.device)
     config = get_config(args.preset)
     amp = torch.bfloat16 if args.precision == "bf16" else None
-    work = Path(tempfile.mkdtemp(prefix="phikit-bench-train-"))
     shards = write_random_shards(work, min(config.vocab_size, 50000), 2_000_000)
     common = dict(model=args.preset, data=str(shards), seq_len=args.seq_len, global_batch_size=args.batch,
                   micro_batch_size=args.batch, max_steps=10**6, lr=2e-4, betas=[0.9, 0.98], eps=1e-7,
@@ -122,8 +131,7 @@ def main() -> int:
         result[f"{name}_mfu"] = round(best * flops / peak, 4)
     result["speedup_vs_transformers"] = round(max(rates["phikit"]) / max(rates["transformers"]), 3)
     result["speedup_median"] = round(statistics.median(rates["phikit"]) / statistics.median(rates["transformers"]), 3)
-    print(json.dumps(result))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

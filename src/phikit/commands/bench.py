@@ -14,14 +14,19 @@ def _available() -> list[str]:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", help=f"benchmark: {', '.join(_available()) or 'decode, serve, eval, pack, train'}")
+    # Optional, so that a bare `phikit bench` names the benchmarks instead of argparse's "name, rest are required".
+    names = ", ".join(_available()) or "decode, serve, eval, pack, train"
+    p.add_argument("name", nargs="?", help=f"benchmark: {names}")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark (see NAME --help)")
     p.epilog = "examples:\n  phikit bench decode\n  phikit bench decode --help"
 
 
 def run(args: argparse.Namespace) -> int:
+    choices = ", ".join(_available()) or "none found"
+    if not args.name:
+        raise ValueError(f"name a benchmark: phikit bench NAME, NAME one of {choices}")
     script = BENCH_DIR / f"{args.name}.py"
     if not script.exists():
-        raise ValueError(f"no benchmark named {args.name!r}: choose one of {', '.join(_available()) or 'none found'} "
+        raise ValueError(f"no benchmark named {args.name!r}: choose one of {choices} "
                          "(benchmarks/ lives in the source checkout)")
     return subprocess.call([sys.executable, str(script), *args.rest])
