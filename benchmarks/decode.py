@@ -174,6 +174,15 @@ def timing_row(engine: Timed, batch: int, prompt_len: int, new_tokens: int, wbyt
     return row
 
 
+@torch.inference_mode()
+def finite_logits(model, ids: torch.Tensor) -> bool:
+    """Whether the prompt's logits and one decoding step's are all finite (phi-2 in fp16 overflows q.k^T into NaN
+    where attention scores are not kept in fp32)."""
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    step = model(out.logits[:, -1].argmax(-1, keepdim=True), past_key_values=out.past_key_values, use_cache=True)
+    return bool(torch.isfinite(out.logits).all() and torch.isfinite(step.logits).all())
+
+
 def phikit_fn(model, tokenizer, prompts, compile: bool = False):
     return lambda n: complete(model, tokenizer, prompts, max_new_tokens=n, stop_token_ids=[], compile=compile)
 
@@ -283,6 +292,8 @@ def main() -> None:
                    help="GGUF types llama.cpp runs (\"\" for none); each runs in the turns of the phikit mode of "
                         "equal bits (f32: fp32, bf16: bf16, q8_0: int8, q4_0: int4) when that mode runs")
     p.add_argument("--agreement", action="store_true", help="measure int8/int4 greedy agreement with fp32")
+    p.add_argument("--check-finite", action="store_true",
+                   help="check each format's logits for NaN/inf on the prompt and a decoding step (exit 1 if not)")
     p.add_argument("--compile", action="store_true",
                    help="also time phikit with compile=True (rows phikit-MODE-compiled; compile time not counted)")
     args = p.parse_args()
@@ -326,6 +337,9 @@ def main() -> None:
             model.model.rotary_emb = type(base.model.rotary_emb)(config.rotary_dim, config.rope_theta).to(args.device)
             quantize_model(model, mode)
         model.eval()
+        if args.check_finite:
+            ids = torch.randint(0, min(50000, config.vocab_size), (1, args.prompt_len), generator=gen)
+            results.setdefault("finite", {})[mode] = finite_logits(model, ids.to(args.device))
         first_rows = None
         for b in batches:
             ids = torch.randint(0, min(50000, config.vocab_size), (b, args.prompt_len), generator=gen).to(args.device)
@@ -415,6 +429,8 @@ def main() -> None:
     if args.agreement:
         results["agreement"] = agreement([m for m in modes if m in MODES] or list(MODES))
     print(json.dumps(results))
+    if not all(results.get("finite", {}).values()):
+        sys.exit(f"non-finite logits in {', '.join(m for m, ok in results['finite'].items() if not ok)}")
 
 
 if __name__ == "__main__":

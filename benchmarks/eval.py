@@ -114,7 +114,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
-    out = {"bench": "eval", "threads": torch.get_num_threads()}
+    out = {"benchmark": "eval", "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_mc:
             out["multiple_choice"] = bench_multiple_choice(args.preset, args.items, Path(tmp) / "mc")

@@ -121,7 +121,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         peaks.append(matmul_peak_flops(device, amp or torch.float32))
     peak = max(peaks)
     flops = config.flops_per_token(args.seq_len)
-    result = {"bench": "train", "preset": args.preset, "parameters": config.num_parameters(),
+    result = {"benchmark": "train", "preset": args.preset, "parameters": config.num_parameters(),
               "seq_len": args.seq_len, "batch": args.batch, "precision": args.precision, "device": str(device),
               "threads": torch.get_num_threads(), "matmul_peak_gflops": round(peak / 1e9, 1)}
     for name, r in rates.items():

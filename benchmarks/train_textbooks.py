@@ -86,7 +86,7 @@ def main() -> int:
     acc_trained = arithmetic_accuracy(trained, trained_tok, problems)
     acc_untrained = arithmetic_accuracy(untrained, tok, problems)
     sample = generate(trained, trained_tok, problems[0]["prompt"], max_new_tokens=80, stop=["Question:"])
-    result = {"bench": "train_textbooks", "preset": args.preset, "parameters": summary["parameters"],
+    result = {"benchmark": "train_textbooks", "preset": args.preset, "parameters": summary["parameters"],
               "tokens": summary["tokens"], "train_seconds": round(train_s, 1),
               "val_loss": round(summary["val_loss"], 4), "unigram_loss": round(summary["unigram_loss"], 4),
               "val_bpb": round(summary["val_bpb"], 4), "arithmetic_accuracy": acc_trained,

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 from phikit.cli import main as cli_main
 
@@ -89,5 +90,16 @@ def test_train_bench_leaves_no_scratch_files(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     out = run_main(monkeypatch, capsys, "train", "--preset", "tiny", "--seq-len", "16", "--batch", "1",
                    "--rounds", "1", "--steps", "1")
-    assert out["bench"] == "train" and out["phikit_tokens_per_s"] > 0
+    assert out["benchmark"] == "train" and out["phikit_tokens_per_s"] > 0
     assert list(tmp_path.glob("phikit-bench-train-*")) == []  # the random shards were left in /tmp on every run
+
+
+def test_decode_check_finite_reports_each_format_and_fails_on_nan(monkeypatch, capsys):
+    out = run_main(monkeypatch, capsys, "decode", *TINY_DECODE, "--modes", "fp32,fp16", "--new-tokens", "3",
+                   "--repeats", "1", "--check-finite")
+    assert out["finite"] == {"fp32": True, "fp16": True}
+    decode = bench_module("decode")
+    model = decode.build_model(decode.get_config("tiny")).eval()
+    with torch.no_grad():
+        model.lm_head.bias.fill_(float("nan"))
+    assert decode.finite_logits(model, torch.tensor([[1, 2, 3]])) is False

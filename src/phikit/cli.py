@@ -19,7 +19,7 @@ VERBS: dict[str, str] = {
     "dpo": "direct preference optimization on preference pairs",
     "merge": "fold a LoRA adapter into base weights",
     "eval": "benchmarks: multiple choice, HumanEval/MBPP, GSM8K, perplexity, toxicity",
-    "bench": "speed benchmarks side by side with peers (decode, serve, eval, pack, train)",
+    "bench": "speed benchmarks side by side with peers (decode, kernels, serve, eval, pack, train, ...)",
     "speedrun": "one command from nothing to a phi model you can talk to",
 }
 
