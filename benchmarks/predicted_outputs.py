@@ -24,12 +24,10 @@ import json
 import sys
 import time
 
-import torch
-
-from phikit import build_model, get_config
 from phikit.sampling import SamplingParams
 from phikit.serve.engine import Engine, Group
-from phikit.tokenizer import build_phi_tokenizer
+
+from lm_setup import add_model_arguments, parse_and_load
 
 DEFAULT_PROMPT = "Rename `total` to `running_sum` and return the code:\n\ndef cumulative(values):\n"
 
@@ -61,26 +59,9 @@ def edit(text: str, every: int = 10) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="phi-1_5", help="random weights of this shape (default: phi-1_5)")
-    p.add_argument("--model", default=None, help="a trained checkpoint instead of random weights")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    if args.repeats < 1 or args.new_tokens < 1:
-        p.error("--repeats and --new-tokens must be >= 1")
-    torch.set_num_threads(args.threads)
-    if args.model:
-        import phikit
-        model, tokenizer = phikit.load(args.model)
-        name = args.model
-    else:
-        tokenizer = build_phi_tokenizer()
-        config = get_config(args.preset, vocab_size=51200, tokenizer_vocab_size=len(tokenizer))
-        model = build_model(config, seed=0)
-        name = f"random {args.preset}"
-    engine = Engine(model.eval(), tokenizer, max_batch=1)
+    add_model_arguments(p, DEFAULT_PROMPT)
+    args, model, tokenizer, name = parse_and_load(p)
+    engine = Engine(model, tokenizer, max_batch=1)
     engine.start()
     try:
         prompt = tokenizer.encode(args.prompt)

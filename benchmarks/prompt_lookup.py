@@ -24,12 +24,11 @@ import json
 import sys
 import time
 
-import torch
 
 import phikit.generate as generation
-from phikit import build_model, get_config
 from phikit.generate import complete
-from phikit.tokenizer import build_phi_tokenizer
+
+from lm_setup import add_model_arguments, parse_and_load
 
 DEFAULT_PROMPT = '''Rename the variable `total` to `running_sum` in this function and return the code:
 
@@ -54,29 +53,10 @@ def tokens_per_pass(tokens: int, passes: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="phi-1_5", help="random weights of this shape (default: phi-1_5)")
-    p.add_argument("--model", default=None, help="a trained checkpoint instead of random weights")
+    add_model_arguments(p, DEFAULT_PROMPT)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--draft", default="8", help="comma list of N for prompt_lookup=N (default: 8)")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    if args.repeats < 1 or args.new_tokens < 1:
-        p.error("--repeats and --new-tokens must be >= 1")
-    torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    if args.model:
-        import phikit
-        model, tokenizer = phikit.load(args.model, dtype=args.dtype)
-        name = args.model
-    else:
-        tokenizer = build_phi_tokenizer()
-        config = get_config(args.preset, vocab_size=51200, tokenizer_vocab_size=len(tokenizer))  # phi's vocabulary
-        model = build_model(config, seed=0).to(dtype)
-        name = f"random {args.preset}"
-    model.eval()
+    args, model, tokenizer, name = parse_and_load(p)
     prompt = tokenizer.encode(args.prompt)
     kw = dict(max_new_tokens=args.new_tokens, stop_token_ids=[])
     answer = complete(model, tokenizer, [prompt], **kw)[0].token_ids  # also the warm-up

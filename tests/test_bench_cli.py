@@ -17,6 +17,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def bench_module(name: str) -> ModuleType:
+    if str(BENCH) not in sys.path:  # as `python benchmarks/NAME.py` has it: shared helpers import by name
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(f"phikit_bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
