@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import torch
 
+from .files import write_text_atomic
+
 EVAL_KINDS = ("arithmetic_easy", "arithmetic", "word_problem", "python")
 STAGES = ("data", "tokenizer", "pack", "pretrain", "sft", "eval", "ablation", "report")
 
@@ -127,9 +129,7 @@ class Speedrun:
                 raise ValueError(f"{self.out} holds a speedrun made with {was}: rerun it with those settings to "
                                  f"resume it, pass --fresh to start over, or choose another --out")
             plan["ablation"] = self.ablation or bool(old.get("ablation"))
-        tmp = self.path("speedrun.json.tmp")
-        tmp.write_text(json.dumps(plan, indent=2) + "\n")
-        os.replace(tmp, self.path("speedrun.json"))
+        write_text_atomic(self.path("speedrun.json"), json.dumps(plan, indent=2) + "\n")
         results = {}
         stages = [s for s in STAGES if s != "ablation" or self.ablation]
         ran = False
@@ -415,9 +415,7 @@ def planned_steps(run_dir: Path, measure: Callable[[], int]) -> int:
         return int(json.loads(plan.read_text())["max_steps"])
     steps = measure()
     plan.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plan.with_name(plan.name + ".tmp")
-    tmp.write_text(json.dumps({"max_steps": steps}) + "\n")
-    os.replace(tmp, plan)
+    write_text_atomic(plan, json.dumps({"max_steps": steps}) + "\n")
     return steps
 
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from tokenizers import (AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors,
                         trainers)
+
+from .files import write_text_atomic
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -85,7 +86,7 @@ class Tokenizer:
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"{directory} is a file: give a directory for tokenizer.json and tokenizer_config.json")
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(directory / "tokenizer.json", self.backend.to_str(pretty=True))
+        write_text_atomic(directory / "tokenizer.json", self.backend.to_str(pretty=True))
         cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": EOS_TOKEN,
@@ -99,7 +100,7 @@ class Tokenizer:
         }
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
-        _atomic_write(directory / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
+        write_text_atomic(directory / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
@@ -222,9 +223,3 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
     if whitespace_tokens:
         tok.add_tokens([AddedToken(t, normalized=False) for t in phi_whitespace_tokens()])
     return Tokenizer(tok)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

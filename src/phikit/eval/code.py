@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..files import write_text_atomic
 from .data import load_split
-from .report import atomic_write_text
 from .sandbox import SandboxPool, SandboxResult
 
 HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # the harness's (and Codex paper's) stops
@@ -111,7 +111,7 @@ def score_samples(samples_file: str | Path, problems: dict[str, dict] | None = N
     results = run_programs([humaneval_program(problems[s["task_id"]], s["completion"]) for s in samples], workers,
                            timeout)
     out_path = Path(str(samples_file) + "_results.jsonl")
-    atomic_write_text(out_path, "".join(json.dumps({**s, "result": official_result(r), "passed": r.passed}) + "\n"
+    write_text_atomic(out_path, "".join(json.dumps({**s, "result": official_result(r), "passed": r.passed}) + "\n"
                                         for s, r in zip(samples, results)))
     return summarize([s["task_id"] for s in samples], [r.passed for r in results], ks), out_path
 

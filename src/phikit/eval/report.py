@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from ..files import write_text_atomic
 
 # Tables 2-4 of "Textbooks Are All You Need II" (phi-1.5 technical report): zero-shot acc (MMLU 2-shot),
 # GSM8K via coding and HumanEval/MBPP pass@1 in percent there, stored here as fractions.
@@ -71,27 +71,9 @@ def write_report(results: dict, output: str | Path) -> tuple[Path, Path]:
         if table:
             md += f"\n## Beside the phi-1.5 report (Tables 2-4)\n\n{table}\n"
     md_path = output.with_suffix(".md")
-    atomic_write_text(output, json.dumps(_finite(results), indent=1) + "\n")
-    atomic_write_text(md_path, md)
+    write_text_atomic(output, json.dumps(_finite(results), indent=1) + "\n")
+    write_text_atomic(md_path, md)
     return output, md_path
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `path` whole or not at all: a temporary file beside it, synced, then renamed over it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # else a crash right after the rename can leave an empty file
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are as readable as any file we write
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _finite(obj):

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..files import write_text_atomic
 from .chat_data import (IGNORE_INDEX, Example, add_chatml_tokens, build_sft_examples, collate_packed,
                         collate_padded, pack_examples, read_records)
 
@@ -214,9 +215,7 @@ def check_run_dir(run_dir: str | Path, resume: bool) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def prepare_policy(model, tokenizer, cfg) -> tuple[Any, list[int]]:
