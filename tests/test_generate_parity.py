@@ -35,6 +35,23 @@ def _left_padded(tokenizer, prompts):
     return ids, mask
 
 
+def _check_greedy_equals_transformers(ours, ref, tokenizer, prompts, device, compile):
+    ids, mask = (t.to(device) for t in _left_padded(tokenizer, prompts))
+    out = ref.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, num_beams=1,
+                       pad_token_id=tokenizer.eos_token_id, eos_token_id=None, output_logits=True,
+                       return_dict_in_generate=True)
+    expected = out.sequences[:, ids.shape[1]:]
+    got = complete(ours, tokenizer, prompts, max_new_tokens=24, stop_token_ids=[], return_logprobs=True,
+                   compile=compile)
+    for row, completion in enumerate(got):
+        assert completion.token_ids == expected[row].tolist()
+        assert completion.finish_reason == "length"
+        assert completion.text == tokenizer.decode(expected[row].tolist())
+        ref_logprobs = torch.stack([torch.log_softmax(step[row].float(), -1)[tok]
+                                    for step, tok in zip(out.logits, expected[row])]).cpu()
+        torch.testing.assert_close(torch.tensor(completion.logprobs), ref_logprobs, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_greedy_batched_left_padded_equals_transformers(models, phi_tokenizer, compile, device):
@@ -43,20 +60,27 @@ def test_greedy_batched_left_padded_equals_transformers(models, phi_tokenizer, c
     ours, ref = models
     if device != "cpu":
         ours, ref = copy.deepcopy(ours).to(device), copy.deepcopy(ref).to(device)
-    ids, mask = (t.to(device) for t in _left_padded(phi_tokenizer, PROMPTS))
-    out = ref.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, num_beams=1,
-                       pad_token_id=phi_tokenizer.eos_token_id, eos_token_id=None, output_logits=True,
-                       return_dict_in_generate=True)
-    expected = out.sequences[:, ids.shape[1]:]
-    got = complete(ours, phi_tokenizer, PROMPTS, max_new_tokens=24, stop_token_ids=[], return_logprobs=True,
-                   compile=compile)
-    for row, completion in enumerate(got):
-        assert completion.token_ids == expected[row].tolist()
-        assert completion.finish_reason == "length"
-        assert completion.text == phi_tokenizer.decode(expected[row].tolist())
-        ref_logprobs = torch.stack([torch.log_softmax(step[row].float(), -1)[tok]
-                                    for step, tok in zip(out.logits, expected[row])]).cpu()
-        torch.testing.assert_close(torch.tensor(completion.logprobs), ref_logprobs, atol=1e-4, rtol=1e-4)
+    _check_greedy_equals_transformers(ours, ref, phi_tokenizer, PROMPTS, device, compile)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_decoding_reuses_kept_caches(models, phi_tokenizer, device, monkeypatch):
+    """Compiled decoding on CUDA keeps one cache per batch size and capacity on the model (CUDA graphs replay
+    fixed addresses); the next call of that shape takes it, zeroed, and still equals transformers, although the
+    cache holds the last call's keys and values (shorter prompts: stale columns sit where the mask must hide
+    them). Kept on the CPU too here, to test the bookkeeping without a GPU."""
+    import phikit.generate as generate_module
+
+    ours, ref = copy.deepcopy(models[0]).to(device), copy.deepcopy(models[1]).to(device)
+    monkeypatch.setattr(generate_module, "_keeps_static_caches", lambda device: True)
+    _check_greedy_equals_transformers(ours, ref, phi_tokenizer, PROMPTS, device, compile=True)
+    kept = dict(ours.__dict__["_static_decode_caches"])
+    assert len(kept) == 1
+    shorter = ["def f(x):", "A", "Once upon"]
+    _check_greedy_equals_transformers(ours, ref, phi_tokenizer, shorter, device, compile=True)
+    assert ours.__dict__["_static_decode_caches"] == kept  # the same cache object, taken and given back
+    generate_module.free_decode_caches(ours)
+    assert "_static_decode_caches" not in ours.__dict__
 
 
 @pytest.mark.parametrize("length_penalty,early_stopping",

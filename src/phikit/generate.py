@@ -12,6 +12,7 @@ default) or a stop string (matched on the decoded text, across token boundaries,
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 from dataclasses import dataclass, field
@@ -158,13 +159,53 @@ class _TextTracker:
 
 
 def _compiled_step(model: PhiForCausalLM):
-    """torch.compile of the model's fixed-shape decoding step, made once per model (shapes: one graph per batch
-    size and cache capacity, which _cache_capacity rounds to a power of two)."""
-    step = model.__dict__.get("_compiled_decode_step")
-    if step is None:
-        step = model.compile_forward_static(dynamic=False)
-        model.__dict__["_compiled_decode_step"] = step
-    return step
+    """torch.compile of the model's fixed-shape decoding step, made once per model and device type (shapes: one
+    graph per batch size and cache capacity, which _cache_capacity rounds to a power of two). On CUDA the graph is
+    also captured as a CUDA graph ("reduce-overhead"): a phi-1.5 step launches some 300 kernels, whose launch
+    cost would otherwise exceed the GPU's time to read the weights."""
+    steps = model.__dict__.setdefault("_compiled_decode_steps", {})
+    device_type = model.device.type
+    if device_type not in steps:
+        steps[device_type] = model.compile_forward_static(
+            dynamic=False, mode="reduce-overhead" if device_type == "cuda" else None)
+    return steps[device_type]
+
+
+def _keeps_static_caches(device: torch.device) -> bool:
+    """Whether compiled decoding keeps its caches on the model between calls: CUDA graphs replay fixed addresses,
+    so a cache kept per batch size and capacity is recorded once; elsewhere a new cache costs nothing to trace."""
+    return device.type == "cuda"
+
+
+@contextlib.contextmanager
+def _static_cache(model: PhiForCausalLM, batch_size: int, capacity: int) -> Iterator[KVCache]:
+    """A zeroed cache of this shape for compiled decoding: the model's kept one (taken out while in use, so a
+    second thread decoding the same shape gets its own) where _keeps_static_caches, else a new one."""
+    dtype, device = _cache_dtype(model), model.device
+    if not _keeps_static_caches(device):
+        yield KVCache.allocate(model.config, batch_size, capacity, device, dtype)
+        return
+    kept = model.__dict__.setdefault("_static_decode_caches", {})
+    key = (batch_size, capacity, dtype, str(device))
+    cache = kept.pop(key, None)
+    if cache is None:
+        cache = KVCache.allocate(model.config, batch_size, capacity, device, dtype)
+        for t in cache.keys + cache.values:
+            torch._dynamo.mark_static_address(t)  # the graph reads and writes it in place: no copy per step
+    else:  # zeroed: masked columns get zero weight, but 0 * a stale inf would still be NaN
+        for t in cache.keys + cache.values:
+            t.zero_()
+        cache.length, cache.write_index = 0, None
+    try:
+        yield cache
+    finally:
+        kept[key] = cache
+
+
+def free_decode_caches(model: PhiForCausalLM) -> None:
+    """Drop the KV caches that compiled decoding on CUDA keeps on the model (one per batch size and length
+    bucket), to give their memory back."""
+    model.__dict__.pop("_static_decode_caches", None)
 
 
 def _cache_capacity(total: int, context: int) -> int:
@@ -191,41 +232,47 @@ def _decode_tokens(model: PhiForCausalLM, rows: list[list[int]], params: Samplin
         if params.repetition_penalty != 1.0:  # padding must not count as seen: repeat a real token instead
             ids[i, :longest - len(r)] = r[0]
     padded = any(len(r) != longest for r in rows)
-    capacity = _cache_capacity(total, model.config.max_position_embeddings) if compile else total
-    cache = KVCache.allocate(model.config, b, capacity, device, _cache_dtype(model))
+    if compile:
+        capacity = _cache_capacity(total, model.config.max_position_embeddings)
+        cache_scope = _static_cache(model, b, capacity)
+    else:
+        cache_scope = contextlib.nullcontext(KVCache.allocate(model.config, b, total, device, _cache_dtype(model)))
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
 
-    next_logits = model(ids[:, :longest], attention_mask=mask[:, :longest] if padded else None,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    if compile:
-        step_fn = _compiled_step(model)
-        key_mask = torch.zeros((b, 1, capacity), dtype=torch.bool, device=device)
-        key_mask[:, 0, :longest] = mask[:, :longest].bool()
-        positions = mask[:, :longest].sum(-1, keepdim=True)  # the next token's position in each row
-        cache.write_index = torch.zeros(1, dtype=torch.long, device=device)
-    for step in range(steps):
-        cur = longest + step
-        raw = next_logits.float()
-        seen = ids[:, :cur] if params.repetition_penalty != 1.0 else None
-        logits = process_logits(raw, params, seen, vocab_limit)
-        token = sample_next(logits, params, generator)
-        logprob = torch.log_softmax(mask_padding_rows(raw, vocab_limit), -1).gather(-1, token[:, None])[:, 0]
-        token = token.masked_fill(finished, pad_id)
-        finished |= torch.isin(token, stop_tensor)
-        ids[:, cur] = token
-        yield token.tolist(), logprob.tolist()
-        if bool(finished.all()) or step == steps - 1:
-            return
+    with cache_scope as cache:
+        next_logits = model(ids[:, :longest], attention_mask=mask[:, :longest] if padded else None,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         if compile:
-            key_mask[:, 0, cur] = True
-            cache.write_index.fill_(cur)
-            next_logits = step_fn(token[:, None], positions + step, key_mask, cache)
-        else:
-            next_logits = model(token[:, None], attention_mask=mask[:, :cur + 1] if padded else None,
-                                past_key_values=cache, use_cache=True).logits[:, -1]
+            step_fn = _compiled_step(model)
+            key_mask = torch.zeros((b, 1, capacity), dtype=torch.bool, device=device)
+            key_mask[:, 0, :longest] = mask[:, :longest].bool()
+            positions = mask[:, :longest].sum(-1, keepdim=True)  # the next token's position in each row
+            cache.write_index = torch.zeros(1, dtype=torch.long, device=device)
+        for step in range(steps):
+            cur = longest + step
+            raw = next_logits.float()
+            seen = ids[:, :cur] if params.repetition_penalty != 1.0 else None
+            logits = process_logits(raw, params, seen, vocab_limit)
+            token = sample_next(logits, params, generator)
+            logprob = torch.log_softmax(mask_padding_rows(raw, vocab_limit), -1).gather(-1, token[:, None])[:, 0]
+            token = token.masked_fill(finished, pad_id)
+            finished |= torch.isin(token, stop_tensor)
+            ids[:, cur] = token
+            yield token.tolist(), logprob.tolist()
+            if bool(finished.all()) or step == steps - 1:
+                return
+            if compile:
+                key_mask[:, 0, cur] = True
+                cache.write_index.fill_(cur)
+                if device.type == "cuda":  # the last step's logits are used up: the graph may reuse their memory
+                    torch.compiler.cudagraph_mark_step_begin()
+                next_logits = step_fn(token[:, None], positions + step, key_mask, cache)
+            else:
+                next_logits = model(token[:, None], attention_mask=mask[:, :cur + 1] if padded else None,
+                                    past_key_values=cache, use_cache=True).logits[:, -1]
 
 
 def _lookup_draft(ids: list[int], max_tokens: int, longest_ngram: int = 3, shortest_ngram: int = 2) -> list[int]:

@@ -383,12 +383,13 @@ class PhiForCausalLM(nn.Module):
             x, _ = layer(x, cos, sin, key_mask[:, None], cache, False)
         return self.lm_head(self.model.final_layernorm(x[:, -1]))
 
-    def compile_forward_static(self, dynamic: bool = False):
-        """torch.compile of forward_static (fullgraph). Torch stops compiling a function after
+    def compile_forward_static(self, dynamic: bool = False, mode: str | None = None):
+        """torch.compile of forward_static (fullgraph; `mode` as torch.compile's, e.g. "reduce-overhead" for CUDA
+        graphs, which then need the cache's tensors at fixed addresses). Torch stops compiling a function after
         `recompile_limit` graphs (8), counted over every model in the process, since they share forward_static's
         code: a few batch sizes and lengths of a few models reach that, so calls raise the limit to
         STATIC_STEP_GRAPHS (a setting of the calling thread, hence at each call)."""
-        compiled = torch.compile(self.forward_static, dynamic=dynamic, fullgraph=True)
+        compiled = torch.compile(self.forward_static, dynamic=dynamic, fullgraph=True, mode=mode)
 
         def step(*args):
             if torch._dynamo.config.recompile_limit < STATIC_STEP_GRAPHS:
