@@ -115,6 +115,8 @@ def test_info_prints_layout(tiny_phi_checkpoint, capsys):
 def test_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         phikit.load(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # a relative path, not a repo id
+        phikit.load("./no-such-checkpoint")
     assert cli_main(["info", str(tmp_path / "nope")]) == 2
 
 
@@ -174,6 +176,7 @@ def test_config_weight_mismatch_names_the_tensors(tiny_phi_checkpoint, tmp_path)
     ("config.json", "[1, 2]", "not an object"),
     ("model.safetensors.index.json", '{"weight_map": 5}', "weight_map"),
     ("model.safetensors.index.json", "{broken", "not valid JSON"),
+    ("model.safetensors.index.json", '{"weight_map": {}}', "weight_map"),
 ])
 def test_malformed_json_files_are_one_line_errors(tiny_phi_checkpoint, tmp_path, capsys, file, text, message):
     import shutil
@@ -259,3 +262,74 @@ def test_cli_reports_os_errors_in_one_line(monkeypatch, capsys):
     assert cli_main(["info", "somewhere"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["phikit: error: [Errno 28] No space left on device: 'out/model.safetensors'"]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_hidden_layers", None, "lacks .*num_hidden_layers"),
+    ("hidden_size", "128", "hidden_size must be a positive integer, got '128'"),
+    ("num_attention_heads", 0, "num_attention_heads must be a positive integer"),
+    ("max_position_embeddings", "512", "max_position_embeddings must be a positive integer"),
+    ("qk_layernorm", True, "qk_layernorm"),
+])
+def test_malformed_config_fields_are_one_line_errors(tiny_phi_checkpoint, tmp_path, capsys, field, value, message):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_phi_checkpoint, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg[field] = value
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=message):
+        phikit.load(bad)
+    for verb in ("info", "convert"):
+        assert cli_main([verb, str(bad), str(tmp_path / "out")][:3 if verb == "convert" else 2]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "config.json" in err[0]
+
+
+def test_unavailable_device_and_integer_dtype_fail_before_reading_weights(tiny_phi_checkpoint, monkeypatch):
+    import phikit.checkpoint
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(phikit.checkpoint, "read_state_dict", no_weights)
+    with pytest.raises(ValueError, match="cuda:99"):
+        phikit.load(tiny_phi_checkpoint, device="cuda:99")
+    with pytest.raises(ValueError, match="unknown device"):
+        phikit.load(tiny_phi_checkpoint, device="gpu0")
+    with pytest.raises(ValueError, match="not a floating-point type"):
+        phikit.load(tiny_phi_checkpoint, dtype=torch.int64)
+
+
+def test_convert_keeps_a_mixed_dtype_checkpoint_lossless(tiny_phi_checkpoint, tmp_path):
+    """fp16 weights with fp32 LayerNorms (as some releases store them): converting must not round the norms."""
+    import shutil
+    from safetensors.torch import load_file
+    src = tmp_path / "mixed"
+    shutil.copytree(tiny_phi_checkpoint, src)
+    state = load_file(str(src / "model.safetensors"))
+    state = {k: (v + 1e-4 if "layernorm" in k else v.half()) for k, v in state.items()}
+    save_file(state, str(src / "model.safetensors"))
+    assert cli_main(["convert", str(src), str(tmp_path / "out")]) == 0
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.equal(out[k].to(v.dtype), v) for k, v in state.items())
+
+
+def test_phi_msft_rotary_dim_is_kept_exactly(tmp_path, phi_tokenizer):
+    """rotary_dim 30 of head_dim 44: 30 / 44 * 44 is just under 30 in floating point, and must not become 29."""
+    # transformers takes int(head_dim * partial_rotary_factor): 30.5 / 44 gives it rotary_dim 30 as well.
+    cfg = transformers.PhiConfig(vocab_size=51200, hidden_size=88, intermediate_size=352, num_hidden_layers=2,
+                                 num_attention_heads=2, partial_rotary_factor=30.5 / 44, max_position_embeddings=64)
+    torch.manual_seed(2)
+    ref = transformers.PhiForCausalLM(cfg).eval()
+    save_file(_old_layout(ref.state_dict(), 2, "phi-msft"), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "phi-msft", "n_embd": 88, "n_layer": 2, "n_head": 2, "n_inner": 352, "rotary_dim": 30,
+        "n_positions": 64, "vocab_size": 51200}))
+    phi_tokenizer.save(tmp_path)
+    model, _ = phikit.load(tmp_path)
+    assert model.config.rotary_dim == 30
+    assert (logits_of(ref) - logits_of(model)).abs().max() <= 1e-4
+    phikit.save(model, None, tmp_path / "hf")  # a config.json from which transformers also gets 30
+    back = transformers.PhiForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (logits_of(ref) - logits_of(back)).abs().max() <= 1e-4

@@ -199,3 +199,61 @@ def test_bad_configs_and_inputs_are_clear_errors():
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match="outside the embedding"):
         model(torch.tensor([[5000]]))
+
+
+def test_loss_matches_transformers_with_ignored_labels_and_unbatched_input():
+    ref, ours = make_pair(**SHAPES["phi-2-like"])
+    ids = torch.randint(0, 512, (2, 12))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    labels[1, 7:] = -100
+    with torch.no_grad():
+        a = ref(input_ids=ids, labels=labels).loss
+        b = ours(ids, labels=labels).loss
+        # One unbatched sequence: its labels and mask are unbatched too.
+        c = ref(input_ids=ids[:1], labels=labels[:1]).loss
+        d = ours(ids[0], labels=labels[0], attention_mask=torch.ones(12, dtype=torch.long)).loss
+        kept = torch.tensor([0, 5, 11])  # logits_to_keep as positions, as transformers takes it
+        e = ref(input_ids=ids, logits_to_keep=kept).logits
+        f = ours(ids, logits_to_keep=kept).logits
+    assert abs(a.item() - b.item()) <= 1e-5 and abs(c.item() - d.item()) <= 1e-5
+    assert e.shape == f.shape == (2, 3, 512) and (e - f).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("case,message", [
+    ("empty", "empty input"),
+    ("negative id", "token id -1 is outside"),
+    ("float ids", "input_ids must be int64"),
+    ("3-d ids", "input_ids must be int64"),
+    ("2-d embeds", r"inputs_embeds has shape \(6, 160\)"),
+    ("narrow embeds", r"expected \[batch, seq, 160\]"),
+    ("fp64 embeds", "inputs_embeds.to"),
+    ("short positions", "position_ids has shape"),
+    ("1-d mask for a batch", "attention_mask has shape"),
+    ("short labels", "labels have shape"),
+    ("labels with logits_to_keep", "drop logits_to_keep"),
+    ("negative logits_to_keep", "logits_to_keep is -2"),
+    ("transformers cache", "past_key_values is a DynamicCache"),
+])
+def test_malformed_inputs_are_one_line_errors(case, message):
+    ref, ours = make_pair(**SHAPES["phi-2-like"], layers=1)
+    ids = torch.randint(0, 512, (2, 6))
+    embeds = ours.get_input_embeddings()(ids).detach()
+    kwargs = {
+        "empty": dict(input_ids=ids[:, :0]),
+        "negative id": dict(input_ids=ids.clone().index_fill_(1, torch.tensor([3]), -1)),
+        "float ids": dict(input_ids=ids.float()),
+        "3-d ids": dict(input_ids=ids[None]),
+        "2-d embeds": dict(inputs_embeds=embeds[0]),
+        "narrow embeds": dict(inputs_embeds=embeds[..., :100]),
+        "fp64 embeds": dict(inputs_embeds=embeds.double()),
+        "short positions": dict(input_ids=ids, position_ids=torch.arange(4)),
+        "1-d mask for a batch": dict(input_ids=ids, attention_mask=torch.ones(6, dtype=torch.long)),
+        "short labels": dict(input_ids=ids, labels=ids[:, :4]),
+        "labels with logits_to_keep": dict(input_ids=ids, labels=ids, logits_to_keep=1),
+        "negative logits_to_keep": dict(input_ids=ids, logits_to_keep=-2),
+        "transformers cache": dict(input_ids=ids, past_key_values=ref(input_ids=ids, use_cache=True).past_key_values),
+    }[case]
+    with pytest.raises(ValueError, match=message) as err, torch.no_grad():
+        ours(**kwargs)
+    assert "\n" not in str(err.value)

@@ -43,7 +43,7 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
     if path.exists():
         raise CheckpointError(f"{path} is a file: pass the checkpoint directory that holds config.json")
     text = str(path_or_repo_id)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+    if not re.fullmatch(r"\w[\w.-]*/[\w.-]+", text):  # ./x, ../x and /x are paths, never repo ids
         raise FileNotFoundError(f"checkpoint directory {text} does not exist: pass a directory or an org/name repo id")
     from huggingface_hub import snapshot_download
     patterns = ["*.json", "*.safetensors", "*.txt"]
@@ -86,7 +86,8 @@ def weight_files(directory: Path) -> list[Path]:
         index_file = directory / index_name
         if index_file.exists():
             weight_map = _read_json(index_file).get("weight_map")
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            if not weight_map or not isinstance(weight_map, dict) \
+                    or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index_file} has no 'weight_map' of tensor name -> shard file: "
                                       "re-download or re-convert the checkpoint")
             shards = sorted(set(weight_map.values()))
@@ -211,6 +212,8 @@ def validate_state_dict(state: dict[str, torch.Tensor], model: PhiForCausalLM) -
 
 # ---------------------------------------------------------------- public API
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        raise ValueError(f"dtype {dtype} is not a floating-point type: use fp32, bf16 or fp16 (int8 is quantize=)")
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
@@ -237,7 +240,10 @@ def load_config(directory: Path) -> PhiConfig:
     model_type = raw.get("model_type", "phi")
     if model_type not in ("phi", "phi-msft", "mixformer-sequential"):
         raise CheckpointError(f"{cfg_file} describes a {model_type!r} model: phikit loads phi models only")
-    return PhiConfig.from_hf_dict(raw)
+    try:
+        return PhiConfig.from_hf_dict(raw)
+    except (ValueError, TypeError) as e:  # a missing, null or mistyped field: name the file to fix
+        raise CheckpointError(f"{cfg_file}: {e}") from e
 
 
 def load_tokenizer(directory: Path, config: PhiConfig | None = None) -> Tokenizer:
@@ -250,6 +256,17 @@ def load_tokenizer(directory: Path, config: PhiConfig | None = None) -> Tokenize
     raise CheckpointError(f"{directory} has no tokenizer.json: copy the tokenizer used in training next to the weights")
 
 
+def _parse_device(device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device} asked for, but torch sees {torch.cuda.device_count()} CUDA GPUs here: "
+                         "use device cpu or an existing cuda:N")
+    return device
+
+
 def load(path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
          dtype: str | torch.dtype | None = None, quantize: str | None = None) -> tuple[PhiForCausalLM, Tokenizer]:
     """Load (model, tokenizer) from a checkpoint directory or HF repo id, in any supported layout.
@@ -257,6 +274,7 @@ def load(path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
     dtype None keeps fp32 on the CPU and the checkpoint's own dtype (usually fp16) on an accelerator.
     quantize="int8" (or "int8-weight-only", "int4") gives the quantized model for fast CPU/GPU decoding.
     """
+    device, torch_dtype = _parse_device(device), parse_dtype(dtype)  # checked before minutes of reading weights
     directory = resolve_checkpoint(path_or_repo_id)
     config = load_config(directory)
     state, _layout = to_hf_layout(read_state_dict(directory), config.num_hidden_layers)
@@ -268,10 +286,9 @@ def load(path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = PhiForCausalLM(config)
     validate_state_dict(state, model)
-    torch_dtype = parse_dtype(dtype)
     if torch_dtype is None:
         stored = state["lm_head.weight"].dtype
-        torch_dtype = torch.float32 if torch.device(device).type == "cpu" else stored
+        torch_dtype = torch.float32 if device.type == "cpu" else stored
     state = {k: v.to(device=device, dtype=torch_dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.model.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta).to(device)

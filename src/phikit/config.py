@@ -30,6 +30,12 @@ class PhiConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # A config.json with a string, null or zero size would otherwise fail much later with a bare TypeError.
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
@@ -46,7 +52,8 @@ class PhiConfig:
 
     @property
     def rotary_dim(self) -> int:
-        return int(self.partial_rotary_factor * self.head_dim)
+        # The tolerance keeps a phi-msft rotary_dim exact: 30 / 44 * 44 is 29.999999999999996, which int() makes 29.
+        return int(self.partial_rotary_factor * self.head_dim + 1e-6)
 
     def num_parameters(self) -> int:
         """Exact parameter count (embedding, blocks, final LayerNorm, untied lm_head with bias)."""
@@ -63,6 +70,9 @@ class PhiConfig:
 
     # --- HF config.json (model_type "phi") ---
     def to_hf_dict(self) -> dict[str, Any]:
+        prf = self.partial_rotary_factor
+        if int(prf * self.head_dim) != self.rotary_dim:  # transformers takes int(), which would lose a channel pair
+            prf = (self.rotary_dim + 0.5) / self.head_dim
         out = {
             "architectures": ["PhiForCausalLM"],
             "model_type": "phi",
@@ -72,7 +82,7 @@ class PhiConfig:
             "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_attention_heads,
-            "partial_rotary_factor": self.partial_rotary_factor,
+            "partial_rotary_factor": prf,
             "rope_theta": self.rope_theta,
             "layer_norm_eps": self.layer_norm_eps,
             "max_position_embeddings": self.max_position_embeddings,
@@ -89,7 +99,7 @@ class PhiConfig:
             "dtype": "float32",
             # transformers >= 5 reads rope settings from here; older versions from the top-level keys above.
             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
-                                "partial_rotary_factor": self.partial_rotary_factor},
+                                "partial_rotary_factor": prf},
         }
         if self.tokenizer_vocab_size is not None:
             out["phikit_tokenizer_vocab_size"] = self.tokenizer_vocab_size
@@ -102,8 +112,13 @@ class PhiConfig:
         g = lambda *keys, default=None: next((d[k] for k in keys if k in d and d[k] is not None), default)
         hidden = g("hidden_size", "n_embd")
         heads = g("num_attention_heads", "n_head")
-        if hidden is None or heads is None:
-            raise ValueError("config.json lacks hidden_size/n_embd or num_attention_heads/n_head: is this a phi model?")
+        layers = g("num_hidden_layers", "n_layer")
+        if hidden is None or heads is None or layers is None:
+            raise ValueError("the config lacks hidden_size/n_embd, num_attention_heads/n_head or "
+                             "num_hidden_layers/n_layer: is this a phi model?")
+        for name, value in (("hidden_size", hidden), ("num_attention_heads", heads)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:  # head_dim below divides them
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         head_dim = hidden // heads
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
@@ -115,6 +130,8 @@ class PhiConfig:
             prf = d["rotary_dim"] / head_dim
         else:
             prf = 0.5
+        if d.get("qk_layernorm"):
+            raise ValueError("qk_layernorm (LayerNorms on queries and keys) is not part of phi: phikit cannot run it")
         act = g("hidden_act", "activation_function", default="gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
             raise ValueError(f"activation {act!r} is not the phi GELU (tanh): this is not a phi checkpoint")
@@ -122,7 +139,7 @@ class PhiConfig:
             vocab_size=g("vocab_size", default=51200),
             hidden_size=hidden,
             intermediate_size=g("intermediate_size", "n_inner", default=4 * hidden),
-            num_hidden_layers=g("num_hidden_layers", "n_layer"),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             partial_rotary_factor=prf,
             rope_theta=float(g("rope_theta", default=10000.0)),

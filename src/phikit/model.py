@@ -298,6 +298,45 @@ class PhiForCausalLM(nn.Module):
                 m.weight.fill_(1.0)
                 m.bias.zero_()
 
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_key_values, labels, logits_to_keep) -> None:
+        """One-line errors for inputs that would otherwise fail deep inside torch with a message naming neither."""
+        cfg = self.config
+        if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"input_ids must be int64 token ids of shape [batch, seq] or [seq], got "
+                                 f"{str(input_ids.dtype).removeprefix('torch.')} {tuple(input_ids.shape)}")
+            outside = (input_ids < 0) | (input_ids >= cfg.vocab_size)
+            if outside.any():  # one device sync per call; the details only on failure
+                raise ValueError(f"token id {int(input_ids[outside][0])} is outside the embedding "
+                                 f"({cfg.vocab_size} rows): tokenizer and model do not match")
+            shape = tuple(input_ids.shape)
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
+                raise ValueError(f"inputs_embeds has shape {tuple(inputs_embeds.shape)}, expected "
+                                 f"[batch, seq, {cfg.hidden_size}]")
+            if inputs_embeds.dtype != self.dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
+                raise ValueError(f"inputs_embeds are {inputs_embeds.dtype} but the model is {self.dtype}: "
+                                 "pass inputs_embeds.to(model.dtype)")
+            shape = tuple(inputs_embeds.shape[:2])
+        if 0 in shape:
+            raise ValueError(f"empty input of shape {shape}: pass at least one sequence of at least one token")
+        if past_key_values is not None and not isinstance(past_key_values, KVCache):
+            raise ValueError(f"past_key_values is a {type(past_key_values).__name__}: pass the KVCache a previous "
+                             "call returned (use_cache=True), or None")
+        past = past_key_values.length if past_key_values is not None else 0
+        if attention_mask is not None and tuple(attention_mask.shape) != (shape[0], past + shape[1]):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                             f"({shape[0]}, {past + shape[1]}) covering the cached and the new tokens")
+        if labels is not None:
+            if tuple(labels.shape) != shape:
+                raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {shape} like the input "
+                                 "(-100 marks positions without a target)")
+            if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+                raise ValueError("labels need the logits of every position: drop logits_to_keep to get a loss")
+        if isinstance(logits_to_keep, int) and logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep is {logits_to_keep}: pass the number of last positions to keep "
+                             "(0 keeps all) or a tensor of positions")
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -310,16 +349,17 @@ class PhiForCausalLM(nn.Module):
         output_attentions: bool = False,
         labels: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> PhiOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None and input_ids.dim() == 1:  # one unbatched sequence: so are its mask and labels
+            input_ids = input_ids[None]
+            attention_mask = attention_mask[None] if attention_mask is not None and attention_mask.dim() == 1 \
+                else attention_mask
+            labels = labels[None] if labels is not None and labels.dim() == 1 else labels
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_key_values, labels, logits_to_keep)
         if inputs_embeds is None:
-            if input_ids.dim() == 1:
-                input_ids = input_ids[None]
-            if input_ids.numel() and int(input_ids.max()) >= self.config.vocab_size:
-                raise ValueError(f"token id {int(input_ids.max())} is outside the embedding "
-                                 f"({self.config.vocab_size} rows): tokenizer and model do not match")
             inputs_embeds = self.model.embed_tokens(input_ids)
         b, t, _ = inputs_embeds.shape
         cache = past_key_values
@@ -336,8 +376,11 @@ class PhiForCausalLM(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
             else:
                 position_ids = torch.arange(past, past + t, device=device)[None].expand(b, t)
-        elif position_ids.dim() == 1:
+        elif position_ids.dim() == 1 and position_ids.shape[0] == t:
             position_ids = position_ids[None].expand(b, t)
+        if position_ids.shape not in ((b, t), (1, t)):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected ({b}, {t}) or ({t},): "
+                             "one position per new token")
         cos, sin = self.model.rotary_emb(position_ids)
         if attention_mask is None and segment_ids is None and not output_attentions and (t == 1 or past == 0):
             mask = None  # plain causal (or a single query seeing everything): lets SDPA pick its fastest kernel
@@ -357,7 +400,9 @@ class PhiForCausalLM(nn.Module):
             all_hidden.append(x)
         if cache is not None:
             cache.length = past + t
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):  # positions to keep, as transformers allows
+            x = x[:, logits_to_keep]
+        elif logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)
         loss = None

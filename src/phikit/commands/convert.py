@@ -18,7 +18,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import describe, load, save
+    from ..checkpoint import DTYPES, describe, load, save
     to = args.to or ("gguf" if args.dst.endswith(".gguf") else "hf")
     quantized = args.dtype in ("q8_0", "q4_0")
     if quantized and to != "gguf":
@@ -28,7 +28,10 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.dst).exists() and not args.force:
         raise ValueError(f"{args.dst} already exists: pick another output or pass --force to replace it")
     info = describe(args.src)
-    model, tokenizer = load(args.src, dtype="fp32" if quantized else args.dtype or info["dtype"].split(",")[0])
+    stored = info["dtype"].split(",")
+    # As stored when the weights share one dtype; mixed ones (fp16 weights with fp32 norms) keep fp32, losing nothing.
+    dtype = stored[0] if len(stored) == 1 and stored[0] in DTYPES else "fp32"
+    model, tokenizer = load(args.src, dtype="fp32" if quantized else args.dtype or dtype)
     if to == "gguf":
         from ..gguf_export import export_gguf
         out = export_gguf(model, tokenizer, args.dst, dtype=args.dtype or "fp16")
