@@ -286,7 +286,7 @@ def test_malformed_config_fields_are_one_line_errors(tiny_phi_checkpoint, tmp_pa
         assert len(err) == 1 and "config.json" in err[0]
 
 
-def test_unavailable_device_and_integer_dtype_fail_before_reading_weights(tiny_phi_checkpoint, monkeypatch):
+def test_unavailable_device_bad_dtype_and_quantization_fail_before_reading_weights(tiny_phi_checkpoint, monkeypatch):
     import phikit.checkpoint
 
     def no_weights(*args, **kwargs):
@@ -299,6 +299,8 @@ def test_unavailable_device_and_integer_dtype_fail_before_reading_weights(tiny_p
         phikit.load(tiny_phi_checkpoint, device="gpu0")
     with pytest.raises(ValueError, match="not a floating-point type"):
         phikit.load(tiny_phi_checkpoint, dtype=torch.int64)
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        phikit.load(tiny_phi_checkpoint, quantize="int3")
 
 
 def test_convert_keeps_a_mixed_dtype_checkpoint_lossless(tiny_phi_checkpoint, tmp_path):

@@ -275,6 +275,10 @@ def load(path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
     quantize="int8" (or "int8-weight-only", "int4") gives the quantized model for fast CPU/GPU decoding.
     """
     device, torch_dtype = _parse_device(device), parse_dtype(dtype)  # checked before minutes of reading weights
+    if quantize:
+        from .quant import MODES
+        if quantize not in MODES:
+            raise ValueError(f"unknown quantization {quantize!r}: choose one of {', '.join(MODES)}")
     directory = resolve_checkpoint(path_or_repo_id)
     config = load_config(directory)
     state, _layout = to_hf_layout(read_state_dict(directory), config.num_hidden_layers)
