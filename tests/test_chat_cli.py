@@ -132,3 +132,72 @@ def test_ctrl_c_stops_an_answer_and_ctrl_c_at_the_prompt_leaves(tiny_phi_checkpo
     finally:
         child.close()
     assert "Traceback" not in child.before and child.exitstatus == 0
+
+
+def test_streamed_answer_ends_where_the_printed_answer_does(tiny_phi_checkpoint, monkeypatch, capsys):
+    # Blank deltas after the answer are held back and dropped, as fmt.cut drops them; blanks inside are kept.
+    import phikit.generate as engine
+    deltas = [" The sky", "\n\n", "is blue.", " ", "\n", "\n\n"]
+    monkeypatch.setattr(engine, "stream", lambda *a, **k: iter(deltas))
+    monkeypatch.setattr(engine, "complete", lambda model, tok, batch, **k: [
+        engine.Completion("".join(deltas), [1] * len(deltas), None, "length", 3) for _ in batch])
+    for name in ("qa", "code"):
+        argv = ["generate", "--model", str(tiny_phi_checkpoint), "--prompt", "Why?", "--format", name]
+        assert main(argv) == 0
+        printed = capsys.readouterr().out
+        assert main(argv + ["--stream"]) == 0
+        assert capsys.readouterr().out == printed == get_format(name).cut("".join(deltas)) + "\n"
+
+
+def test_prompts_file_lines_end_only_at_newlines_and_a_byte_order_mark_is_dropped(tmp_path):
+    import argparse
+    from phikit.commands.generate import read_prompts
+    jsonl, text = tmp_path / "p.jsonl", tmp_path / "p.txt"
+    jsonl.write_bytes(("\ufeff" + json.dumps({"prompt": "a\u2028b\x85c"}, ensure_ascii=False) + "\r\n\r\n"
+                       + json.dumps({"prompt": "d"}) + "\r\n").encode("utf-8"))
+    text.write_bytes("\ufeffone\u2028prompt\r\n\r\ntwo\\nlines\r\n".encode("utf-8"))
+    assert read_prompts(argparse.Namespace(prompt=[], prompts_file=jsonl)) == ["a\u2028b\x85c", "d"]
+    assert read_prompts(argparse.Namespace(prompt=[], prompts_file=text)) == ["one\u2028prompt", "two\nlines"]
+
+
+def test_history_drops_whole_exchanges(phi_tokenizer):
+    fmt = get_format("chat")
+    messages = [{"role": "user", "content": "q " * 30}, {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "last"}]
+    assert fit_history(phi_tokenizer, fmt, messages, budget=10) == messages[-1:]
+
+
+def test_chat_goes_on_after_a_too_long_message_a_dropped_block_and_a_non_command(
+        tiny_phi_checkpoint, monkeypatch, capsys):
+    import builtins
+    import phikit.generate as engine
+
+    def typed(prompt=""):  # what the user types at each prompt; an exception is a key press
+        item = lines.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    lines = ["word " * 600,  # longer than the tiny model's context: an error, not the end of the chat
+             '"""', "half a block", KeyboardInterrupt(),  # Ctrl-C in a block drops the block
+             "/systematic doubt is healthy",  # a message, not the /system command
+             "/exit"]
+    prompts = []
+    monkeypatch.setattr(builtins, "input", typed)
+    monkeypatch.setattr(engine, "stream", lambda model, tok, prompt, **k: prompts.append(prompt) or iter(["Yes.\n\n"]))
+    assert main(["chat", "--model", str(tiny_phi_checkpoint), "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "longer than" in err and "Traceback" not in err
+    assert prompts == ["Alice: /systematic doubt is healthy\nBob:"]
+    assert out.endswith("Bob> Yes.\n") and "half a block" not in "".join(prompts)
+
+
+def test_echoed_prompt_keeps_the_space_after_the_speaker_label(tiny_phi_checkpoint, monkeypatch, capsys):
+    import phikit.generate as engine
+    monkeypatch.setattr(engine, "stream", lambda *a, **k: iter([" Hi."]))
+    monkeypatch.setattr(engine, "complete", lambda model, tok, batch, **k: [
+        engine.Completion(" Hi.", [1], None, "length", 3) for _ in batch])
+    argv = ["generate", "--model", str(tiny_phi_checkpoint), "--prompt", "Why?", "--format", "chat", "--echo"]
+    for extra in ([], ["--stream"]):
+        assert main(argv + extra) == 0
+        assert capsys.readouterr().out == "Alice: Why?\nBob: Hi.\n"

@@ -113,6 +113,15 @@ def test_chatml_model_stops_on_the_im_end_token(scripted):
     assert chat(scripted, tok, ASK, max_new_tokens=20) == "Sure thing."  # ChatML chosen from the tokenizer
 
 
+@pytest.mark.parametrize("name", ["chat", "qa", "instruct", "code"])
+def test_chatml_model_stops_on_the_im_end_token_in_any_format(scripted, name):
+    # A ChatML-tuned model ends its turn with <|im_end|> whatever format the prompt is written in.
+    tok = build_phi_tokenizer()
+    im_start, im_end = tok.add_chatml()
+    scripted.script = tok.encode(" Sure thing.") + [im_end] + tok.encode(" junk junk junk")
+    assert chat(scripted, tok, ASK, format=name, max_new_tokens=20).strip() == "Sure thing."
+
+
 @pytest.mark.parametrize("bad,message", [
     ([], "non-empty"),
     ([{"role": "robot", "content": "x"}], "role"),

@@ -117,3 +117,13 @@ def test_unreadable_tokenizer_files_are_one_line_errors(tmp_path, phi_tokenizer)
     # transformers also writes a list of named templates; the default one is the chat template.
     (tmp_path / "tokenizer_config.json").write_text('{"chat_template": [{"name": "default", "template": "T"}]}')
     assert Tokenizer.from_file(tmp_path).chat_template == "T"
+
+
+def test_train_on_files_without_text_is_a_one_line_error(tmp_path, capsys):
+    # An empty .txt file is one blank document: a tokenizer of bare bytes must not be written from it.
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text(" \n\n")
+    out = tmp_path / "tok"
+    assert cli_main(["tokenizer", "train", str(tmp_path / "empty.txt"), str(tmp_path / "blank.txt"),
+                     "--vocab-size", "400", "--output", str(out)]) == 2
+    assert "no documents" in capsys.readouterr().err and not out.exists()

@@ -406,6 +406,25 @@ def test_invalid_sampling_values_raise_one_line_errors(model, phi_tokenizer, kw,
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("call,message", [
+    (lambda m, t: generate(m, t, None), "prompt must be a string"),
+    (lambda m, t: generate(m, t, ["fine", 5]), "prompt 1 must be a string or a list of token ids"),
+    (lambda m, t: generate(m, t, "hi", stop=5), "stop must be a string or a list of strings"),
+    (lambda m, t: generate(m, t, "hi", stop=["ok", None]), "stop must be"),
+    (lambda m, t: list(stream(m, t, ["a", "b"])), "stream_chunks"),
+])
+def test_wrong_argument_types_raise_one_line_errors(model, phi_tokenizer, call, message):
+    with pytest.raises(ValueError, match=message) as err:
+        call(model, phi_tokenizer)
+    assert "\n" not in str(err.value)
+
+
+def test_complete_takes_one_string_as_one_prompt(model, phi_tokenizer):
+    # Not one prompt per character.
+    got = complete(model, phi_tokenizer, "Hi", max_new_tokens=3, stop_token_ids=[])
+    assert [c.text for c in got] == [generate(model, phi_tokenizer, "Hi", max_new_tokens=3, stop_token_ids=[])]
+
+
 def test_empty_and_over_long_prompts(model, phi_tokenizer):
     with pytest.raises(ValueError, match="empty"):
         generate(model, phi_tokenizer, "")

@@ -16,7 +16,7 @@ import contextlib
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -71,13 +71,28 @@ def check_prompt_lookup(prompt_lookup: int, params: SamplingParams, num_beams: i
         raise ValueError("prompt_lookup decodes eagerly without beams: drop num_beams/compile, or prompt_lookup")
 
 
+def _stop_list(stop: Sequence[str] | str | None) -> list[str]:
+    """Stop strings as a list: one string is one stop string (not one per character); anything else is an error
+    here rather than a puzzling one deep in decoding."""
+    stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
+    stop = list(stop) if isinstance(stop, Iterable) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r:.80}")
+    return stop
+
+
 def encode_prompts(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str | list[int]],
                    max_new_tokens: int, truncate: bool = False) -> list[list[int]]:
     """Token ids per prompt, checked against the context (truncate=True keeps each prompt's last tokens)."""
     context = model.config.max_position_embeddings
     out = []
     for i, p in enumerate(prompts):
-        ids = list(p) if isinstance(p, (list, tuple)) else tokenizer.encode(p)
+        if isinstance(p, str):
+            ids = tokenizer.encode(p)
+        elif isinstance(p, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in p):
+            ids = [int(t) for t in p]
+        else:
+            raise ValueError(f"prompt {i} must be a string or a list of token ids, got {p!r:.80}")
         if not ids:
             raise ValueError(f"prompt {i} is empty: give at least one token of text to continue")
         if len(ids) >= context:
@@ -482,7 +497,8 @@ def complete(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str 
     far and checks them in one pass: the same tokens, in fewer passes when the answer repeats its context."""
     params = _sampling_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
     check_prompt_lookup(prompt_lookup, params, num_beams, compile)
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    stop = _stop_list(stop)
+    prompts = [prompts] if isinstance(prompts, str) else prompts  # one prompt, not one per character
     if not prompts:
         raise ValueError("no prompts given: pass a string or a non-empty list of strings")
     rows = encode_prompts(model, tokenizer, prompts, max_new_tokens, truncate)
@@ -517,6 +533,8 @@ def generate(model: PhiForCausalLM, tokenizer: Tokenizer, prompt_or_prompts: str
     truncate (keep the last tokens of an over-long prompt), compile (decode through torch.compile),
     prompt_lookup (check up to N guessed tokens per pass, greedy only)."""
     single = isinstance(prompt_or_prompts, str)
+    if not single and not isinstance(prompt_or_prompts, Iterable):  # None, a number: say so, not "not iterable"
+        raise ValueError(f"prompt must be a string or a list of strings, got {prompt_or_prompts!r:.80}")
     prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
     results = complete(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
                        repetition_penalty, seed, stop, num_beams, stop_token_ids, return_logprobs, **options)
@@ -535,7 +553,10 @@ def stream_chunks(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence
         raise ValueError("beam search cannot stream (the best beam is known only at the end): use num_beams=1")
     params = _sampling_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
     check_prompt_lookup(prompt_lookup, params, num_beams, compile)
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    stop = _stop_list(stop)
+    prompts = [prompts] if isinstance(prompts, str) else prompts  # one prompt, not one per character
+    if not prompts:
+        raise ValueError("no prompts given: pass a string or a non-empty list of strings")
     rows = encode_prompts(model, tokenizer, prompts, max_new_tokens, truncate)
     _prepare_model(model)
     yield from _stream_rows(model, tokenizer, rows, params, stop, _stop_ids(tokenizer, stop_token_ids),
@@ -544,6 +565,8 @@ def stream_chunks(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence
 
 def stream(model: PhiForCausalLM, tokenizer: Tokenizer, prompt: str, **sampling) -> Iterator[str]:
     """Text deltas of one prompt's continuation as they become printable; they join to generate()'s result."""
+    if isinstance(prompt, (list, tuple)) and any(isinstance(p, str) for p in prompt):
+        raise ValueError("stream() continues one prompt: pass a string (stream_chunks takes a batch)")
     for chunk in stream_chunks(model, tokenizer, [prompt], **sampling):
         if chunk.text:
             yield chunk.text
@@ -553,8 +576,10 @@ def chat_prompt(tokenizer: Tokenizer, messages: list[dict], format: str | Prompt
                 stop: Sequence[str] | str | None = None) -> tuple[str, PromptFormat, dict]:
     """Render messages in a format; returns (prompt, format, stop keywords for generate/stream)."""
     fmt = format if isinstance(format, PromptFormat) else get_format(format or default_format(tokenizer))
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    stop_ids = {tokenizer.eos_token_id}
+    stop = _stop_list(stop)
+    # The default stop tokens (<|endoftext|>, and <|im_end|> where the tokenizer has it: a ChatML-tuned model ends
+    # its turn with it whatever format the prompt is in), plus the format's own.
+    stop_ids = _stop_ids(tokenizer, None)
     stop_ids |= {i for i in (tokenizer.token_to_id(n) for n in fmt.stop_token_names) if i is not None}
     return fmt.render(messages), fmt, dict(stop=fmt.stop_strings + stop, stop_token_ids=sorted(stop_ids))
 

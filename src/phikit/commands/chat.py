@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .generate import add_model_arguments, add_sampling_arguments, load_model, sampling_kwargs
+from .generate import add_model_arguments, add_sampling_arguments, answer_deltas, load_model, sampling_kwargs
 
 HELP = """commands:
   /reset           forget the conversation (keeps the system message)
   /system TEXT     set the system message (and reset)
   /exit, /quit     leave (Ctrl-D or Ctrl-C at the prompt work too; Ctrl-C during an answer stops it)
-  a line ending in \\ continues on the next line; a line of three double quotes starts or ends a block"""
+  a line ending in \\ continues on the next line; a line of three double quotes starts or ends a block
+  (Ctrl-C on a continued line or in a block drops what was typed there)"""
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -27,11 +28,21 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def read_message(prompt: str) -> str | None:
-    """One user message (None at end of input); continuation lines for a trailing \\ or a triple-quote block."""
+    """One user message (None at end of input); continuation lines for a trailing \\ or a triple-quote block.
+    Ctrl-C on a continuation line gives "" (the message is dropped, the conversation goes on), as in a shell."""
     try:
         line = input(prompt)
     except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave
         return None
+    try:
+        return _continue_message(line)
+    except KeyboardInterrupt:
+        print()
+        return ""
+
+
+def _continue_message(line: str) -> str:
+    """The whole message that starts with `line`: a triple-quote block, or lines joined while they end in \\."""
     if line.strip() == '"""':
         lines = []
         while True:
@@ -59,8 +70,12 @@ def fit_history(tokenizer, fmt, messages: list[dict], budget: int) -> list[dict]
     while len(tokenizer.encode(fmt.render(messages))) > budget:
         first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
         if first is None or first == len(messages) - 1:
-            raise ValueError("the message alone is longer than the model's context: shorten it")
+            raise ValueError(f"the message alone is longer than the {budget} tokens the context leaves beside "
+                             "--max-new-tokens: shorten it (or the system message), or lower --max-new-tokens")
         del messages[first]
+        # An exchange goes whole: an answer whose question was dropped must not open the transcript.
+        while first < len(messages) - 1 and messages[first]["role"] == "assistant":
+            del messages[first]
     return messages
 
 
@@ -95,23 +110,27 @@ def run(args: argparse.Namespace) -> int:
             history = []
             print("(conversation reset)")
             continue
-        if command.startswith("/system"):
+        if command.split(maxsplit=1)[0] == "/system":  # not "/systematic ...", which is a message
             system = command[len("/system"):].strip() or None
             history = []
             print(f"(system message {'set' if system else 'cleared'}; conversation reset)")
             continue
         messages = ([{"role": "system", "content": system}] if system else []) + history
         messages.append({"role": "user", "content": text})
-        fitted = fit_history(tokenizer, fmt, messages, budget)
+        try:
+            fitted = fit_history(tokenizer, fmt, messages, budget)
+        except ValueError as e:  # one message too long must not end the conversation
+            print(f"phikit: error: {e}", file=sys.stderr)
+            continue
         if len(fitted) < len(messages):
             print("(oldest turns dropped to fit the context)", file=sys.stderr)
         prompt, _, stops = chat_prompt(tokenizer, fitted, fmt, args.stop)
         print(bot, end="", flush=True)
         reply = ""
         try:
-            for delta in stream(model, tokenizer, prompt, **stops, **kw):
-                if not reply:
-                    delta = delta.lstrip()  # the space after "Bob:" / "Answer:" belongs to the format
+            # Trimmed as fmt.cut trims: the space after "Bob:" / "Answer:" belongs to the format, and trailing
+            # blank lines are not part of the answer.
+            for delta in answer_deltas(stream(model, tokenizer, prompt, **stops, **kw), fmt):
                 reply += delta
                 print(delta, end="", flush=True)
         except KeyboardInterrupt:  # Ctrl-C stops the answer, not the conversation (as llama.cpp does)

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from ..quant import MODES
 
@@ -34,7 +35,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1: off)")
     g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop string (repeatable; cut from the output)")
+                   help="stop string (repeatable; cut from the output); taken as typed, so in bash write a "
+                        "newline as $'\\n' ('\\n' is a backslash and an n)")
     g.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                    help="greedy only: check up to N tokens per step guessed from earlier text (the same output, "
                         "fewer steps when the answer repeats its context: code edits, extraction; 0: off)")
@@ -95,22 +97,47 @@ def configure(p: argparse.ArgumentParser) -> None:
                 "  phikit generate --model ./phi-1 --prompt \"$(cat edit_request.txt)\" --prompt-lookup 10")
 
 
+def answer_deltas(deltas: Iterable[str], fmt) -> Iterator[str]:
+    """Streamed text as `fmt.cut` trims the whole answer: no leading blanks (prose formats) and no trailing ones.
+    Blanks are held back until non-blank text follows them, so the printed stream equals the printed answer
+    (a model that ends with "\n\n" or pads with newlines until max_new_tokens shows nothing of them)."""
+    started, held = False, ""
+    for delta in deltas:
+        text = held + delta
+        if not started and fmt.strip_answer:
+            text = text.lstrip()
+        body = text.rstrip()
+        held = text[len(body):]
+        if body:
+            started = True
+            yield body
+
+
+def echo_text(prompt: str, fmt) -> str:
+    """The rendered prompt as --echo prints it: a label such as "Bob:" or "Answer:" gets back the space that
+    `fmt.cut` took from the start of the answer ("Bob: Hi", not "Bob:Hi")."""
+    return prompt + " " if fmt is not None and fmt.strip_answer and prompt.endswith(":") else prompt
+
+
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file is not None:
         path = args.prompts_file
         if str(path) == "-":
-            text = sys.stdin.read()
+            text = sys.stdin.read().removeprefix("\ufeff")
         elif not path.is_file():
             raise FileNotFoundError(f"prompts file {path} does not exist (or is not a file)")
         else:
-            try:
-                text = path.read_text(encoding="utf-8")
+            try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt
+                text = path.read_text(encoding="utf-8-sig")
             except UnicodeDecodeError as e:
                 raise ValueError(f"prompts file {path} is not UTF-8 text ({e.reason} at byte {e.start}): "
                                  "save it as UTF-8") from e
+        # Lines end at \n (or \r\n) only: str.splitlines would also split at U+2028, U+0085 and the like, which
+        # JSON strings may hold unescaped (json.dumps(ensure_ascii=False) writes them) and which are prompt text.
+        lines = [line.removesuffix("\r") for line in text.split("\n")]
         if path.suffix == ".jsonl":
-            for n, line in enumerate(text.splitlines(), 1):
+            for n, line in enumerate(lines, 1):
                 if line.strip():
                     try:
                         prompt = json.loads(line)["prompt"]
@@ -120,7 +147,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
                         raise ValueError(f"{path}:{n}: 'prompt' must be a string, got {type(prompt).__name__}")
                     prompts.append(prompt)
         else:
-            prompts += [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
+            prompts += [line.replace("\\n", "\n") for line in lines if line.strip()]
     if not prompts:
         raise ValueError("no prompt given: pass --prompt TEXT or --prompts-file FILE")
     return prompts
@@ -153,12 +180,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.stream:
         if args.echo:
-            print(texts[0], end="", flush=True)
-        start, printed = time.perf_counter(), False
-        for delta in stream(model, tokenizer, texts[0], stop_token_ids=stop_token_ids, truncate=args.truncate, **kw):
-            if not printed and fmt is not None and fmt.strip_answer:
-                delta = delta.lstrip()  # as fmt.cut: the answer starts at its first non-blank, however many deltas in
-            printed = printed or bool(delta)
+            print(echo_text(texts[0], fmt), end="", flush=True)
+        start = time.perf_counter()
+        deltas = stream(model, tokenizer, texts[0], stop_token_ids=stop_token_ids, truncate=args.truncate, **kw)
+        for delta in answer_deltas(deltas, fmt) if fmt is not None else deltas:
             print(delta, end="", flush=True)
         print()
         print(f"[{time.perf_counter() - start:.1f}s]", file=sys.stderr)
@@ -182,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
                                   "logprobs": r.logprobs, "finish_reason": r.finish_reason,
                                   "prompt_tokens": r.prompt_tokens}, ensure_ascii=False))
             else:
-                print((text if args.echo else "") + answer)
+                print((echo_text(text, fmt) if args.echo else "") + answer)
                 if len(prompts) > 1:
                     print("-" * 40)
     return 0

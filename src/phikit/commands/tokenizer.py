@@ -39,11 +39,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def _texts(files: Sequence[str], text_field: str, on_error: str, seen: list[int]) -> Iterator[str]:
     """Documents of the training files, read like every data step (bad lines named with file:line);
-    `seen[0]` counts them."""
+    `seen[0]` counts those with text (an empty .txt file is one blank document, and teaches nothing)."""
     from ..data.io import read_records
 
     for rec in read_records(files, text_field, on_error):
-        seen[0] += 1
+        seen[0] += bool(rec[text_field].strip())
         yield rec[text_field]
 
 
