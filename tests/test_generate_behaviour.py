@@ -399,6 +399,10 @@ def test_compiled_bf16_batch_uses_the_packed_weights(model, phi_tokenizer, kerne
     (dict(top_p=1.5), "top_p"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(num_beams=2, temperature=0.7), "beam search"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer"),
+    (dict(seed="x"), "seed must be an integer"),
+    (dict(temperature="hot"), "temperature must be a number"),
+    (dict(top_p=float("nan")), "top_p must be a number"),
 ])
 def test_invalid_sampling_values_raise_one_line_errors(model, phi_tokenizer, kw, message):
     with pytest.raises(ValueError, match=message) as err:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 import torch
 
@@ -17,6 +18,15 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> "SamplingParams":
+        # Python callers can pass anything: a float count or a string seed would fail later inside torch.
+        for name in ("max_new_tokens", "top_k") + (("seed",) if self.seed is not None else ()):
+            value = getattr(self, name)
+            if not isinstance(value, Integral) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, Real) or isinstance(value, bool) or value != value:
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
