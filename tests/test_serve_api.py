@@ -26,6 +26,8 @@ from phikit.serve import create_app
 from phikit.serve.server import DrainingServer
 from phikit.tokenizer import CHATML_TEMPLATE, build_phi_tokenizer, train_bpe
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 KEY = "sk-test"
 MODEL = "tiny-phi"
 
@@ -72,15 +74,6 @@ def serving(app, server_class=uvicorn.Server, **server_kwargs):
         server.should_exit = True
         thread.join(timeout=20)
         sock.close()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from a second thread, and on a busy machine it costs a lot.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,9 @@ from phikit.quant import PackedFp32Linear, packed_fp32_available
 from phikit.sampling import SamplingParams
 from phikit.serve.engine import PREDICTION_DRAFT_TOKENS, Engine, Group, draw, stop_prefix_length
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 50295
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from a second thread, and on a busy machine it costs a lot.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -143,6 +143,15 @@ def test_bad_inputs_fail_in_one_line_before_compute(tmp_path, two_sources, capsy
         (["global_batch_size=10", "micro_batch_size=4"], "not a multiple"),
         ([f"data={tmp_path / 'nowhere'}"], "not found"),
         (["model_config.vocab_size=64"], "larger than the model's embedding"),
+        (["lr=-1e-3"], "lr must be > 0, got -0.001"),
+        (["log_every=0"], "log_every must be at least 1"),  # was a ZeroDivisionError traceback mid-run
+        (["device=tpu"], "device 'tpu' is unknown"),  # was silently the CPU
+        (["eps=0"], "eps must be > 0"),  # Adam's 0/0 on zero gradients: NaN weights, then a "completed" run
+        (["seq_len=1"], "seq_len must be at least 2"),  # no token to predict: loss 0
+        (["eval_every=-1"], "eval_every must be >= 0"),  # step % -1 == 0: evaluated every step
+        (["checkpoint_every=-5"], "checkpoint_every must be >= 0"),
+        (["grad_clip=-1"], "grad_clip must be >= 0"),
+        (["weight_decay=-0.1"], "weight_decay must be >= 0"),
     ]
     (tmp_path / "empty").mkdir()
     cases.append(([f"data={tmp_path / 'empty'}"], "index.json missing"))

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -22,27 +21,18 @@ from phikit.train.loop import Trainer, TrainingDiverged
 from phikit.train.muon import Muon, bf16_matmul_is_fast
 from phikit.train.pretrain import run_pretraining
 from phikit.train.report import read_metrics
-from train_shards import textbook_shards, write_shards
+from train_shards import motif_docs, textbook_shards, write_shards
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
         "num_attention_heads": 2, "max_position_embeddings": 128}
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared machine does not stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    # Documents with structure (a repeated motif), so losses move and differences would show.
-    docs = [list(rng.integers(1, 100, 4)) * int(rng.integers(2, 8)) for _ in range(600)]
+    docs = motif_docs(600)
     return write_shards(tmp_path_factory.mktemp("shards"), docs[:540], docs[540:], 100, 0, shard_tokens=3000)
 
 
@@ -235,6 +225,15 @@ def test_export_loads_in_transformers(shards, tmp_path):
         assert torch.allclose(hf(ids).logits, trainer.model(ids).logits, atol=1e-5)
 
 
+def test_exported_model_names_the_data_eos(shards, tmp_path):
+    """A preset says eos 50256 (phi's); the exported model must name the eos of the tokenizer it was trained on,
+    which transformers' generate stops at."""
+    run_pretraining(_config(shards, tmp_path / "run", max_steps=1, warmup_steps=0))
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    generation = json.loads((tmp_path / "run" / "model" / "generation_config.json").read_text())
+    assert config["eos_token_id"] == config["bos_token_id"] == generation["eos_token_id"] == 0  # the shards' eos
+
+
 def _torchrun(cfg_path: Path, nproc: int = 2) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "phikit", "train", "--config", str(cfg_path), "--no-export"]
@@ -282,3 +281,12 @@ def test_small_model_learns_textbooks(tmp_path_factory):
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert "held-out loss" in (run / "report.md").read_text()
+
+
+def test_peak_flops_measurement_leaves_the_run_rng_alone():
+    """fit() measures the matmul peak after a resume restored the RNG: it must not draw from it (dropout)."""
+    from phikit.train.report import matmul_peak_flops
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    assert matmul_peak_flops(torch.device("cpu")) > 0
+    assert torch.equal(torch.get_rng_state(), state)

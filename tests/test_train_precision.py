@@ -7,7 +7,6 @@ import functools
 import math
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,7 +14,9 @@ from phikit.train import checkpointing
 from phikit.train.config import TrainConfig
 from phikit.train.pretrain import run_pretraining
 from phikit.train.report import read_metrics
-from train_shards import write_shards
+from train_shards import motif_docs, write_shards
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -23,18 +24,9 @@ TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 256, "num_hid
 STEPS = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    docs = [list(rng.integers(1, 100, 4)) * int(rng.integers(2, 8)) for _ in range(300)]
+    docs = motif_docs(300)
     return write_shards(tmp_path_factory.mktemp("shards"), docs[:270], docs[270:], 100, 0, shard_tokens=3000)
 
 

@@ -8,6 +8,13 @@ from pathlib import Path
 import numpy as np
 
 
+def motif_docs(count: int, seed: int = 0) -> list[list[int]]:
+    """Documents with structure (a 4-token motif repeated 2-7 times, ids 1..99), so losses move and differences
+    would show."""
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(1, 100, 4)) * int(rng.integers(2, 8)) for _ in range(count)]
+
+
 def write_shards(directory: str | Path, train_docs: list[list[int]], val_docs: list[list[int]], vocab_size: int,
                  eos_id: int, tokenizer_json: str | Path | None = None, shard_tokens: int = 1 << 20,
                  dtype: str = "uint16") -> Path:

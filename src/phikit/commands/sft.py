@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 
 
 def add_finetune_arguments(p: argparse.ArgumentParser, defaults) -> None:
@@ -59,7 +60,8 @@ def run_finetune(args: argparse.Namespace, config_cls, run_fn) -> int:
         summary = run_fn(config_cls(**{k: v for k, v in vars(args).items() if k in fields}), resume=args.resume)
     except TrainingDiverged as e:  # a message with the remedies, not a traceback
         raise CLIError(str(e)) from e
-    print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, not one per process
+        print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}))
     if summary["status"] != "completed":  # stopped early: no model was exported, --resume continues
         return 130 if "SIGINT" in summary["status"] else 143
     return 0

@@ -18,7 +18,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.epilog = (
         "examples:\n"
         "  phikit train --config configs/cpu-tiny.yaml data=shards/textbooks out_dir=runs/tiny\n"
-        "  phikit train --config configs/cpu-tiny.yaml out_dir=runs/tiny --resume\n"
+        "  phikit train --config configs/cpu-tiny.yaml data=shards/textbooks out_dir=runs/tiny --resume\n"
         "  phikit train --config configs/cpu-tiny.yaml data=shards/textbooks optimizer=muon muon_lr=0.02\n"
         "  torchrun --nproc_per_node 8 -m phikit train --config configs/phi-1_5-paper.yaml data=mix.yaml\n"
         "  phikit train --export runs/tiny runs/tiny-hf"

@@ -20,6 +20,7 @@ SCHEDULES = ("constant", "cosine", "wsd")
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRATEGIES = ("auto", "ddp", "fsdp")
 OPTIMIZERS = ("adamw", "muon")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -102,15 +103,29 @@ class TrainConfig:
             bad(f"muon_lr must be > 0, got {self.muon_lr}")
         if self.strategy not in STRATEGIES:
             bad(f"strategy {self.strategy!r} is unknown: choose one of {', '.join(STRATEGIES)}")
-        for name in ("seq_len", "global_batch_size", "micro_batch_size", "max_steps", "keep_last"):
+        if self.device not in DEVICES:
+            bad(f"device {self.device!r} is unknown: choose one of {', '.join(DEVICES)}")
+        for name in ("global_batch_size", "micro_batch_size", "max_steps", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 bad(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len < 2:  # labels are the inputs shifted by one: one token predicts nothing
+            bad(f"seq_len must be at least 2, got {self.seq_len}")
+        # 0 means "off" for these; a negative value would silently act as a period (step % -k) or as "off".
+        for name in ("eval_every", "eval_sequences", "checkpoint_every", "max_bad_steps", "grad_clip",
+                     "weight_decay", "warmup_steps"):
+            if getattr(self, name) < 0:
+                bad(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.eps <= 0:  # Adam divides by sqrt(v) + eps: 0/0 = NaN for any parameter whose gradient is 0
+            bad(f"eps must be > 0, got {self.eps}")
         if self.micro_batch_size > self.global_batch_size:
             bad(f"micro_batch_size {self.micro_batch_size} exceeds global_batch_size {self.global_batch_size}: "
                 "lower micro_batch_size")
         self.grad_accum(1)
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.decay_fraction <= 1:
-            bad("lr must be > 0 and min_lr_ratio, decay_fraction in [0, 1]")
+        if self.lr <= 0:
+            bad(f"lr must be > 0, got {self.lr}")
+        for name in ("min_lr_ratio", "decay_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                bad(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             bad(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.warmup_steps < 0 or self.warmup_steps >= self.max_steps and self.schedule != "constant":

@@ -407,8 +407,9 @@ def run_dpo(cfg: DPOConfig, model=None, tokenizer=None, resume: bool = False, ex
                                               cfg.too_long, source=f"{Path(cfg.val_data).name} pair")
     else:
         pairs, val = split_validation(pairs, cfg.val_fraction, cfg.seed)
-    print(f"dpo data: {report.summary()}")
     env = distributed.init_distributed(cfg.device)
+    if env.is_main:
+        print(f"dpo data: {report.summary()}")
     model.to(env.device)
     pad_id = tokenizer.eos_token_id
     ref_model = None

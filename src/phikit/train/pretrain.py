@@ -25,6 +25,10 @@ def run_pretraining(cfg: TrainConfig, resume: bool = False, export: bool = True)
             mixture.check(cfg.seq_len, config.vocab_size)
             if config.tokenizer_vocab_size is None and mixture.vocab_size < config.vocab_size:
                 config = config.replace(tokenizer_vocab_size=mixture.vocab_size)  # rows past it are padding
+            if not {"bos_token_id", "eos_token_id"} & set(cfg.model_config):
+                # The data's tokenizer defines eos (the preset's is phi's 50256): the exported config.json and
+                # generation_config.json must name it, or transformers' generate never stops.
+                config = config.replace(bos_token_id=mixture.eos_id, eos_token_id=mixture.eos_id)
             meta = cfg.strategy == "fsdp" and config.num_parameters() > META_INIT_PARAMETERS
             model = build_model(config, seed=cfg.seed, meta=meta)
         else:  # continue pretraining from a checkpoint

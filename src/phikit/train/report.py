@@ -22,8 +22,10 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) 
             if key in name:
                 return peak
     n = 1024 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype if device.type == "cuda" else torch.float32)
-    b = torch.randn_like(a)
+    # Its own generator: the run's (dropout) must not move, or a resumed run would diverge from an uninterrupted one.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype if device.type == "cuda" else torch.float32, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=a.dtype, generator=gen)
     for _ in range(2):
         a @ b
     if device.type == "cuda":

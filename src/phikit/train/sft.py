@@ -79,6 +79,8 @@ class FineTuneConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_steps < 0 or self.epochs <= 0:
             raise ValueError("max_steps must be >= 0 and epochs > 0")
+        if self.lr < 0:  # 0 stands for the default
+            raise ValueError(f"--lr must be > 0 (or 0 for the default), got {self.lr}")
         return self
 
 
@@ -220,6 +222,13 @@ def write_json(path: Path, data: dict) -> None:
 
 def prepare_policy(model, tokenizer, cfg) -> tuple[Any, list[int]]:
     """ChatML tokens in the embedding; LoRA wrapping (new token rows trainable) when asked."""
+    # peft draws lora_A's initial values, and dropout its masks, from torch's global generator, which every new
+    # Python process seeds at random: without this, two runs with the same --seed train different adapters.
+    torch.manual_seed(cfg.seed)
+    context = model.config.max_position_embeddings
+    if cfg.max_length > context:  # packed rows reach max_length tokens: the first step would fail, minutes in
+        raise ValueError(f"--max-length {cfg.max_length} exceeds the model's context of {context} tokens: "
+                         f"pass --max-length {context} or less")
     before = len(tokenizer)
     add_chatml_tokens(model, tokenizer)
     new_ids = list(range(before, len(tokenizer)))
@@ -249,8 +258,9 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, resume: bool = False, ex
     else:
         examples, val = split_validation(examples, cfg.val_fraction, cfg.seed)
         val_report = None
-    print(f"sft data: {report.summary()}")
     env = distributed.init_distributed(cfg.device)
+    if env.is_main:
+        print(f"sft data: {report.summary()}")
     grad_accum = cfg.batch_size // (cfg.micro_batch_size * env.world_size) or 1
     batches = SFTBatches(examples, cfg.micro_batch_size, grad_accum, cfg.max_length, tokenizer.eos_token_id,
                          cfg.packing, cfg.seed, env.rank, env.world_size)
