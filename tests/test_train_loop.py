@@ -290,3 +290,9 @@ def test_peak_flops_measurement_leaves_the_run_rng_alone():
     state = torch.get_rng_state()
     assert matmul_peak_flops(torch.device("cpu")) > 0
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_resume_without_checkpoints_says_it_starts_a_new_run(shards, tmp_path, capsys):
+    summary = run_pretraining(_config(shards, tmp_path / "run", max_steps=2), resume=True, export=False)
+    assert summary["status"] == "completed"
+    assert "yet: starting a new run" in capsys.readouterr().out

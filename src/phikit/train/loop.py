@@ -308,6 +308,8 @@ class Trainer:
                                  "is nothing to resume from: delete them to start over, or choose another out_dir")
             raise ValueError(f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
                              "or choose another out_dir")
+        if resume and not resumed and env.is_main:  # the first run of a job that always passes --resume
+            tqdm.write(f"no checkpoint in {self.run_dir / 'checkpoints'} yet: starting a new run")
         if env.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log = report.MetricsLog(self.run_dir, env.is_main, cfg.tensorboard, self.step if resumed else None)
