@@ -293,6 +293,6 @@ def test_peak_flops_measurement_leaves_the_run_rng_alone():
 
 
 def test_resume_without_checkpoints_says_it_starts_a_new_run(shards, tmp_path, capsys):
-    summary = run_pretraining(_config(shards, tmp_path / "run", max_steps=2), resume=True, export=False)
+    summary = run_pretraining(_config(shards, tmp_path / "run", max_steps=3), resume=True, export=False)
     assert summary["status"] == "completed"
     assert "yet: starting a new run" in capsys.readouterr().out
