@@ -105,3 +105,10 @@ def test_decode_check_finite_reports_each_format_and_fails_on_nan(monkeypatch, c
     with torch.no_grad():
         model.lm_head.bias.fill_(float("nan"))
     assert decode.finite_logits(model, torch.tensor([[1, 2, 3]])) is False
+
+
+def test_shared_helpers_are_not_listed_as_benchmarks(capsys):
+    # benchmarks/lm_setup.py is imported by two benchmarks; run on its own it did nothing and exited 0.
+    assert cli_main(["bench", "lm_setup"]) == 2
+    err = capsys.readouterr().err
+    assert "no benchmark named 'lm_setup'" in err and "lm_setup," not in err and "prompt_lookup" in err

@@ -81,3 +81,34 @@ def test_report_counts_kept_both_ways(tmp_path):
     report = quality.write_report(tmp_path, {"heldout_f1": 0.5}, np.array([2.6, 3.0, 1.0, 4.2]), 3.0)
     assert report["kept_at_threshold"] == 2 and report["kept_when_rounded"] == 3
     assert "| kept_when_rounded | 3 |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_score_of_exactly_half_rounds_up_as_filter_keeps_it(tmp_path):
+    # `filter --threshold 2.5` keeps a document scored 2.5, so "rounds to 3 or more" must count it too.
+    scores = np.array([2.5, 2.4999, 3.5, 1.0])
+    report = quality.write_report(tmp_path, {}, scores, 3.0)
+    assert report["kept_when_rounded"] == int(np.sum(scores >= 2.5)) == 2
+    assert quality.round_half_up(scores).tolist() == [3.0, 2.0, 4.0, 1.0]
+
+
+def test_score_report_counts_what_filter_keeps(tmp_path, monkeypatch):
+    # A forest's mean can land a hair under a half (2.4999999999999996): written as 2.5, `filter --threshold 2.5`
+    # keeps it, so the report's kept_when_rounded must count it too.
+    raw = [2.4999999999999996, 2.9999999999999996, 1.0, 4.2]
+
+    class Head:
+        def predict(self, features):
+            return np.array(raw)
+    monkeypatch.setattr(quality, "load_embedding_model", lambda name: (None, None))
+    monkeypatch.setattr(quality, "embed", lambda texts, model, tok, max_tokens: np.zeros((len(texts), 1)))
+    monkeypatch.setattr(quality, "fit_head", lambda *a, **k: (Head(), {}))
+    corpus, scored = tmp_path / "docs.jsonl", tmp_path / "scored.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "text": f"def f{i}(): pass"}) + "\n" for i in range(4)))
+    assert main(["data", "score", str(corpus), "--annotator", "code-rubric", "--output", str(scored),
+                 "--report-dir", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    for threshold, key in (("2.5", "kept_when_rounded"), ("3", "kept_at_threshold")):
+        kept = tmp_path / f"kept{threshold}.jsonl"
+        assert main(["data", "filter", str(scored), "--threshold", threshold, "--output", str(kept)]) == 0
+        assert report[key] == len(kept.read_text().splitlines()), key
+    assert report["kept_when_rounded"] == 3 and report["kept_at_threshold"] == 2

@@ -163,6 +163,29 @@ def test_cli_harness_tasks_give_the_device_once(tiny_phi_checkpoint, monkeypatch
     assert lm.model.device.type == "cpu" and lm.gen_batch == 8
 
 
+
+def test_cli_harness_task_missing_its_extra_is_one_line(monkeypatch, capsys):
+    # ifeval imports langdetect only when the task loads: a traceback after the model loaded, before this.
+    import phikit.eval.harness as harness
+
+    def needs_langdetect(argv):
+        raise ModuleNotFoundError("No module named 'langdetect'", name="langdetect")
+    monkeypatch.setattr(harness, "main", needs_langdetect)
+    assert cli(["eval", "--model", "unused", "--harness-tasks", "ifeval"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'langdetect'" in err and "lm-eval[ifeval]" in err
+
+
+def test_cli_harness_tasks_without_lm_eval_is_one_line(monkeypatch, capsys):
+    # lm-eval is only in the dev extra: without it --harness-tasks was an ImportError traceback.
+    import sys
+    monkeypatch.delitem(sys.modules, "phikit.eval.harness", raising=False)
+    for name in [m for m in sys.modules if m.partition(".")[0] == "lm_eval"] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if lm-eval were not installed
+    assert cli(["eval", "--model", "unused", "--harness-tasks", "gsm8k"]) == 2
+    assert capsys.readouterr().err.strip() == ("phikit: error: --harness-tasks needs lm-evaluation-harness: "
+                                               "pip install lm-eval")
+
 def test_results_files_are_whole_and_readable(tmp_path, monkeypatch):
     import os
     import stat

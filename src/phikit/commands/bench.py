@@ -10,7 +10,11 @@ BENCH_DIR = Path(__file__).resolve().parents[3] / "benchmarks"
 
 
 def _available() -> list[str]:
-    return sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_")) if BENCH_DIR.is_dir() else []
+    # A benchmark is a script with a main guard; helpers the benchmarks share (lm_setup.py) sit beside them.
+    if not BENCH_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in BENCH_DIR.glob("*.py")
+                  if not p.stem.startswith("_") and '__name__ == "__main__"' in p.read_text(encoding="utf-8"))
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -26,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.name:
         raise ValueError(f"name a benchmark: phikit bench NAME, NAME one of {choices}")
     script = BENCH_DIR / f"{args.name}.py"
-    if not script.exists():
+    if args.name not in _available():
         raise ValueError(f"no benchmark named {args.name!r}: choose one of {choices} "
                          "(benchmarks/ lives in the source checkout)")
     return subprocess.call([sys.executable, str(script), *args.rest])

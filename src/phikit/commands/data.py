@@ -249,10 +249,12 @@ def _score(args) -> int:
     idx = sorted(annotated)
     head, metrics = quality.fit_head(features[idx], np.array([annotated[i] for i in idx]), args.head,
                                      args.threshold, seed=args.seed)
-    predicted = head.predict(features)
+    # The report counts the scores as written (4 decimals), which are what `filter` reads: a raw 2.4999999999999996
+    # is written as 2.5 and kept by `filter --threshold 2.5`, so the report must count it as 2.5 too.
+    predicted = np.array([round(float(s), 4) for s in head.predict(features)])
     with RecordWriter(args.output) as w:
         for rec, s in zip(records, predicted):
-            w.write({**rec, "edu_score": round(float(s), 4)})
+            w.write({**rec, "edu_score": float(s)})
     report_dir = Path(args.report_dir) if args.report_dir else Path(args.output).with_suffix(".quality")
     report = quality.write_report(report_dir, {**metrics, "annotator": annotator, "model": args.model,
                                                   **_skipped(stats)},

@@ -69,7 +69,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise ValueError("--model is required (a checkpoint directory), unless you score --samples")
     if args.harness_tasks:
-        from ..eval.harness import main as harness_main
+        try:
+            from ..eval.harness import main as harness_main
+        except ModuleNotFoundError as e:  # lm-eval is in the dev extra, not a dependency of phikit
+            if (e.name or "").partition(".")[0] != "lm_eval":
+                raise
+            raise ValueError("--harness-tasks needs lm-evaluation-harness: pip install lm-eval") from e
         # Device and batch size go through lm-eval's own flags: lm-eval always passes those to the backend, so
         # the same names in model_args too would be given twice (a TypeError).
         argv = ["--model", "phikit", "--model_args", f"pretrained={args.model}"
@@ -86,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
         except ConnectionError as e:  # datasets' offline failure: a known limit, not a crash
             raise ValueError(f"lm-eval could not fetch a dataset ({e}): harness tasks need the Hub or a populated "
                              "HF datasets cache; offline, use phikit's own --tasks with --data-dir") from e
+        except ModuleNotFoundError as e:  # some tasks need lm-eval's extras (ifeval: langdetect, immutabledict)
+            raise ValueError(f"an lm-eval task needs the Python package {e.name!r}, which is not installed: install "
+                             "it, or lm-eval with the task's extra (e.g. pip install 'lm-eval[ifeval]')") from e
     import phikit
     from ..eval.report import markdown_table, write_report
     from ..eval.runner import evaluate, expand_tasks

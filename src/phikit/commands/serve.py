@@ -34,7 +34,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "new batch shape wait for compiling (tens of seconds on a CPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 can be faster on a busy machine)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="the server's and uvicorn's log messages shown (default: info)")
     p.epilog = ("examples:\n"
                 "  phikit serve --model ./phi-2 --port 8000\n"
                 "  phikit serve --model ./my-sft --api-key secret --max-batch 32\n"

@@ -198,12 +198,18 @@ def fit_head(features: np.ndarray, scores: np.ndarray, head: str = "rf", thresho
         "head": head, "threshold": threshold, "annotations": int(len(scores)), "train": int(len(y_tr)),
         "heldout": int(len(y_te)),
         # As FineWeb-Edu: the regressed score is rounded to the nearest integer before the threshold.
-        "heldout_f1": round(float(f1_score(y_te >= threshold, np.rint(pred) >= threshold, zero_division=0)), 4),
+        "heldout_f1": round(float(f1_score(y_te >= threshold, round_half_up(pred) >= threshold, zero_division=0)), 4),
         "heldout_mae": round(float(mean_absolute_error(y_te, pred)), 4),
         "heldout_positive_rate": round(float(np.mean(y_te >= threshold)), 4),
         "annotation_histogram": {int(k): int(v) for k, v in zip(*np.unique(scores, return_counts=True))},
     }
     return QualityHead(head, make().fit(features, scores)), metrics
+
+
+def round_half_up(scores: np.ndarray) -> np.ndarray:
+    """Nearest integer, halves up: 2.5 rounds to 3, so "rounds to 3 or more" is exactly what `filter --threshold
+    2.5` keeps (np.rint rounds halves to even, and would leave a document scored 2.5 out of one and in the other)."""
+    return np.floor(np.asarray(scores) + 0.5)
 
 
 def plot_histogram(scores: np.ndarray, threshold: float, path: str | Path, title: str) -> None:
@@ -234,7 +240,7 @@ def write_report(report_dir: str | Path, metrics: dict[str, Any], scores: np.nda
     kept = int(np.sum(scores >= threshold))
     # heldout_f1 judges the rounded score (FineWeb-Edu), i.e. `filter --threshold T-0.5`; say how many that keeps
     # too, or F1 would describe a different set of documents than kept_at_threshold (`filter --threshold T`).
-    kept_rounded = int(np.sum(np.rint(scores) >= threshold))
+    kept_rounded = int(np.sum(round_half_up(scores) >= threshold))
     report = {**metrics, "documents": int(len(scores)), "kept_at_threshold": kept, "kept_when_rounded": kept_rounded,
               "score_mean": round(float(np.mean(scores)), 4) if len(scores) else None,
               "histogram_png": "score_histogram.png"}
