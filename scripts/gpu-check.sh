@@ -9,12 +9,20 @@
 #      (targets: <= 1.5 ms/token at batch 1, >= 5x transformers);
 #   3. phi-2-shaped fp16 decoding, batch 1: finite logits (the benchmark checks) and its speed.
 # Usage: scripts/gpu-check.sh [OUTDIR]    (OUTDIR, default runs/gpu-check, receives the logs)
+# phikit is imported from this checkout's src/, installed or not; on a machine without a package index, run
+# scripts/gpu-wheels.sh where there is one first, and bring .whl/ along.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-python}
+PY=${PY:-python3}
 OUT=${1:-runs/gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+    site=$(mktemp -d)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: these checks need an NVIDIA GPU')"
 "$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
 "$PY" -m pytest -q -p no:cacheprovider -k cuda tests/test_foundation_model.py tests/test_generate_parity.py \
