@@ -296,3 +296,14 @@ def test_resume_without_checkpoints_says_it_starts_a_new_run(shards, tmp_path, c
     summary = run_pretraining(_config(shards, tmp_path / "run", max_steps=3), resume=True, export=False)
     assert summary["status"] == "completed"
     assert "yet: starting a new run" in capsys.readouterr().out
+
+
+def test_dropout_runs_repeat_with_their_seed(shards, tmp_path):
+    """Dropout masks come from the run's seed, not from whatever state the process's generator was left in."""
+    runs = []
+    for name, process_seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(process_seed)
+        cfg = _config(shards, tmp_path / name, max_steps=4, model_config={**TINY, "resid_pdrop": 0.2})
+        run_pretraining(cfg, export=False)
+        runs.append(_losses(tmp_path / name))
+    assert runs[0] == runs[1]

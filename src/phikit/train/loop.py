@@ -150,6 +150,9 @@ class Trainer:
         if on_meta and strategy == "fsdp":
             _init_on_device(self.model, cfg.seed, self.env)
         self.sharded = self.strategy == "fsdp"
+        # Dropout draws from torch's global generator: seeded per run and process, so a run repeats with its seed
+        # and each process of a job draws its own masks (resuming restores the saved generator states over this).
+        torch.manual_seed(cfg.seed * 1_000_003 + self.env.rank + 1)
         if loss_fn is None:
             # The fused loss reads lm_head outside the forward; FSDP2 reshards it there, so it uses plain logits.
             loss_fn = fused_causal_lm_loss if cfg.fused_loss and not self.sharded else causal_lm_loss
