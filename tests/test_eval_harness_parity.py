@@ -93,3 +93,15 @@ def test_phikit_backend_in_the_harness(hf_samples, loaded, tiny_phi_checkpoint):
         hf.loglikelihood_rolling(req, disable_tqdm=True)[0], abs=1e-3)
     gen = [Instance("generate_until", {}, ("def add(a, b):", {"until": ["\n\n"], "max_gen_toks": 8}), 0)]
     assert lm_short.generate_until(gen, disable_tqdm=True) == hf.generate_until(gen, disable_tqdm=True)
+
+
+def test_long_context_beside_long_option_fits_the_model(loaded):
+    # Options run after the batch's padded context width: a 500-token question batched with another question's
+    # 100-token option asked the model for 599 positions (of 512) and raised.
+    from phikit.eval.scoring import LogLikelihoodScorer
+    model, _ = loaded
+    assert model.config.max_position_embeddings == 512
+    requests = [(list(range(1000, 1500)), [7]), (list(range(2000, 2010)), list(range(3000, 3100)))]
+    together = LogLikelihoodScorer(model, batch_tokens=100_000).score(requests)
+    alone = LogLikelihoodScorer(model, batch_tokens=1).score(requests)
+    assert [s.logprob for s in together] == pytest.approx([s.logprob for s in alone], abs=1e-4)

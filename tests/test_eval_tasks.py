@@ -261,3 +261,18 @@ def test_toxicity_skips_empty_statements(loaded, tmp_path):
     path.write_text(json.dumps({"text": "", "target_group": "women", "label": 1}) + "\n")
     with pytest.raises(ValueError, match="no statements"):
         evaluate_toxicity(model, tok, path)
+
+
+def test_options_a_later_task_rejects_fail_before_any_task_runs(loaded, monkeypatch):
+    # These failed only when their task came up, after every earlier task had run, and lost those results.
+    import phikit.eval.multiple_choice as mc
+    from phikit.eval.runner import evaluate
+    monkeypatch.setattr(mc, "evaluate_task", lambda *a, **k: pytest.fail("a task ran before the options failed"))
+    for kwargs, expected in (({"tasks": "arc_easy,humaneval", "num_samples": 3}, "set --temperature"),
+                             ({"tasks": "arc_easy,mbpp", "temperature": -1.0}, "temperature must be >= 0"),
+                             ({"tasks": "arc_easy,perplexity"}, "--text-files"),
+                             ({"tasks": "arc_easy,toxicity"}, "--toxigen-file"),
+                             ({"tasks": "arc_easy,truthfulqa_mc1", "num_fewshot": 1}, "no few-shot split"),
+                             ({"tasks": "arc_easy,gsm8k", "num_fewshot": 5}, "--num-fewshot <= 3")):
+        with pytest.raises(ValueError, match=expected):
+            evaluate(*loaded, data_dir=FIXTURES, **kwargs)

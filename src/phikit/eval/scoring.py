@@ -79,15 +79,19 @@ class LogLikelihoodScorer:
             by_context.setdefault(tuple(ctx), []).append(i)
             conts.append(cont)
         contexts = sorted(by_context, key=len, reverse=True)
+        positions = self.model.config.max_position_embeddings
         bar = tqdm(total=len(requests), desc="scoring", unit="req", disable=not progress)
         start = 0
         while start < len(contexts):
-            # Grow the batch while (rows x longest context) and (options x longest option) fit the budget.
-            width, rows, end = len(contexts[start]), 0, start
-            while end < len(contexts) and (end - start + 1) * width <= self.batch_tokens:
-                rows += len(by_context[contexts[end]])
-                end += 1
-            end = max(end, start + 1)
+            # Grow the batch while (rows x longest context) fits the budget. Every option is fed after the batch's
+            # full (left-padded) context width, so the longest context plus the longest option of any row must also
+            # fit the model's positions: a long context beside another question's long option would not.
+            width, longest, end = len(contexts[start]), 0, start
+            while end < len(contexts):
+                tail = max([longest] + [len(conts[i]) - 1 for i in by_context[contexts[end]]])
+                if end > start and ((end - start + 1) * width > self.batch_tokens or width + tail > positions):
+                    break
+                longest, end = tail, end + 1
             self._score_batch(contexts[start:end], by_context, conts, results)
             bar.update(sum(len(by_context[c]) for c in contexts[start:end]))
             start = end
