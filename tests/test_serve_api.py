@@ -193,6 +193,16 @@ def test_predicted_outputs_give_the_same_answer_and_count_kept_tokens(client):
     assert predicted.choices[0].text == text and predicted.usage.completion_tokens_details.accepted_prediction_tokens
 
 
+def test_the_earliest_of_overlapping_stop_strings_ends_the_answer(client, phi_tokenizer):
+    # One token, " understanding": "erst" starts in it before "stand", though "stand" is listed first.
+    [token] = phi_tokenizer.encode(" understanding")
+    kw = {"max_tokens": 3, "logit_bias": {str(token): 100}, "stop": ["stand", "erst"]}
+    out = greedy(client, "x", **kw).choices[0]
+    assert out.text == " und" and out.finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt="x", temperature=0, stream=True, **kw)
+    assert "".join(c.choices[0].text for c in streamed) == " und"
+
+
 def test_stop_token_and_logit_bias(client, phi_tokenizer):
     eos = phi_tokenizer.eos_token_id
     out = greedy(client, "Hello", max_tokens=10, logit_bias={str(eos): 100})
@@ -214,6 +224,17 @@ def test_logprobs(client, phi_tokenizer):
     content = chat.choices[0].logprobs.content
     assert content and all(len(t.top_logprobs) == 2 for t in content)
     assert all(bytes(t.bytes).decode("utf-8", "replace") == t.token for t in content if "\ufffd" not in t.token)
+
+
+def test_completion_top_logprobs_include_the_sampled_token(client):
+    """OpenAI's legacy logprobs always list the sampled token among the alternatives (up to logprobs + 1)."""
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=2.0, seed=3, logprobs=0)
+    lp = out.choices[0].logprobs
+    assert lp.top_logprobs == [{tok: logprob} for tok, logprob in zip(lp.tokens, lp.token_logprobs)]
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=2.0, seed=3, logprobs=1)
+    lp = out.choices[0].logprobs
+    assert all(top[tok] == logprob and len(top) <= 2 for tok, logprob, top in
+               zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
 
 
 def test_wrong_or_missing_key_gets_401(server):
@@ -437,6 +458,18 @@ def test_dropped_client_cancels_its_generation(slow_server):
         time.sleep(0.01)
     assert engine.num_running == 0
     assert engine.steps - steps < 50, "decoding should stop when the client goes away"
+
+
+def test_stream_chunks_share_one_id_and_created_time(slow_server):
+    """OpenAI: every chunk of a stream has the completion's id and timestamp, even when it spans seconds."""
+    _url, _app, client = slow_server
+    start = time.monotonic()
+    chunks = list(client.completions.create(model=MODEL, prompt="tick", max_tokens=60, temperature=0, stream=True))
+    assert time.monotonic() - start > 1  # 60 steps of >= 20 ms: the chunks were made in different seconds
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    chat = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "tock"}],
+                                               max_tokens=60, temperature=0, stream=True))
+    assert len({c.id for c in chat}) == 1 and len({c.created for c in chat}) == 1
 
 
 def test_full_queue_gets_429(slow_server):

@@ -631,11 +631,12 @@ class Engine:
             else:
                 s.output_ids.append(tok)
                 s.text = self.tokenizer.decode(s.output_ids)
-                for stop in g.stop:
-                    at = s.text.find(stop, max(0, before - len(stop) - 4))
-                    if at >= 0:
-                        s.text = s.text[:at]
-                        s.finish_reason = "stop"
+                # The answer ends at the earliest stop string: cutting at each in list order could keep the start
+                # of one that began before the match it cut at (stops "stand", "erst" in " understanding").
+                hits = [at for stop in g.stop if (at := s.text.find(stop, max(0, before - len(stop) - 4))) >= 0]
+                if hits:
+                    s.text = s.text[:min(hits)]
+                    s.finish_reason = "stop"
             if not s.finished and s.generated >= s.max_new:
                 s.finish_reason = "length"
             event = self._release(s)

@@ -47,10 +47,17 @@ def usage(prompt_tokens: int, completion_tokens: int, prediction: tuple[int, int
 
 def completion_logprobs(tokenizer: Tokenizer, tokens: list[TokenLogprob], base_offset: int = 0) -> dict:
     """The legacy completions shape: parallel lists of tokens, logprobs, top alternatives and text offsets."""
+    def alternatives(t: TokenLogprob) -> dict:
+        # OpenAI always adds the sampled token to the alternatives ("up to logprobs+1 elements"), so logprobs=0
+        # and a sampled token outside the top k still appear there.
+        top = {token_text(tokenizer, i): lp for i, lp in t.top}
+        top.setdefault(token_text(tokenizer, t.token_id), t.logprob)
+        return top
+
     return {
         "tokens": [token_text(tokenizer, t.token_id) for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [{token_text(tokenizer, i): lp for i, lp in t.top} for t in tokens],
+        "top_logprobs": [alternatives(t) for t in tokens],
         "text_offset": [base_offset + t.offset for t in tokens],
     }
 

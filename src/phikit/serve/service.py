@@ -193,8 +193,9 @@ class OpenAIService:
         self.metrics.prompt_tokens.inc(sum(len(g.prompt_ids) for g in groups))
         return job
 
-    def envelope(self, rid: str, object: str, choices: list[dict], **extra) -> dict:
-        return {"id": rid, "object": object, "created": int(time.time()), "model": self.model_name,
+    def envelope(self, rid: str, created: int, object: str, choices: list[dict], **extra) -> dict:
+        # `created` is the request's: OpenAI gives every chunk of a stream the same id and the same timestamp.
+        return {"id": rid, "object": object, "created": created, "model": self.model_name,
                 "system_fingerprint": self.fingerprint, "choices": choices, **extra}
 
     # --- POST /v1/completions ---
@@ -213,6 +214,7 @@ class OpenAIService:
         job = self.submit(self.groups(body, ids, body.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt",
                                       body.stop_list(), self.completion_stop_ids, body.logprobs, strip=""))
         rid, n, prompt_tokens = f"cmpl-{uuid.uuid4().hex}", body.n, sum(map(len, ids))
+        created = int(time.time())
 
         def echo(index: int) -> str:
             return texts[index // n] if body.echo else ""
@@ -226,7 +228,7 @@ class OpenAIService:
             out, tokens, reasons, completion = await job.collect(request, self.request_timeout)
             choices = [{"index": i, "text": echo(i) + out[i], "logprobs": logprobs(i, tokens[i]),
                         "finish_reason": reasons[i]} for i in range(len(out))]
-            return self.envelope(rid, "text_completion", choices, usage=job.usage(prompt_tokens, completion))
+            return self.envelope(rid, created, "text_completion", choices, usage=job.usage(prompt_tokens, completion))
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
@@ -243,11 +245,12 @@ class OpenAIService:
                 if text or ev.tokens or ev.finish_reason:
                     choice = {"index": ev.index, "text": text, "logprobs": logprobs(ev.index, ev.tokens),
                               "finish_reason": ev.finish_reason}
-                    yield R.sse(self.envelope(rid, "text_completion", [choice], **extra))
+                    yield R.sse(self.envelope(rid, created, "text_completion", [choice], **extra))
                 completion += ev.completion_tokens if ev.finish_reason else 0
             else:
                 if include_usage:
-                    yield R.sse(self.envelope(rid, "text_completion", [], usage=job.usage(prompt_tokens, completion)))
+                    usage = job.usage(prompt_tokens, completion)
+                    yield R.sse(self.envelope(rid, created, "text_completion", [], usage=usage))
             yield R.sse("[DONE]")
 
         return event_stream(chunks())
@@ -277,7 +280,7 @@ class OpenAIService:
         job = self.submit(self.groups(body, [ids], body.max_completion_tokens or body.max_tokens, None, "messages",
                                       self.fmt.stop_strings + body.stop_list(), self.chat_stop_ids, top,
                                       strip="both" if self.fmt.strip_answer else "right", budget_param=budget_param))
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def logprobs(tokens) -> dict | None:
             return R.chat_logprobs(self.tokenizer, tokens) if body.logprobs else None
@@ -286,14 +289,14 @@ class OpenAIService:
             out, tokens, reasons, completion = await job.collect(request, self.request_timeout)
             choices = [{"index": i, "message": {"role": "assistant", "content": out[i]},
                         "logprobs": logprobs(tokens[i]), "finish_reason": reasons[i]} for i in range(len(out))]
-            return self.envelope(rid, "chat.completion", choices, usage=job.usage(len(ids), completion))
+            return self.envelope(rid, created, "chat.completion", choices, usage=job.usage(len(ids), completion))
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
 
         def chunk(index: int, delta: dict, lp=None, finish_reason=None) -> str:
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
-            return R.sse(self.envelope(rid, "chat.completion.chunk", [choice], **extra))
+            return R.sse(self.envelope(rid, created, "chat.completion.chunk", [choice], **extra))
 
         async def chunks():
             for i in range(body.n):
@@ -312,7 +315,7 @@ class OpenAIService:
             else:
                 if include_usage:
                     usage = job.usage(len(ids), completion)
-                    yield R.sse(self.envelope(rid, "chat.completion.chunk", [], usage=usage))
+                    yield R.sse(self.envelope(rid, created, "chat.completion.chunk", [], usage=usage))
             yield R.sse("[DONE]")
 
         return event_stream(chunks())
