@@ -498,3 +498,83 @@ def test_quantized_prompts_run_under_no_grad_after_inference_mode_runs():
     with torch.no_grad():
         torch.testing.assert_close(int4(x.bfloat16()), expected[0])
         torch.testing.assert_close(int8(x), expected[1])
+
+
+def test_int8_weight_only_takes_any_width_and_unaligned_inputs():
+    """torch's weight-only int8 kernel reads 16 inputs at a time with aligned loads: a width that is not a multiple
+    of 16 must not reach it (it read past the row: here into large values after it), nor an input that starts
+    mid-way through memory (it crashed)."""
+    from phikit.quant import Int8Linear
+    torch.manual_seed(0)
+    for width, start, rows in ((100, 0, 1), (100, 0, 3), (96, 8, 1), (96, 8, 3)):  # start 8: 16 bytes in
+        int8 = Int8Linear(torch.nn.Linear(width, 48), torch.bfloat16)
+        memory = torch.full((start + rows * width + 64,), 1e4, dtype=torch.bfloat16)
+        x = memory[start:start + rows * width].view(rows, width)
+        x.copy_(torch.randn(rows, width))
+        with torch.no_grad():
+            got = int8(x).double()
+        exact = x.double() @ int8.dequantize().double().T + int8.bias.double()
+        torch.testing.assert_close(got, exact, rtol=2e-2, atol=2e-2)
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    with torch.no_grad():  # the check of the input's address stays out of compiled graphs
+        torch.testing.assert_close(torch.compile(int8, backend="eager", fullgraph=True)(x), int8(x))
+
+
+def test_int4_refuses_unfit_shapes_and_group_sizes_before_changing_the_model(model):
+    """A layer int4 cannot take, or a group size torch's int4 kernel does not, is refused up front in one line
+    naming the layer and the way out, and the model is left as it was (not half quantized, q/k/v not joined)."""
+    from phikit.model import PhiForCausalLM
+    from phikit.quant import Int4Linear
+    odd = build_model(dataclasses.replace(model.config, intermediate_size=240), seed=0)  # fc2 takes 240 inputs
+    for kw, message in ((dict(), "mlp.fc2: int4 needs in_features \\(240\\).*use int8"),
+                        (dict(group_size=16), "group size must be one of 32, 64, 128, 256")):
+        with pytest.raises(ValueError, match=message) as err:
+            quantize_model(odd, "int4", **kw)
+        assert "\n" not in str(err.value)
+        assert not getattr(odd, "quantized", None) and odd.model.layers[0].self_attn.qkv_proj is None
+        assert not any(isinstance(m, Int4Linear) for m in odd.modules())
+    with pytest.raises(ValueError, match="group size"):
+        Int4Linear(torch.nn.Linear(64, 64), group_size=16)
+    assert quantize_model(odd, "int8").quantized == "int8"
+    with torch.device("meta"):
+        unloaded = PhiForCausalLM(model.config)
+    with pytest.raises(ValueError, match="meta device"):
+        quantize_model(unloaded, "int8")
+
+
+@KERNEL_CHOICES
+def test_packed_linears_take_weights_made_under_inference_mode(kernels):
+    """Weights loaded under torch.inference_mode are inference tensors, which keep no version counter: the packed
+    copies still work on them (they failed on the first batched step)."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        layers = [torch.nn.Linear(64, 96), torch.nn.Linear(64, 96).to(torch.bfloat16)]
+    x = torch.randn(5, 64)
+    with use_cpu_kernels(kernels):
+        for layer in layers:
+            prepare_cpu_linears(layer)
+            with torch.inference_mode():
+                got = layer(x.to(layer.weight.dtype)).double()
+            exact = x.to(layer.weight.dtype).double() @ layer.weight.double().T + layer.bias.double()
+            torch.testing.assert_close(got, exact, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.skipif(not packed_fp32_available(), reason="this torch build has no oneDNN")
+def test_packed_copy_survives_another_thread_resetting_it():
+    """Two threads may remake a layer's packed copy at once (first use, new weights): one thread's reset of the
+    copy, right after the other stored its own, must not reach the other's product ('NoneType' not subscriptable
+    in about one call in 10^5 with four threads)."""
+
+    class ResetByAnotherThread(PackedFp32Linear):
+        def __setattr__(self, name, value):
+            super().__setattr__(name, value)
+            if name == "_packed" and value is not None:
+                super().__setattr__("_packed", None)  # the other thread starts its own remake here
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 48)
+    prepare_cpu_linears(layer)
+    layer.__class__ = ResetByAnotherThread
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))

@@ -72,6 +72,20 @@ def test_gguf_export_refuses_bad_input(model, tokenizer, tmp_path):
         export_gguf(model, tokenizer, tmp_path / "m.bin")
 
 
+def test_gguf_block_types_refuse_rows_not_a_multiple_of_32(tokenizer, tmp_path):
+    """q8_0 and q4_0 quantize rows in blocks of 32: a model with other widths is refused in one line naming the
+    tensor and the types that fit, before anything is written; f16 still exports it."""
+    config = get_config("tiny", hidden_size=64, intermediate_size=240, num_hidden_layers=1, vocab_size=len(tokenizer),
+                        tokenizer_vocab_size=len(tokenizer))
+    odd = build_model(config, seed=0).eval()
+    for dtype in ("q8_0", "q4_0"):
+        with pytest.raises(ValueError, match="fc2.weight has rows of 240: export this model with dtype f16") as err:
+            export_gguf(odd, tokenizer, tmp_path / f"odd-{dtype}.gguf", dtype=dtype)
+        assert "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+    assert export_gguf(odd, tokenizer, tmp_path / "odd-f16.gguf", dtype="f16").exists()
+
+
 LLAMA_TEXTS = ["def f(x):\n        return  x\t+ 1\n\n\n",
                "Alice: h\u00e9llo w\u00f6rld \U0001f642 \u65e5\u672c\u8a9e\nBob:",
                "<|endoftext|>Instruct: add 2 and 3.<|endoftext|>", "   spaces before and after   ", "it's 12345 don't"]

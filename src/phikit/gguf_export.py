@@ -70,6 +70,12 @@ def export_gguf(model: PhiForCausalLM, tokenizer: Tokenizer, path: str | os.Path
     if dtype not in QTYPES:
         raise ValueError(f"unknown GGUF dtype {dtype!r}: choose one of {', '.join(QTYPES)}")
     qtype = QTYPES[dtype]
+    # q8_0 and q4_0 quantize each row in blocks of 32 values; checked before writing anything
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    for name, tensor in model.state_dict().items():
+        if tensor.ndim == 2 and tensor.shape[-1] % block:
+            raise ValueError(f"GGUF {dtype} stores weights in blocks of {block} values, but {name} has rows of "
+                             f"{tensor.shape[-1]}: export this model with dtype f16, bf16 or f32")
     path = Path(path)
     if path.suffix != ".gguf":
         raise ValueError(f"GGUF output {path} should end in .gguf")

@@ -41,6 +41,8 @@ PREFILL_ROWS = 16
 INT4_BLOCK_ROWS = 512
 
 MODES = ("int8", "int8-weight-only", "int4")
+# The group sizes torch's CPU int4 kernel takes (others fail on the first decoding step, not when quantizing).
+INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -311,13 +313,19 @@ class _PackedCpuLinear(_PackedOutsideGraphs, nn.Linear):
         return ""
 
     def _packed_weight(self):
-        key = (self._packing(),) + tuple((t.data_ptr(), t._version) for t in (self.weight, self.bias) if t is not None)
-        if self._packed is None or self._packed[0] != key:
-            self._packed = None
+        # Inference tensors (weights loaded under torch.inference_mode) keep no version counter; they cannot be
+        # trained, and changing them in place needs inference_mode, so their address alone identifies them.
+        key = (self._packing(),) + tuple((t.data_ptr(), None if t.is_inference() else t._version)
+                                         for t in (self.weight, self.bias) if t is not None)
+        # Read once into a local: another thread may reset self._packed (weights changed) between two reads.
+        packed = self._packed
+        if packed is None or packed[0] != key:
+            self._packed = None  # frees the old copy before the new one is made
             # Short of memory: remember the refusal (None) for these weights.
             need = self.weight.numel() * self._packed_bytes_per_weight
-            self._packed = (key, self._pack() if _memory_to_spare(need) else None)
-        return self._packed[1]
+            packed = (key, self._pack() if _memory_to_spare(need) else None)
+            self._packed = packed
+        return packed[1]
 
     def multiply_rows(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 [rows, in_features], contiguous: the product on the packed weights when there are some."""
@@ -547,7 +555,9 @@ class Int8Linear(_PackedOutsideGraphs, nn.Module):
         # fbgemm's GEMM only for the dynamic form, up to the measured row count; the weight-only form's kernel is
         # a matrix-vector one, so its prompts start at PREFILL_ROWS
         limit = _current_kernels().int8_kernel_max_rows if self.dynamic else PREFILL_ROWS
-        if x.device.type == "cpu" and x2.shape[0] >= limit:
+        # torch's weight-only kernel reads 16 inputs at a time with no tail (AVX512): other widths read past each
+        # row, giving garbage or a crash, so they take the exact prompt path
+        if x.device.type == "cpu" and (x2.shape[0] >= limit or (not self.dynamic and self.in_features % 16)):
             y = self._forward_prompt(x2).to(x.dtype)
         elif x.device.type == "cpu" and self.dynamic and torch.compiler.is_compiling():
             # torch.compile cannot trace fbgemm's packed weights: call the kernel through an opaque custom op
@@ -557,7 +567,12 @@ class Int8Linear(_PackedOutsideGraphs, nn.Module):
             y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._fbgemm_weights(),
                                                    not _current_kernels().int8_full_range).to(x.dtype)
         elif x.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(self.scales.dtype).contiguous(), self.weight, self.scales).to(x.dtype)
+            x2 = x2.to(self.scales.dtype).contiguous()
+            # the kernel's aligned loads crash on a view that starts mid-way (x[1:] of a row); compiled graphs
+            # cannot read addresses, and their own buffers are aligned
+            if not torch.compiler.is_compiling() and x2.data_ptr() % 32:
+                x2 = x2.clone()
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
         else:  # GPU: the dequantized matrix is cheap to form; the read of int8 weights is what saves bandwidth
@@ -585,6 +600,17 @@ def _(x: torch.Tensor, layer_id: int, out_features: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features)
 
 
+def _int4_shape_problem(in_features: int, out_features: int, group_size: int) -> str | None:
+    """Why int4 cannot take a layer of this shape (None when it can)."""
+    if group_size not in INT4_GROUP_SIZES:
+        return (f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))} (torch's int4 kernel), "
+                f"got {group_size}")
+    if in_features % group_size or out_features % 16:
+        return (f"int4 needs in_features ({in_features}) divisible by the group size ({group_size}) and "
+                f"out_features ({out_features}) divisible by 16: use int8")
+    return None
+
+
 class Int4Linear(nn.Module):
     """Group-wise asymmetric int4: each run of `group_size` inputs of an output channel has its own scale and
     zero point (w = (q - 8) * scale + zero, q in 0..15), packed for torch's CPU int4 kernel."""
@@ -592,9 +618,9 @@ class Int4Linear(nn.Module):
     def __init__(self, linear: nn.Linear, group_size: int = 32, inner_k_tiles: int = 2) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
-        if self.in_features % group_size or group_size % 2 or self.out_features % 16:
-            raise ValueError(f"int4 needs in_features ({self.in_features}) divisible by an even group size "
-                             f"({group_size}) and out_features ({self.out_features}) divisible by 16: use int8")
+        problem = _int4_shape_problem(self.in_features, self.out_features, group_size)
+        if problem:
+            raise ValueError(problem)
         w = linear.weight.detach().float().reshape(self.out_features, -1, group_size)
         lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
         scale = ((hi - lo) / 15).clamp(min=1e-6)
@@ -702,6 +728,9 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Modu
     if getattr(model, "quantized", None):
         raise ValueError(f"model is already quantized ({model.quantized}): load the original weights again")
     device = next(model.parameters()).device
+    if device.type == "meta":
+        raise ValueError("model weights are on the meta device (not loaded): load or materialize them before "
+                         "quantizing")
     if mode == "int4" and device.type != "cpu":
         raise ValueError("int4 weight-only quantization runs on the CPU only: use int8 on a GPU")
     dynamic = mode == "int8" and device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
@@ -710,6 +739,11 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Modu
         act_dtype = torch.float32 if dynamic else torch.bfloat16
     elif act_dtype == torch.float32:
         act_dtype = torch.bfloat16
+    if mode == "int4":  # checked before changing anything: a refusal half-way would leave a half-quantized model
+        for name, m in model.named_modules():
+            problem = isinstance(m, nn.Linear) and _int4_shape_problem(m.in_features, m.out_features, group_size)
+            if problem:
+                raise ValueError(f"{name}: {problem}")
     _fuse_qkv(model)
     replacements = [(parent, name, child) for parent in model.modules()
                     for name, child in parent.named_children() if isinstance(child, nn.Linear)]
