@@ -123,3 +123,92 @@ def test_every_removal_points_at_a_kept_document():
     report = DedupReport()
     kept = list(dedup(docs, threshold=0.7, report=report))
     assert kept == docs[:1] and [r["duplicate_of"] for r in report.removed] == [0, 0]
+
+
+def _edited_corpus(seed: int, n_base: int = 40) -> list[str]:
+    """Random-word documents and copies of them with 1-8 words replaced: similarities spread across (0, 1)."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(2000)]
+    docs = []
+    for _ in range(n_base):
+        base = [rng.choice(vocab) for _ in range(rng.randrange(20, 60))]
+        docs.append(" ".join(base))
+        for _ in range(3):
+            copy = list(base)
+            for _ in range(rng.randrange(1, 9)):
+                copy[rng.randrange(len(copy))] = rng.choice(vocab)
+            docs.append(" ".join(copy))
+    rng.shuffle(docs)
+    return docs
+
+
+@pytest.mark.parametrize("threshold,num_perm", [(0.8, 128), (0.6, 64), (0.5, 4)])
+def test_near_dedup_equals_brute_force_over_all_pairs(threshold, num_perm):
+    from datasketch import MinHash
+
+    from phikit.data.dedup import shingles
+
+    docs = _edited_corpus(seed=int(threshold * 10) + num_perm)
+    sigs = []
+    for d in docs:
+        m = MinHash(num_perm=num_perm, seed=1)
+        m.update_batch(list(shingles(d)))
+        sigs.append(m)
+    # Reference: each document against every earlier kept one; removed when the best estimate reaches the
+    # threshold, pointing at the earliest of the most similar.
+    kept, expected = [], {}
+    for i, m in enumerate(sigs):
+        best = max(((m.jaccard(sigs[j]), -j) for j in kept), default=(0.0, 0))
+        if best[0] >= threshold:
+            expected[i] = -best[1]
+        else:
+            kept.append(i)
+    report = DedupReport()
+    list(dedup(({"text": d} for d in docs), threshold=threshold, num_perm=num_perm, report=report))
+    assert {r["index"]: r["duplicate_of"] for r in report.removed} == expected
+    if num_perm == 128:  # and the estimate is close to the exact Jaccard similarity
+        for r in report.removed:
+            assert jaccard(docs[r["index"]], docs[r["duplicate_of"]]) >= threshold - 0.1
+        for i in kept:
+            assert all(jaccard(docs[i], docs[j]) < threshold + 0.1 for j in kept if j < i)
+
+
+def test_copies_differing_only_in_case_are_exact_duplicates():
+    docs = [{"text": "Die Straße ist lang und schön, sagte er."},
+            {"text": "DIE STRASSE IST LANG UND SCHÖN, SAGTE ER!"},
+            {"text": "ﬁnd the ﬁle"}, {"text": "FIND THE FILE"}]
+    report = DedupReport()
+    assert list(dedup(docs, report=report)) == [docs[0], docs[2]]
+    assert report.exact_duplicates == 2
+
+
+def test_decontamination_equals_brute_force_item_overlap(tmp_path):
+    import re
+    import unicodedata
+
+    n = 6
+    rng = random.Random(3)
+    vocab = [f"v{i}" for i in range(40)]
+    items = [{"id": f"b/{i}", "question": " ".join(rng.choice(vocab) for _ in range(rng.randrange(3, 15))),
+              "meta": {"hint": "shared hint text that every single item carries"}} for i in range(30)]
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps(r) + "\n" for r in items))
+    index = build_index([str(bench)], n=n)
+
+    def grams(text):  # reference tokenization, written independently: NFKC, casefold, NFKC, \w+ runs
+        t = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+        w = re.findall(r"\w+", t)
+        return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+    docs = []
+    for _ in range(60):
+        words = [rng.choice(vocab) for _ in range(rng.randrange(0, 25))]
+        if rng.random() < 0.3:
+            words += "Shared HINT, text: that".split()
+        docs.append(rng.choice([" ", "\n", ", ", "\t"]).join(w.upper() if rng.random() < 0.3 else w for w in words))
+    docs += ["ＳＨＡＲＥＤ ｈｉｎｔ text that every single item", "ﬁ " + items[0]["question"]]
+    for d in docs:
+        expected = {r["id"] for r in items
+                    if any(grams(s) & grams(d) for s in (r["question"], r["meta"]["hint"]))}
+        assert {m["item"] for m in index.matches(d)} == expected, d
+    assert {m["item"] for m in index.matches(docs[-2])} == {r["id"] for r in items}

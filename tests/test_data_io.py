@@ -103,3 +103,31 @@ def test_bad_values_are_one_line_errors_and_write_nothing(tmp_path, capsys, argv
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("out*"))
+
+
+def test_bom_crlf_and_invalid_utf8_lines(tmp_path):
+    f = tmp_path / "win.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"text": "one"}\r\n{"text": "t\xffwo"}\r\n{"text": "three"}\r\n')
+    stats = ReadStats()
+    assert [r["text"] for r in read_records([f], on_error="skip", stats=stats, quiet=True)] == ["one", "three"]
+    assert len(stats.skipped) == 1 and "win.jsonl:2: not UTF-8" in stats.skipped[0]
+    with pytest.raises(DataError, match=r"win\.jsonl:2: not UTF-8"):
+        list(read_records([f]))
+    t = tmp_path / "doc.txt"
+    t.write_bytes(b"\xef\xbb\xbfhello\r\n")
+    assert [r["text"] for r in read_records([t])] == ["hello\n"]
+
+
+def test_parquet_keeps_fields_missing_from_the_first_records(tmp_path):
+    from phikit.data.io import RecordWriter
+
+    recs = [{"text": "a"}, {"text": "b", "n": None}, {"text": "c", "n": 3, "contamination": [{"item": "x"}]},
+            {"text": "d"}, {"text": "e", "n": 5}]
+    for batch in (2, 10):  # the new field inside the first batch, and in a later one
+        out = tmp_path / f"out{batch}.parquet"
+        with RecordWriter(out, parquet_batch=batch) as w:
+            w.write_all(recs)
+        got = list(read_records([out]))
+        assert [r.get("n") for r in got] == [None, None, 3, None, 5]
+        assert [r.get("contamination") for r in got] == [None, None, [{"item": "x"}], None, None]
+        assert not (tmp_path / f"out{batch}.parquet.tmp").exists()

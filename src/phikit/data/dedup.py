@@ -1,9 +1,12 @@
 """Exact and near-duplicate removal.
 
-Exact: a hash of the normalized text (Unicode NFKC, lowercased, punctuation dropped, whitespace collapsed), so
+Exact: a hash of the normalized text (Unicode NFKC, case-folded, punctuation dropped, whitespace collapsed), so
 copies that differ only in case, spacing or punctuation count as the same document.
 Near: MinHash signatures of word 5-gram shingles, candidates from an LSH index (datasketch), and a candidate is a
 duplicate when its estimated Jaccard similarity reaches the threshold. The first occurrence is kept.
+The LSH bands are chosen so that a pair at the threshold is a candidate with probability >= 0.9999: the index
+only finds candidates, the estimated similarity decides (an index tuned for the threshold itself misses about
+half of the pairs there, and some far above it).
 """
 from __future__ import annotations
 
@@ -19,7 +22,20 @@ _WORD = re.compile(r"\w+")
 
 
 def normalize(text: str) -> str:
-    return " ".join(_WORD.findall(unicodedata.normalize("NFKC", text).lower()))
+    # casefold, not lower: "STRASSE" is "Straße" in capitals. NFKC again after it, as casefolding can decompose.
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+    return " ".join(_WORD.findall(folded))
+
+
+def lsh_params(threshold: float, num_perm: int, miss: float = 1e-4) -> tuple[int, int]:
+    """(bands, rows) with the most rows per band that still make a pair of Jaccard similarity `threshold` a
+    candidate with probability at least 1 - miss (more rows: fewer dissimilar candidates to compare)."""
+    best = (num_perm, 1)
+    for rows in range(1, num_perm + 1):
+        bands = num_perm // rows
+        if (1 - threshold ** rows) ** bands <= miss:
+            best = (bands, rows)
+    return best
 
 
 def shingles(text: str, n: int = 5) -> set[bytes]:
@@ -55,7 +71,7 @@ class Deduplicator:
             raise ValueError(f"ngram must be at least 1 word, got {ngram} (5 is the usual setting)")
         self.threshold, self.num_perm, self.ngram, self.near, self.seed = threshold, num_perm, ngram, near, seed
         self.exact: dict[bytes, int] = {}
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.lsh = MinHashLSH(num_perm=num_perm, params=lsh_params(threshold, num_perm))
         self.signatures: dict[int, MinHash] = {}
         self.count = 0
 
@@ -68,9 +84,11 @@ class Deduplicator:
         if self.near:
             m = MinHash(num_perm=self.num_perm, seed=self.seed)
             m.update_batch(list(shingles(text, self.ngram)))
-            best = max(((m.jaccard(self.signatures[c]), c) for c in self.lsh.query(m)), default=None)
+            # The most similar kept document; among equally similar ones the earliest (-c), whatever the order
+            # the index returns them in.
+            best = max(((m.jaccard(self.signatures[c]), -c) for c in self.lsh.query(m)), default=None)
             if best and best[0] >= self.threshold:
-                return {"index": index, "reason": "near", "duplicate_of": best[1], "similarity": round(best[0], 3)}
+                return {"index": index, "reason": "near", "duplicate_of": -best[1], "similarity": round(best[0], 3)}
         # Only kept documents are remembered, so every removal points at a document that is in the output.
         self.exact[digest] = index
         if not self.near:

@@ -59,8 +59,9 @@ def _kind(path: Path) -> str:
     return "unknown"
 
 
-def iter_jsonl_lines(path: Path, shard: tuple[int, int] | None = None) -> Iterator[tuple[int, str]]:
-    """(line number, line) pairs of the non-blank lines. With shard=(rank, world), only the lines starting in the
+def iter_jsonl_lines(path: Path, shard: tuple[int, int] | None = None) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) pairs of the non-blank lines, undecoded (the caller reports a line that is not
+    UTF-8 like any other bad line). With shard=(rank, world), only the lines starting in the
     rank-th of `world` equal byte ranges (gzip: every world-th block of 1000 lines): a split that depends only on
     the file and `world`, never on how many workers run the shards."""
     if path.name.endswith(".gz"):
@@ -87,13 +88,11 @@ def iter_jsonl_lines(path: Path, shard: tuple[int, int] | None = None) -> Iterat
             yield from _decoded(path, lineno, raw)
 
 
-def _decoded(path: Path, lineno: int, raw: bytes) -> Iterator[tuple[int, str]]:
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{lineno}: not UTF-8 ({e.reason}): re-encode the file as UTF-8") from e
-    if line.strip():
-        yield lineno, line
+def _decoded(path: Path, lineno: int, raw: bytes) -> Iterator[tuple[int, bytes]]:
+    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (editors on Windows add one)
+        raw = raw[3:]
+    if raw.strip():
+        yield lineno, raw
 
 
 def _count_newlines(path: Path, end: int, chunk: int = 1 << 24) -> int:
@@ -130,7 +129,12 @@ def read_records(paths: Sequence[str | Path], text_field: str | None = "text", o
     for path in expand_paths(paths):
         kind = _kind(path)
         if kind == "jsonl":
-            for lineno, line in iter_jsonl_lines(path, shard):
+            for lineno, raw in iter_jsonl_lines(path, shard):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:  # a bad line like any other: --on-error skip skips it
+                    bad(f"{path}:{lineno}", f"not UTF-8 ({e.reason} at byte {e.start}): re-encode the file as UTF-8")
+                    continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -150,7 +154,8 @@ def read_records(paths: Sequence[str | Path], text_field: str | None = "text", o
             if shard and shard[0] != 0:
                 continue
             stats.records += 1
-            yield {text_field or "text": path.read_text(encoding="utf-8", errors="replace"), "source": str(path)}
+            # utf-8-sig: a byte order mark is not part of the text
+            yield {text_field or "text": path.read_text(encoding="utf-8-sig", errors="replace"), "source": str(path)}
         else:
             raise DataError(f"{path}: unknown file type: use .jsonl, .jsonl.gz or .parquet")
 
@@ -218,11 +223,22 @@ class RecordWriter:
 
         if not self._rows:
             return
+        # Columns are every field of any record (from_pylist would take the first record's fields and silently
+        # drop the others, e.g. `contamination`, which only flagged records carry).
+        names = list(self._pq_writer.schema.names) if self._pq_writer is not None else []
+        names += [k for k in dict.fromkeys(k for r in self._rows for k in r) if k not in names]
+        table = pa.Table.from_pydict({k: [r.get(k) for r in self._rows] for k in names})
+        if self._pq_writer is not None:
+            try:
+                table = table.cast(self._pq_writer.schema)
+            except (ValueError, TypeError, pa.ArrowException):
+                # A field first seen in this batch (or a column that was all null so far): a Parquet file has one
+                # schema, so rewrite what was written under one that holds both.
+                self._pq_writer.close()
+                table = pa.concat_tables([pq.read_table(self.tmp), table], promote_options="permissive")
+                self._pq_writer = None
         if self._pq_writer is None:
-            table = pa.Table.from_pylist(self._rows)
             self._pq_writer = pq.ParquetWriter(self.tmp, table.schema)
-        else:
-            table = pa.Table.from_pylist(self._rows, schema=self._pq_writer.schema)
         self._pq_writer.write_table(table)
         self._rows = []
 

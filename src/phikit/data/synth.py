@@ -184,9 +184,13 @@ def _parse_completion(r: httpx.Response) -> dict[str, Any]:
     text = choice["message"]["content"] or ""
     if not isinstance(text, str):
         raise TypeError(f"message content is {type(text).__name__}, not a string")
+    text.encode("utf-8")  # a lone surrogate ("\\ud800" in the JSON) is not text: UnicodeEncodeError, retried
     usage = data.get("usage")
-    return {"text": text, "usage": usage if isinstance(usage, dict) else {},
-            "finish_reason": choice.get("finish_reason")}
+    # Only the numeric counts: a garbage value ("n/a") must neither crash the token tally nor the log's write.
+    usage = {k: v for k, v in usage.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} \
+        if isinstance(usage, dict) else {}
+    reason = choice.get("finish_reason")
+    return {"text": text, "usage": usage, "finish_reason": reason if isinstance(reason, str) else None}
 
 
 @dataclass
