@@ -105,3 +105,63 @@ def test_long_context_beside_long_option_fits_the_model(loaded):
     together = LogLikelihoodScorer(model, batch_tokens=100_000).score(requests)
     alone = LogLikelihoodScorer(model, batch_tokens=1).score(requests)
     assert [s.logprob for s in together] == pytest.approx([s.logprob for s in alone], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def masked_checkpoint(tmp_path_factory, tiny_phi_checkpoint):
+    """The tiny model with its padding rows' lm_head bias at -1e4: phikit never generates the rows past the
+    tokenizer (HF may, on random weights), so the generations compared below do not depend on them."""
+    import phikit
+    import torch
+    model, tokenizer = phikit.load(tiny_phi_checkpoint)
+    with torch.no_grad():
+        model.lm_head.bias[len(tokenizer):] = -1e4
+    return phikit.save(model, tokenizer, tmp_path_factory.mktemp("masked") / "tiny-phi")
+
+
+def test_generate_until_equals_the_hf_backend_on_long_empty_and_batched_requests(masked_checkpoint):
+    # generate_until kept whole prompts up to the model's 512 positions where the HF backend keeps the last
+    # max_length - max_gen_toks tokens, and failed the whole run on an empty context or an '' stop string.
+    import random
+
+    import phikit.eval.harness  # noqa: F401  (registers the backend)
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+    from lm_eval.models.huggingface import HFLM
+    long = "The quick brown fox jumps over the lazy dog. " * 20  # ~200 tokens, past max_length=64
+    contexts = ["def add(a, b):", "Question: 2+2?\nAnswer:", long, "Once upon a time", "x", "A B C D"]
+    settings = [{"until": ["\n\n"], "max_gen_toks": 8}, {"until": ["ed 27"], "max_gen_toks": 10},
+                {"until": "ing", "max_gen_toks": 10, "do_sample": False}]
+    args = [(c, dict(g)) for g in settings for c in contexts]
+    random.Random(0).shuffle(args)
+    requests = [Instance("generate_until", {}, a, i) for i, a in enumerate(args)]
+    hf = HFLM(pretrained=str(masked_checkpoint), device="cpu", batch_size=7, dtype="float32", max_length=64)
+    expected = hf.generate_until(requests, disable_tqdm=True)
+    for batch_size in (1, 7):
+        lm = get_model("phikit").create_from_arg_string(f"pretrained={masked_checkpoint},max_length=64",
+                                                         {"batch_size": batch_size, "device": "cpu"})
+        assert lm.generate_until(requests, disable_tqdm=True) == expected
+    # An empty context continues from <|endoftext|>, as loglikelihood conditions an empty context on it.
+    empty = [Instance("generate_until", {}, ("", {"until": ["\n"], "max_gen_toks": 6}), 0)]
+    eot = [Instance("generate_until", {}, ("<|endoftext|>", {"until": ["\n"], "max_gen_toks": 6}), 0)]
+    assert lm.generate_until(empty, disable_tqdm=True) == hf.generate_until(eot, disable_tqdm=True)
+    # An '' stop string stops nothing (the HF backend's stopping rule would end every row after one token).
+    blank = [Instance("generate_until", {}, (c, {"until": ["ed 27", ""], "max_gen_toks": 10}), i)
+             for i, c in enumerate(contexts)]
+    same_without_blank = {a[0]: e for a, e in zip(args, expected) if a[1] == settings[1]}
+    assert lm.generate_until(blank, disable_tqdm=True) == [same_without_blank[c] for c in contexts]
+
+
+def test_model_args_are_checked_and_parsed(tiny_phi_checkpoint):
+    # A misspelt model_arg ran the evaluation without it; dtype=auto (the HF backend's default) and quantize=
+    # (as phikit.load) were refused or ignored.
+    import phikit.eval.harness  # noqa: F401
+    import torch
+    from lm_eval.api.registry import get_model
+    make = get_model("phikit").create_from_arg_string
+    extra = {"batch_size": 1, "max_batch_size": None, "device": "cpu"}
+    with pytest.raises(ValueError, match="unknown phikit model_args dtpye"):
+        make(f"pretrained={tiny_phi_checkpoint},dtpye=bf16", extra)
+    assert make(f"pretrained={tiny_phi_checkpoint},dtype=auto", extra).model.lm_head.weight.dtype == torch.float32
+    assert make(f"pretrained={tiny_phi_checkpoint},dtype=bfloat16", extra).model.lm_head.weight.dtype == torch.bfloat16
+    assert getattr(make(f"pretrained={tiny_phi_checkpoint},quantize=int8", extra).model, "quantized", None) == "int8"

@@ -132,3 +132,56 @@ def test_merge_refuses_an_output_that_would_delete_its_inputs_or_a_run(tmp_path,
     assert main(["merge", "--model", str(run / "model"), "--adapter", str(run / "adapter"), "--out", str(other)]) == 2
     assert "is not a model directory" in capsys.readouterr().err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "notes" not in str(p)) == before
+
+
+def test_sft_adapter_with_chatml_rows_merges_in_transformers_as_in_phikit(tmp_path):
+    # ChatML took padding rows whose lm_head bias phikit reset to the mean; the adapter carries the rows' weights
+    # but no bias, so transformers + peft merged the adapter onto the base's own bias and gave other logits.
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from phikit.train.sft import SFTConfig, run_sft
+    words = "alpha beta gamma delta".split()
+    tok = train_bpe([" ".join(random.Random(0).choices(words, k=20)) for _ in range(50)], vocab_size=300,
+                    whitespace_tokens=False)
+    base = build_model(get_config("tiny", **CONFIG), seed=0)
+    with torch.no_grad():  # a real phi's lm_head bias is not zero
+        base.lm_head.bias.copy_(torch.randn(base.lm_head.bias.shape, generator=torch.Generator().manual_seed(0)))
+    save(base, tok, tmp_path / "base")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": w},
+                                                     {"role": "assistant", "content": w}]}) + "\n" for w in words))
+    run_sft(SFTConfig(model=str(tmp_path / "base"), data=str(data), out_dir=str(tmp_path / "run"), max_length=32,
+                      batch_size=4, micro_batch_size=4, max_steps=1, lr=1e-2, lora=True, lora_r=2, lora_dropout=0.0))
+    merged, merged_tok = load(tmp_path / "run" / "model")
+    hf = transformers.PhiForCausalLM.from_pretrained(tmp_path / "base").eval()
+    hf_merged = peft.PeftModel.from_pretrained(hf, str(tmp_path / "run" / "adapter")).merge_and_unload().eval()
+    ids = torch.tensor([merged_tok.encode("<|im_start|>user\nalpha<|im_end|>\n<|im_start|>assistant\n")])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, hf_merged(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_causal_lm_adapter_from_transformers_loads_and_merges_in_phikit(tmp_path):
+    # peft's CAUSAL_LM wrapper (what adapters trained on transformers usually declare) needs transformers'
+    # generation methods: load_adapter and `phikit merge` stopped with an AttributeError.
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from phikit.cli import main
+    tok = train_bpe(["one two three four five six"] * 20, vocab_size=300, whitespace_tokens=False)
+    save(build_model(get_config("tiny", **CONFIG), seed=1), tok, tmp_path / "base")
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
+                             task_type="CAUSAL_LM")
+    hf_lora = peft.get_peft_model(transformers.PhiForCausalLM.from_pretrained(tmp_path / "base"), config).eval()
+    randomize_adapter(hf_lora, seed=2)
+    hf_lora.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, 290, (2, 10))
+    ours = load_adapter(load(tmp_path / "base")[0], tmp_path / "adapter").eval()
+    assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        expected = hf_lora(input_ids=ids).logits
+        torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-4, atol=1e-4)
+        ours.merge_adapter()  # merge and unmerge in place round-trip
+        torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-4, atol=1e-4)
+        ours.unmerge_adapter()
+        torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(load(tmp_path / "merged")[0](ids).logits, expected, rtol=1e-4, atol=1e-4)

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         trained_tokenizer = Tokenizer.from_file(run_tokenizer)
         if trained_tokenizer.has_chatml and not tokenizer.has_chatml:
             # Training added ChatML rows to the base before the adapter saw it: add the same rows here.
-            add_chatml_tokens(model, tokenizer)
+            add_chatml_tokens(model, tokenizer, for_adapter=True)
         if len(tokenizer) != len(trained_tokenizer):
             raise ValueError(f"the adapter's tokenizer has {len(trained_tokenizer)} tokens, the base model's "
                              f"{len(tokenizer)}: pass the base model the adapter was trained on")

@@ -22,14 +22,17 @@ from .scoring import LogLikelihoodScorer, encode_pair, rolling_windows
 
 @register_model("phikit")
 class PhikitLM(LM):
-    """model_args: pretrained=DIR (or a loaded `model=`/`tokenizer=` pair from Python), dtype, device,
-    batch_tokens (log-likelihood token budget per forward), max_length. lm-eval's own --batch_size (always passed
-    by lm-eval, so not in model_args) is the number of prompts per generation batch."""
+    """model_args: pretrained=DIR (or a loaded `model=`/`tokenizer=` pair from Python), dtype, device, quantize
+    (as phikit.load), batch_tokens (log-likelihood token budget per forward), max_length. lm-eval's own
+    --batch_size (always passed by lm-eval, so not in model_args) is the number of prompts per generation batch."""
 
     def __init__(self, pretrained: str | None = None, model=None, tokenizer=None, device: str | None = "cpu",
-                 dtype: str | None = None, batch_tokens: int = 8192, max_length: int | None = None,
-                 batch_size: int | str = 8, **_ignored) -> None:
+                 dtype: str | None = None, quantize: str | None = None, batch_tokens: int = 8192,
+                 max_length: int | None = None, batch_size: int | str = 8, max_batch_size=None, **unknown) -> None:
         super().__init__()
+        if unknown:  # a misspelt model_arg (dtpye=bf16) would otherwise run the whole evaluation without it
+            raise ValueError(f"unknown phikit model_args {', '.join(sorted(unknown))}: use pretrained, dtype, device, "
+                             "quantize, batch_tokens, max_length")
         if model is None:
             if pretrained is None:
                 raise ValueError("the phikit backend needs model_args pretrained=DIR (a checkpoint directory)")
@@ -37,11 +40,17 @@ class PhikitLM(LM):
             import torch
             if str(device).startswith("cuda") and not torch.cuda.is_available():
                 device = "cpu"  # lm_eval's CLI asks for cuda by default; its HF backend falls back the same way
-            model, tokenizer = phikit.load(pretrained, device=device or "cpu", dtype=dtype)
+            if dtype == "auto":  # the HF backend's default: the checkpoint's own dtype (fp32 on the CPU)
+                dtype = None
+            model, tokenizer = phikit.load(pretrained, device=device or "cpu", dtype=dtype, quantize=quantize)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.scorer = LogLikelihoodScorer(model, batch_tokens=int(batch_tokens),
                                           max_length=int(max_length) if max_length else None)
         self.gen_batch = int(batch_size) if str(batch_size).isdigit() else 8
+
+    @property
+    def max_length(self) -> int:
+        return self.scorer.max_length
 
     @property
     def eot_token_id(self) -> int:
@@ -86,18 +95,29 @@ class PhikitLM(LM):
             kwargs = dict(requests[indices[0]].args[1])
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", 256))
-            do_sample = kwargs.pop("do_sample", False)
-            temperature = float(kwargs.pop("temperature", 0.0)) if do_sample else 0.0
-            indices.sort(key=lambda n: len(requests[n].args[0]))
+            max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", 256)))
+            temperature = float(kwargs.pop("temperature", 0.0))
+            do_sample = kwargs.pop("do_sample", None)
+            if do_sample is None:  # as lm-eval: a temperature alone asks for sampling
+                do_sample = temperature > 0
+            temperature = temperature if do_sample else 0.0
+            # As lm-eval's HF backend: a prompt keeps its last max_length - max_gen_toks tokens (prompt and answer
+            # then fit in max_length), and an empty one continues from <|endoftext|>, the prefix loglikelihood
+            # gives an empty context (there is nothing to generate from otherwise).
+            room = self.max_length - max_new
+            if room < 1:
+                raise ValueError(f"max_gen_toks {max_new} leaves no room for the prompt in max_length "
+                                 f"{self.max_length}: lower max_gen_toks or raise max_length")
+            prompts = {n: (self.tok_encode(requests[n].args[0]) or [self.eot_token_id])[-room:] for n in indices}
+            indices.sort(key=lambda n: len(prompts[n]))
             for s in range(0, len(indices), self.gen_batch):
                 batch = indices[s:s + self.gen_batch]
-                texts = generate(self.model, self.tokenizer, [requests[n].args[0] for n in batch],
+                texts = generate(self.model, self.tokenizer, [prompts[n] for n in batch],
                                  max_new_tokens=max_new, temperature=temperature, top_p=float(kwargs.get("top_p", 1.0)),
                                  stop=until, truncate=True)
                 for n, text in zip(batch, texts):
                     for stop in until:  # the harness expects the text cut before the first stop string
-                        text = text.split(stop)[0]
+                        text = text.split(stop)[0] if stop else text  # ('' stops nothing, as in the harness)
                     out[n] = text
                     self.cache_hook.add_partial("generate_until", requests[n].args, text)
                 bar.update(len(batch))

@@ -351,12 +351,16 @@ def eval_batches(examples: Sequence[Example], batch_size: int, pad_id: int) -> I
 
 # ---------------------------------------------------------------- ChatML tokens in the embedding
 @torch.no_grad()
-def add_chatml_tokens(model, tokenizer: Tokenizer, multiple_of: int = 64) -> tuple[int, int]:
+def add_chatml_tokens(model, tokenizer: Tokenizer, multiple_of: int = 64,
+                      for_adapter: bool = False) -> tuple[int, int]:
     """Add <|im_start|>/<|im_end|> and the chat template; give the model rows for them.
 
     The new ids take the first unused padding rows of the embedding and lm_head (phi: 51200 rows for 50295
     tokens, so no resize); when there is no room, both grow to a multiple of `multiple_of` rows. New rows start at
-    the mean of the real rows, a neutral point the fine-tuning moves from. Returns (im_start_id, im_end_id).
+    the mean of the real rows, a neutral point the fine-tuning moves from. for_adapter (LoRA) keeps the lm_head
+    bias of reused padding rows: a peft adapter carries the new rows' weights but no bias, so only the base's own
+    bias gives the same logits where the adapter is loaded onto the untouched base (transformers + peft).
+    Returns (im_start_id, im_end_id).
     """
     before = len(tokenizer)
     im_start, im_end = tokenizer.add_chatml()
@@ -368,7 +372,8 @@ def add_chatml_tokens(model, tokenizer: Tokenizer, multiple_of: int = 64) -> tup
         embed, head = model.get_input_embeddings().weight, model.lm_head
         embed[before:after] = embed[:before].mean(0, keepdim=True)
         head.weight[before:after] = head.weight[:before].mean(0, keepdim=True)
-        head.bias[before:after] = head.bias[:before].mean()
+        if not for_adapter:
+            head.bias[before:after] = head.bias[:before].mean()
     model.config.tokenizer_vocab_size = after if after < model.config.vocab_size else None
     return im_start, im_end
 

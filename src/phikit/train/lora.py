@@ -57,14 +57,18 @@ def save_adapter(model, directory: str | os.PathLike) -> Path:
 
 
 def load_adapter(model, directory: str | os.PathLike, trainable: bool = False):
-    """Attach a saved adapter to a base phikit model."""
-    from peft import PeftModel
+    """Attach a saved adapter (phikit's, or peft's from transformers' PhiForCausalLM) to a base phikit model."""
+    from peft import PeftConfig, PeftModel
 
     directory = Path(directory)
     if not (directory / "adapter_config.json").exists():
         raise FileNotFoundError(f"{directory} has no adapter_config.json: pass a directory written by "
                                 "`phikit sft --lora` or `phikit dpo --lora`")
-    return PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
+    config = PeftConfig.from_pretrained(str(directory))
+    # Adapters trained on transformers' model usually say task_type CAUSAL_LM, whose peft wrapper needs
+    # transformers' generation methods, which phikit's model does not have; the plain wrapper loads the same weights.
+    config.task_type = None
+    return PeftModel.from_pretrained(model, str(directory), config=config, is_trainable=trainable)
 
 
 @torch.no_grad()

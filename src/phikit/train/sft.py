@@ -230,7 +230,7 @@ def prepare_policy(model, tokenizer, cfg) -> tuple[Any, list[int]]:
         raise ValueError(f"--max-length {cfg.max_length} exceeds the model's context of {context} tokens: "
                          f"pass --max-length {context} or less")
     before = len(tokenizer)
-    add_chatml_tokens(model, tokenizer)
+    add_chatml_tokens(model, tokenizer, for_adapter=cfg.lora)
     new_ids = list(range(before, len(tokenizer)))
     if cfg.lora:
         from .lora import apply_lora
