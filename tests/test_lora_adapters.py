@@ -185,3 +185,29 @@ def test_peft_causal_lm_adapter_from_transformers_loads_and_merges_in_phikit(tmp
         ours.unmerge_adapter()
         torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(load(tmp_path / "merged")[0](ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_trained_token_rows_keep_the_lm_head_bias(tmp_path):
+    """peft multiplies trainable lm_head rows without the layer's bias; the adapted model must compute with it, so
+    that what trains is what merges and exports (phi's lm_head has a bias), also after saving and loading."""
+    def base_model():
+        model = build_model(get_config("tiny", **CONFIG), seed=0).eval()
+        with torch.no_grad():
+            model.lm_head.bias.copy_(torch.randn(model.lm_head.bias.shape, generator=torch.Generator().manual_seed(1)))
+        return model
+
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        base = base_model()(ids).logits
+        lora = apply_lora(base_model(), r=4, alpha=8, dropout=0.0, train_token_ids=[380, 381]).eval()
+        torch.testing.assert_close(lora(input_ids=ids).logits, base)  # a fresh adapter changes nothing
+        randomize_adapter(lora)
+        for name, p in lora.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn(p.shape) * 0.1)  # the new rows, as training would move them
+        adapted = lora(input_ids=ids).logits
+        save_adapter(lora, tmp_path / "adapter")
+        reloaded = load_adapter(base_model(), tmp_path / "adapter").eval()(input_ids=ids).logits
+        merged = merge_adapter(lora)(ids).logits
+    torch.testing.assert_close(adapted, merged, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reloaded, merged, atol=1e-4, rtol=1e-4)

@@ -31,7 +31,34 @@ def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, target
         # New special tokens need their own rows trained: without it <|im_start|> stays at its initial vector.
         trainable_token_indices={"embed_tokens": tokens, "lm_head": tokens} if tokens else None,
     )
-    return get_peft_model(model, config)
+    return keep_lm_head_bias(get_peft_model(model, config))
+
+
+@torch.no_grad()
+def keep_lm_head_bias(peft_model):
+    """Add lm_head's bias back where peft drops it. peft trains new token rows of a Linear (lm_head) through a
+    product without the layer's bias (peft 0.21: `F.linear(x, W)`), so the adapted model would train without phi's
+    lm_head bias and differ from the merged model it exports (logits off by the bias). A probe finds out whether
+    this peft version drops it; only then a hook adds it on the adapter's path (merged or disabled adapters run the
+    base layer, bias included)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    def add_bias(layer, args, output):
+        if layer.merged or layer.disable_adapters or not layer.active_adapters:
+            return output
+        return output + layer.base_layer.bias
+
+    for layer in peft_model.modules():
+        base = getattr(layer, "base_layer", None)
+        if not (isinstance(layer, TrainableTokensLayer) and isinstance(base, torch.nn.Linear)
+                and base.bias is not None and not getattr(layer, "_phikit_bias_hook", False)):
+            continue
+        probe = torch.ones(1, base.in_features, device=base.weight.device, dtype=base.weight.dtype)
+        adapted = torch.nn.functional.linear(probe, layer.get_merged_weights(layer.active_adapters))
+        if base.bias.any() and torch.allclose(layer(probe), adapted, rtol=1e-3, atol=1e-3):
+            layer.register_forward_hook(add_bias)
+            layer._phikit_bias_hook = True
+    return peft_model
 
 
 def is_lora(model) -> bool:
@@ -68,7 +95,7 @@ def load_adapter(model, directory: str | os.PathLike, trainable: bool = False):
     # Adapters trained on transformers' model usually say task_type CAUSAL_LM, whose peft wrapper needs
     # transformers' generation methods, which phikit's model does not have; the plain wrapper loads the same weights.
     config.task_type = None
-    return PeftModel.from_pretrained(model, str(directory), config=config, is_trainable=trainable)
+    return keep_lm_head_bias(PeftModel.from_pretrained(model, str(directory), config=config, is_trainable=trainable))
 
 
 @torch.no_grad()
