@@ -412,7 +412,7 @@ def test_invalid_sampling_values_raise_one_line_errors(model, phi_tokenizer, kw,
 
 @pytest.mark.parametrize("call,message", [
     (lambda m, t: generate(m, t, None), "prompt must be a string"),
-    (lambda m, t: generate(m, t, ["fine", 5]), "prompt 1 must be a string or a list of token ids"),
+    (lambda m, t: generate(m, t, ["fine", 5]), "prompt 1 must be a string, a list of token ids or an embedding tensor"),
     (lambda m, t: generate(m, t, "hi", stop=5), "stop must be a string or a list of strings"),
     (lambda m, t: generate(m, t, "hi", stop=["ok", None]), "stop must be"),
     (lambda m, t: list(stream(m, t, ["a", "b"])), "stream_chunks"),

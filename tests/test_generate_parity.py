@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from phikit import build_model, get_config
-from phikit.generate import complete
+from phikit.generate import complete, generate
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,6 +81,43 @@ def test_compiled_decoding_reuses_kept_caches(models, phi_tokenizer, device, mon
     assert ours.__dict__["_static_decode_caches"] == kept  # the same cache object, taken and given back
     generate_module.free_decode_caches(ours)
     assert "_static_decode_caches" not in ours.__dict__
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_greedy_from_input_embeddings_equals_transformers(models, phi_tokenizer, compile):
+    """Prompts given as input embeddings (soft prompts, a prefix from another model): a batch of different lengths
+    decodes as transformers' generate(inputs_embeds=...), left-padded, tokens and logprobs."""
+    ours, ref = models
+    ids, mask = _left_padded(phi_tokenizer, PROMPTS)
+    noise = torch.randn(ids.shape + (ours.config.hidden_size,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # near the tokens' embeddings, but no token's: what a learned soft prompt looks like
+        embeds = ref.model.embed_tokens(ids) + 0.05 * noise
+    out = ref.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=16, do_sample=False, num_beams=1,
+                       pad_token_id=phi_tokenizer.eos_token_id, eos_token_id=None, output_logits=True,
+                       return_dict_in_generate=True)
+    rows = [embeds[i, mask[i].bool()] for i in range(len(PROMPTS))]
+    got = complete(ours, phi_tokenizer, rows, max_new_tokens=16, stop_token_ids=[], return_logprobs=True,
+                   compile=compile)
+    for row, completion in enumerate(got):
+        assert completion.token_ids == out.sequences[row].tolist()
+        assert completion.prompt_tokens == len(rows[row])
+        ref_logprobs = torch.stack([torch.log_softmax(step[row].float(), -1)[tok]
+                                    for step, tok in zip(out.logits, out.sequences[row])])
+        torch.testing.assert_close(torch.tensor(completion.logprobs), ref_logprobs, atol=1e-4, rtol=1e-4)
+
+
+def test_input_embeddings_of_the_prompt_tokens_continue_as_the_text(models, phi_tokenizer):
+    ours, _ = models
+    with torch.no_grad():
+        embeds = ours.model.embed_tokens(torch.tensor(phi_tokenizer.encode(PROMPTS[0])))
+    assert generate(ours, phi_tokenizer, embeds, max_new_tokens=12) == generate(ours, phi_tokenizer, PROMPTS[0],
+                                                                                max_new_tokens=12)
+    for bad, message in [(dict(prompt_or_prompts=[embeds, "text"]), "mix text and input embeddings"),
+                         (dict(prompt_or_prompts=embeds[:, :5]), r"float \[tokens, 64\]"),
+                         (dict(prompt_or_prompts=embeds, num_beams=2), "without beams"),
+                         (dict(prompt_or_prompts=embeds, prompt_lookup=4), "without beams or prompt lookup")]:
+        with pytest.raises(ValueError, match=message):
+            generate(ours, phi_tokenizer, max_new_tokens=4, **bad)
 
 
 @pytest.mark.parametrize("length_penalty,early_stopping",

@@ -81,19 +81,30 @@ def _stop_list(stop: Sequence[str] | str | None) -> list[str]:
     return stop
 
 
-def encode_prompts(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str | list[int]],
-                   max_new_tokens: int, truncate: bool = False) -> list[list[int]]:
-    """Token ids per prompt, checked against the context (truncate=True keeps each prompt's last tokens)."""
+def encode_prompts(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str | list[int] | torch.Tensor],
+                   max_new_tokens: int, truncate: bool = False) -> list[list[int]] | list[torch.Tensor]:
+    """Token ids per prompt, or each prompt's input embeddings [T, hidden] as given (soft prompts, a prefix from
+    another model), checked against the context (truncate=True keeps each prompt's last tokens)."""
     context = model.config.max_position_embeddings
+    embedded = [isinstance(p, torch.Tensor) for p in prompts]
+    if any(embedded) and not all(embedded):
+        raise ValueError("prompts mix text and input embeddings: pass all as text (or token ids) or all as "
+                         "[tokens, hidden] embedding tensors")
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             ids = tokenizer.encode(p)
+        elif isinstance(p, torch.Tensor):
+            if p.dim() != 2 or p.shape[1] != model.config.hidden_size or not p.is_floating_point():
+                raise ValueError(f"prompt {i} is a {str(p.dtype).removeprefix('torch.')} tensor of shape "
+                                 f"{tuple(p.shape)}: input embeddings must be float [tokens, "
+                                 f"{model.config.hidden_size}] (model.model.embed_tokens(ids) has that shape)")
+            ids = p
         elif isinstance(p, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in p):
             ids = [int(t) for t in p]
         else:
-            raise ValueError(f"prompt {i} must be a string or a list of token ids, got {p!r:.80}")
-        if not ids:
+            raise ValueError(f"prompt {i} must be a string, a list of token ids or an embedding tensor, got {p!r:.80}")
+        if not len(ids):
             raise ValueError(f"prompt {i} is empty: give at least one token of text to continue")
         if len(ids) >= context:
             if not truncate:
@@ -238,13 +249,20 @@ def _decode_tokens(model: PhiForCausalLM, rows: list[list[int]], params: Samplin
     b, longest = len(rows), max(len(r) for r in rows)
     steps = min(params.max_new_tokens, model.config.max_position_embeddings - longest)
     total = longest + steps
-    pad_id = rows[0][0]
+    embedded = isinstance(rows[0], torch.Tensor)  # input embeddings [T, hidden] per row, not token ids
+    pad_id = 0 if embedded else rows[0][0]
     ids = torch.full((b, total), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((b, total), dtype=torch.long, device=device)
+    if embedded:  # left-padded with zeros, which the mask hides
+        dtype = model.model.embed_tokens.weight.dtype
+        prompt_embeds = torch.zeros((b, longest, model.config.hidden_size), dtype=dtype, device=device)
     for i, r in enumerate(rows):
-        ids[i, longest - len(r):longest] = torch.tensor(r, device=device)
+        if embedded:
+            prompt_embeds[i, longest - len(r):] = r.to(device=device, dtype=dtype)
+        else:
+            ids[i, longest - len(r):longest] = torch.tensor(r, device=device)
         mask[i, longest - len(r):] = 1
-        if params.repetition_penalty != 1.0:  # padding must not count as seen: repeat a real token instead
+        if params.repetition_penalty != 1.0 and not embedded:  # padding must not count as seen: repeat a real token
             ids[i, :longest - len(r)] = r[0]
     padded = any(len(r) != longest for r in rows)
     if compile:
@@ -258,7 +276,8 @@ def _decode_tokens(model: PhiForCausalLM, rows: list[list[int]], params: Samplin
     stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
 
     with cache_scope as cache:
-        next_logits = model(ids[:, :longest], attention_mask=mask[:, :longest] if padded else None,
+        prompt = dict(inputs_embeds=prompt_embeds) if embedded else dict(input_ids=ids[:, :longest])
+        next_logits = model(**prompt, attention_mask=mask[:, :longest] if padded else None,
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         if compile:
             step_fn = _compiled_step(model)
@@ -269,7 +288,8 @@ def _decode_tokens(model: PhiForCausalLM, rows: list[list[int]], params: Samplin
         for step in range(steps):
             cur = longest + step
             raw = next_logits.float()
-            seen = ids[:, :cur] if params.repetition_penalty != 1.0 else None
+            # With embeddings there are no prompt ids: only generated tokens count as seen (as in transformers).
+            seen = ids[:, longest if embedded else 0:cur] if params.repetition_penalty != 1.0 else None
             logits = process_logits(raw, params, seen, vocab_limit)
             token = sample_next(logits, params, generator)
             logprob = torch.log_softmax(mask_padding_rows(raw, vocab_limit), -1).gather(-1, token[:, None])[:, 0]
@@ -484,7 +504,13 @@ def _beam_search(model: PhiForCausalLM, tokenizer: Tokenizer, prompt: list[int],
 # Public API
 
 
-def complete(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str | list[int]],
+def _check_embedded_prompts(rows: list, num_beams: int, prompt_lookup: int) -> None:
+    if rows and isinstance(rows[0], torch.Tensor) and (num_beams > 1 or prompt_lookup):
+        raise ValueError("prompts given as input embeddings decode without beams or prompt lookup (both need the "
+                         "prompt's token ids): drop num_beams/prompt_lookup, or pass text")
+
+
+def complete(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str | list[int] | torch.Tensor],
              max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
              stop: Sequence[str] | str | None = None, num_beams: int = 1, stop_token_ids: Sequence[int] | None = None,
@@ -498,11 +524,12 @@ def complete(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str 
     params = _sampling_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
     check_prompt_lookup(prompt_lookup, params, num_beams, compile)
     stop = _stop_list(stop)
-    prompts = [prompts] if isinstance(prompts, str) else prompts  # one prompt, not one per character
+    prompts = [prompts] if isinstance(prompts, (str, torch.Tensor)) else prompts  # one prompt, not one per row
     if not prompts:
         raise ValueError("no prompts given: pass a string or a non-empty list of strings")
     rows = encode_prompts(model, tokenizer, prompts, max_new_tokens, truncate)
     stop_ids = _stop_ids(tokenizer, stop_token_ids)
+    _check_embedded_prompts(rows, num_beams, prompt_lookup)
     _prepare_model(model)
     if num_beams > 1:
         return [_beam_search(model, tokenizer, r, params, num_beams, stop, stop_ids, length_penalty, early_stopping,
@@ -532,7 +559,7 @@ def generate(model: PhiForCausalLM, tokenizer: Tokenizer, prompt_or_prompts: str
     instead (text, token_ids, logprobs, finish_reason). Options: length_penalty, early_stopping (beam search),
     truncate (keep the last tokens of an over-long prompt), compile (decode through torch.compile),
     prompt_lookup (check up to N guessed tokens per pass, greedy only)."""
-    single = isinstance(prompt_or_prompts, str)
+    single = isinstance(prompt_or_prompts, (str, torch.Tensor))  # a tensor: one prompt's input embeddings
     if not single and not isinstance(prompt_or_prompts, Iterable):  # None, a number: say so, not "not iterable"
         raise ValueError(f"prompt must be a string or a list of strings, got {prompt_or_prompts!r:.80}")
     prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
@@ -542,7 +569,7 @@ def generate(model: PhiForCausalLM, tokenizer: Tokenizer, prompt_or_prompts: str
     return out[0] if single else out
 
 
-def stream_chunks(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str | list[int]],
+def stream_chunks(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str | list[int] | torch.Tensor],
                   max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                   min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                   stop: Sequence[str] | str | None = None, num_beams: int = 1,
@@ -554,10 +581,11 @@ def stream_chunks(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence
     params = _sampling_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
     check_prompt_lookup(prompt_lookup, params, num_beams, compile)
     stop = _stop_list(stop)
-    prompts = [prompts] if isinstance(prompts, str) else prompts  # one prompt, not one per character
+    prompts = [prompts] if isinstance(prompts, (str, torch.Tensor)) else prompts  # one prompt, not one per row
     if not prompts:
         raise ValueError("no prompts given: pass a string or a non-empty list of strings")
     rows = encode_prompts(model, tokenizer, prompts, max_new_tokens, truncate)
+    _check_embedded_prompts(rows, num_beams, prompt_lookup)
     _prepare_model(model)
     yield from _stream_rows(model, tokenizer, rows, params, stop, _stop_ids(tokenizer, stop_token_ids),
                             return_logprobs, compile, prompt_lookup)
