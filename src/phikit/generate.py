@@ -516,7 +516,8 @@ def complete(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str 
              stop: Sequence[str] | str | None = None, num_beams: int = 1, stop_token_ids: Sequence[int] | None = None,
              return_logprobs: bool = False, length_penalty: float = 1.0, early_stopping: bool | str = False,
              truncate: bool = False, compile: bool = False, prompt_lookup: int = 0) -> list[Completion]:
-    """Generate for a batch of prompts; one Completion (text, ids, logprobs, finish reason) per prompt.
+    """Generate for a batch of prompts (text, token ids, or input embeddings [tokens, hidden] each); one Completion
+    (text, ids, logprobs, finish reason) per prompt.
     compile=True decodes through torch.compile: the first call per batch size and length bucket compiles
     (tens of seconds), later ones skip the Python overhead of each step (beam search stays eager).
     prompt_lookup=N (greedy only) guesses up to N tokens per step from earlier text that ends like the text so
