@@ -131,3 +131,15 @@ def test_parquet_keeps_fields_missing_from_the_first_records(tmp_path):
         assert [r.get("n") for r in got] == [None, None, 3, None, 5]
         assert [r.get("contamination") for r in got] == [None, None, [{"item": "x"}], None, None]
         assert not (tmp_path / f"out{batch}.parquet.tmp").exists()
+
+
+def test_a_lone_surrogate_read_from_an_escape_is_written_back_as_it_came(tmp_path):
+    """JSON may escape a lone surrogate ("\\ud800"), which has no UTF-8 form: that record keeps its escape, the
+    others are written as UTF-8, and reading the output gives the same strings."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "caf\\u00e9"}\n{"text": "bad \\ud800 half"}\n{"text": "ok"}\n', encoding="utf-8")
+    records = list(read_records([src], "text"))
+    out = tmp_path / "out.jsonl"
+    write_records(out, records)
+    assert [r["text"] for r in read_records([out], "text")] == ["café", "bad \ud800 half", "ok"]
+    assert "café" in out.read_text(encoding="utf-8")  # the other records stay readable UTF-8

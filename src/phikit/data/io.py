@@ -207,7 +207,10 @@ class RecordWriter:
     def write(self, record: dict[str, Any]) -> None:
         self.count += 1
         if self.kind == "jsonl":
-            self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            try:
+                self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            except UnicodeEncodeError:  # a lone surrogate (read from an input's "\ud800" escape) has no UTF-8
+                self._f.write(json.dumps(record) + "\n")  # form: this record keeps its escapes, as it came in
         else:
             self._rows.append(record)
             if len(self._rows) >= self._batch:
