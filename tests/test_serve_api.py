@@ -548,3 +548,11 @@ def test_chat_page_streams_an_answer(server, client):
             assert int(answer.get_attribute("data-chunks")) > 1, "the answer should have streamed in pieces"
         finally:
             browser.close()
+
+
+def test_n_above_the_batch_size_names_the_n_field(server):
+    r = httpx.post(server[0] + COMPLETIONS, json={"model": MODEL, "prompt": "x", "max_tokens": 2, "n": 9},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "n" and "batch size of 8" in error["message"]

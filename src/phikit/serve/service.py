@@ -163,6 +163,9 @@ class OpenAIService:
             if not (key.isascii() and key.isdigit()) or int(key) >= limit:  # "²".isdigit(), but int("²") fails
                 raise APIError(400, f"logit_bias key {key!r} is not a token id below {limit}", param="logit_bias")
             bias[int(key)] = value
+        if body.n > self.engine.max_batch:  # a prompt's n choices decode together, in one batch
+            raise APIError(400, f"n={body.n} exceeds the server's batch size of {self.engine.max_batch}: lower n",
+                           param="n")
         capacity = self.engine.max_batch + self.engine.max_queue
         if len(prompts) * body.n > capacity:
             raise APIError(400, f"{len(prompts)} prompts x n={body.n} exceeds what the server holds at once "
