@@ -21,35 +21,24 @@ from phikit.train.loop import Trainer, TrainingDiverged
 from phikit.train.muon import Muon, bf16_matmul_is_fast
 from phikit.train.pretrain import run_pretraining
 from phikit.train.report import read_metrics
-from train_shards import motif_docs, textbook_shards, write_shards
+from train_shards import TINY_MODEL as TINY
+from train_shards import motif_shards, textbook_shards
+from train_shards import tiny_run_config as _config
+from train_shards import train_losses as _losses
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "max_position_embeddings": 128}
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    docs = motif_docs(600)
-    return write_shards(tmp_path_factory.mktemp("shards"), docs[:540], docs[540:], 100, 0, shard_tokens=3000)
-
-
-def _config(shards, out_dir, **kw) -> TrainConfig:
-    base = dict(model="tiny", model_config=TINY, data=str(shards), seq_len=32, global_batch_size=8,
-                micro_batch_size=2, max_steps=20, lr=3e-3, schedule="cosine", warmup_steps=2, eval_every=0,
-                checkpoint_every=0, out_dir=str(out_dir), tensorboard=False, seed=1)
-    return TrainConfig(**{**base, **kw}).validate()
+    return motif_shards(tmp_path_factory.mktemp("shards"), 600)
 
 
 def _write_yaml(cfg: TrainConfig, path: Path) -> Path:
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     return path
-
-
-def _losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["event"] == "train"}
 
 
 def _trainer(cfg, **kw) -> Trainer:

@@ -14,31 +14,23 @@ from phikit.train import checkpointing
 from phikit.train.config import TrainConfig
 from phikit.train.pretrain import run_pretraining
 from phikit.train.report import read_metrics
-from train_shards import motif_docs, write_shards
+from train_shards import motif_shards, tiny_run_config
+from train_shards import train_losses as _losses
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "max_position_embeddings": 128}
 STEPS = 16
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    docs = motif_docs(300)
-    return write_shards(tmp_path_factory.mktemp("shards"), docs[:270], docs[270:], 100, 0, shard_tokens=3000)
+    return motif_shards(tmp_path_factory.mktemp("shards"), 300)
 
 
 def _config(shards, out_dir, **kw) -> TrainConfig:
-    base = dict(model="tiny", model_config=TINY, data=str(shards), seq_len=32, global_batch_size=8,
-                micro_batch_size=4, max_steps=STEPS, lr=3e-3, schedule="cosine", warmup_steps=2, eval_every=0,
-                checkpoint_every=8, out_dir=str(out_dir), tensorboard=False, seed=1)
-    return TrainConfig(**{**base, **kw}).validate()
-
-
-def _losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["event"] == "train"}
+    return tiny_run_config(shards, out_dir, **{"micro_batch_size": 4, "max_steps": STEPS, "checkpoint_every": 8,
+                                                **kw})
 
 
 def _loss_scales(run_dir) -> dict[int, float]:

@@ -52,3 +52,33 @@ def textbook_shards(directory: str | Path, n_train: int = 3000, n_val: int = 300
     tok.save(directory / "tok")
     return write_shards(directory, tok.encode_batch(train), tok.encode_batch(val), len(tok), tok.eos_token_id,
                         directory / "tok" / "tokenizer.json", shard_tokens=shard_tokens)
+
+
+# A two-layer model small enough that a pretraining test runs in seconds on one thread.
+TINY_MODEL = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "max_position_embeddings": 128}
+
+
+def motif_shards(directory: str | Path, count: int) -> Path:
+    """motif_docs(count) written as shards: the first 90% train, the rest val (vocab 100, eos 0)."""
+    docs = motif_docs(count)
+    split = count * 9 // 10
+    return write_shards(directory, docs[:split], docs[split:], 100, 0, shard_tokens=3000)
+
+
+def tiny_run_config(shards: str | Path, out_dir: str | Path, **overrides):
+    """A validated TrainConfig for TINY_MODEL on `shards`: 20 cosine steps, no evaluation or checkpoints unless
+    overridden."""
+    from phikit.train.config import TrainConfig
+
+    base = dict(model="tiny", model_config=TINY_MODEL, data=str(shards), seq_len=32, global_batch_size=8,
+                micro_batch_size=2, max_steps=20, lr=3e-3, schedule="cosine", warmup_steps=2, eval_every=0,
+                checkpoint_every=0, out_dir=str(out_dir), tensorboard=False, seed=1)
+    return TrainConfig(**{**base, **overrides}).validate()
+
+
+def train_losses(run_dir: str | Path) -> dict[int, float]:
+    """Step -> training loss, from a run's metrics.jsonl."""
+    from phikit.train.report import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["event"] == "train"}
