@@ -78,14 +78,10 @@ def evaluate(model, tokenizer, tasks: str | list[str], data_dir=None, limit: int
                                  num_fewshot=num_fewshot, workers=workers)
         elif task == "perplexity":
             from .perplexity import evaluate_perplexity, read_documents
-            if not text_files:
-                raise ValueError("perplexity needs text: pass --text-files FILE [FILE ...] (.txt or .jsonl)")
             res = evaluate_perplexity(model, tokenizer, read_documents(text_files)[:limit] if limit
                                       else read_documents(text_files))
         else:
             from .toxicity import evaluate_toxicity
-            if not toxigen_file:
-                raise ValueError("toxicity needs --toxigen-file FILE (ToxiGen annotated layout, JSONL or Parquet)")
             res = evaluate_toxicity(model, tokenizer, toxigen_file, limit)
         res["seconds"] = time.perf_counter() - start
         results["tasks"][task] = res
