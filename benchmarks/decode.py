@@ -31,9 +31,9 @@ import time
 import torch
 
 from phikit import build_model, get_config
-from phikit.generate import complete
+from phikit.inference.decoding import complete
 from phikit.model import PhiForCausalLM
-from phikit.quant import MODES, cpu_kernels, quantize_model
+from phikit.inference.quant import MODES, cpu_kernels, quantize_model
 from phikit.tokenizer import build_phi_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -202,7 +202,7 @@ class LlamaCpp:
 
     def __init__(self, llama_cpp, model, tokenizer, gguf_type: str, prompt_ids: list[int], args) -> None:
         import tempfile
-        from phikit.gguf_export import export_gguf
+        from phikit.inference.gguf_export import export_gguf
         self.tmp = tempfile.TemporaryDirectory()
         self.path = export_gguf(model, tokenizer, os.path.join(self.tmp.name, f"m-{gguf_type}.gguf"), dtype=gguf_type)
         self.llm = llama_cpp.Llama(str(self.path), n_ctx=args.prompt_len + args.new_tokens + 8,

@@ -1,6 +1,6 @@
 """The CPU kernel choices phikit makes on this machine, and the timings behind them.
 
-phikit times candidate kernels once per process (phikit.quant.measure_cpu_kernels) because CPUs differ by several
+phikit times candidate kernels once per process (phikit.inference.quant.measure_cpu_kernels) because CPUs differ by several
 times in both directions: with native bf16 (AVX512-BF16, AMX) oneDNN's packed products stream weights 2-3x faster
 than torch's plain ones; without it, torch.mv and fbgemm's fp16 GEMM win. This prints each timing (ms per pass
 over four 4096 x 2048 matrices, or one at 128 rows), the choice, and a JSON line last: attach it to a report of
@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from phikit.quant import measure_cpu_kernels
+from phikit.inference.quant import measure_cpu_kernels
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import json
 import sys
 import time
 
-from phikit.sampling import SamplingParams
+from phikit.inference.sampling import SamplingParams
 from phikit.serve.engine import Engine, Group
 
 from lm_setup import add_model_arguments, parse_and_load

@@ -25,8 +25,8 @@ import sys
 import time
 
 
-import phikit.generate as generation
-from phikit.generate import complete
+import phikit.inference.decoding as generation
+from phikit.inference.decoding import complete
 
 from lm_setup import add_model_arguments, parse_and_load
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from phikit import build_model
-from phikit.generate import generate
+from phikit.inference.decoding import generate
 from phikit.data import procedural
 from phikit.tokenizer import Tokenizer, train_bpe
 from phikit.train.config import TrainConfig

@@ -84,7 +84,7 @@ def test_padding_rows_are_never_sampled(loaded):
 def test_chat_renders_chatml_for_instruction_tuned_tokenizers(phi_tokenizer):
     from tokenizers import Tokenizer as Backend
 
-    from phikit.generate import chat_prompt
+    from phikit.inference.decoding import chat_prompt
     tok = phikit.Tokenizer(Backend.from_str(phi_tokenizer.backend.to_str()))  # a copy: the fixture is shared
     tok.add_chatml()
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]

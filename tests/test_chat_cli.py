@@ -9,8 +9,8 @@ import pytest
 import phikit
 from phikit.cli import main
 from phikit.commands.chat import fit_history
-from phikit.formats import get_format
-from phikit.generate import generate
+from phikit.inference.formats import get_format
+from phikit.inference.decoding import generate
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -96,7 +96,7 @@ def test_generate_cli_bad_input_is_one_line(tiny_phi_checkpoint, tmp_path, capsy
 
 def test_streamed_answer_starts_where_the_printed_answer_does(tiny_phi_checkpoint, monkeypatch, capsys):
     # The model's first deltas are blanks: --stream must drop them all, as fmt.cut does for the whole text.
-    import phikit.generate as engine
+    import phikit.inference.decoding as engine
     deltas = ["\n", " ", " The sky", " is blue."]
     monkeypatch.setattr(engine, "stream", lambda *a, **k: iter(deltas))
     monkeypatch.setattr(engine, "complete", lambda model, tok, batch, **k: [
@@ -136,7 +136,7 @@ def test_ctrl_c_stops_an_answer_and_ctrl_c_at_the_prompt_leaves(tiny_phi_checkpo
 
 def test_streamed_answer_ends_where_the_printed_answer_does(tiny_phi_checkpoint, monkeypatch, capsys):
     # Blank deltas after the answer are held back and dropped, as fmt.cut drops them; blanks inside are kept.
-    import phikit.generate as engine
+    import phikit.inference.decoding as engine
     deltas = [" The sky", "\n\n", "is blue.", " ", "\n", "\n\n"]
     monkeypatch.setattr(engine, "stream", lambda *a, **k: iter(deltas))
     monkeypatch.setattr(engine, "complete", lambda model, tok, batch, **k: [
@@ -170,7 +170,7 @@ def test_history_drops_whole_exchanges(phi_tokenizer):
 def test_chat_goes_on_after_a_too_long_message_a_dropped_block_and_a_non_command(
         tiny_phi_checkpoint, monkeypatch, capsys):
     import builtins
-    import phikit.generate as engine
+    import phikit.inference.decoding as engine
 
     def typed(prompt=""):  # what the user types at each prompt; an exception is a key press
         item = lines.pop(0)
@@ -193,7 +193,7 @@ def test_chat_goes_on_after_a_too_long_message_a_dropped_block_and_a_non_command
 
 
 def test_echoed_prompt_keeps_the_space_after_the_speaker_label(tiny_phi_checkpoint, monkeypatch, capsys):
-    import phikit.generate as engine
+    import phikit.inference.decoding as engine
     monkeypatch.setattr(engine, "stream", lambda *a, **k: iter([" Hi."]))
     monkeypatch.setattr(engine, "complete", lambda model, tok, batch, **k: [
         engine.Completion(" Hi.", [1], None, "length", 3) for _ in batch])

@@ -218,7 +218,7 @@ def test_perplexity_of_empty_text_is_a_clear_error(loaded, tmp_path, capsys, tin
 
 def test_code_samples_fill_generation_batches_with_a_progress_bar(monkeypatch, capsys):
     # 2 problems x 4 samples are one full batch of 8, not 4 half-empty batches of 2.
-    import phikit.generate
+    import phikit.inference.decoding
     from phikit.eval.code import evaluate_code
     calls = []
 
@@ -226,7 +226,7 @@ def test_code_samples_fill_generation_batches_with_a_progress_bar(monkeypatch, c
         calls.append(len(prompts))
         return ["    return None\n"] * len(prompts)
 
-    monkeypatch.setattr(phikit.generate, "generate", fake_generate)
+    monkeypatch.setattr(phikit.inference.decoding, "generate", fake_generate)
     res = evaluate_code("humaneval", None, None, limit=2, num_samples=4, temperature=0.8, workers=1)
     assert calls == [8] and len(res["records"]) == 8 and res["metrics"] == {"pass@1": 0.0}
     assert "humaneval generating" in capsys.readouterr().err

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from phikit import build_model, get_config
-from phikit.formats import FORMAT_NAMES, default_format, get_format
-from phikit.generate import chat
+from phikit.inference.formats import FORMAT_NAMES, default_format, get_format
+from phikit.inference.decoding import chat
 from phikit.model import PhiForCausalLM
 from phikit.tokenizer import CHATML_TEMPLATE, build_phi_tokenizer
 

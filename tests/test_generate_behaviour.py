@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from phikit import build_model, get_config
-from phikit.generate import _TextTracker, complete, generate, stream
-from phikit.quant import (Bf16Linear, CpuKernels, PackedFp32Linear, cpu_kernels, measure_cpu_kernels,
+from phikit.inference.decoding import _TextTracker, complete, generate, stream
+from phikit.inference.quant import (Bf16Linear, CpuKernels, PackedFp32Linear, cpu_kernels, measure_cpu_kernels,
                           packed_bf16_available, packed_fp16_available, packed_fp32_available, prepare_cpu_linears,
                           quantize_model, use_cpu_kernels)
 
@@ -225,7 +225,7 @@ def test_compiled_decoding_outlasts_the_default_recompile_limit(model, phi_token
 def test_quantized_attention_fuses_qkv_exactly(model, mode):
     """quantize_model gives each attention one [3d, d] projection; its output is bit for bit the three separately
     quantized projections side by side, on the decoding (one row), batch and prompt paths."""
-    from phikit.quant import Int4Linear, Int8Linear
+    from phikit.inference.quant import Int4Linear, Int8Linear
     reference = model.model.layers[0].self_attn
     q = quantize_model(copy.deepcopy(model), mode)
     attn = q.model.layers[0].self_attn
@@ -265,7 +265,7 @@ def test_int4_dequantizes_to_its_grid_and_prompts_multiply_block_by_block(kernel
     channels at a time (more channels than one block, the last one partial) and equal the plain product with it;
     single rows and, where the kernel was measured faster, 40-row batches (torch's int4 kernel) agree with it to
     bf16 rounding."""
-    from phikit.quant import INT4_BLOCK_ROWS, Int4Linear
+    from phikit.inference.quant import INT4_BLOCK_ROWS, Int4Linear
     torch.manual_seed(0)
     layer = torch.nn.Linear(128, 2 * INT4_BLOCK_ROWS + 48)
     int4 = Int4Linear(layer, group_size=32)
@@ -367,7 +367,7 @@ def test_cpu_kernel_choices_are_measured_once_or_taken_as_defaults(monkeypatch):
     """The choices are measured on this CPU (a valid CpuKernels, in well under the time of loading a model), kept
     for the process, and PHIKIT_CPU_KERNELS=default skips measuring."""
     import time
-    import phikit.quant as quant
+    import phikit.inference.quant as quant
     start = time.perf_counter()
     timings = {}
     measured = measure_cpu_kernels(timings)
@@ -444,9 +444,9 @@ def test_empty_and_over_long_prompts(model, phi_tokenizer):
 
 def test_package_level_entry_points(model, phi_tokenizer):
     import phikit
-    import phikit.generate  # the submodule import makes phikit.generate the module: it must stay callable
+    import phikit.inference.decoding  # importing the decoding module leaves phikit.generate the function
     text = phikit.generate(model, phi_tokenizer, "Hi", max_new_tokens=3, stop_token_ids=[])
-    assert text == phikit.generate.generate(model, phi_tokenizer, "Hi", max_new_tokens=3, stop_token_ids=[])
+    assert text == phikit.inference.decoding.generate(model, phi_tokenizer, "Hi", max_new_tokens=3, stop_token_ids=[])
     assert "".join(phikit.stream(model, phi_tokenizer, "Hi", max_new_tokens=3, stop_token_ids=[])) == text
     assert isinstance(phikit.chat(model, phi_tokenizer, [{"role": "user", "content": "Hi"}], max_new_tokens=3), str)
 
@@ -456,7 +456,7 @@ def test_int8_activations_take_8_bits_where_fbgemm_sums_exactly():
     """With VNNI, fbgemm's int8 product cannot saturate, so activations are rounded to 8 bits instead of 7: half
     the activation rounding error (measured: 1.9% -> 1.0% of a phi-1.5 MLP layer's output). Where the probe finds
     saturation, the 7-bit path stays."""
-    from phikit.quant import Int8Linear, _int8_full_range_is_exact
+    from phikit.inference.quant import Int8Linear, _int8_full_range_is_exact
     torch.manual_seed(0)
     layer = torch.nn.Linear(512, 1024)
     x = torch.randn(2, 512)
@@ -476,7 +476,7 @@ def test_int8_activations_take_8_bits_where_fbgemm_sums_exactly():
 def test_quantized_models_get_the_measured_kernel_choices(model, monkeypatch):
     """A quantized model has no nn.Linear left, yet its layers read the choices (prompt path, int8 activation
     bits): preparing it for decoding measures them too."""
-    import phikit.quant as quant
+    import phikit.inference.quant as quant
     measured = []
     monkeypatch.setattr(quant, "_kernels", None)
     monkeypatch.setattr(quant, "measure_cpu_kernels", lambda: measured.append(1) or NATIVE_BF16)
@@ -488,7 +488,7 @@ def test_quantized_models_get_the_measured_kernel_choices(model, monkeypatch):
 def test_quantized_prompts_run_under_no_grad_after_inference_mode_runs():
     """Generation and the kernel measurement run under torch.inference_mode and fill the prompt paths' reusable
     buffers; a user's own forward under plain no_grad must still be able to write into them."""
-    from phikit.quant import Int4Linear, Int8Linear
+    from phikit.inference.quant import Int4Linear, Int8Linear
     torch.manual_seed(0)
     int4 = Int4Linear(torch.nn.Linear(256, 512))
     int8 = Int8Linear(torch.nn.Linear(256, 512), torch.float32, dynamic=True)
@@ -504,7 +504,7 @@ def test_int8_weight_only_takes_any_width_and_unaligned_inputs():
     """torch's weight-only int8 kernel reads 16 inputs at a time with aligned loads: a width that is not a multiple
     of 16 must not reach it (it read past the row: here into large values after it), nor an input that starts
     mid-way through memory (it crashed)."""
-    from phikit.quant import Int8Linear
+    from phikit.inference.quant import Int8Linear
     torch.manual_seed(0)
     for width, start, rows in ((100, 0, 1), (100, 0, 3), (96, 8, 1), (96, 8, 3)):  # start 8: 16 bytes in
         int8 = Int8Linear(torch.nn.Linear(width, 48), torch.bfloat16)
@@ -524,7 +524,7 @@ def test_int4_refuses_unfit_shapes_and_group_sizes_before_changing_the_model(mod
     """A layer int4 cannot take, or a group size torch's int4 kernel does not, is refused up front in one line
     naming the layer and the way out, and the model is left as it was (not half quantized, q/k/v not joined)."""
     from phikit.model import PhiForCausalLM
-    from phikit.quant import Int4Linear
+    from phikit.inference.quant import Int4Linear
     odd = build_model(dataclasses.replace(model.config, intermediate_size=240), seed=0)  # fc2 takes 240 inputs
     for kw, message in ((dict(), "mlp.fc2: int4 needs in_features \\(240\\).*use int8"),
                         (dict(group_size=16), "group size must be one of 32, 64, 128, 256")):

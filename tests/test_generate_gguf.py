@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from phikit import build_model, get_config
-from phikit.gguf_export import export_gguf
+from phikit.inference.gguf_export import export_gguf
 from phikit.tokenizer import train_bpe
 
 gguf = pytest.importorskip("gguf")
@@ -97,7 +97,7 @@ def test_llama_cpp_runs_the_export_like_phikit(phi_tokenizer, tmp_path, dtype, t
     """llama.cpp is the reference here: it must tokenize as we do, give our logits, and decode our greedy tokens,
     never producing a padding row (a random model favours them as often as any other)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python to run GGUF exports here")
-    from phikit.generate import complete
+    from phikit.inference.decoding import complete
     # A wide init spread makes greedy choices decisive: no near-tie for rounding on another CPU to flip.
     config = get_config("tiny", vocab_size=51200, tokenizer_vocab_size=len(phi_tokenizer), initializer_range=0.1)
     model = build_model(config, seed=0).eval()
@@ -134,7 +134,7 @@ def test_llama_cpp_renders_and_ends_chatml_like_phikit(phi_tokenizer, tmp_path):
     <|im_start|>/<|im_end|> to our ids and ends a turn at <|im_end|>."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python to run GGUF exports here")
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-    from phikit.generate import chat_prompt
+    from phikit.inference.decoding import chat_prompt
     from phikit.tokenizer import Tokenizer
     from phikit.train.chat_data import add_chatml_tokens
     tokenizer = Tokenizer(phi_tokenizer.backend.__class__.from_str(phi_tokenizer.backend.to_str()))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from phikit import build_model, get_config
-from phikit.generate import complete, generate
+from phikit.inference.decoding import complete, generate
 
 transformers = pytest.importorskip("transformers")
 
@@ -69,7 +69,7 @@ def test_compiled_decoding_reuses_kept_caches(models, phi_tokenizer, device, mon
     fixed addresses); the next call of that shape takes it, zeroed, and still equals transformers, although the
     cache holds the last call's keys and values (shorter prompts: stale columns sit where the mask must hide
     them). Kept on the CPU too here, to test the bookkeeping without a GPU."""
-    import phikit.generate as generate_module
+    import phikit.inference.decoding as generate_module
 
     ours, ref = copy.deepcopy(models[0]).to(device), copy.deepcopy(models[1]).to(device)
     monkeypatch.setattr(generate_module, "_keeps_static_caches", lambda device: True)
@@ -162,7 +162,7 @@ def test_prompt_lookup_keeps_the_guesses_greedy_decoding_agrees_with(models, phi
     yields the guesses taken plus one, and asks for fewer guesses after a miss. Here the guesser is an oracle that knows the answer (right), misses every
     token (wrong), or knows the next four; the lookup itself is tested below. Passes for 40 tokens: the prompt's,
     then 9 tokens each (right), 1 (wrong) or 5 (four right)."""
-    import phikit.generate as generation
+    import phikit.inference.decoding as generation
     ours, ref = models
     prompt = phi_tokenizer.encode(PROMPTS[1])
     ids = torch.tensor([prompt])
@@ -200,7 +200,7 @@ def test_prompt_lookup_keeps_the_guesses_greedy_decoding_agrees_with(models, phi
 
 
 def test_prompt_lookup_guesses_what_followed_the_latest_match():
-    from phikit.generate import _lookup_draft
+    from phikit.inference.decoding import _lookup_draft
     assert _lookup_draft([5, 1, 2, 3, 9, 8, 7, 1, 2, 3], 2) == [9, 8]  # the 3-gram [1, 2, 3] seen before
     assert _lookup_draft([1, 2, 4, 1, 2, 6, 1, 2], 3) == [6, 1, 2]  # no 3-gram match; the latest [1, 2]
     assert _lookup_draft([1, 2, 4, 1, 2, 6, 2], 3) == []  # one matching token is not enough
@@ -213,7 +213,7 @@ def test_prompt_lookup_stops_and_streams_as_plain_decoding(models, phi_tokenizer
     """Stop strings and stop tokens end a row where plain greedy decoding ends it, with a batch of prompts (decoded
     one after the other); streaming joins to the same text; a repetition penalty sees the same tokens; bad
     combinations are one-line errors."""
-    from phikit.generate import stream
+    from phikit.inference.decoding import stream
     ours, _ = models
     prompts = PROMPTS + ["the cat sat on the mat. the cat sat on the mat. the cat sat on the"]
     free = complete(ours, phi_tokenizer, prompts, max_new_tokens=20, stop_token_ids=[])

@@ -21,7 +21,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from phikit import build_model, get_config
-from phikit.formats import get_format
+from phikit.inference.formats import get_format
 from phikit.serve import create_app
 from phikit.serve.server import DrainingServer
 from phikit.tokenizer import CHATML_TEMPLATE, build_phi_tokenizer, train_bpe

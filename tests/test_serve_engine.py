@@ -9,8 +9,8 @@ import torch
 import transformers
 
 from phikit import build_model, get_config
-from phikit.quant import PackedFp32Linear, packed_fp32_available
-from phikit.sampling import SamplingParams
+from phikit.inference.quant import PackedFp32Linear, packed_fp32_available
+from phikit.inference.sampling import SamplingParams
 from phikit.serve.engine import PREDICTION_DRAFT_TOKENS, Engine, Group, draw, stop_prefix_length
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""Conversation shapes, ChatML rendering against phikit.formats and transformers' chat template, assistant-only
+"""Conversation shapes, ChatML rendering against phikit.inference.formats and transformers' chat template, assistant-only
 loss masks, packing that keeps attention inside each conversation, and ChatML rows in the embedding."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from phikit import build_model, get_config
-from phikit.formats import get_format
+from phikit.inference.formats import get_format
 from phikit.tokenizer import IM_END, build_phi_tokenizer, train_bpe
 from phikit.train.chat_data import (IGNORE_INDEX, BadExample, add_chatml_tokens, build_sft_examples,
                                     collate_packed, pack_examples, parse_conversation, render_chatml,

@@ -114,7 +114,7 @@ def test_sft_skips_and_reports_bad_conversations(sft, work):
 
 
 def test_sft_model_answers_in_chatml_and_stops_at_im_end(sft):
-    from phikit.generate import complete
+    from phikit.inference.decoding import complete
     model, tok = load(sft["model_dir"])
     im_end = tok.token_to_id(IM_END)
     rng = random.Random(99)  # held-out prompts: fresh draws, not the training conversations

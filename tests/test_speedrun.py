@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import phikit
-from phikit.generate import chat
+from phikit.inference.decoding import chat
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen:

@@ -11,9 +11,8 @@ def __getattr__(name: str):
         from . import checkpoint
         return getattr(checkpoint, name)
     if name in ("generate", "stream", "chat"):
-        # import_module, not `from . import generate`: that would look up phikit.generate and recurse into here.
-        import importlib
-        return getattr(importlib.import_module(f"{__name__}.generate"), name)
+        from .inference import decoding
+        return getattr(decoding, name)
     if name == "Tokenizer":
         from .tokenizer import Tokenizer
         return Tokenizer

@@ -276,7 +276,7 @@ def load(path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
     """
     device, torch_dtype = _parse_device(device), parse_dtype(dtype)  # checked before minutes of reading weights
     if quantize:
-        from .quant import MODES
+        from .inference.quant import MODES
         if quantize not in MODES:
             raise ValueError(f"unknown quantization {quantize!r}: choose one of {', '.join(MODES)}")
     directory = resolve_checkpoint(path_or_repo_id)
@@ -298,7 +298,7 @@ def load(path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
     model.model.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta).to(device)
     model.eval()
     if quantize:
-        from .quant import quantize_model
+        from .inference.quant import quantize_model
         quantize_model(model, quantize)
     return model, tokenizer
 

@@ -156,7 +156,7 @@ class PhiAttention(nn.Module):
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
         self.dense = nn.Linear(d, d)
-        # Quantized models (phikit.quant) replace q/k/v by this one [3d, d] projection: one kernel call per step
+        # Quantized models (phikit.inference.quant) replace q/k/v by this one [3d, d] projection: one kernel call per step
         # instead of three, which decoding notices. The checkpoint layout keeps the three.
         self.qkv_proj: nn.Module | None = None
 

@@ -489,7 +489,7 @@ def solution_tokens(tokenizer, records: list[dict]) -> int:
 def evaluate_model(model, tokenizer, heldout: dict[str, list[dict]], chat_format: bool,
                    perplexity: bool = True) -> dict:
     """Held-out arithmetic/word-problem accuracy, code pass@1 (sandboxed), perplexity, multiple choice."""
-    from .generate import generate
+    from .inference.decoding import generate
     from .eval.sandbox import run_many
 
     result: dict[str, Any] = {}
@@ -539,7 +539,7 @@ def evaluate_model(model, tokenizer, heldout: dict[str, list[dict]], chat_format
 
 def chat_batch(model, tokenizer, user_texts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
     """Single-turn chats decoded together (one batched generate call per batch_size prompts)."""
-    from .generate import chat_prompt, generate
+    from .inference.decoding import chat_prompt, generate
     outs: list[str] = []
     for i in range(0, len(user_texts), batch_size):
         rendered = [chat_prompt(tokenizer, [{"role": "user", "content": t}]) for t in user_texts[i:i + batch_size]]
@@ -585,8 +585,8 @@ def text_perplexity(model, tokenizer, texts: list[str]) -> float:
 
 def sample_formats(chat_model, chat_tok, base_model, base_tok) -> dict[str, dict[str, str]]:
     """One sample per prompt format of the model cards, greedy, cut where each format says the answer ends."""
-    from .formats import get_format
-    from .generate import generate
+    from .inference.formats import get_format
+    from .inference.decoding import generate
     user = "What is 7 + 5?"
     out = {}
     for name, model, tok in (("code", base_model, base_tok), ("qa", base_model, base_tok),

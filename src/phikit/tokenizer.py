@@ -13,7 +13,7 @@ from .files import write_text_atomic
 EOS_TOKEN = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
-# ChatML as a Jinja template (what transformers' apply_chat_template renders); formats.py renders the same text.
+# ChatML as a Jinja template (what transformers' apply_chat_template renders); inference/formats.py renders the same text.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

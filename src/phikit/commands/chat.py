@@ -80,8 +80,8 @@ def fit_history(tokenizer, fmt, messages: list[dict], budget: int) -> list[dict]
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..formats import default_format, get_format
-    from ..generate import chat_prompt, stream
+    from ..inference.formats import default_format, get_format
+    from ..inference.decoding import chat_prompt, stream
     model, tokenizer = load_model(args)
     name = args.format or default_format(tokenizer)
     fmt = get_format(name, user_name=args.user_name, assistant_name=args.assistant_name) if name == "chat" \

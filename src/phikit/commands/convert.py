@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = stored[0] if len(stored) == 1 and stored[0] in DTYPES else "fp32"
     model, tokenizer = load(args.src, dtype="fp32" if quantized else args.dtype or dtype)
     if to == "gguf":
-        from ..gguf_export import export_gguf
+        from ..inference.gguf_export import export_gguf
         out = export_gguf(model, tokenizer, args.dst, dtype=args.dtype or "fp16")
     else:
         out = save(model, tokenizer, args.dst)

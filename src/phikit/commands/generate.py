@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..quant import MODES
+from ..inference.quant import MODES
 
 FORMAT_CHOICES = ["raw", "code", "qa", "instruct", "chat", "chatml"]
 
@@ -49,9 +49,9 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 def load_model(args: argparse.Namespace):
     from ..checkpoint import load
-    from ..sampling import SamplingParams
-    from ..generate import check_prompt_lookup
-    from ..quant import prepare_cpu_linears
+    from ..inference.sampling import SamplingParams
+    from ..inference.decoding import check_prompt_lookup
+    from ..inference.quant import prepare_cpu_linears
     # Check the sampling values before spending seconds loading weights.
     params = SamplingParams(**{k: v for k, v in sampling_kwargs(args).items()}).validate()
     check_prompt_lookup(args.prompt_lookup, params, getattr(args, "num_beams", 1), args.compile)
@@ -154,8 +154,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..formats import get_format
-    from ..generate import chat_prompt, complete, stream
+    from ..inference.formats import get_format
+    from ..inference.decoding import chat_prompt, complete, stream
     prompts = read_prompts(args)
     if args.stream and (len(prompts) > 1 or args.num_beams > 1 or args.json):
         raise ValueError("--stream prints one prompt's text as it comes: use a single --prompt, "

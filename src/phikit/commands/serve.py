@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-from ..quant import MODES
+from ..inference.quant import MODES
 
 
 def configure(p: argparse.ArgumentParser) -> None:

@@ -162,7 +162,7 @@ def evaluate_code(task: str, model, tokenizer, data_dir=None, limit: int | None 
                   temperature: float = 0.0, top_p: float = 0.95, max_new_tokens: int = 384, seed: int = 0,
                   workers: int | None = None, batch_size: int = 8) -> dict:
     """Generate and score HumanEval or MBPP. num_samples > 1 samples at `temperature` (0.8 is usual) for pass@k."""
-    from ..generate import generate
+    from ..inference.decoding import generate
     if task == "humaneval":
         docs = list(read_humaneval().values())
         prompts = [p["prompt"] for p in docs]

@@ -102,7 +102,7 @@ def evaluate_gsm8k(model, tokenizer, data_dir=None, limit: int | None = None, mo
                    num_fewshot: int | None = None, docs: list[dict] | None = None, max_new_tokens: int = 256,
                    batch_size: int = 8, workers: int | None = None) -> dict:
     """mode "pal" (via coding) or "cot" (5-shot chain of thought). docs overrides the test file."""
-    from ..generate import generate
+    from ..inference.decoding import generate
     if docs is None:
         docs = load_split(data_dir, ("gsm8k", "gsm8k/main"), "test", "gsm8k", "openai/gsm8k (main)")
     docs = docs[:limit] if limit else docs

@@ -84,7 +84,7 @@ class PhikitLM(LM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from ..generate import generate
+        from ..inference.decoding import generate
         # Requests with the same generation settings run together, in batches of similar prompt length.
         groups: dict[str, list[int]] = {}
         for n, req in enumerate(requests):

@@ -15,7 +15,7 @@ from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
-from ..formats import default_format, get_format
+from ..inference.formats import default_format, get_format
 from ..model import PhiForCausalLM
 from ..tokenizer import Tokenizer
 from .engine import Engine

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import _lookup_draft
+from ..inference.decoding import _lookup_draft
 from ..model import KVCache, PhiForCausalLM
-from ..quant import prepare_cpu_linears
-from ..sampling import SamplingParams, process_logits
+from ..inference.quant import prepare_cpu_linears
+from ..inference.sampling import SamplingParams, process_logits
 from ..tokenizer import Tokenizer
 
 log = logging.getLogger("phikit.serve")

@@ -11,8 +11,8 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from .. import __version__
-from ..formats import PromptFormat
-from ..sampling import SamplingParams
+from ..inference.formats import PromptFormat
+from ..inference.sampling import SamplingParams
 from ..tokenizer import IM_END, Tokenizer
 from . import responses as R
 from .engine import Engine, Event, Group, QueueFull

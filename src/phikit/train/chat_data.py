@@ -123,7 +123,7 @@ def check_conversation(messages: list[dict]) -> None:
 
 # ---------------------------------------------------------------- ChatML
 def render_chatml(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    """The text of tokenizer.CHATML_TEMPLATE (and phikit.formats "chatml") for these messages."""
+    """The text of tokenizer.CHATML_TEMPLATE (and phikit.inference.formats "chatml") for these messages."""
     text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
     return text + f"{IM_START}assistant\n" if add_generation_prompt else text
 

@@ -13,8 +13,6 @@ default) or a stop string (matched on the decoded text, across token boundaries,
 from __future__ import annotations
 
 import contextlib
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
@@ -23,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from .formats import PromptFormat, default_format, get_format
-from .model import KVCache, PhiForCausalLM
+from ..model import KVCache, PhiForCausalLM
 from .sampling import SamplingParams, apply_repetition_penalty, mask_padding_rows, process_logits, sample_next
-from .tokenizer import IM_END, Tokenizer
+from ..tokenizer import IM_END, Tokenizer
 
 
 @dataclass
@@ -628,14 +626,3 @@ def _prepare_model(model: PhiForCausalLM) -> None:
         model.eval()
     from .quant import prepare_cpu_linears
     prepare_cpu_linears(model)
-
-
-class _CallableModule(types.ModuleType):
-    """`phikit.generate` names both this module and its main function; once the module is imported, Python's
-    import system makes the package attribute the module, so calling the module calls the function."""
-
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

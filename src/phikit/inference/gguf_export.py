@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .model import PhiForCausalLM
-from .tokenizer import Tokenizer
+from ..model import PhiForCausalLM
+from ..tokenizer import Tokenizer
 
 QTYPES = {
     "f32": gguf.GGMLQuantizationType.F32, "fp32": gguf.GGMLQuantizationType.F32,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .tokenizer import EOS_TOKEN, IM_END, IM_START
+from ..tokenizer import EOS_TOKEN, IM_END, IM_START
 
 ROLES = ("system", "user", "assistant")
 
