@@ -58,14 +58,6 @@ def test_save_and_reload(tmp_path, phi_tokenizer):
         assert again.encode(s) == phi_tokenizer.encode(s)
 
 
-def test_stream_decoder_never_splits_characters(phi_tokenizer):
-    text = "naïve 日本語 🙂 done"
-    dec = phi_tokenizer.stream_decoder()
-    pieces = [dec.push(i) for i in phi_tokenizer.encode(text)] + [dec.flush()]
-    assert "".join(pieces) == text
-    assert all("\ufffd" not in p for p in pieces)
-
-
 def test_train_bpe(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("def add(a, b):\n    return a + b\n" * 200 + "The quick brown fox. " * 300)

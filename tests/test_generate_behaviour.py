@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from phikit import build_model, get_config
-from phikit.inference.decoding import _TextTracker, complete, generate, stream
+from phikit.inference.decoding import complete, generate, stream
+from phikit.inference.sampling import SamplingParams, sample_next
 from phikit.inference.quant import (Bf16Linear, CpuKernels, PackedFp32Linear, cpu_kernels, measure_cpu_kernels,
                           packed_bf16_available, packed_fp16_available, packed_fp32_available, prepare_cpu_linears,
                           quantize_model, use_cpu_kernels)
@@ -79,18 +80,15 @@ def test_streaming_joins_to_the_non_streaming_output(model, phi_tokenizer):
         assert all(deltas)
 
 
-def test_stream_never_splits_a_utf8_character(phi_tokenizer):
-    text = "naïve café 🙂 ñandú 日本語 done"
-    ids = phi_tokenizer.encode(text)
-    assert len(ids) > len(text.split())  # multi-byte characters span several byte-level tokens
-    tracker = _TextTracker(phi_tokenizer, ["STOP"])
-    deltas = [tracker.push(i) for i in ids] + [tracker.finish()]
-    assert "".join(deltas) == text
-    assert not any("\ufffd" in d for d in deltas)
-    # "ST" at the end is held back (it may begin "STOP") and released once it cannot.
-    tracker = _TextTracker(phi_tokenizer, ["STOP"])
-    held = [tracker.push(i) for i in phi_tokenizer.encode("a ST")]
-    assert "".join(held) == "a " and tracker.finish() == "ST"
+def test_sample_next_samples_the_given_distribution():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    logits = probs.log().expand(40000, 5)
+    ids = sample_next(logits, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=5).float() / len(ids)
+    assert freq[4] == 0  # a masked token is never drawn
+    assert torch.allclose(freq, probs, atol=0.01)
+    again = sample_next(logits[:8], SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    assert again.tolist() == ids[:8].tolist()  # a seed reproduces its draws
 
 
 def test_padding_rows_are_never_produced(model, phi_tokenizer):

@@ -11,7 +11,7 @@ import transformers
 from phikit import build_model, get_config
 from phikit.inference.quant import PackedFp32Linear, packed_fp32_available
 from phikit.inference.sampling import SamplingParams
-from phikit.serve.engine import PREDICTION_DRAFT_TOKENS, Engine, Group, draw, stop_prefix_length
+from phikit.serve.engine import PREDICTION_DRAFT_TOKENS, Engine, Group
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,24 +103,6 @@ def test_joining_and_leaving_requests_decode_like_transformers(models, phi_token
         assert sorted(choices) == list(range(2 if name == "pair" else 1))
         for tokens in choices.values():
             assert tokens == expected, name
-
-
-def test_stop_prefix_is_held_back():
-    assert stop_prefix_length("hello wor", ["world"]) == 3
-    assert stop_prefix_length("hello", ["\nUser:"]) == 0
-    assert stop_prefix_length("a\nUs", ["\nUser:", "\nBob:"]) == 3
-    assert stop_prefix_length("x", []) == 0
-
-
-def test_draw_samples_the_given_distribution():
-    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
-    logits = probs.log().expand(40000, 5)
-    ids = draw(logits, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
-    freq = torch.bincount(ids, minlength=5).float() / len(ids)
-    assert freq[4] == 0  # a masked token is never drawn
-    assert torch.allclose(freq, probs, atol=0.01)
-    again = draw(logits[:8], SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
-    assert again.tolist() == ids[:8].tolist()  # a seed reproduces its draws
 
 
 def run_groups(engine: Engine, groups: list[Group], timeout: float = 120) -> list[dict[int, list[int]]]:

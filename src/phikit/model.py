@@ -15,58 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PhiConfig
-
-
-class KVCache:
-    """Per-layer key/value buffers [B, H, capacity, D]; grows by doubling when a step runs past capacity.
-
-    Preallocate with `KVCache.allocate(...)` for decoding (no copies per step), or let the model create one.
-    """
-
-    def __init__(self, num_layers: int) -> None:
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.length = 0  # tokens stored (same for all layers once a forward pass is complete)
-        # Static mode (PhiForCausalLM.forward_static): new keys/values go to these positions and attention reads the
-        # whole buffer under a mask, so every decoding step has the same shapes (what torch.compile wants).
-        self.write_index: torch.Tensor | None = None
-
-    @classmethod
-    def allocate(cls, config: PhiConfig, batch_size: int, capacity: int, device=None, dtype=None) -> "KVCache":
-        cache = cls(config.num_hidden_layers)
-        shape = (batch_size, config.num_attention_heads, capacity, config.head_dim)
-        for i in range(config.num_hidden_layers):
-            cache.keys[i] = torch.zeros(shape, device=device, dtype=dtype)
-            cache.values[i] = torch.zeros(shape, device=device, dtype=dtype)
-        return cache
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.write_index is not None:
-            self.keys[layer].index_copy_(2, self.write_index, k)
-            self.values[layer].index_copy_(2, self.write_index, v)
-            return self.keys[layer], self.values[layer]
-        start, t = self.length, k.shape[2]
-        buf_k, buf_v = self.keys[layer], self.values[layer]
-        if buf_k is None or buf_k.shape[2] < start + t:
-            cap = max(start + t, 2 * (buf_k.shape[2] if buf_k is not None else 0))
-            new_k = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
-            new_v = v.new_zeros(new_k.shape)
-            if buf_k is not None and start:
-                new_k[:, :, :start] = buf_k[:, :, :start]
-                new_v[:, :, :start] = buf_v[:, :, :start]
-            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
-        buf_k[:, :, start:start + t] = k
-        buf_v[:, :, start:start + t] = v
-        return buf_k[:, :, :start + t], buf_v[:, :, :start + t]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Select batch rows (beam search)."""
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            if k is not None:
-                self.keys[i], self.values[i] = k.index_select(0, index), v.index_select(0, index)
-
-    def crop(self, length: int) -> None:
-        self.length = min(self.length, length)
+from .inference.kv_cache import KVCache
 
 
 @dataclass
@@ -399,7 +348,7 @@ class PhiForCausalLM(nn.Module):
         if output_hidden_states:
             all_hidden.append(x)
         if cache is not None:
-            cache.length = past + t
+            cache.advance(t)
         if isinstance(logits_to_keep, torch.Tensor):  # positions to keep, as transformers allows
             x = x[:, logits_to_keep]
         elif logits_to_keep:

@@ -129,32 +129,6 @@ class Tokenizer:
                 template = None
         return cls(backend, template)
 
-    # --- streaming decode ---
-    def stream_decoder(self) -> "StreamDecoder":
-        return StreamDecoder(self)
-
-
-class StreamDecoder:
-    """Turns a growing list of ids into printable text deltas; holds back incomplete UTF-8 sequences."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.printed = 0  # characters of the decoded text already emitted
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
-            return ""
-        delta, self.printed = text[self.printed:], len(text)
-        return delta
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        delta, self.printed = text[self.printed:], len(text)
-        return delta
-
 
 def _byte_level_tokenizer(model: models.BPE) -> HFTokenizer:
     tok = HFTokenizer(model)

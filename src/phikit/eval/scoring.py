@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..model import KVCache, PhiForCausalLM
+from ..model import PhiForCausalLM
 from ..tokenizer import Tokenizer
 
 
@@ -42,14 +42,6 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     whole = tokenizer.encode(context + continuation)
     ctx = tokenizer.encode(context)
     return ctx, whole[len(ctx):]
-
-
-def _select_cache(cache: KVCache, index: torch.Tensor) -> KVCache:
-    out = KVCache(len(cache.keys))
-    out.keys = [k[:, :, :cache.length].index_select(0, index) for k in cache.keys]
-    out.values = [v[:, :, :cache.length].index_select(0, index) for v in cache.values]
-    out.length = cache.length
-    return out
 
 
 class LogLikelihoodScorer:
@@ -141,7 +133,7 @@ class LogLikelihoodScorer:
             valid[n, :len(c) - 1] = True
         inp, tgt, valid = inp.to(device), tgt.to(device), valid.to(device)
         attn = torch.cat([ctx_mask[rows], valid.long()], dim=1)
-        out = self.model(inp, attention_mask=attn, past_key_values=_select_cache(cache, rows))
+        out = self.model(inp, attention_mask=attn, past_key_values=cache.select_rows(rows))
         logprobs = F.log_softmax(out.logits.float(), dim=-1)
         token_lp = logprobs.gather(-1, tgt[..., None])[..., 0].masked_fill(~valid, 0.0)
         greedy = (logprobs.argmax(-1) == tgt) | ~valid

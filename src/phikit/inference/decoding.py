@@ -20,8 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .detokenizer import Detokenizer
 from .formats import PromptFormat, default_format, get_format
-from ..model import KVCache, PhiForCausalLM
+from .kv_cache import KVCache
+from ..model import PhiForCausalLM
 from .sampling import SamplingParams, apply_repetition_penalty, mask_padding_rows, process_logits, sample_next
 from ..tokenizer import IM_END, Tokenizer
 
@@ -96,7 +98,7 @@ def encode_prompts(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequenc
             if p.dim() != 2 or p.shape[1] != model.config.hidden_size or not p.is_floating_point():
                 raise ValueError(f"prompt {i} is a {str(p.dtype).removeprefix('torch.')} tensor of shape "
                                  f"{tuple(p.shape)}: input embeddings must be float [tokens, "
-                                 f"{model.config.hidden_size}] (model.model.embed_tokens(ids) has that shape)")
+                                 f"{model.config.hidden_size}] (model.get_input_embeddings()(ids) has that shape)")
             ids = p
         elif isinstance(p, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in p):
             ids = [int(t) for t in p]
@@ -128,56 +130,6 @@ def _stop_ids(tokenizer: Tokenizer, stop_token_ids: Sequence[int] | None) -> set
     return ids
 
 
-def _cache_dtype(model: PhiForCausalLM) -> torch.dtype:
-    return model.model.embed_tokens.weight.dtype
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Stop strings on decoded text
-
-
-class _TextTracker:
-    """Decoded text of one row: emits only text that is final (complete UTF-8, not a possible stop-string start)."""
-
-    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str]) -> None:
-        self.tokenizer = tokenizer
-        self.stops = [s for s in stop_strings if s]
-        self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0
-        self.stopped = False
-
-    def push(self, token_id: int) -> str:
-        """Add one token; return the newly final text. Sets .stopped when a stop string completes."""
-        self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids)
-        hits = [i for i in (self.text.find(s, self.emitted) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            self.text = self.text[:min(hits)]
-            return self._emit(len(self.text))
-        safe = len(self.text.rstrip("\ufffd"))  # an incomplete multi-byte character waits for its next token
-        return self._emit(safe - self._held_back(self.text[:safe]))
-
-    def _held_back(self, text: str) -> int:
-        """Length of the longest tail of `text` that could be the start of a stop string."""
-        best = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(text) - self.emitted), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
-
-    def _emit(self, end: int) -> str:
-        delta = self.text[self.emitted:end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
-        return delta
-
-    def finish(self) -> str:
-        return self._emit(len(self.text))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The batch decoder
 
@@ -205,7 +157,7 @@ def _keeps_static_caches(device: torch.device) -> bool:
 def _static_cache(model: PhiForCausalLM, batch_size: int, capacity: int) -> Iterator[KVCache]:
     """A zeroed cache of this shape for compiled decoding: the model's kept one (taken out while in use, so a
     second thread decoding the same shape gets its own) where _keeps_static_caches, else a new one."""
-    dtype, device = _cache_dtype(model), model.device
+    dtype, device = model.dtype, model.device
     if not _keeps_static_caches(device):
         yield KVCache.allocate(model.config, batch_size, capacity, device, dtype)
         return
@@ -214,12 +166,9 @@ def _static_cache(model: PhiForCausalLM, batch_size: int, capacity: int) -> Iter
     cache = kept.pop(key, None)
     if cache is None:
         cache = KVCache.allocate(model.config, batch_size, capacity, device, dtype)
-        for t in cache.keys + cache.values:
-            torch._dynamo.mark_static_address(t)  # the graph reads and writes it in place: no copy per step
-    else:  # zeroed: masked columns get zero weight, but 0 * a stale inf would still be NaN
-        for t in cache.keys + cache.values:
-            t.zero_()
-        cache.length, cache.write_index = 0, None
+        cache.mark_static_addresses()
+    else:
+        cache.reset()
     try:
         yield cache
     finally:
@@ -252,7 +201,7 @@ def _decode_tokens(model: PhiForCausalLM, rows: list[list[int]], params: Samplin
     ids = torch.full((b, total), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((b, total), dtype=torch.long, device=device)
     if embedded:  # left-padded with zeros, which the mask hides
-        dtype = model.model.embed_tokens.weight.dtype
+        dtype = model.dtype
         prompt_embeds = torch.zeros((b, longest, model.config.hidden_size), dtype=dtype, device=device)
     for i, r in enumerate(rows):
         if embedded:
@@ -267,7 +216,7 @@ def _decode_tokens(model: PhiForCausalLM, rows: list[list[int]], params: Samplin
         capacity = _cache_capacity(total, model.config.max_position_embeddings)
         cache_scope = _static_cache(model, b, capacity)
     else:
-        cache_scope = contextlib.nullcontext(KVCache.allocate(model.config, b, total, device, _cache_dtype(model)))
+        cache_scope = contextlib.nullcontext(KVCache.allocate(model.config, b, total, device, model.dtype))
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -282,7 +231,6 @@ def _decode_tokens(model: PhiForCausalLM, rows: list[list[int]], params: Samplin
             key_mask = torch.zeros((b, 1, capacity), dtype=torch.bool, device=device)
             key_mask[:, 0, :longest] = mask[:, :longest].bool()
             positions = mask[:, :longest].sum(-1, keepdim=True)  # the next token's position in each row
-            cache.write_index = torch.zeros(1, dtype=torch.long, device=device)
         for step in range(steps):
             cur = longest + step
             raw = next_logits.float()
@@ -299,7 +247,7 @@ def _decode_tokens(model: PhiForCausalLM, rows: list[list[int]], params: Samplin
                 return
             if compile:
                 key_mask[:, 0, cur] = True
-                cache.write_index.fill_(cur)
+                cache.write_at(cur)
                 if device.type == "cuda":  # the last step's logits are used up: the graph may reuse their memory
                     torch.compiler.cudagraph_mark_step_begin()
                 next_logits = step_fn(token[:, None], positions + step, key_mask, cache)
@@ -325,6 +273,21 @@ def _lookup_draft(ids: list[int], max_tokens: int, longest_ngram: int = 3, short
     return []
 
 
+class DraftSize:
+    """How many guessed tokens the next pass checks (prompt lookup, predicted outputs). A wrong guess costs a longer
+    pass for nothing, so the number halves after a pass that kept none of its guesses and doubles back (up to
+    `most`) after one that kept all."""
+
+    def __init__(self, most: int) -> None:
+        self.most = self.next = most
+
+    def update(self, guessed: int, kept: int) -> None:
+        if guessed and not kept:
+            self.next = max(1, self.next // 2)
+        elif guessed and kept == guessed:
+            self.next = min(self.most, 2 * self.next)
+
+
 @torch.inference_mode()
 def _decode_prompt_lookup(model: PhiForCausalLM, row: list[int], params: SamplingParams, stop_ids: set[int],
                           vocab_limit: int | None, stop_now, draft_tokens: int) -> Iterator[tuple[int, float]]:
@@ -332,17 +295,16 @@ def _decode_prompt_lookup(model: PhiForCausalLM, row: list[int], params: Samplin
     and up to draft_tokens guessed by _lookup_draft, keeps the guesses the model's own argmax agrees with, plus
     the model's token after them, and drops the rest from the cache. The tokens are greedy decoding's (a pass over
     several rows rounds differently from one over a single row, which can only flip exact near-ties), in fewer
-    passes when the guesses are right. A wrong guess costs a longer pass for nothing, so the number of guesses
-    halves after a pass that kept none and doubles back (up to draft_tokens) after one that kept all.
+    passes when the guesses are right; DraftSize sets how many to guess.
     Yields (token, logprob); stops after a stop token or when stop_now()."""
     context = model.config.max_position_embeddings
     steps = min(params.max_new_tokens, context - len(row))
-    cache = KVCache.allocate(model.config, 1, len(row) + steps + draft_tokens, model.device, _cache_dtype(model))
+    cache = KVCache.allocate(model.config, 1, len(row) + steps + draft_tokens, model.device, model.dtype)
     ids = list(row)
     logits = model(torch.tensor([row], device=model.device), past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[0]
     draft: list[int] = []
-    produced, guesses = 0, draft_tokens
+    produced, guesses = 0, DraftSize(draft_tokens)
     while True:
         in_cache = cache.length  # the prompt, or every token but the fed ones
         for j in range(len(draft) + 1):  # logits row j follows the last token and the first j guesses
@@ -358,11 +320,8 @@ def _decode_prompt_lookup(model: PhiForCausalLM, row: list[int], params: Samplin
             if j == len(draft) or token != draft[j]:
                 break
         cache.crop(in_cache - len(draft) + j)  # keep the fed tokens up to the last guess taken
-        if draft and j == 0:  # every guess missed
-            guesses = max(1, guesses // 2)
-        elif draft and j == len(draft):  # every guess was kept
-            guesses = min(draft_tokens, 2 * guesses)
-        draft = _lookup_draft(ids, min(guesses, steps - produced - 1, context - len(ids)))
+        guesses.update(len(draft), j)
+        draft = _lookup_draft(ids, min(guesses.next, steps - produced - 1, context - len(ids)))
         logits = model(torch.tensor([[token] + draft], device=model.device), past_key_values=cache,
                        use_cache=True).logits[0]
 
@@ -370,7 +329,7 @@ def _decode_prompt_lookup(model: PhiForCausalLM, row: list[int], params: Samplin
 def _stream_rows(model: PhiForCausalLM, tokenizer: Tokenizer, rows: list[list[int]], params: SamplingParams,
                  stop: Sequence[str], stop_ids: set[int], return_logprobs: bool,
                  compile: bool = False, prompt_lookup: int = 0) -> Iterator[Chunk]:
-    trackers = [_TextTracker(tokenizer, stop) for _ in rows]
+    detokenizers = [Detokenizer(tokenizer, stop) for _ in rows]
     finished = torch.zeros(len(rows), dtype=torch.bool, device=model.device)
     reasons: list[str | None] = [None] * len(rows)
     vocab_limit = _vocab_limit(model, tokenizer)
@@ -388,19 +347,19 @@ def _stream_rows(model: PhiForCausalLM, tokenizer: Tokenizer, rows: list[list[in
     for i, tok, lp in row_tokens():
         if reasons[i] is not None:
             continue
-        tracker = trackers[i]
+        detokenizer = detokenizers[i]
         if tok in stop_ids:
             reasons[i] = "stop"
-            yield Chunk(i, tracker.finish(), finish_reason="stop")
+            yield Chunk(i, detokenizer.finish(), finish_reason="stop")
             continue
-        delta = tracker.push(tok)
-        if tracker.stopped:
+        delta = detokenizer.push(tok)
+        if detokenizer.stopped:
             reasons[i] = "stop"
             finished[i] = True
         yield Chunk(i, delta, [tok], [lp] if return_logprobs else [], reasons[i])
-    for i, tracker in enumerate(trackers):
+    for i, detokenizer in enumerate(detokenizers):
         if reasons[i] is None:  # ran out of new tokens (or context)
-            yield Chunk(i, tracker.finish(), finish_reason="length")
+            yield Chunk(i, detokenizer.finish(), finish_reason="length")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -426,10 +385,10 @@ def _beam_search(model: PhiForCausalLM, tokenizer: Tokenizer, prompt: list[int],
     stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     first_n = torch.arange(keep, device=device) < n
 
-    cache = KVCache.allocate(model.config, 1, len(prompt) + steps, device, _cache_dtype(model))
+    cache = KVCache.allocate(model.config, 1, len(prompt) + steps, device, model.dtype)
     prompt_ids = torch.tensor([prompt], device=device)
     logits = model(prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    cache.reorder(torch.zeros(n, dtype=torch.long, device=device))
+    cache = cache.select_rows(torch.zeros(n, dtype=torch.long, device=device))
     logits = logits.expand(n, -1)
 
     running = torch.zeros((n, steps), dtype=torch.long, device=device)  # generated tokens per beam
@@ -478,7 +437,7 @@ def _beam_search(model: PhiForCausalLM, tokenizer: Tokenizer, prompt: list[int],
         can_improve = can_improve and (not bool(done_flag.all()) or bool(best_running > done_scores.min()))
         if not can_improve or (bool(done_flag.all()) and early_stopping is True) or bool(ends.all()):
             break
-        cache.reorder(parent[go_on])
+        cache = cache.select_rows(parent[go_on])
         logits = model(running[:, step:step + 1], past_key_values=cache, use_cache=True).logits[:, -1]
 
     length = int(done_len[0])
@@ -486,26 +445,38 @@ def _beam_search(model: PhiForCausalLM, tokenizer: Tokenizer, prompt: list[int],
     reason = "length"
     if tokens and tokens[-1] in stop_ids:
         tokens, lps, reason = tokens[:-1], lps[:-1], "stop"
-    tracker = _TextTracker(tokenizer, stop)
+    detokenizer = Detokenizer(tokenizer, stop)
     kept = 0
     for tok in tokens:
-        tracker.push(tok)
+        detokenizer.push(tok)
         kept += 1
-        if tracker.stopped:
+        if detokenizer.stopped:
             reason = "stop"
             break
-    tracker.finish()
-    return Completion(tracker.text, tokens[:kept], lps[:kept] if return_logprobs else None, reason, len(prompt))
+    detokenizer.finish()
+    return Completion(detokenizer.text, tokens[:kept], lps[:kept] if return_logprobs else None, reason, len(prompt))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Public API
 
 
-def _check_embedded_prompts(rows: list, num_beams: int, prompt_lookup: int) -> None:
-    if rows and isinstance(rows[0], torch.Tensor) and (num_beams > 1 or prompt_lookup):
+def _prepare(model: PhiForCausalLM, tokenizer: Tokenizer, prompts, params: SamplingParams,
+             stop: Sequence[str] | str | None, stop_token_ids: Sequence[int] | None, num_beams: int, truncate: bool,
+             compile: bool, prompt_lookup: int) -> tuple[list, list[str], set[int]]:
+    """What complete() and stream_chunks() do before decoding: check the settings, encode the prompts, put the model
+    in inference mode. Returns (rows, stop strings, stop token ids)."""
+    check_prompt_lookup(prompt_lookup, params, num_beams, compile)
+    stop = _stop_list(stop)
+    prompts = [prompts] if isinstance(prompts, (str, torch.Tensor)) else prompts  # one prompt, not one per row
+    if not prompts:
+        raise ValueError("no prompts given: pass a string or a non-empty list of strings")
+    rows = encode_prompts(model, tokenizer, prompts, params.max_new_tokens, truncate)
+    if isinstance(rows[0], torch.Tensor) and (num_beams > 1 or prompt_lookup):
         raise ValueError("prompts given as input embeddings decode without beams or prompt lookup (both need the "
                          "prompt's token ids): drop num_beams/prompt_lookup, or pass text")
+    _prepare_model(model)
+    return rows, stop, _stop_ids(tokenizer, stop_token_ids)
 
 
 def complete(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str | list[int] | torch.Tensor],
@@ -521,15 +492,8 @@ def complete(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str 
     prompt_lookup=N (greedy only) guesses up to N tokens per step from earlier text that ends like the text so
     far and checks them in one pass: the same tokens, in fewer passes when the answer repeats its context."""
     params = _sampling_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    check_prompt_lookup(prompt_lookup, params, num_beams, compile)
-    stop = _stop_list(stop)
-    prompts = [prompts] if isinstance(prompts, (str, torch.Tensor)) else prompts  # one prompt, not one per row
-    if not prompts:
-        raise ValueError("no prompts given: pass a string or a non-empty list of strings")
-    rows = encode_prompts(model, tokenizer, prompts, max_new_tokens, truncate)
-    stop_ids = _stop_ids(tokenizer, stop_token_ids)
-    _check_embedded_prompts(rows, num_beams, prompt_lookup)
-    _prepare_model(model)
+    rows, stop, stop_ids = _prepare(model, tokenizer, prompts, params, stop, stop_token_ids, num_beams, truncate,
+                                    compile, prompt_lookup)
     if num_beams > 1:
         return [_beam_search(model, tokenizer, r, params, num_beams, stop, stop_ids, length_penalty, early_stopping,
                             return_logprobs) for r in rows]
@@ -578,16 +542,9 @@ def stream_chunks(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence
     if num_beams != 1:
         raise ValueError("beam search cannot stream (the best beam is known only at the end): use num_beams=1")
     params = _sampling_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    check_prompt_lookup(prompt_lookup, params, num_beams, compile)
-    stop = _stop_list(stop)
-    prompts = [prompts] if isinstance(prompts, (str, torch.Tensor)) else prompts  # one prompt, not one per row
-    if not prompts:
-        raise ValueError("no prompts given: pass a string or a non-empty list of strings")
-    rows = encode_prompts(model, tokenizer, prompts, max_new_tokens, truncate)
-    _check_embedded_prompts(rows, num_beams, prompt_lookup)
-    _prepare_model(model)
-    yield from _stream_rows(model, tokenizer, rows, params, stop, _stop_ids(tokenizer, stop_token_ids),
-                            return_logprobs, compile, prompt_lookup)
+    rows, stop, stop_ids = _prepare(model, tokenizer, prompts, params, stop, stop_token_ids, num_beams, truncate,
+                                    compile, prompt_lookup)
+    yield from _stream_rows(model, tokenizer, rows, params, stop, stop_ids, return_logprobs, compile, prompt_lookup)
 
 
 def stream(model: PhiForCausalLM, tokenizer: Tokenizer, prompt: str, **sampling) -> Iterator[str]:

@@ -32,18 +32,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..inference.decoding import _lookup_draft
-from ..model import KVCache, PhiForCausalLM
+from ..inference.decoding import DraftSize, _lookup_draft
+from ..inference.kv_cache import KVCache
+from ..model import PhiForCausalLM
 from ..inference.quant import prepare_cpu_linears
-from ..inference.sampling import SamplingParams, process_logits
+from ..inference.detokenizer import Detokenizer
+from ..inference.sampling import SamplingParams, process_logits, sample_next
 from ..tokenizer import Tokenizer
 
 log = logging.getLogger("phikit.serve")
 
 # Extra cache columns allocated when rows are merged, so the next steps append without reallocating.
 CACHE_HEADROOM = 128
-# Most predicted tokens a row checks in one step. A step that keeps none halves the row's next guess, one that
-# keeps all doubles it back: wrong predictions then cost little.
+# Most predicted tokens a row checks in one step (DraftSize adapts the number to how many it keeps).
 PREDICTION_DRAFT_TOKENS = 16
 
 
@@ -99,13 +100,15 @@ class Group:
 class Sequence:
     """One continuation being decoded: its tokens, its text, and how much of it was released."""
 
-    def __init__(self, group: Group, index: int, context: int) -> None:
+    def __init__(self, group: Group, index: int, context: int, tokenizer: Tokenizer) -> None:
         self.group = group
         self.index = index
         self.output_ids: list[int] = []  # generated tokens that are part of the text (stop tokens excluded)
         self.generated = 0  # all generated tokens, stop token included (usage counts it)
-        self.text = ""
-        self.released = 0  # characters of the visible text already sent
+        self.detokenizer = Detokenizer(tokenizer, group.stop)
+        self.skipped = 0  # leading whitespace dropped (strip "both")
+        self.sent = 0  # characters of the text sent, skipped ones included: where the held-back part begins
+        self.trailing = ""  # whitespace held back while it may turn out to be the end (strip)
         self.pending: list[tuple[int, TokenLogprob]] = []  # (raw text offset, logprob) not yet sent
         self.finish_reason: str | None = None
         self.max_new = min(group.params.max_new_tokens, context - len(group.prompt_ids))
@@ -115,7 +118,7 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(seed + index - group.first_index)
         self.counts: dict[int, int] = {}  # generated token counts, for presence/frequency penalties
         self.failure: str | None = None  # why sampling this row failed (its request gets an error)
-        self.guesses = PREDICTION_DRAFT_TOKENS  # predicted tokens to check next step
+        self.guesses = DraftSize(PREDICTION_DRAFT_TOKENS)  # predicted tokens to check next step
         self.accepted = self.rejected = 0  # predicted tokens kept and thrown away
         self.prediction_ids: list[int] | None = None  # the prediction's tokens, encoded at the first draft
 
@@ -154,32 +157,6 @@ def prediction_draft(prediction_ids: list[int], prediction_text: str, generated_
                 at += chars
                 return encode(prediction_text[at:at + 8 * max_tokens])[:max_tokens]
     return []
-
-
-def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Processed [B, V] logits -> [B] token ids (argmax when greedy).
-
-    Sampling inverts the cumulative distribution with one uniform number per row: the same distribution as
-    torch.multinomial, which on CPU draws one random number per vocabulary entry (~100 ms for a [16, 50k]
-    batch, many times a small model's whole decoding step).
-    """
-    if params.greedy:
-        return logits.argmax(-1)
-    cdf = logits.softmax(-1).cumsum(-1)
-    u = torch.rand((cdf.shape[0], 1), dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]
-    # The first token whose cumulative probability exceeds u; zero-probability tokens can never be it.
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
-
-
-def stop_prefix_length(text: str, stops: list[str]) -> int:
-    """Length of the longest end of `text` that could still grow into one of `stops` (held back from clients)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
 
 
 class Engine:
@@ -338,7 +315,7 @@ class Engine:
             tokens += len(g.prompt_ids)
         if not admitted:
             return
-        seqs = [Sequence(g, g.first_index + j, self.context) for g in admitted for j in range(g.n)]
+        seqs = [Sequence(g, g.first_index + j, self.context, self.tokenizer) for g in admitted for j in range(g.n)]
         with self._lock:
             self._queued -= len(admitted)
             self._active += len(seqs)
@@ -362,7 +339,7 @@ class Engine:
         cache, logits = out.past_key_values, out.logits[:, -1]
         if len(seqs) > len(admitted):  # n > 1: every continuation starts from its prompt's cache row
             index = torch.repeat_interleave(torch.arange(len(admitted)), torch.tensor([g.n for g in admitted]))
-            cache.reorder(index.to(logits.device))
+            cache = cache.select_rows(index.to(logits.device))
             mask, logits = mask[index], logits[index.to(logits.device)]
         tokens_next = self._sample(logits, seqs)
         self._merge(cache, mask, seqs, tokens_next)
@@ -399,11 +376,12 @@ class Engine:
         g = s.group
         if not g.prediction or not g.params.greedy or s.finished:
             return []
-        room = min(s.guesses, s.max_new - s.generated - 1, self.context - 1 - self._cache.length)
+        room = min(s.guesses.next, s.max_new - s.generated - 1, self.context - 1 - self._cache.length)
         if s.prediction_ids is None:
             s.prediction_ids = self.tokenizer.encode(g.prediction)[:self.context]
         # output_ids lacks only a stop token, after which the row has finished and drafts no more
-        return prediction_draft(s.prediction_ids, g.prediction, s.output_ids, s.text, self.tokenizer.encode, room)
+        return prediction_draft(s.prediction_ids, g.prediction, s.output_ids, s.detokenizer.text,
+                                self.tokenizer.encode, room)
 
     def _predicted_step(self, drafts: list[list[int]]) -> None:
         """One pass over each row's last token and its predicted tokens (rows without any feed padding after the
@@ -446,10 +424,7 @@ class Engine:
             if not alive:
                 break
         for i, (s, d) in enumerate(zip(self._running, drafts)):
-            if d:
-                taken = int(kept[i, 1:].sum())
-                s.guesses = max(1, s.guesses // 2) if taken == 0 else \
-                    min(PREDICTION_DRAFT_TOKENS, s.guesses * 2) if taken == len(d) else s.guesses
+            s.guesses.update(len(d), int(kept[i, 1:].sum()))
         self._mask = torch.cat([self._mask, kept], dim=1)
         self._last = last
         self._holes_possible = True
@@ -462,16 +437,8 @@ class Engine:
         """Right-align each row's real columns, dropping holes: the cache becomes as long as its longest row."""
         length = int(self._mask.sum(-1).max())
         order = torch.sort(self._mask.to(torch.int8), dim=1, stable=True).indices[:, -length:]  # real last
-        index = order.to(self.model.device)
-        for store in (self._cache.keys, self._cache.values):
-            for i, buf in enumerate(store):
-                gathered = buf[:, :, :self._cache.length].gather(
-                    2, index[:, None, :, None].expand(buf.shape[0], buf.shape[1], length, buf.shape[3]))
-                grown = buf.new_zeros(buf.shape[0], buf.shape[1], length + CACHE_HEADROOM, buf.shape[3])
-                grown[:, :, :length] = gathered
-                store[i] = grown
+        self._cache = self._cache.compact(order.to(self.model.device), CACHE_HEADROOM)
         self._mask = self._mask.gather(1, order)
-        self._cache.length = length
         self.compactions += 1
         self._holes_possible = False
 
@@ -480,49 +447,30 @@ class Engine:
         buffer under the mask (self._mask already has the new column). Returns [B, vocab] logits."""
         cache, device = self._cache, self.model.device
         length = cache.length
-        if cache.keys[0].shape[2] <= length:  # full: reallocate at the next power of two
-            capacity = 1 << length.bit_length()
-            for store in (cache.keys, cache.values):
-                for i, buf in enumerate(store):
-                    grown = buf.new_zeros(*buf.shape[:2], capacity, buf.shape[3])
-                    grown[:, :, :length] = buf[:, :, :length]
-                    store[i] = grown
-        capacity = cache.keys[0].shape[2]
-        key_mask = torch.zeros((self._mask.shape[0], 1, capacity), dtype=torch.bool)
+        if cache.capacity <= length:  # full: reallocate at the next power of two
+            cache.grow(1 << length.bit_length())
+        key_mask = torch.zeros((self._mask.shape[0], 1, cache.capacity), dtype=torch.bool)
         key_mask[:, 0, :length + 1] = self._mask
         positions = self._mask.sum(-1, keepdim=True) - 1  # real tokens before the new one, as in forward()
-        cache.write_index = torch.tensor([length], device=device)
+        cache.write_at(length)
         try:
-            logits = self._compiled_step(self._last[:, None].to(device), positions.to(device), key_mask.to(device),
-                                         cache)
+            return self._compiled_step(self._last[:, None].to(device), positions.to(device), key_mask.to(device),
+                                       cache)
         finally:
-            cache.write_index = None
-        cache.length = length + 1
-        return logits
+            cache.write_at(None)
 
     def _merge(self, cache: KVCache, mask: torch.Tensor, seqs: list[Sequence], last: torch.Tensor) -> None:
         """Append prefilled rows to the batch, right-aligning both caches on a common length."""
         if not self._running:
             self._cache, self._mask, self._running, self._last = cache, mask, list(seqs), last
             return
-        old = self._cache
-        old_len, new_len = old.length, cache.length
+        old_len, new_len = self._cache.length, cache.length
         length = max(old_len, new_len)
-        merged = KVCache(len(old.keys))
-        merged.length = length
         b_old = len(self._running)
-        for i in range(len(old.keys)):
-            for src_old, src_new, dest in ((old.keys[i], cache.keys[i], merged.keys),
-                                           (old.values[i], cache.values[i], merged.values)):
-                shape = (b_old + src_new.shape[0], src_old.shape[1], length + CACHE_HEADROOM, src_old.shape[3])
-                buf = src_old.new_zeros(shape)
-                buf[:b_old, :, length - old_len:length] = src_old[:, :, :old_len]
-                buf[b_old:, :, length - new_len:length] = src_new[:, :, :new_len]
-                dest[i] = buf
         full = torch.zeros((b_old + mask.shape[0], length), dtype=torch.bool)
         full[:b_old, length - old_len:] = self._mask
         full[b_old:, length - new_len:] = mask
-        self._cache, self._mask = merged, full
+        self._cache, self._mask = self._cache.merge(cache, CACHE_HEADROOM), full
         self._running += seqs
         self._last = torch.cat([self._last, last])
 
@@ -539,11 +487,7 @@ class Engine:
         index = torch.tensor(keep)
         mask = self._mask[index]
         lead = int(mask.any(0).to(torch.int8).argmax())  # padding columns no remaining row needs
-        dev_index = index.to(self.model.device)
-        for i in range(len(self._cache.keys)):
-            self._cache.keys[i] = self._cache.keys[i][:, :, lead:].index_select(0, dev_index)
-            self._cache.values[i] = self._cache.values[i][:, :, lead:].index_select(0, dev_index)
-        self._cache.length -= lead
+        self._cache = self._cache.select_rows(index.to(self.model.device), drop_front=lead)
         self._mask = mask[:, lead:]
         self._running = [self._running[i] for i in keep]
         self._last = self._last[index.to(self._last.device)]
@@ -577,7 +521,7 @@ class Engine:
                 else:
                     params = seqs[rows[0]].group.params
                     idx = torch.tensor(rows, device=logits.device)
-                    out[idx] = draw(process_logits(logits[idx], params, vocab_limit=self.vocab_limit), params)
+                    out[idx] = sample_next(process_logits(logits[idx], params, vocab_limit=self.vocab_limit), params)
             except RuntimeError as e:  # e.g. parameters that overflow to NaN: fail those requests, not the batch
                 for i in rows:
                     seqs[i].failure = f"sampling failed: {e}"
@@ -599,7 +543,7 @@ class Engine:
         if g.params.repetition_penalty != 1.0:
             seen = torch.tensor([g.prompt_ids + s.output_ids], device=row.device)
         processed = process_logits(row, g.params, seen, vocab_limit=self.vocab_limit)
-        return draw(processed, g.params, s.generator)
+        return sample_next(processed, g.params, s.generator)
 
     def _logprob(self, logits_row: torch.Tensor, token: int, k: int) -> TokenLogprob:
         """Log-probability under the model's own distribution (padding rows excluded)."""
@@ -618,56 +562,49 @@ class Engine:
             g = s.group
             s.generated += 1
             s.counts[tok] = s.counts.get(tok, 0) + 1
-            before = len(s.text)
             if s.failure:
                 s.finish_reason = "error"
                 self._emit(s, Event(index=s.index, finish_reason="error", error=s.failure,
                                     completion_tokens=s.generated))
                 continue
             if g.logprobs is not None:
-                s.pending.append((before, self._logprob(logits[i], tok, g.logprobs)))
+                s.pending.append((s.detokenizer.length, self._logprob(logits[i], tok, g.logprobs)))
+            text = ""
             if tok in g.stop_token_ids:
                 s.finish_reason = "stop"
             else:
                 s.output_ids.append(tok)
-                s.text = self.tokenizer.decode(s.output_ids)
-                # The answer ends at the earliest stop string: cutting at each in list order could keep the start
-                # of one that began before the match it cut at (stops "stand", "erst" in " understanding").
-                hits = [at for stop in g.stop if (at := s.text.find(stop, max(0, before - len(stop) - 4))) >= 0]
-                if hits:
-                    s.text = s.text[:min(hits)]
+                text = s.detokenizer.push(tok)
+                if s.detokenizer.stopped:
                     s.finish_reason = "stop"
             if not s.finished and s.generated >= s.max_new:
                 s.finish_reason = "length"
-            event = self._release(s)
+            event = self._release(s, text)
             if event.text or event.tokens or event.finish_reason:
                 self._emit(s, event)
 
-    def _release(self, s: Sequence) -> Event:
-        """The part of the text no later token can take back: not a possible stop-string start, not half a
-        character, and (when stripping) not trailing whitespace that may turn out to be the end."""
-        g, text = s.group, s.text
-        start = len(text) - len(text.lstrip()) if g.strip == "both" else 0
+    def _release(self, s: Sequence, text: str = "") -> Event:
+        """An event with the final text the detokenizer released, less (when stripping) leading whitespace and
+        trailing whitespace that may turn out to be the end, and the logprobs of the tokens behind it."""
+        g = s.group
         if s.finished:
-            end = len(text.rstrip()) if g.strip else len(text)
-        else:
-            end = len(text)
-            while end > start and text[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence
-                end -= 1
-            end -= stop_prefix_length(text[:end], g.stop)
-            if g.strip:
-                end = len(text[:end].rstrip())
-        end = max(end, start + s.released)
-        delta = text[start + s.released:end]
-        s.released = end - start
+            text += s.detokenizer.finish()
+        if g.strip == "both" and s.sent == s.skipped:  # nothing shown yet: leading whitespace goes
+            lead = len(text) - len(text.lstrip())
+            s.skipped, s.sent, text = s.skipped + lead, s.sent + lead, text[lead:]
+        if g.strip:
+            text = s.trailing + text
+            visible = text.rstrip()
+            s.trailing, text = "" if s.finished else text[len(visible):], visible
+        s.sent += len(text)
         tokens = []
         if s.pending:
-            ready = [(off, t) for off, t in s.pending if off < end]
-            s.pending = [] if s.finished else [(off, t) for off, t in s.pending if off >= end]
+            ready = [(off, t) for off, t in s.pending if off < s.sent]
+            s.pending = [] if s.finished else [(off, t) for off, t in s.pending if off >= s.sent]
             for off, t in ready:
-                t.offset = max(0, off - start)
+                t.offset = max(0, off - s.skipped)
                 tokens.append(t)
-        return Event(index=s.index, text=delta, tokens=tokens, finish_reason=s.finish_reason,
+        return Event(index=s.index, text=text, tokens=tokens, finish_reason=s.finish_reason,
                      completion_tokens=s.generated, accepted_prediction_tokens=s.accepted,
                      rejected_prediction_tokens=s.rejected)
 
