@@ -12,8 +12,6 @@ import math
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import PhiConfig
+from .files import check_output, staged_dir
 from .model import PhiForCausalLM, RotaryEmbedding
 from .tokenizer import Tokenizer, build_phi_tokenizer
 
@@ -305,19 +304,19 @@ def load(path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
 
 def save(model: PhiForCausalLM, tokenizer: Tokenizer | None, directory: str | os.PathLike,
          max_shard_bytes: int = 5 * 2**30, dtype: str | torch.dtype | None = None) -> Path:
-    """Write the HF-native layout atomically: a temp dir renamed into place, so a crash leaves nothing half-written."""
+    """Write the HF-native layout whole or not at all (staged beside `directory`, then moved into place). An
+    existing model directory there is replaced; any other non-empty directory is refused."""
     directory = Path(directory)
     if getattr(model, "quantized", None):
         raise ValueError("cannot save a quantized model in the HF layout: save the unquantized weights instead")
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} is a file: save into a directory (a .gguf file is `--to gguf`)")
+    check_output(directory, "model")  # before the seconds of gathering the weights
     torch_dtype = parse_dtype(dtype)
     config = model.config
     state = {k: v.detach().to("cpu", torch_dtype or v.dtype).contiguous()
              for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_dir(directory, "model") as tmp:
         hf = config.to_hf_dict()
         hf["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
@@ -328,29 +327,7 @@ def save(model: PhiForCausalLM, tokenizer: Tokenizer | None, directory: str | os
         _write_weights(state, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp, model_max_length=config.max_position_embeddings)
-        _apply_umask(tmp)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
-
-
-def _apply_umask(directory: Path) -> None:
-    """Give the saved files the permissions of any file the user creates: mkdtemp makes the directory private
-    (0700) and safetensors writes 0600 files, which other users of a shared machine could not load."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for file in directory.iterdir():
-        file.chmod(0o666 & ~umask)
 
 
 def _write_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:

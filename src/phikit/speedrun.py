@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from .files import write_text_atomic
+from .files import write_json, write_text_atomic
 
 EVAL_KINDS = ("arithmetic_easy", "arithmetic", "word_problem", "python")
 STAGES = ("data", "tokenizer", "pack", "pretrain", "sft", "eval", "ablation", "report")
@@ -110,9 +110,7 @@ class Speedrun:
         marker = self.path("stages", f"{stage}.json")
         marker.parent.mkdir(parents=True, exist_ok=True)
         record = {"stage": stage, "seconds": round(seconds, 1), **result}
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, marker)
+        write_json(marker, record)
         return record
 
     def run(self) -> dict:

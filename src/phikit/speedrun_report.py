@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .files import staged_file, write_text_atomic
+
 METRIC_NAMES = {
     "arithmetic_easy_accuracy": "held-out easy arithmetic accuracy (numbers to 10, 1-2 operations)",
     "arithmetic_easy_1op_accuracy": "&nbsp;&nbsp;one operation",
@@ -45,10 +47,9 @@ def plot_losses(run_dirs: dict[str, Path], out_png: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with staged_file(out_png) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, out_png)
     return out_png
 
 
@@ -163,7 +164,5 @@ def write_report(out: Path, results: dict[str, dict], minutes: float, elapsed: f
               f"phikit generate --model {out / 'model-base'} --prompt 'Question: What is 12 + 7?' --format code",
               "```", ""]
     report = out / "report.md"
-    tmp = report.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, report)
+    write_text_atomic(report, "\n".join(lines))
     return report

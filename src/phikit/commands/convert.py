@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -12,21 +11,23 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="output format (default: gguf when DST ends in .gguf, else hf)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "q8_0", "q4_0"], default=None,
                    help="weight type to write (default: as stored; gguf default fp16; q8_0/q4_0 for gguf only)")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists (default: refuse)")
+    p.add_argument("--force", action="store_true",
+                   help="replace DST when it is an earlier output (a model directory, a GGUF file); anything else "
+                        "there is always refused")
     p.epilog = ("examples:\n  phikit convert ~/phi-1_5-mixformer ./phi-1_5-hf\n"
                 "  phikit convert microsoft/phi-2 ./phi-2.gguf --to gguf --dtype fp16")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import DTYPES, describe, load, save
+    from ..files import check_output
     to = args.to or ("gguf" if args.dst.endswith(".gguf") else "hf")
     quantized = args.dtype in ("q8_0", "q4_0")
     if quantized and to != "gguf":
         raise ValueError(f"--dtype {args.dtype} exists only in GGUF files: add --to gguf or pick fp32/bf16/fp16")
-    # Checked before minutes of loading; save and export_gguf write to a temporary name, so a failure leaves
-    # DST as it was.
-    if Path(args.dst).exists() and not args.force:
-        raise ValueError(f"{args.dst} already exists: pick another output or pass --force to replace it")
+    # Checked before minutes of loading: only an earlier output of the same kind is ever replaced (with --force),
+    # and the output is staged beside DST, so a failure leaves DST as it was.
+    check_output(args.dst, "gguf" if to == "gguf" else "model", force=args.force, inputs=[args.src])
     info = describe(args.src)
     stored = info["dtype"].split(",")
     # As stored when the weights share one dtype; mixed ones (fp16 weights with fp32 norms) keep fp32, losing nothing.

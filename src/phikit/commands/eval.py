@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from ..files import check_output
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory or HF repo id (not needed with --samples)")
@@ -54,6 +56,12 @@ def _check_args(args: argparse.Namespace) -> None:
                              "path") from e
         if not os.access(parent, os.W_OK):
             raise ValueError(f"the --output directory {parent} is not writable: choose a writable path")
+        if not args.harness_tasks:  # lm-eval names its own files inside --output_path
+            output = Path(args.output).expanduser()
+            check_output(output, "eval-results")  # a directory or someone's file there is refused, not replaced
+            check_output(output.with_suffix(".md"), "eval-report")
+    if args.samples:
+        check_output(str(args.samples) + "_results.jsonl", "code-results", inputs=[args.samples])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,10 +20,10 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load, save
     from ..tokenizer import Tokenizer
     from ..train.chat_data import add_chatml_tokens
-    from ..train.checkpointing import check_model_output
+    from ..files import check_output
     from ..train.lora import load_adapter, merge_adapter
 
-    check_model_output(args.out, [args.model, args.adapter])  # before the minutes of loading
+    check_output(args.out, "model", inputs=[args.model, args.adapter])  # before the minutes of loading
     model, tokenizer = load(args.model)
     run_tokenizer = Path(args.tokenizer) if args.tokenizer else Path(args.adapter).parent / "tokenizer.json"
     if args.tokenizer and not run_tokenizer.exists():

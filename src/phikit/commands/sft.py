@@ -15,8 +15,10 @@ def add_finetune_arguments(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--val-data", help="held-out file for validation loss (default: --val-fraction of --data)")
     p.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
     p.add_argument("--out", dest="out_dir", default=defaults.out_dir,
-                   help=f"run directory (default {defaults.out_dir})")
-    p.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per item")
+                   help=f"run directory (default {defaults.out_dir}); new, empty, or an earlier run's")
+    longest = f", at most {defaults.longest_default}" if defaults.longest_default else ""
+    p.add_argument("--max-length", type=int, default=defaults.max_length,
+                   help=f"tokens per item (default: the model's context{longest})")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per optimizer step")
     p.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size,
                    help="per forward/backward; gradient accumulation makes up the batch")

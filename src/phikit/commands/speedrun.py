@@ -31,14 +31,13 @@ def run(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
-    from ..cli import CLIError
     from ..speedrun import Speedrun
+    from ..files import check_output
     out = Path(args.out)
+    # --out . or --out ~ must not fill (or, with --fresh, delete) someone's work: only a speedrun's own directory
+    # is resumed or started over.
+    check_output(out, "speedrun", force=True)
     if args.fresh and out.exists():
-        # --out . or --out ~ with --fresh must not delete someone's work: only a speedrun's own directory goes.
-        if not (out / "speedrun.json").is_file() and any(out.iterdir()):
-            raise CLIError(f"--fresh would delete {out}, which is not a speedrun directory (no speedrun.json): "
-                           f"choose another --out, or remove it yourself")
         shutil.rmtree(out)
     run = Speedrun(out=args.out, minutes=args.minutes, preset=args.preset, teacher_url=args.teacher_url,
                    teacher_model=args.teacher_model, ablation=args.ablation, seed=args.seed)

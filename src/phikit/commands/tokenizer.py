@@ -48,14 +48,17 @@ def _texts(files: Sequence[str], text_field: str, on_error: str, seen: list[int]
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..files import check_output
     from ..tokenizer import Tokenizer, build_phi_tokenizer, train_bpe
     if args.action == "build-phi":
+        check_output(args.dst, "tokenizer")  # new, empty, or a tokenizer directory: nothing else is written over
         tok = build_phi_tokenizer()
         if args.chatml:
             tok.add_chatml()
         tok.save(args.dst)
         print(f"wrote the phi tokenizer ({len(tok)} tokens) to {args.dst}")
     elif args.action == "train":
+        check_output(args.output, "tokenizer", inputs=args.files)
         seen = [0]
         tok = train_bpe(_texts(args.files, args.text_field, args.on_error, seen), args.vocab_size, args.min_frequency,
                         split_digits=args.split_digits)

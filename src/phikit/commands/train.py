@@ -27,9 +27,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.export:
-        from ..train.checkpointing import check_model_output, export_checkpoint
+        from ..files import check_output
+        from ..train.checkpointing import export_checkpoint
 
-        check_model_output(args.export[1], [args.export[0]])
+        check_output(args.export[1], "model", inputs=[args.export[0]])
         out = export_checkpoint(*args.export)
         print(f"exported {args.export[0]} to {out}")
         return 0

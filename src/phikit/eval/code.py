@@ -154,7 +154,7 @@ def score_samples(samples_file: str | Path, problems: dict[str, dict] | None = N
                            timeout)
     out_path = Path(str(samples_file) + "_results.jsonl")
     write_text_atomic(out_path, "".join(json.dumps({**s, "result": official_result(r), "passed": r.passed}) + "\n"
-                                        for s, r in zip(samples, results)))
+                                        for s, r in zip(samples, results)), "code-results")
     return summarize([s["task_id"] for s in samples], [r.passed for r in results], ks), out_path
 
 

@@ -71,8 +71,8 @@ def write_report(results: dict, output: str | Path) -> tuple[Path, Path]:
         if table:
             md += f"\n## Beside the phi-1.5 report (Tables 2-4)\n\n{table}\n"
     md_path = output.with_suffix(".md")
-    write_text_atomic(output, json.dumps(_finite(results), indent=1) + "\n")
-    write_text_atomic(md_path, md)
+    write_text_atomic(output, json.dumps(_finite(results), indent=1) + "\n", "eval-results")
+    write_text_atomic(md_path, md, "eval-report")
     return output, md_path
 
 

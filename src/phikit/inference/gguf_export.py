@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..files import check_output, move_into_place, staging_path
 from ..model import PhiForCausalLM
 from ..tokenizer import Tokenizer
 
@@ -79,12 +80,12 @@ def export_gguf(model: PhiForCausalLM, tokenizer: Tokenizer, path: str | os.Path
     path = Path(path)
     if path.suffix != ".gguf":
         raise ValueError(f"GGUF output {path} should end in .gguf")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_output(path, "gguf")
     cfg = model.config
     arch = gguf.MODEL_ARCH.PHI2
     names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
 
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = staging_path(path)
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(path.stem)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -132,7 +133,7 @@ def export_gguf(model: PhiForCausalLM, tokenizer: Tokenizer, path: str | os.Path
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
+        move_into_place(tmp, path, "gguf")
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from ..files import move_into_place
 from .distributed import DistEnv, barrier, broadcast_object
 
 MANIFEST = "manifest.json"
@@ -97,9 +97,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
-        if final.exists():  # a re-run of the same step replaces it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        move_into_place(tmp, final, "checkpoint")  # a re-run of the same step replaces it
         for old in list_checkpoints(run_dir)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(env)
@@ -143,20 +141,6 @@ def load_model_weights(path: Path, model) -> None:
     with _quiet():
         dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     model.load_state_dict(state["model"])
-
-
-def check_model_output(out_dir: str | Path, sources: list[str | Path]) -> None:
-    """Refuse an output directory whose replacement would destroy something: `phikit.save` swaps the whole
-    directory, so a run directory (or any other non-model directory), or one holding an input, must not be it.
-    An earlier exported model (it has config.json) is fine to replace."""
-    out = Path(out_dir).resolve()
-    for src in map(Path, sources):
-        if src.exists() and (src.resolve() == out or out in src.resolve().parents):
-            raise ValueError(f"output {out_dir} holds the input {src}: writing there would delete it; "
-                             "choose another output directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise ValueError(f"output {out_dir} exists and is not a model directory (it would be replaced whole): "
-                         "choose a new or empty output directory")
 
 
 def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:

@@ -32,8 +32,9 @@ from tqdm import tqdm
 from ..tokenizer import IM_END, Tokenizer
 from .chat_data import (IGNORE_INDEX, BadExample, DataReport, Example, _message, check_policies, collate_padded,
                         handle_bad, render_chatml, tokenize_text_with_spans)
+from ..files import write_json
 from .sft import (FineTuneConfig, check_run_dir, export_result, load_base, prepare_policy, split_validation,
-                  train_config, write_json)
+                  train_config)
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo")
 REFERENCE_MODES = ("copy", "precompute", "adapter")
@@ -321,7 +322,8 @@ def preference_accuracy(model, pairs: Sequence[PairExample], pad_id: int, batch_
 class DPOConfig(FineTuneConfig):
     """The fields of FineTuneConfig (model: usually the SFT'd checkpoint; data: preference pairs), plus DPO's."""
     out_dir: str = "runs/dpo"
-    max_length: int = 1024          # tokens of prompt + answer
+    max_length: int = 0             # tokens of prompt + answer; 0: the model's context, at most 1024
+    longest_default: ClassVar[int | None] = 1024
     micro_batch_size: int = 4
     beta: float = 0.1
     loss_type: str = "sigmoid"      # sigmoid | robust | ipo

@@ -24,9 +24,7 @@ checkpoints, metrics, the progress bar and the final report.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import signal
 import time
 import warnings
@@ -39,6 +37,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from ..files import write_json, write_text_atomic
 from . import checkpointing, distributed, report
 from .config import TrainConfig
 from .distributed import DistEnv
@@ -314,7 +313,7 @@ class Trainer:
         if resume and not resumed and env.is_main:  # the first run of a job that always passes --resume
             tqdm.write(f"no checkpoint in {self.run_dir / 'checkpoints'} yet: starting a new run")
         if env.is_main:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log = report.MetricsLog(self.run_dir, env.is_main, cfg.tensorboard, self.step if resumed else None)
         seq_len = cfg.seq_len
         flops_per_token = self.config.flops_per_token(seq_len) if hasattr(self.config, "flops_per_token") else 0.0
@@ -373,8 +372,6 @@ class Trainer:
                    "parameters": sum(p.numel() for p in distributed.unwrap(self.model).parameters()),
                    **self.summary_extra}
         if env.is_main:
-            tmp = self.run_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
-            os.replace(tmp, self.run_dir / "summary.json")
+            write_json(self.run_dir / "summary.json", summary)
             report.write_report(self.run_dir, summary, cfg.to_dict())
         return summary

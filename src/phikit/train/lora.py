@@ -3,12 +3,12 @@ adapter saved here also loads onto transformers' model with `peft.PeftModel.from
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from ..files import staged_dir
 
 # Attention projections and the MLP of every block.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
@@ -66,20 +66,12 @@ def is_lora(model) -> bool:
 
 
 def save_adapter(model, directory: str | os.PathLike) -> Path:
-    """adapter_config.json + adapter_model.safetensors in peft's format, written to a temp dir then renamed."""
+    """adapter_config.json + adapter_model.safetensors in peft's format, whole or not at all; an existing adapter
+    directory there is replaced, anything else refused."""
     if not is_lora(model):
         raise ValueError("model has no LoRA adapter to save: apply_lora first, or save the full model")
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_dir(directory, "adapter") as tmp:
         model.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..files import check_output
 from ..model import build_model
 from . import checkpointing, distributed
 from .config import TrainConfig
@@ -16,6 +17,7 @@ META_INIT_PARAMETERS = 100_000_000  # FSDP runs above this size never hold a ful
 
 def run_pretraining(cfg: TrainConfig, resume: bool = False, export: bool = True) -> dict[str, Any]:
     """Check everything that can be checked, build model and data, train, report, export the final model."""
+    check_output(cfg.out_dir, "run")  # a directory of the user's own files is not a run directory to write into
     env = distributed.init_distributed(cfg.device)
     try:
         cfg.grad_accum(env.world_size)  # an impossible batch split fails here, before any compute

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..files import staged_file, write_text_atomic
 
 # Dense peak FLOP/s of common accelerators (bf16/fp16 tensor cores; fp32 is measured instead).
 GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
@@ -53,9 +54,7 @@ class MetricsLog:
             # Drop what the interrupted run logged after the checkpoint: those steps are about to be redone.
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self.file = open(self.path, "a")
@@ -106,10 +105,9 @@ def plot_losses(records: list[dict[str, Any]], out: Path, baseline: float | None
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with staged_file(out) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 def write_report(run_dir: Path, summary: dict[str, Any], config: dict[str, Any]) -> Path:
@@ -146,7 +144,5 @@ def write_report(run_dir: Path, summary: dict[str, Any], config: dict[str, Any])
         lines += [f"| {r['step']} | {r['val_loss']:.4f} | {fmt(r.get('val_bpb'))} |" for r in evals]
         lines.append("")
     out = Path(run_dir) / "report.md"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, out)
+    write_text_atomic(out, "\n".join(lines))
     return out

@@ -10,7 +10,6 @@ The result is RUN/model (phikit.save layout), or RUN/adapter (peft) and, by defa
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..files import write_text_atomic
+from ..files import check_output, write_json
 from .chat_data import (IGNORE_INDEX, Example, add_chatml_tokens, build_sft_examples, collate_packed,
                         collate_padded, pack_examples, read_records)
 
@@ -35,7 +34,7 @@ class FineTuneConfig:
     val_data: str | None = None     # held-out file; else val_fraction of data
     val_fraction: float = 0.0
     out_dir: str = "runs/sft"
-    max_length: int = 2048          # tokens per row
+    max_length: int = 0             # tokens per row; 0: the model's context (capped at longest_default)
     batch_size: int = 8             # rows (SFT) or pairs (DPO) per optimizer step
     micro_batch_size: int = 8       # per forward/backward (gradient accumulation makes up the rest)
     epochs: float = 1.0             # used when max_steps is 0
@@ -60,6 +59,7 @@ class FineTuneConfig:
     seed: int = 0
     tensorboard: bool = False
 
+    longest_default: ClassVar[int | None] = None  # max_length 0 means min(the model's context, this)
     full_lr: ClassVar[float] = 2e-5  # the learning rate when lr is 0, for full fine-tuning
     lora_lr: ClassVar[float] = 2e-4  # ... and with LoRA
 
@@ -69,9 +69,17 @@ class FineTuneConfig:
     def check(self) -> "FineTuneConfig":
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}")
-        for name in ("max_length", "batch_size", "micro_batch_size"):
+        for name in ("batch_size", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_length < 0:
+            raise ValueError(f"max_length must be at least 1 (or 0 for the model's context), got {self.max_length}")
+        for flag, path in (("--data", self.data), ("--val-data", self.val_data)):
+            # Checked before the model loads: a directory or a typo should not cost a minute of loading first.
+            if path and Path(path).is_dir():
+                raise ValueError(f"{flag} {path} is a directory: pass a .jsonl, .json or .parquet file")
+            if path and not Path(path).exists():
+                raise FileNotFoundError(f"{flag} {path} does not exist: pass a .jsonl, .json or .parquet file")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
                              f"{self.micro_batch_size}: change one of them")
@@ -211,13 +219,10 @@ def check_run_dir(run_dir: str | Path, resume: bool) -> None:
     """Refuse a run directory that holds another run's checkpoints unless resuming, before anything is loaded or
     written into it (its config, data report and tokenizer must not be replaced by a run that then stops)."""
     from .checkpointing import list_checkpoints
+    check_output(run_dir, "run")  # a directory of the user's own files is not a run directory to write into
     if not resume and list_checkpoints(run_dir):
         raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
                          "or choose another --out")
-
-
-def write_json(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def prepare_policy(model, tokenizer, cfg) -> tuple[Any, list[int]]:
@@ -226,6 +231,8 @@ def prepare_policy(model, tokenizer, cfg) -> tuple[Any, list[int]]:
     # Python process seeds at random: without this, two runs with the same --seed train different adapters.
     torch.manual_seed(cfg.seed)
     context = model.config.max_position_embeddings
+    if not cfg.max_length:
+        cfg.max_length = min(context, cfg.longest_default or context)
     if cfg.max_length > context:  # packed rows reach max_length tokens: the first step would fail, minutes in
         raise ValueError(f"--max-length {cfg.max_length} exceeds the model's context of {context} tokens: "
                          f"pass --max-length {context} or less")
