@@ -213,10 +213,17 @@ def test_convert_refuses_to_overwrite_and_writes_gguf_for_a_gguf_name(tiny_phi_c
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "notes.md").write_text("mine")
-    assert cli_main(["convert", str(tiny_phi_checkpoint), str(dst)]) == 2
-    assert "--force" in capsys.readouterr().err and (dst / "notes.md").read_text() == "mine"
-    assert cli_main(["convert", str(tiny_phi_checkpoint), str(dst), "--force"]) == 0
-    assert (dst / "model.safetensors").exists() and not (dst / "notes.md").exists()
+    # A directory of someone's files is never replaced, --force or not.
+    for force in ([], ["--force"]):
+        assert cli_main(["convert", str(tiny_phi_checkpoint), str(dst), *force]) == 2
+        assert "is not a model directory" in capsys.readouterr().err and (dst / "notes.md").read_text() == "mine"
+    # An earlier converted model is replaced only with --force.
+    model_dir = tmp_path / "model"
+    assert cli_main(["convert", str(tiny_phi_checkpoint), str(model_dir)]) == 0
+    assert cli_main(["convert", str(tiny_phi_checkpoint), str(model_dir)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert cli_main(["convert", str(tiny_phi_checkpoint), str(model_dir), "--force"]) == 0
+    assert (model_dir / "model.safetensors").exists() and not list(tmp_path.glob(".model.*"))
     # A .gguf name means GGUF: a file llama.cpp's own reader opens, not a directory called x.gguf.
     out = tmp_path / "tiny.gguf"
     assert cli_main(["convert", str(tiny_phi_checkpoint), str(out), "--dtype", "fp32"]) == 0

@@ -61,6 +61,9 @@ KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
 }
 
 
+FILE_KINDS = {"gguf", "eval-results", "eval-report", "code-results", "file"}
+
+
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
@@ -89,22 +92,23 @@ def check_output(path: str | os.PathLike, kind: str, *, force: bool = True, flag
     True: rewriting their own output is their job), else refused naming `flag`; anything else is always refused.
     An output that is, or holds, one of `inputs` is refused too. Run it before the long work starts."""
     given = str(path)
+    noun = "file" if kind in FILE_KINDS else "directory"
     path = Path(path).expanduser()
     out = path.resolve()
     for src in map(Path, inputs):
         src = src.expanduser()
         if src.exists() and (src.resolve() == out or out in src.resolve().parents):
             raise ValueError(f"output {given} holds the input {src}: writing there would destroy it; choose "
-                             "another output")
+                             f"another output {noun}")
     _check_writable(out.parent, given)
     if not path.exists() and not path.is_symlink() or _is_empty_dir(path):
         return path
     label = KINDS[kind][0]
     if not is_output(path, kind):
         raise ValueError(f"{given} exists and is not {label} ({_contents(path)}): phikit replaces only its own "
-                         "outputs; choose another output, or move it away yourself")
+                         f"outputs; choose another output {noun}, or move it away yourself")
     if not force:
-        raise ValueError(f"{given} already holds {label}: pass {flag} to replace it, or choose another output")
+        raise ValueError(f"{given} already holds {label}: pass {flag} to replace it, or choose another output {noun}")
     return path
 
 
