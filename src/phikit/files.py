@@ -101,6 +101,9 @@ def check_output(path: str | os.PathLike, kind: str, *, force: bool = True, flag
             raise ValueError(f"output {given} holds the input {src}: writing there would destroy it; choose "
                              f"another output {noun}")
     _check_writable(out.parent, given)
+    if noun == "file" and path.is_dir():
+        raise ValueError(f"{given} is a directory: give a file name for the output (e.g. {given.rstrip('/')}/"
+                         f"results{'.gguf' if kind == 'gguf' else '.json'})")
     if not path.exists() and not path.is_symlink() or _is_empty_dir(path):
         return path
     label = KINDS[kind][0]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .generate import add_model_arguments, add_sampling_arguments, answer_deltas, load_model, sampling_kwargs
@@ -10,6 +11,7 @@ HELP = """commands:
   /reset           forget the conversation (keeps the system message)
   /system TEXT     set the system message (and reset)
   /exit, /quit     leave (Ctrl-D or Ctrl-C at the prompt work too; Ctrl-C during an answer stops it)
+  //TEXT           send a message that starts with / (as /TEXT)
   a line ending in \\ continues on the next line; a line of three double quotes starts or ends a block
   (Ctrl-C on a continued line or in a block drops what was typed there)"""
 
@@ -115,6 +117,11 @@ def run(args: argparse.Namespace) -> int:
             history = []
             print(f"(system message {'set' if system else 'cleared'}; conversation reset)")
             continue
+        if re.match(r"/[A-Za-z]\w*$", command.split(maxsplit=1)[0]):  # a mistyped command is not a message
+            print(f"unknown command {command.split(maxsplit=1)[0]}, see /help", file=sys.stderr)
+            continue
+        if text.lstrip().startswith("//"):
+            text = text.lstrip()[1:]
         messages = ([{"role": "system", "content": system}] if system else []) + history
         messages.append({"role": "user", "content": text})
         try:

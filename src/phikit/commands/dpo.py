@@ -7,7 +7,7 @@ from .sft import add_finetune_arguments, run_finetune
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from ..train.dpo import LOSS_TYPES, REFERENCE_MODES, DPOConfig
+    from ..train.finetune_config import LOSS_TYPES, REFERENCE_MODES, DPOConfig
     defaults = DPOConfig()
     add_finetune_arguments(p, defaults)
     p.add_argument("--beta", type=float, default=defaults.beta, help="strength of the pull to the reference")

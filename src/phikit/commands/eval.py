@@ -104,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
                              "it, or lm-eval with the task's extra (e.g. pip install 'lm-eval[ifeval]')") from e
     import phikit
     from ..eval.report import markdown_table, write_report
-    from ..eval.runner import evaluate, expand_tasks
-    expand_tasks(args.tasks)  # bad task names fail before the model loads
+    from ..eval.runner import check_task_data, evaluate
+    # Bad task names and bad task files fail before the model loads.
+    check_task_data(args.tasks, args.data_dir, args.limit, args.num_fewshot)
     model, tokenizer = phikit.load(args.model, device=args.device, dtype=args.dtype)
     results = evaluate(model, tokenizer, args.tasks, data_dir=args.data_dir, limit=args.limit,
                        num_fewshot=args.num_fewshot, batch_tokens=args.batch_tokens, text_files=args.text_files,

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..inference.quant import MODES
+from ..cli import choice_of
 
 FORMAT_CHOICES = ["raw", "code", "qa", "instruct", "chat", "chatml"]
 
@@ -18,7 +18,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="weight dtype (default: fp32 on the CPU, the checkpoint's own on a GPU)")
-    p.add_argument("--quantize", choices=MODES, default=None,
+    p.add_argument("--quantize", type=choice_of("phikit.inference.quant", "MODES"), default=None, metavar="MODE",
                    help="int8 weights (on the CPU: fbgemm kernel, ~4x fp32 decode speed), int8-weight-only, int4")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile: the first call per batch size and length bucket compiles "
@@ -125,8 +125,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         path = args.prompts_file
         if str(path) == "-":
             text = sys.stdin.read().removeprefix("\ufeff")
-        elif not path.is_file():
-            raise FileNotFoundError(f"prompts file {path} does not exist (or is not a file)")
+        elif path.is_dir():
+            raise ValueError(f"prompts file {path} is a directory: give a .jsonl or text file of prompts")
+        elif not path.exists():
+            raise FileNotFoundError(f"prompts file {path} does not exist: give a .jsonl or text file of prompts")
         else:
             try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt
                 text = path.read_text(encoding="utf-8-sig")
@@ -140,14 +142,22 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             for n, line in enumerate(lines, 1):
                 if line.strip():
                     try:
-                        prompt = json.loads(line)["prompt"]
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(f"{path}:{n} is not a JSON object with a 'prompt' field") from e
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno}): one object "
+                                         "per line, as {\"prompt\": \"...\"}") from e
+                    if not isinstance(record, dict) or "prompt" not in record:
+                        raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt' field, as "
+                                         "{\"prompt\": \"...\"}")
+                    prompt = record["prompt"]
                     if not isinstance(prompt, str):  # a list would be taken for token ids, a number fails later
                         raise ValueError(f"{path}:{n}: 'prompt' must be a string, got {type(prompt).__name__}")
                     prompts.append(prompt)
         else:
             prompts += [line.replace("\\n", "\n") for line in lines if line.strip()]
+        if len(prompts) == len(args.prompt):
+            raise ValueError(f"prompts file {path} holds no prompts: write one per line (or, in .jsonl, one "
+                             "{\"prompt\": ...} object per line)")
     if not prompts:
         raise ValueError("no prompt given: pass --prompt TEXT or --prompts-file FILE")
     return prompts

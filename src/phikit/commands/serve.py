@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-from ..inference.quant import MODES
+from ..cli import choice_of
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="weight dtype (default: fp32 on CPU, the checkpoint's dtype on GPU)")
-    p.add_argument("--quantize", choices=MODES, default=None, help="int8, int8-weight-only or int4 weights")
+    p.add_argument("--quantize", type=choice_of("phikit.inference.quant", "MODES"), default=None, metavar="MODE",
+                   help="int8, int8-weight-only or int4 weights")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile: pays on GPUs and small models; the first requests of each "
                         "new batch shape wait for compiling (tens of seconds on a CPU)")

@@ -70,7 +70,7 @@ def run_finetune(args: argparse.Namespace, config_cls, run_fn) -> int:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from ..train.sft import SFTConfig
+    from ..train.finetune_config import SFTConfig
     add_finetune_arguments(p, SFTConfig())
     p.add_argument("--no-packing", dest="packing", action="store_false",
                    help="one conversation per row, padded (default: pack short ones; attention never crosses)")

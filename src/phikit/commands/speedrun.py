@@ -5,11 +5,11 @@ import argparse
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from ..speedrun import PRESETS
+    from ..cli import choice_of
     p.add_argument("--minutes", type=float, default=10.0,
                    help="time budget; pretraining and SFT steps are sized to fit it (default 10)")
     p.add_argument("--out", default="runs/speedrun", help="run directory (default runs/speedrun)")
-    p.add_argument("--preset", default="cpu-tiny", choices=list(PRESETS),
+    p.add_argument("--preset", default="cpu-tiny", type=choice_of("phikit.speedrun", "PRESETS"), metavar="NAME",
                    help="scale: micro (a one-minute smoke test), cpu-tiny (laptop CPU, default), gpu-small, "
                         "phi-1_5 (see docs/speedrun.md)")
     p.add_argument("--teacher-url", default=None,

@@ -14,9 +14,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..files import write_text_atomic
+from ..progress import tqdm
 from .data import load_split
 from .sandbox import SandboxPool, SandboxResult
 

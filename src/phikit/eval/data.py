@@ -14,17 +14,40 @@ from typing import Sequence
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-def _read_file(path: Path) -> list[dict]:
+class Record(dict):
+    """A task record that knows where it came from (`FILE:LINE`, or `FILE row N`), for messages about it."""
+    where: str = "a record"
+
+
+def _record(value, where: str) -> Record:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a JSON object (a record with the task's fields), got "
+                         f"{type(value).__name__}")
+    rec = Record(value)
+    rec.where = where
+    return rec
+
+
+def _read_file(path: Path) -> list[Record]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
+        return [_record(r, f"{path} row {i}") for i, r in enumerate(pq.read_table(path).to_pylist(), 1)]
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
-    try:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON Lines ({e}): one JSON object per line is expected") from e
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}): fix the file") from e
+        return [_record(r, f"{path} record {i}") for i, r in enumerate(rows, 1)]
+    records = []
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                records.append(_record(json.loads(line), f"{path}:{line_no}"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg}): one JSON object per line is "
+                                 "expected") from e
+    return records
 
 
 def split_files(directory: Path, split: str) -> list[Path]:
@@ -46,7 +69,11 @@ def load_split(data_dir: str | Path | None, dir_names: Sequence[str], split: str
     for name in dir_names:
         files = split_files(root / name, split)
         if files:
-            return [r for f in files for r in _read_file(f)]
+            records = [r for f in files for r in _read_file(f)]
+            if not records:  # scoring nothing would report n=0 and acc nan as if it were a result
+                raise ValueError(f"{task}: {', '.join(map(str, files))} holds no records: export {source} split "
+                                 f"'{split}' there")
+            return records
     tried = ", ".join(f"{root / n}/{split}.jsonl" for n in dir_names[:2])
     raise FileNotFoundError(f"{task}: no {split} split found (looked for {tried} and .json/.parquet/sharded "
                             f"variants): export {source} split '{split}' there")

@@ -13,8 +13,8 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
+from ..progress import tqdm
 from .data import load_split
 from .sandbox import SandboxPool
 

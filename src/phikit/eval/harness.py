@@ -15,8 +15,8 @@ import sys
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
-from tqdm.auto import tqdm
 
+from ..progress import tqdm
 from .scoring import LogLikelihoodScorer, encode_pair, rolling_windows
 
 

@@ -71,7 +71,10 @@ def _mmlu_text(doc: dict) -> str:
 
 
 def _label_index(doc: dict) -> int:
-    return doc["choices"]["label"].index(doc["answerKey"].lstrip())
+    labels, key = list(doc["choices"]["label"]), str(doc["answerKey"]).lstrip()
+    if key not in labels:
+        raise ValueError(f"answerKey {key!r} is not one of the choice labels {labels}")
+    return labels.index(key)
 
 
 TASKS: dict[str, MCTask] = {t.name: t for t in [
@@ -131,6 +134,38 @@ def build_requests(task: MCTask, doc: dict, shots: list[dict]) -> list[tuple[str
     return [(context, " " + choice) for choice in task.choices(doc)]
 
 
+def check_docs(task: MCTask, docs: list[dict]) -> None:
+    """Every record has what the task reads, or one line naming the record (FILE:LINE) and what is wrong."""
+    for doc in docs:
+        where = getattr(doc, "where", "a record")
+        try:
+            build_requests(task, doc, [])
+            gold, n = task.gold(doc), len(task.choices(doc))
+            if not 0 <= gold < n:
+                raise ValueError(f"the answer index {gold} is not one of its {n} choices")
+        except KeyError as e:
+            raise ValueError(f"{where}: no {e.args[0]!r} field, which {task.name} needs: export the dataset "
+                             f"{task.source} with its fields as they are") from e
+        except (ValueError, TypeError, IndexError, AttributeError) as e:
+            raise ValueError(f"{where}: not a {task.name} record ({e}): fix or remove it") from e
+
+
+def load_docs(task: MCTask, data_dir, limit: int | None = None, num_fewshot: int | None = None
+              ) -> tuple[list[dict], list[dict], int]:
+    """(questions, few-shot pool, shots) of a task, each record checked."""
+    docs = load_split(data_dir, task.dir_names, task.split, task.name, task.source)
+    if limit:
+        docs = docs[:limit]
+    k = task.default_fewshot if num_fewshot is None else num_fewshot
+    pool: list[dict] = []
+    if k:
+        if task.fewshot_split is None:
+            raise ValueError(f"{task.name} has no few-shot split: use --num-fewshot 0")
+        pool = load_split(data_dir, task.dir_names, task.fewshot_split, task.name, task.source)
+    check_docs(task, docs + pool)
+    return docs, pool, k
+
+
 def _mc2_score(doc: dict, lls: np.ndarray) -> float:
     labels = list(doc["mc2_targets"]["labels"])
     split = labels.index(0) if 0 in labels else len(labels)
@@ -141,15 +176,7 @@ def _mc2_score(doc: dict, lls: np.ndarray) -> float:
 def evaluate_task(task: MCTask, scorer: LogLikelihoodScorer, tokenizer: Tokenizer, data_dir, limit: int | None = None,
                   num_fewshot: int | None = None, progress: bool = True) -> dict:
     """Score a task; returns {"metrics": {...}, "records": [per-question dicts], ...}."""
-    docs = load_split(data_dir, task.dir_names, task.split, task.name, task.source)
-    if limit:
-        docs = docs[:limit]
-    k = task.default_fewshot if num_fewshot is None else num_fewshot
-    pool: list[dict] = []
-    if k:
-        if task.fewshot_split is None:
-            raise ValueError(f"{task.name} has no few-shot split: use --num-fewshot 0")
-        pool = load_split(data_dir, task.dir_names, task.fewshot_split, task.name, task.source)
+    docs, pool, k = load_docs(task, data_dir, limit, num_fewshot)
 
     def shots_for(doc: dict) -> list[dict]:
         if not k:

@@ -52,6 +52,15 @@ def _check_options(tasks: list[str], num_fewshot, text_files, toxigen_file, num_
             pal_prompt("", num_fewshot)  # raises when there are fewer solved examples
 
 
+def check_task_data(tasks: str | list[str], data_dir=None, limit: int | None = None,
+                    num_fewshot: int | None = None) -> None:
+    """Read and check every multiple-choice task's records now, so a bad file fails before the model loads."""
+    from .multiple_choice import load_docs
+    for task in expand_tasks(tasks):
+        if task in MC_TASKS:
+            load_docs(MC_TASKS[task], data_dir, limit, num_fewshot)
+
+
 def evaluate(model, tokenizer, tasks: str | list[str], data_dir=None, limit: int | None = None,
              num_fewshot: int | None = None, batch_tokens: int = 8192, text_files: list[str] | None = None,
              toxigen_file: str | None = None, num_samples: int = 1, temperature: float = 0.0,

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 CHILD_SCRIPT = Path(__file__).with_name("_sandbox_child.py")
 SUPERVISOR_GRACE_S = 10.0  # how long past a program's deadline a worker may take to answer before it is replaced

@@ -17,9 +17,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..model import PhiForCausalLM
+from ..progress import tqdm
 from ..tokenizer import Tokenizer
 
 

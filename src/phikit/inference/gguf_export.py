@@ -17,10 +17,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..files import check_output, move_into_place, staging_path
 from ..model import PhiForCausalLM
+from ..progress import tqdm
 from ..tokenizer import Tokenizer
 
 QTYPES = {

@@ -23,21 +23,19 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from ..files import write_json
+from ..progress import tqdm
 from ..tokenizer import IM_END, Tokenizer
 from .chat_data import (IGNORE_INDEX, BadExample, DataReport, Example, _message, check_policies, collate_padded,
                         handle_bad, render_chatml, tokenize_text_with_spans)
-from ..files import write_json
-from .sft import (FineTuneConfig, check_run_dir, export_result, load_base, prepare_policy, split_validation,
+from .finetune_config import LOSS_TYPES, REFERENCE_MODES, DPOConfig  # noqa: F401 (the names run_dpo's users import)
+from .sft import (check_run_dir, export_result, load_base, prepare_policy, split_validation,
                   train_config)
-
-LOSS_TYPES = ("sigmoid", "robust", "ipo")
-REFERENCE_MODES = ("copy", "precompute", "adapter")
 
 
 # ---------------------------------------------------------------- pairs
@@ -318,39 +316,6 @@ def preference_accuracy(model, pairs: Sequence[PairExample], pad_id: int, batch_
 
 
 # ---------------------------------------------------------------- the run
-@dataclass
-class DPOConfig(FineTuneConfig):
-    """The fields of FineTuneConfig (model: usually the SFT'd checkpoint; data: preference pairs), plus DPO's."""
-    out_dir: str = "runs/dpo"
-    max_length: int = 0             # tokens of prompt + answer; 0: the model's context, at most 1024
-    longest_default: ClassVar[int | None] = 1024
-    micro_batch_size: int = 4
-    beta: float = 0.1
-    loss_type: str = "sigmoid"      # sigmoid | robust | ipo
-    label_smoothing: float = 0.0
-    reference: str = ""             # copy | precompute | adapter ("" : adapter with LoRA, else copy)
-
-    full_lr: ClassVar[float] = 5e-7
-    lora_lr: ClassVar[float] = 5e-6  # Phi-1_5-Instruct's DPO used LoRA
-
-    def reference_mode(self) -> str:
-        mode = self.reference or ("adapter" if self.lora else "copy")
-        if mode not in REFERENCE_MODES:
-            raise ValueError(f"unknown reference {mode!r}: choose one of {', '.join(REFERENCE_MODES)}")
-        if mode == "adapter" and not self.lora:
-            raise ValueError("reference 'adapter' needs --lora: use --reference copy or precompute")
-        return mode
-
-    def check(self) -> "DPOConfig":
-        super().check()
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown DPO loss {self.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
-        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
-            raise ValueError("beta must be > 0 and label_smoothing in [0, 0.5)")
-        self.reference_mode()
-        return self
-
-
 class PairBatches:
     """batch_fn(step, micro) for the Trainer over preference pairs; pure in (step, micro), so resume is exact."""
 

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
-from tqdm import tqdm
 
 from ..files import write_json, write_text_atomic
+from ..progress import tqdm
 from . import checkpointing, distributed, report
 from .config import TrainConfig
 from .distributed import DistEnv
