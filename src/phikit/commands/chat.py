@@ -11,7 +11,7 @@ HELP = """commands:
   /reset           forget the conversation (keeps the system message)
   /system TEXT     set the system message (and reset)
   /exit, /quit     leave (Ctrl-D or Ctrl-C at the prompt work too; Ctrl-C during an answer stops it)
-  //TEXT           send a message that starts with / (as /TEXT)
+  //WORD           send the one-word message /WORD (a lone /WORD is taken for a command)
   a line ending in \\ continues on the next line; a line of three double quotes starts or ends a block
   (Ctrl-C on a continued line or in a block drops what was typed there)"""
 
@@ -117,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
             history = []
             print(f"(system message {'set' if system else 'cleared'}; conversation reset)")
             continue
-        if re.match(r"/[A-Za-z]\w*$", command.split(maxsplit=1)[0]):  # a mistyped command is not a message
-            print(f"unknown command {command.split(maxsplit=1)[0]}, see /help", file=sys.stderr)
+        if re.fullmatch(r"/[A-Za-z][\w-]*", command):  # a lone /word is a mistyped command, not a message
+            print(f"unknown command {command}, see /help", file=sys.stderr)
             continue
         if text.lstrip().startswith("//"):
             text = text.lstrip()[1:]

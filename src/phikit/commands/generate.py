@@ -126,7 +126,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         if str(path) == "-":
             text = sys.stdin.read().removeprefix("\ufeff")
         elif path.is_dir():
-            raise ValueError(f"prompts file {path} is a directory: give a .jsonl or text file of prompts")
+            raise ValueError(f"prompts file {path} is a directory, not a file: give a .jsonl or text file of prompts")
         elif not path.exists():
             raise FileNotFoundError(f"prompts file {path} does not exist: give a .jsonl or text file of prompts")
         else:
