@@ -98,7 +98,7 @@ def check_output(path: str | os.PathLike, kind: str, *, force: bool = True, flag
     for src in map(Path, inputs):
         src = src.expanduser()
         if src.exists() and (src.resolve() == out or out in src.resolve().parents):
-            raise ValueError(f"output {given} holds the input {src}: writing there would destroy it; choose "
+            raise ValueError(f"output {given} holds the input {src}: writing there would delete it; choose "
                              f"another output {noun}")
     _check_writable(out.parent, given)
     if noun == "file" and path.is_dir():

@@ -1,6 +1,7 @@
 """Tokenizers on HF `tokenizers`: load tokenizer.json, rebuild phi's codegen-mono tokenizer offline, train a BPE."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -25,6 +26,27 @@ CHATML_TEMPLATE = (
 def phi_whitespace_tokens() -> list[str]:
     """The 38 added whitespace tokens of codegen-mono, in id order from 50257: 31..2 spaces, then 9..2 tabs."""
     return [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(template: str):
+    """A chat template compiled as transformers compiles one: sandboxed (templates from the Hub are untrusted),
+    trim_blocks and lstrip_blocks, loop controls, and its tojson, raise_exception and strftime_now."""
+    import datetime
+
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template)
 
 
 class Tokenizer:
@@ -89,9 +111,7 @@ class Tokenizer:
         write_text_atomic(directory / "tokenizer.json", self.backend.to_str(pretty=True))
         cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": EOS_TOKEN,
-            "eos_token": IM_END if self.has_chatml and self.chat_template else EOS_TOKEN,
-            "unk_token": EOS_TOKEN,
+            **self.special_tokens(),
             "pad_token": None,
             "add_bos_token": False,
             "add_prefix_space": False,
@@ -128,6 +148,35 @@ class Tokenizer:
             if not isinstance(template, str):
                 template = None
         return cls(backend, template)
+
+    def special_tokens(self) -> dict[str, str]:
+        """bos/eos/unk as tokenizer_config.json names them (and as chat templates see them)."""
+        return {"bos_token": EOS_TOKEN, "eos_token": IM_END if self.has_chatml and self.chat_template else EOS_TOKEN,
+                "unk_token": EOS_TOKEN}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False) -> str:
+        """The text transformers' `apply_chat_template(messages, tokenize=False, ...)` renders from this tokenizer's
+        template: a sandboxed Jinja environment with its settings and helpers, the special tokens as variables, and
+        with `continue_final_message` the text cut right after the last message (to be continued)."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template: use a ChatML tokenizer (an instruction-tuned "
+                             "model), or render the prompt yourself")
+        messages = [dict(m) for m in messages]
+        tag = "CONTINUE_FINAL_MESSAGE_TAG "
+        if continue_final_message:
+            if not messages:
+                raise ValueError("continue_final_message needs a message to continue")
+            final = messages[-1]["content"]
+            messages[-1]["content"] = final + tag
+        text = _compile_template(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                            **self.special_tokens())
+        if continue_final_message:
+            if final.strip() not in text or tag.strip() not in text:
+                raise ValueError("the chat template dropped part of the final message, so it cannot be continued")
+            at = text.rindex(tag.strip())
+            text = text[:at] if text[at:at + len(tag)] == tag else text[:at].rstrip()
+        return text
 
 
 def _byte_level_tokenizer(model: models.BPE) -> HFTokenizer:

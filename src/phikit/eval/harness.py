@@ -44,6 +44,7 @@ class PhikitLM(LM):
                 dtype = None
             model, tokenizer = phikit.load(pretrained, device=device or "cpu", dtype=dtype, quantize=quantize)
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.name = str(pretrained or getattr(model, "name_or_path", "phikit"))
         self.scorer = LogLikelihoodScorer(model, batch_tokens=int(batch_tokens),
                                           max_length=int(max_length) if max_length else None)
         self.gen_batch = int(batch_size) if str(batch_size).isdigit() else 8
@@ -55,6 +56,24 @@ class PhikitLM(LM):
     @property
     def eot_token_id(self) -> int:
         return self.tokenizer.eos_token_id
+
+    # --- chat templates (--apply_chat_template, --system_instruction, --fewshot_as_multiturn), as the HF backend
+    @property
+    def tokenizer_name(self) -> str:
+        return self.name.replace("/", "__")  # keys lm-eval's request cache, as the HF backend's does
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        if not chat_template:
+            return None
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"{self.name} has no chat template (its tokenizer_config.json has none): drop "
+                             "--apply_chat_template, or evaluate an instruction-tuned (ChatML) model")
+        return self.tokenizer.chat_template
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        # lm-eval continues the last message (a multiple-choice answer prefix) when it asks for no generation prompt.
+        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
 
     def tok_encode(self, text: str, **_) -> list[int]:
         return self.tokenizer.encode(text)
