@@ -227,7 +227,8 @@ def iter_text_files(paths: Sequence[str | Path], text_field: str = "text") -> It
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
               whitespace_tokens: bool = True, split_digits: bool = False) -> Tokenizer:
-    """Train a byte-level BPE with <|endoftext|> as id 0 (and, by default, phi's whitespace-run tokens).
+    """Train a byte-level BPE of `vocab_size` tokens in all: <|endoftext|> as id 0, and by default phi's 38
+    whitespace-run tokens at the end (so that a model with vocab_size embedding rows fits it).
 
     split_digits=True gives every digit its own token, which small models need to learn arithmetic. A space before
     a number stays on its first digit (" 15" -> " 1", "5"), so "7 + 8 =" is four tokens with the operands right
@@ -240,9 +241,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(r" ?\d"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+    extra = phi_whitespace_tokens() if whitespace_tokens else []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(extra), min_frequency=min_frequency, show_progress=False,
                                   special_tokens=[EOS_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
-    if whitespace_tokens:
-        tok.add_tokens([AddedToken(t, normalized=False) for t in phi_whitespace_tokens()])
+    tok.add_tokens([AddedToken(t, normalized=False) for t in extra])
     return Tokenizer(tok)

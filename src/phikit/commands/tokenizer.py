@@ -20,7 +20,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                               "  phikit tokenizer train data/ --vocab-size 1024 --split-digits --output ./tok")
     t.add_argument("files", nargs="+", help="training text: .txt files, record files (.jsonl, .jsonl.gz, .parquet) "
                                             "with a text field, or directories of record files")
-    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--vocab-size", type=int, default=8192, help="tokens in all (default 8192)")
     t.add_argument("--text-field", default="text")
     t.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                    help="malformed input lines: stop (default) or skip them, reporting file:line")
