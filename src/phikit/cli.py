@@ -109,7 +109,17 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == verb:
             _module(name).configure(p)
+            _verbose_everywhere(p)
     return parser
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """--verbose after an action too (`phikit tokenizer train ... --verbose`); SUPPRESS keeps the verb's value."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                                 help="show the libraries' own log lines too")
 
 
 def _module(verb: str):

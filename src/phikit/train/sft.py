@@ -201,8 +201,8 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, resume: bool = False, ex
     tcfg = train_config(cfg, steps, cfg.max_length, cfg.default_lr(), cfg.data)
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "sft_config.json", dataclasses.asdict(cfg))  # first: it marks a run directory
     tokenizer.save(run_dir)
-    write_json(run_dir / "sft_config.json", dataclasses.asdict(cfg))
     write_json(run_dir / "data_report.json", {"train": report.to_dict(),
                                               "val": val_report.to_dict() if val_report else None,
                                               "train_examples": len(examples), "val_examples": len(val),
