@@ -330,11 +330,11 @@ def main() -> None:
             model = base if mode == "fp32" else build_model(config, seed=None, meta=True)
             if mode != "fp32":
                 model.load_state_dict({k: v.to(DTYPES[mode]) for k, v in base.state_dict().items()}, assign=True)
-                model.model.rotary_emb = type(base.model.rotary_emb)(config.rotary_dim, config.rope_theta).to(args.device)
+                model.make_buffers(args.device)
         else:
             model = build_model(config, seed=None, meta=True)
             model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()}, assign=True)
-            model.model.rotary_emb = type(base.model.rotary_emb)(config.rotary_dim, config.rope_theta).to(args.device)
+            model.make_buffers(args.device)
             quantize_model(model, mode)
         model.eval()
         if args.check_finite:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import PhiConfig
 from .files import check_output, staged_dir
-from .model import PhiForCausalLM, RotaryEmbedding
+from .model import PhiForCausalLM
 from .tokenizer import Tokenizer, build_phi_tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -294,7 +294,7 @@ def load(path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
         torch_dtype = torch.float32 if device.type == "cpu" else stored
     state = {k: v.to(device=device, dtype=torch_dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    model.model.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta).to(device)
+    model.make_buffers(device)
     model.eval()
     if quantize:
         from .inference.quant import quantize_model

@@ -33,8 +33,12 @@ class PhiOutput:
 class RotaryEmbedding(nn.Module):
     def __init__(self, dim: int, base: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim, self.base = dim, base
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self) -> torch.Tensor:
+        """The inverse frequencies, computed on the CPU (no checkpoint stores them: a buffer, not a weight)."""
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim))
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # fp32 angles: large positions lose precision in half precision.
@@ -232,20 +236,69 @@ class PhiForCausalLM(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def decoder_blocks(self) -> nn.ModuleList:
+        """The decoder blocks, in order (what activation checkpointing, compile and FSDP work per)."""
+        return self.model.layers
+
+    # --- lifecycle: initialization, meta-device builds, vocabulary growth ---
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) weights, zero biases, unit LayerNorms (as transformers' PhiPreTrainedModel)."""
-        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    def init_weights(self, seed: int | None = None, generator: torch.Generator | None = None) -> None:
+        """Normal(0, initializer_range) weights, zero biases, unit LayerNorms (as transformers' PhiPreTrainedModel).
+
+        With `seed` the numbers are drawn on the CPU in fp32, so a seed gives the same model on every device and
+        dtype; a `generator` draws in place on the weights' device (each process its own shard of a sharded one)."""
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+            in_place = False
+        else:
+            in_place = True
         std = self.config.initializer_range
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                w = torch.empty(m.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-                m.weight.copy_(w)
+                w = m.weight.to_local() if hasattr(m.weight, "to_local") else m.weight  # a shard of a DTensor
+                if in_place:
+                    w.normal_(0.0, std, generator=generator)
+                else:
+                    w.copy_(torch.empty(w.shape, dtype=torch.float32).normal_(0.0, std, generator=generator))
                 if getattr(m, "bias", None) is not None:
                     m.bias.zero_()
             elif isinstance(m, nn.LayerNorm):
                 m.weight.fill_(1.0)
                 m.bias.zero_()
+
+    def make_buffers(self, device: str | torch.device) -> None:
+        """Make the buffers no checkpoint holds (the rotary frequencies) on `device`: after a build on the meta
+        device, where loading or materializing gives the weights only."""
+        self.model.rotary_emb.inv_freq = self.model.rotary_emb.frequencies().to(device)
+
+    def materialize(self, device: str | torch.device, seed: int) -> None:
+        """Allocate a model built on the meta device on `device` and initialize it there (init_weights with a
+        generator seeded by `seed`; a sharded model's processes pass each their own seed)."""
+        self.to_empty(device=device)
+        self.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
+        self.make_buffers(device)
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_rows: int) -> None:
+        """Grow the embedding and lm_head to `new_rows` rows, keeping the existing ones; the new rows start at the
+        mean of the old ones."""
+        old = self.config.vocab_size
+        if new_rows <= old:
+            return
+        embed, head = self.model.embed_tokens, self.lm_head
+        new_embed = nn.Embedding(new_rows, embed.embedding_dim, device=embed.weight.device, dtype=embed.weight.dtype)
+        new_head = nn.Linear(head.in_features, new_rows, device=head.weight.device, dtype=head.weight.dtype)
+        new_embed.weight[:old] = embed.weight
+        new_embed.weight[old:] = embed.weight.mean(0, keepdim=True)
+        new_head.weight[:old] = head.weight
+        new_head.weight[old:] = head.weight.mean(0, keepdim=True)
+        new_head.bias[:old] = head.bias
+        new_head.bias[old:] = head.bias.mean()
+        self.model.embed_tokens, self.lm_head = new_embed, new_head
+        self.config.vocab_size = new_rows
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_key_values, labels, logits_to_keep) -> None:
         """One-line errors for inputs that would otherwise fail deep inside torch with a message naming neither."""
@@ -390,6 +443,11 @@ class PhiForCausalLM(nn.Module):
                 torch._dynamo.config.recompile_limit = STATIC_STEP_GRAPHS
             return compiled(*args)
         return step
+
+
+def decoder_block_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of every decoder block inside `module`, however it is wrapped (DDP, FSDP, compile, peft)."""
+    return [p for m in module.modules() if isinstance(m, PhiDecoderLayer) for p in m.parameters()]
 
 
 def build_model(config: PhiConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

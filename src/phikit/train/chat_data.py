@@ -367,9 +367,9 @@ def add_chatml_tokens(model, tokenizer: Tokenizer, multiple_of: int = 64,
     after = len(tokenizer)
     rows = model.config.vocab_size
     if after > rows:
-        resize_token_embeddings(model, -(-after // multiple_of) * multiple_of)
+        model.resize_token_embeddings(-(-after // multiple_of) * multiple_of)
     if after > before:
-        embed, head = model.get_input_embeddings().weight, model.lm_head
+        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings()
         embed[before:after] = embed[:before].mean(0, keepdim=True)
         head.weight[before:after] = head.weight[:before].mean(0, keepdim=True)
         if not for_adapter:
@@ -377,21 +377,3 @@ def add_chatml_tokens(model, tokenizer: Tokenizer, multiple_of: int = 64,
     model.config.tokenizer_vocab_size = after if after < model.config.vocab_size else None
     return im_start, im_end
 
-
-@torch.no_grad()
-def resize_token_embeddings(model, new_rows: int) -> None:
-    """Grow the embedding and lm_head to `new_rows` rows, keeping the existing ones."""
-    old = model.config.vocab_size
-    if new_rows <= old:
-        return
-    embed, head = model.model.embed_tokens, model.lm_head
-    new_embed = torch.nn.Embedding(new_rows, embed.embedding_dim, device=embed.weight.device, dtype=embed.weight.dtype)
-    new_head = torch.nn.Linear(head.in_features, new_rows, device=head.weight.device, dtype=head.weight.dtype)
-    new_embed.weight[:old] = embed.weight
-    new_embed.weight[old:] = embed.weight.mean(0, keepdim=True)
-    new_head.weight[:old] = head.weight
-    new_head.weight[old:] = head.weight.mean(0, keepdim=True)
-    new_head.bias[:old] = head.bias
-    new_head.bias[old:] = head.bias.mean()
-    model.model.embed_tokens, model.lm_head = new_embed, new_head
-    model.config.vocab_size = new_rows

@@ -164,7 +164,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
     with torch.device("meta"):
         model = PhiForCausalLM(config)
     model.to_empty(device="cpu")
-    model.model.rotary_emb.__init__(config.rotary_dim, config.rope_theta)  # non-persistent buffer
+    model.make_buffers("cpu")
     load_model_weights(path, model)
     tok_file = path.parents[1] / "tokenizer.json"
     tokenizer = Tokenizer.from_file(tok_file) if tok_file.is_file() else None

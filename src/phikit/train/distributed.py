@@ -81,13 +81,13 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
     Patches each block's forward (rather than wrapping the module) so parameter names stay HF-identical.
     """
-    for layer in model.model.layers:
+    for layer in model.decoder_blocks():
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile each decoder block: one compiled graph reused by all layers; the rest stays eager."""
-    for layer in model.model.layers:
+    for layer in model.decoder_blocks():
         layer.compile(dynamic=False)
 
 
@@ -107,7 +107,7 @@ def wrap_model(model: nn.Module, env: DistEnv, strategy: str, reshard_after_forw
                 return model, "single"
         mp = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32) \
             if mixed_precision is not None else MixedPrecisionPolicy()
-        for layer in model.model.layers:
+        for layer in model.decoder_blocks():
             fully_shard(layer, reshard_after_forward=reshard_after_forward, mp_policy=mp)
         fully_shard(model, reshard_after_forward=reshard_after_forward, mp_policy=mp)
         return model, "fsdp"

@@ -42,6 +42,7 @@ from . import checkpointing, distributed, report
 from .config import TrainConfig
 from .distributed import DistEnv
 from .losses import causal_lm_loss, fused_causal_lm_loss
+from ..model import PhiForCausalLM, decoder_block_parameters
 from .muon import Muon
 
 Batch = dict[str, torch.Tensor]
@@ -76,11 +77,11 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, sharded: bool) -> list[
     `optimizer: muon`, the matrices inside the decoder blocks go to Muon instead (orthogonalized momentum: small
     models learn lookup-like facts many times faster) and AdamW keeps the embedding, lm_head and vectors.
     Each group remembers its peak learning rate as `base_lr`; the schedule scales all of them alike."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    # Block matrices are named model.layers.N...; wrapped models (DDP, compile) only prefix the name.
-    muon = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and ".layers." in n]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    blocks = {id(p) for p in decoder_block_parameters(model)} if cfg.optimizer == "muon" else set()
+    muon = [p for p in trainable if p.dim() == 2 and id(p) in blocks]
     taken = {id(p) for p in muon}
-    rest = [p for _, p in named if id(p) not in taken]
+    rest = [p for p in trainable if id(p) not in taken]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "base_lr": cfg.lr}]
     # The fused kernel does the whole update in one pass per tensor (much faster on the CPU than foreach);
@@ -92,29 +93,6 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, sharded: bool) -> list[
         optimizers.append(Muon([{"params": muon, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr,
                                weight_decay=cfg.weight_decay, momentum=0.95))
     return optimizers
-
-
-def _init_on_device(model: nn.Module, seed: int, env: DistEnv) -> None:
-    """Materialize a model built on the meta device: allocate, then initialize (each shard, when sharded)."""
-    from torch.distributed.tensor import DTensor
-
-    from ..model import RotaryEmbedding
-
-    model.to_empty(device=env.device)
-    std = model.config.initializer_range
-    gen = torch.Generator(device=env.device).manual_seed(seed * 1_000_003 + env.rank)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                w = module.weight.to_local() if isinstance(module.weight, DTensor) else module.weight
-                w.normal_(0.0, std, generator=gen)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-        fresh = RotaryEmbedding(model.config.rotary_dim, model.config.rope_theta)
-        model.model.rotary_emb.inv_freq = fresh.inv_freq.to(env.device)
 
 
 class Trainer:
@@ -136,7 +114,7 @@ class Trainer:
         on_meta = any(p.is_meta for p in model.parameters())
         if not on_meta:
             model.to(self.env.device)
-        has_blocks = hasattr(model, "model") and hasattr(model.model, "layers")
+        has_blocks = isinstance(model, PhiForCausalLM)  # not a peft wrapper, whose blocks stay as they are
         if cfg.activation_checkpointing and has_blocks:
             distributed.enable_activation_checkpointing(model)
         if cfg.compile and has_blocks:
@@ -144,10 +122,10 @@ class Trainer:
         strategy = cfg.strategy if cfg.strategy != "auto" else "ddp"
         mp = self.amp_dtype if strategy == "fsdp" else None
         if on_meta and strategy != "fsdp":
-            _init_on_device(model, cfg.seed, self.env)
+            model.materialize(self.env.device, cfg.seed * 1_000_003 + self.env.rank)
         self.model, self.strategy = distributed.wrap_model(model, self.env, strategy, cfg.reshard_after_forward, mp)
         if on_meta and strategy == "fsdp":
-            _init_on_device(self.model, cfg.seed, self.env)
+            self.model.materialize(self.env.device, cfg.seed * 1_000_003 + self.env.rank)
         self.sharded = self.strategy == "fsdp"
         # Dropout draws from torch's global generator: seeded per run and process, so a run repeats with its seed
         # and each process of a job draws its own masks (resuming restores the saved generator states over this).

@@ -91,5 +91,6 @@ def fused_causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     hidden = out.hidden_states[-1][:, :-1].reshape(-1, inner.config.hidden_size)
     targets = _targets(batch)
     count = (targets != IGNORE_INDEX).sum()
-    total = linear_cross_entropy_sum(hidden, inner.lm_head.weight, inner.lm_head.bias, targets)
+    head = inner.get_output_embeddings()
+    total = linear_cross_entropy_sum(hidden, head.weight, head.bias, targets)
     return total / count.clamp(min=1), {"loss_weight": count}
