@@ -6,8 +6,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
-
 from phikit.cli import main
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -29,7 +27,6 @@ def run(argv: list[str]) -> None:
     assert main(argv[1:]) == 0, argv
 
 
-@pytest.mark.slow
 def test_training_quick_start_runs_as_pasted(tmp_path, monkeypatch, capsys):
     from phikit.data import procedural
     monkeypatch.chdir(tmp_path)
