@@ -24,6 +24,9 @@ def user_files(tmp_path: Path) -> Path:
     (home / "notes.txt").write_text("keep me\n")
     (home / "results.json").write_text('{"mine": true}\n')
     (home / "model.gguf").write_text("not a model\n")
+    # Files whose names phikit's outputs also hold: they alone do not make the folder one of phikit's outputs.
+    for name in ("config.json", "config.yaml", "tokenizer.json", "adapter_config.json"):
+        (home / name).write_text("{}\n")
     return home
 
 

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -17,8 +18,28 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 
-def _has(*names: str) -> Callable[[Path], bool]:
-    return lambda p: p.is_dir() and any((p / n).exists() for n in names)
+def _has(*names: str, only: tuple[str, ...] | None = None) -> Callable[[Path], bool]:
+    """A directory holding one of `names`; with `only`, every entry must also match one of those patterns, so a
+    folder of the user's that merely contains, say, a config.json is never taken for phikit's output."""
+    def check(p: Path) -> bool:
+        if not p.is_dir() or not any((p / n).exists() for n in names):
+            return False
+        return only is None or all(any(fnmatch.fnmatchcase(e.name, pat) for pat in only) for e in p.iterdir())
+    return check
+
+
+# What phikit (or the Hugging Face hub, for model directories) puts in each kind of directory.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                    "merges.txt", "added_tokens.json", "chat_template.jinja")
+_MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                "pytorch_model*.bin", "pytorch_model.bin.index.json", "README.md", "LICENSE", "NOTICE.md",
+                "*.gitattributes", "CODE_OF_CONDUCT.md", "SECURITY.md", "configuration_*.py", "modeling_*.py",
+                *_TOKENIZER_FILES)
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md",
+                  *_TOKENIZER_FILES)
+_RUN_FILES = ("config.yaml", "sft_config.json", "dpo_config.json", "data_report.json", "summary.json",
+              "metrics.jsonl", "checkpoints", "tokenizer.json", "model", "adapter", "report.md", "*.png",
+              "tensorboard", ".*.partial-*")
 
 
 def _starts_with(magic: bytes) -> Callable[[Path], bool]:
@@ -46,11 +67,11 @@ def _json_with(key: str) -> Callable[[Path], bool]:
 
 # What each kind of output looks like, so that an existing one can be told apart from the user's own files.
 KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
-    "model": ("a model directory", _has("config.json")),
-    "adapter": ("a LoRA adapter directory", _has("adapter_config.json")),
-    "tokenizer": ("a tokenizer directory", _has("tokenizer.json")),
+    "model": ("a model directory", _has("config.json", only=_MODEL_FILES)),
+    "adapter": ("a LoRA adapter directory", _has("adapter_config.json", only=_ADAPTER_FILES)),
+    "tokenizer": ("a tokenizer directory", _has("tokenizer.json", only=_TOKENIZER_FILES)),
     "run": ("a training run directory", _has("checkpoints", "config.yaml", "sft_config.json", "dpo_config.json",
-                                            "metrics.jsonl", "summary.json")),
+                                            "metrics.jsonl", "summary.json", only=_RUN_FILES)),
     "checkpoint": ("a training checkpoint", _has("manifest.json", "trainer.json")),
     "speedrun": ("a speedrun directory", _has("speedrun.json")),
     "gguf": ("a GGUF file", _starts_with(b"GGUF")),
