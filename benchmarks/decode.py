@@ -4,7 +4,7 @@ Random phi-1.5-shaped weights (the speed of a matrix product does not depend on 
 64 new tokens, greedy, batch 1 and 8. For each engine and weight format:
   prefill tok/s = batch * prompt_len / time(generate 1 token)
   decode  tok/s = batch * (new_tokens - 1) / (time(generate new_tokens) - time(generate 1 token))
-Both engines are timed the same way, after a warm-up, best of --repeats rounds taken in turns. Every format
+Both engines are timed the same way, after a warm-up, the median of --repeats rounds taken in turns. Every format
 is compared with transformers fp32 timed in its own turns (row transformers-fp32-beside-MODE), and batch 8
 with batch 1 timed again in batch 8's turns (row phikit-MODE-batch1-beside-batch8), since the host's speed
 drifts. llama.cpp, when llama-cpp-python is installed, runs our GGUF export in the turns of the phikit format of
@@ -21,9 +21,9 @@ The last line printed is JSON.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -33,7 +33,8 @@ import torch
 from phikit import build_model, get_config
 from phikit.inference.decoding import complete
 from phikit.model import PhiForCausalLM
-from phikit.inference.quant import MODES, cpu_kernels, quantize_model
+from phikit.inference import native
+from phikit.inference.quant import MODES, Int4Linear, quantize_model
 from phikit.tokenizer import build_phi_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,10 +90,12 @@ class PeakRSS:
 
 def weight_bytes(model: torch.nn.Module, resident: bool = False) -> int:
     """Bytes of the matrices a decoding step reads; resident=True adds the copies only prompts read (int4's
-    nibbles), which take memory all the same."""
+    nibbles beside torch's packed copy, where the C++ kernels are missing), which take memory all the same."""
+    prompt_only = {f"{name}.{buffer}" for name, m in model.named_modules()
+                   if isinstance(m, Int4Linear) and not m.native for buffer in ("nibbles", "scales", "mins")}
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     return sum(t.numel() * t.element_size() for name, t in tensors
-               if t.dim() > 1 and (resident or not name.endswith("nibbles")))
+               if t.dim() > 1 and (resident or name not in prompt_only))
 
 
 def to_transformers(model: PhiForCausalLM):
@@ -109,13 +112,21 @@ def to_transformers(model: PhiForCausalLM):
 
 class Timed:
     """One engine's timings: a warm-up (which also measures its extra peak memory), then rounds of
-    (generate 1 token, generate new_tokens), keeping the best of each. Engines of one table row group run their
+    (generate 1 token, generate new_tokens), keeping the median of each. Engines of one table row group run their
     rounds in turn, so that a noisy stretch of the machine slows all of them instead of one."""
 
     def __init__(self, name: str, fn, device: str) -> None:
         self.name, self.fn, self.device = name, fn, device
-        self.t1 = self.tn = float("inf")
+        self.times: dict[int, list[float]] = {}  # new tokens -> seconds of each round
         self.extra: int | None = None  # extra peak bytes, set by the warm-up
+
+    @property
+    def t1(self) -> float:
+        return statistics.median(self.times[1])
+
+    @property
+    def tn(self) -> float:
+        return statistics.median(t for n, ts in self.times.items() if n != 1 for t in ts)
 
     def warm_up(self) -> None:
         with PeakRSS() as mem:  # the warm-up counts: lazily made copies (packed weights) are memory the engine needs
@@ -130,11 +141,7 @@ class Timed:
             start = time.perf_counter()
             self.fn(n)
             _sync(self.device)
-            elapsed = time.perf_counter() - start
-            if n == 1:
-                self.t1 = min(self.t1, elapsed)
-            else:
-                self.tn = min(self.tn, elapsed)
+            self.times.setdefault(n, []).append(time.perf_counter() - start)
 
 
 def time_interleaved(engines: list[Timed], new_tokens: int, repeats: int) -> None:
@@ -159,7 +166,7 @@ def timing_row(engine: Timed, batch: int, prompt_len: int, new_tokens: int, wbyt
     reading `wbytes` once per step."""
     decode_s = (engine.tn - engine.t1) / (new_tokens - 1)  # per step (one token per row)
     if decode_s <= 0:
-        # The two timings are separate minima: with few new tokens the noise can exceed the steps. A negative
+        # The two timings are separate medians: with few new tokens the noise can exceed the steps. A negative
         # speed would be nonsense, so the decode figures are left out (null) and the ratios skip them.
         print(f"{engine.name}: {new_tokens} new tokens are too few to time a step apart from the prompt's pass; "
               "use more --new-tokens or --repeats", file=sys.stderr)
@@ -284,7 +291,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2,
-                   help="timed rounds per engine (best kept); the engines of a mode and batch take turns")
+                   help="timed rounds per engine (median kept); the engines of a mode and batch take turns")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--transformers-batches", default="1,8", help="batches for which transformers is also timed")
@@ -296,7 +303,12 @@ def main() -> None:
                    help="check each format's logits for NaN/inf on the prompt and a decoding step (exit 1 if not)")
     p.add_argument("--compile", action="store_true",
                    help="also time phikit with compile=True (rows phikit-MODE-compiled; compile time not counted)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny preset that finishes in seconds: checks that the benchmark runs (the tests run it)")
     args = p.parse_args()
+    if args.smoke:
+        args.preset, args.batches, args.prompt_len, args.new_tokens, args.repeats = "tiny", "1,2", 8, 4, 1
+        args.skip_transformers, args.llama_types = True, ""
     if args.new_tokens < 2:  # decode speed is the time of tokens 2..N beyond the first
         p.error(f"--new-tokens must be >= 2, got {args.new_tokens}")
     if args.repeats < 1 or args.prompt_len < 1:
@@ -314,7 +326,7 @@ def main() -> None:
     bandwidth = read_bandwidth_gbs(args.device)
     print(f"read bandwidth {bandwidth:.1f} GB/s, {args.threads} threads, torch {torch.__version__}", file=sys.stderr)
     llama_cpp = import_llama_cpp() if args.llama_types and not cuda else None
-    kernels = None if cuda else cpu_kernels()  # measured now, before any model takes the memory
+    kernels = None if cuda else (native.isa() if native.extension() is not None else "torch")  # built or loaded now
     if kernels:
         print(f"CPU kernels: {kernels}", file=sys.stderr)
     tokenizer = build_phi_tokenizer()
@@ -324,7 +336,7 @@ def main() -> None:
     rows = []
     results = {"benchmark": "decode", "preset": args.preset, "device": args.device, "threads": args.threads,
                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "bandwidth_gbs": round(bandwidth, 1),
-               "cpu_kernels": dataclasses.asdict(kernels) if kernels else None}
+               "cpu_kernels": kernels}
     for mode in modes:
         if mode in DTYPES:
             model = base if mode == "fp32" else build_model(config, seed=None, meta=True)

@@ -17,6 +17,8 @@ def add_model_arguments(p: argparse.ArgumentParser, default_prompt: str) -> None
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny preset that finishes in seconds: checks that the benchmark runs (the tests run it)")
 
 
 def parse_and_load(p: argparse.ArgumentParser):
@@ -24,6 +26,8 @@ def parse_and_load(p: argparse.ArgumentParser):
     argument, where the benchmark has one, sets the weights' type (else a checkpoint keeps its own, random
     weights are fp32)."""
     args = p.parse_args()
+    if args.smoke:
+        args.preset, args.new_tokens, args.repeats = "tiny", 8, 1
     if args.repeats < 1 or args.new_tokens < 1:
         p.error("--repeats and --new-tokens must be >= 1")
     torch.set_num_threads(args.threads)

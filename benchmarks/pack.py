@@ -83,7 +83,11 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds of (peer, pack); each side's best round is reported, with the spread")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny preset that finishes in seconds: checks that the benchmark runs (the tests run it)")
     args = ap.parse_args()
+    if args.smoke:
+        args.docs, args.workers, args.tasks = 300, 1, 1
     if min(args.docs, args.workers, args.tasks, args.repeat) < 1:
         ap.error("--docs, --workers, --tasks and --repeat must be >= 1")
 

@@ -53,7 +53,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3, help="steps per timed round")
     ap.add_argument("--ablation", action="store_true", help="also time phikit with the plain (unfused) loss")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny preset that finishes in seconds: checks that the benchmark runs (the tests run it)")
     args = ap.parse_args()
+    if args.smoke:
+        args.preset, args.seq_len, args.batch, args.rounds, args.steps = "tiny", 32, 2, 1, 1
     if min(args.rounds, args.steps, args.batch, args.seq_len) < 1:
         ap.error("--rounds, --steps, --batch and --seq-len must be >= 1")
     # The random shards and the trainer's run directory are scratch: removed however the run ends.

@@ -60,7 +60,11 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
     ap.add_argument("--problems", type=int, default=200, help="held-out arithmetic problems to score")
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny preset that finishes in seconds: checks that the benchmark runs (the tests run it)")
     args = ap.parse_args()
+    if args.smoke:
+        args.documents, args.steps, args.problems, args.vocab, args.layers = 200, 2, 4, 300, 1
 
     work = Path(args.out or tempfile.mkdtemp(prefix="phikit-bench-textbooks-"))
     kinds = tuple(args.kinds.split(","))

@@ -10,20 +10,10 @@ import torch
 from phikit import build_model, get_config
 from phikit.inference.decoding import complete, generate, stream
 from phikit.inference.sampling import SamplingParams, sample_next
-from phikit.inference.quant import (Bf16Linear, CpuKernels, PackedFp32Linear, cpu_kernels, measure_cpu_kernels,
-                          packed_bf16_available, packed_fp16_available, packed_fp32_available, prepare_cpu_linears,
-                          quantize_model, use_cpu_kernels)
+from phikit.inference import native
+from phikit.inference.quant import BLOCK_ROWS, CpuLinear, prepare_cpu_linears, quantize_model
 
-# The kernel choices of the two CPU classes phikit tells apart (quant.CpuKernels): every path must compute the same
-# thing on any CPU, only its speed differs, so each test below runs both whatever this machine measured.
-WITHOUT_NATIVE_BF16 = CpuKernels()
-NATIVE_BF16 = CpuKernels(fp32_single_row_packed=True, bf16_packing="bf16", bf16_single_row_packed=True,
-                         bf16_native_gemm=True)
-KERNEL_CHOICES = pytest.mark.parametrize("kernels", [
-    WITHOUT_NATIVE_BF16,
-    pytest.param(NATIVE_BF16, marks=pytest.mark.skipif(not packed_bf16_available(),
-                                                       reason="oneDNN refuses bf16 weights on this CPU"))],
-    ids=["without-native-bf16", "native-bf16"])
+KERNELS = pytest.mark.skipif(native.extension() is None, reason="the C++ kernels cannot be built here")
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +104,8 @@ def test_int8_and_int4_decode_close_to_fp32(model, phi_tokenizer):
 
 
 def test_compiled_int8_decodes_the_same_tokens_as_eager(model, phi_tokenizer):
-    """On the CPU, compile=True reaches fbgemm's int8 kernel through a custom op (its packed weights cannot be
-    traced), so the compiled model computes what the eager one does."""
+    """On the CPU, compile=True reaches the int8 kernel through an opaque operator (a C++ call cannot be traced),
+    so the compiled model computes what the eager one does."""
     q = quantize_model(build_model(model.config, seed=2).eval(), "int8")
     prompts = ["def add(a, b):", "Once upon a time"]
     eager = complete(q, phi_tokenizer, prompts, max_new_tokens=12, stop_token_ids=[])
@@ -142,27 +132,23 @@ def compiled_step_code(model, batch: int) -> str:
     return graphs[0]
 
 
-def test_compiled_bf16_keeps_the_matrix_vector_kernel(model, phi_tokenizer):
-    """Single-row bf16 layers reach torch.mv through an opaque custom op when compiled (inductor's own product is
-    slower on CPUs without native bf16); the compiled model decodes what the eager one does."""
-    with use_cpu_kernels(WITHOUT_NATIVE_BF16):
-        bf16 = prepare_cpu_linears(copy.deepcopy(prepare_cpu_linears(model)).to(torch.bfloat16))
-        assert type(bf16.lm_head).__name__ == "Bf16Linear"  # a model prepared in fp32 and then cast gets bf16's path
-        assert "phikit.bf16_mv" in compiled_step_code(bf16, batch=1)
-        assert_compiled_decoding_equals_eager(bf16, phi_tokenizer, ["def add(a, b):"], logprob_tolerance=0.05)
-
-
-@pytest.mark.skipif(not packed_bf16_available(), reason="no oneDNN, or it refuses bf16 weights on this CPU")
+@KERNELS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_single_row_uses_the_packed_weights_where_chosen(model, phi_tokenizer, dtype):
-    """Where the packed copy is the faster single-row kernel (CPUs with native bf16), compiled batch-1 steps reach
-    it through the packed weights' operator, and decode what eager decoding does."""
-    with use_cpu_kernels(NATIVE_BF16):
-        twin = prepare_cpu_linears(copy.deepcopy(model).to(dtype))
-        code = compiled_step_code(twin, batch=1)
-        assert "phikit.packed_linear" in code and "phikit.bf16_mv" not in code
-        assert_compiled_decoding_equals_eager(twin, phi_tokenizer, ["def add(a, b):"],
-                                              logprob_tolerance=1e-3 if dtype == torch.float32 else 0.05)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compiled_steps_call_the_matrix_vector_kernels(model, phi_tokenizer, dtype, batch):
+    """Compiled decoding steps reach the C++ kernels through their opaque operator (inductor would lower the
+    product to its own, slower code) and decode what eager decoding does; a model prepared in fp32 and then cast
+    follows its new dtype, and a deep copy's graph uses the copy's weights, not the original's."""
+    original = prepare_cpu_linears(copy.deepcopy(model))
+    twin = copy.deepcopy(original).to(dtype)
+    assert type(twin.lm_head) is CpuLinear
+    with torch.no_grad():
+        for p in original.parameters():
+            p.mul_(-1)  # were the copy's graph to read the original's layers, its logits would change
+    assert "phikit.float_rows" in compiled_step_code(twin, batch=batch)
+    prompts = ["def add(a, b):", "Once upon a time there was"][:batch]
+    assert_compiled_decoding_equals_eager(twin, phi_tokenizer, prompts,
+                                          logprob_tolerance=1e-3 if dtype == torch.float32 else 0.05)
 
 
 def assert_compiled_decoding_equals_eager(model, tokenizer, prompts: list[str], logprob_tolerance: float) -> None:
@@ -172,25 +158,6 @@ def assert_compiled_decoding_equals_eager(model, tokenizer, prompts: list[str], 
     for e, c in zip(eager, compiled):
         assert c.token_ids == e.token_ids
         assert max(abs(a - b) for a, b in zip(e.logprobs, c.logprobs)) < logprob_tolerance
-
-
-def assert_compiled_batch_decodes_as_eager(model, tokenizer, logprob_tolerance: float) -> None:
-    """A batch of two: its compiled step calls the packed weights' operator and decodes what eager decoding does."""
-    assert "phikit.packed_linear" in compiled_step_code(model, batch=2)
-    assert_compiled_decoding_equals_eager(model, tokenizer, ["def add(a, b):", "Once upon a time there was"],
-                                          logprob_tolerance)
-
-
-@pytest.mark.skipif(not packed_fp32_available(), reason="this torch build has no oneDNN")
-def test_compiled_fp32_batch_uses_the_packed_weights(model, phi_tokenizer):
-    """Compiled batched fp32 steps reach the oneDNN-packed weights through a custom op (plain GEMM with few rows is
-    ~2x slower); a deep copy's graph uses the copy's weights, not the original's."""
-    original = prepare_cpu_linears(copy.deepcopy(model))
-    fp32 = copy.deepcopy(original)
-    with torch.no_grad():
-        for p in original.parameters():
-            p.mul_(-1)  # were the copy's graph to read the original's layers, its logits would change
-    assert_compiled_batch_decodes_as_eager(fp32, phi_tokenizer, logprob_tolerance=1e-3)
 
 
 def test_compiled_decoding_outlasts_the_default_recompile_limit(model, phi_tokenizer, monkeypatch):
@@ -239,156 +206,51 @@ def test_quantized_attention_fuses_qkv_exactly(model, mode):
 
 @pytest.mark.parametrize("mode", ["int8", "int8-weight-only", "int4"])
 @pytest.mark.parametrize("rows", [1, 3, 20])
-@pytest.mark.parametrize("kernel_rows", [16, 64], ids=["kernels-below-16-rows", "kernels-below-64-rows"])
-def test_quantized_linear_matches_fp32_on_decode_and_prompt_rows(mode, rows, kernel_rows):
-    """Each kernel path (one row, a small batch, a prompt-sized block; 20 rows take the quantized kernel where it
-    was measured faster up to 64 rows) stays within its quantization error of the fp32 product."""
+def test_quantized_linear_matches_fp32_on_decode_and_prompt_rows(mode, rows):
+    """Each kernel path (one row, a small batch, a prompt-sized block) stays within its quantization error of the
+    fp32 product."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(256, 384)
     x = torch.randn(rows, 256)
     reference = layer(x)
     quantized = quantize_model(torch.nn.Sequential(layer), mode)[0]
-    kernels = CpuKernels(int8_full_range=cpu_kernels().int8_full_range, int4_kernel_max_rows=kernel_rows,
-                         int8_kernel_max_rows=kernel_rows)
-    with torch.no_grad(), use_cpu_kernels(kernels):
+    with torch.no_grad():
         got = quantized(x.to(torch.float32 if mode == "int8" else torch.bfloat16)).float()
     error = (got - reference).norm() / reference.norm()
     assert error < (0.1 if mode == "int4" else 0.02), error  # 4 bits: ~range/15/sqrt(12) on uniform weights
 
 
-@KERNEL_CHOICES
-def test_int4_dequantizes_to_its_grid_and_prompts_multiply_block_by_block(kernels):
+def test_int4_dequantizes_to_its_grid_and_prompts_multiply_block_by_block():
     """Int4 keeps each weight's 4-bit code two to a byte; dequantized, every weight is at its group's nearest grid
-    point lo + k * (hi - lo) / 15, computed here from the definition. Prompts multiply that matrix a block of output
+    point minimum + k * scale (scale (hi - lo) / 15 and minimum lo, stored in bf16), computed here from the
+    definition. Prompts multiply that matrix a block of output
     channels at a time (more channels than one block, the last one partial) and equal the plain product with it;
-    single rows and, where the kernel was measured faster, 40-row batches (torch's int4 kernel) agree with it to
-    bf16 rounding."""
-    from phikit.inference.quant import INT4_BLOCK_ROWS, Int4Linear
+    single rows agree with it to the rounding of their activations."""
+    from phikit.inference.quant import Int4Linear
     torch.manual_seed(0)
-    layer = torch.nn.Linear(128, 2 * INT4_BLOCK_ROWS + 48)
+    layer = torch.nn.Linear(128, 2 * BLOCK_ROWS + 48)
     int4 = Int4Linear(layer, group_size=32)
     groups = layer.weight.detach().reshape(layer.out_features, -1, 32)
     lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
     step = (hi - lo) / 15
-    expected = (((groups - lo) / step).round() * step + lo).reshape(layer.weight.shape)
+    # scale and minimum are stored in bf16 (within 2^-8 of (hi - lo) / 15 and lo), and each code is the nearest
+    # point of the stored grid
+    scale, minimum = int4.scales[:, :4, None].float(), int4.mins[:, :4, None].float()
+    assert ((scale - step).abs() <= step * 2 ** -8).all() and ((minimum - lo).abs() <= lo.abs() * 2 ** -8).all()
+    expected = (((groups - minimum) / scale).round().clamp(0, 15) * scale + minimum).reshape(layer.weight.shape)
     dequantized = int4.dequantize()
-    # scale and zero are kept in bf16, so a weight lands within a fraction of a step of its grid point, and the
-    # nearest grid point is the right code
-    assert ((dequantized - expected).abs() < step.expand_as(groups).reshape(expected.shape) / 4).all()
+    torch.testing.assert_close(dequantized, expected, rtol=0, atol=1e-6)
     assert int4.nibbles.numel() == layer.weight.numel() // 2
     x = torch.randn(40, 128, dtype=torch.bfloat16)
-    with torch.no_grad(), use_cpu_kernels(kernels):
+    with torch.no_grad():
         prompt = int4(x).float()
         rows = torch.cat([int4(x[i:i + 1]) for i in range(8)]).float()
-    with torch.no_grad(), use_cpu_kernels(dataclasses.replace(kernels, int4_kernel_max_rows=64)):
-        on_kernel = int4(x).float()  # 40 rows on torch's int4 kernel, where it was measured faster
     exact = torch.nn.functional.linear(x.double(), dequantized.double(), layer.bias.detach().double()).float()
-    if kernels.bf16_native_gemm:  # the weights are rounded to bf16 for the GEMM, the output to bf16 at the end
+    if native.native_bf16():  # the weights are rounded to bf16 for the GEMM, the output to bf16 at the end
         torch.testing.assert_close(prompt, exact, rtol=2e-2, atol=2e-2)
     else:
         torch.testing.assert_close(prompt, exact.bfloat16().float(), rtol=1e-2, atol=1e-3)
-    torch.testing.assert_close(rows, exact[:8], rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(on_kernel, exact, rtol=2e-2, atol=2e-2)
-
-
-@pytest.mark.skipif(not packed_fp32_available(), reason="this torch build has no oneDNN")
-@KERNEL_CHOICES
-@pytest.mark.parametrize("rows", [1, 10])
-def test_packed_fp32_linear_matches_plain_and_follows_weight_updates(kernels, rows):
-    """Several rows (and single rows where that kernel was chosen) outside autograd run on the packed copy; it
-    equals F.linear, is remade when the weights change in place (as an optimizer step changes them), and autograd
-    still takes the plain path."""
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(96, 160)
-    with use_cpu_kernels(kernels):
-        check_packed_fp32_linear(layer, torch.randn(rows, 1, 96),
-                                 uses_packed=rows > 1 or kernels.fp32_single_row_packed)
-
-
-def check_packed_fp32_linear(layer, x, uses_packed: bool) -> None:
-    prepare_cpu_linears(layer)
-    assert type(layer) is PackedFp32Linear
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-        assert (layer._packed is not None and layer._packed[1] is not None) == uses_packed  # the copy was made
-        layer.weight.mul_(-2.0)
-        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-    layer(x).sum().backward()
-    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
-    assert set(layer.state_dict()) == {"weight", "bias"}
-    twin = copy.deepcopy(layer)  # as DPO's reference model and adapter merging copy a model that has generated
-    assert twin._packed is None
-    with torch.no_grad():
-        torch.testing.assert_close(twin(x), layer(x))
-
-
-@pytest.mark.skipif(not (packed_fp16_available() and packed_fp32_available()), reason="no fbgemm or oneDNN")
-@KERNEL_CHOICES
-def test_bf16_linear_rows_match_fp32_product_of_the_same_weights(kernels):
-    """bf16 layers run several rows (batches, prompts), and single rows where chosen, on a packed copy (fbgemm fp16
-    with fp32 activations, or oneDNN bf16), prompts past its range in bf16 GEMM or on an fp32 upcast: each is the
-    product of the bf16 weights accumulated in fp32, rounded once to bf16; the copy follows in-place weight (and
-    bias) updates, autograd takes the plain path, and weights beyond fp16's range keep off the fp16 copy."""
-    torch.manual_seed(0)
-    with use_cpu_kernels(kernels):
-        layer = prepare_cpu_linears(torch.nn.Linear(96, 160).to(torch.bfloat16))
-        assert type(layer) is Bf16Linear
-        for rows in (1, 2, 7, 40, 600):  # 600: past FP16_PACKED_MAX_ROWS (the fp16 copy's range)
-            x = torch.randn(rows, 96, dtype=torch.bfloat16)
-            exact = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
-            with torch.no_grad():
-                got = layer(x)
-                packed = layer._packed is not None and layer._packed[1] is not None
-                assert packed == (rows > 1 or kernels.bf16_single_row_packed) or rows == 600
-                layer.bias.mul_(-2.0)
-                moved = layer(x)
-                layer.bias.div_(-2.0)
-            assert got.dtype == torch.bfloat16
-            # the only rounding left is the output's to bf16 (relative 2^-9); torch.mv (a single row where it is
-            # the kernel) also rounds partial sums to bf16, as bf16 F.linear does
-            tol = dict(rtol=2 ** -8, atol=1e-6) if packed or rows > 1 else dict(rtol=2 ** -5, atol=2 ** -5)
-            torch.testing.assert_close(got.double(), exact, **tol)
-            torch.testing.assert_close(moved.double(), exact - 3 * layer.bias.double(), **tol)
-        x = torch.randn(3, 96, dtype=torch.bfloat16)
-        layer(x).sum().backward()
-        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
-        assert set(layer.state_dict()) == {"weight", "bias"}
-        with torch.no_grad():
-            layer.weight[0, 0] = 1e6
-            exact = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
-            torch.testing.assert_close(layer(x).double(), exact, rtol=2 ** -8, atol=1e-6)
-            if kernels.bf16_packing == "fp16":
-                assert layer._packed[1] is None
-
-
-def test_cpu_kernel_choices_are_measured_once_or_taken_as_defaults(monkeypatch):
-    """The choices are measured on this CPU (a valid CpuKernels, in well under the time of loading a model), kept
-    for the process, and PHIKIT_CPU_KERNELS=default skips measuring."""
-    import time
-    import phikit.inference.quant as quant
-    start = time.perf_counter()
-    timings = {}
-    measured = measure_cpu_kernels(timings)
-    assert time.perf_counter() - start < 20
-    assert len(timings) >= 3 and all(t > 0 for t in timings.values())  # what benchmarks/kernels.py prints
-    assert measured.bf16_packing in ("fp16", "bf16")
-    assert all(isinstance(getattr(measured, f), bool) for f in ("fp32_single_row_packed", "bf16_single_row_packed",
-                                                                 "bf16_native_gemm"))
-    assert measured.int4_kernel_max_rows in (16, 32, 64, 128, 256, 512)
-    assert measured.int8_kernel_max_rows in (16, 32, 64)
-    monkeypatch.setattr(quant, "_kernels", None)
-    monkeypatch.setenv("PHIKIT_CPU_KERNELS", "default")
-    assert cpu_kernels() == CpuKernels() and cpu_kernels() is cpu_kernels()
-
-
-@pytest.mark.skipif(not packed_fp16_available(), reason="this torch build has no fbgemm")
-@KERNEL_CHOICES
-def test_compiled_bf16_batch_uses_the_packed_weights(model, phi_tokenizer, kernels):
-    """Compiled batched bf16 steps reach the packed weights (fp16 or bf16) through the same opaque operator as
-    fp32's."""
-    with use_cpu_kernels(kernels):
-        bf16 = prepare_cpu_linears(copy.deepcopy(model).to(torch.bfloat16))
-        assert_compiled_batch_decodes_as_eager(bf16, phi_tokenizer, logprob_tolerance=0.05)
+    torch.testing.assert_close(rows, exact[:8], rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -449,42 +311,8 @@ def test_package_level_entry_points(model, phi_tokenizer):
     assert isinstance(phikit.chat(model, phi_tokenizer, [{"role": "user", "content": "Hi"}], max_new_tokens=3), str)
 
 
-@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm")
-def test_int8_activations_take_8_bits_where_fbgemm_sums_exactly():
-    """With VNNI, fbgemm's int8 product cannot saturate, so activations are rounded to 8 bits instead of 7: half
-    the activation rounding error (measured: 1.9% -> 1.0% of a phi-1.5 MLP layer's output). Where the probe finds
-    saturation, the 7-bit path stays."""
-    from phikit.inference.quant import Int8Linear, _int8_full_range_is_exact
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(512, 1024)
-    x = torch.randn(2, 512)
-    int8 = Int8Linear(layer, torch.float32, dynamic=True)
-    with torch.no_grad():
-        weights_only = torch.nn.functional.linear(x, int8.dequantize(), layer.bias)  # the exact int8 product
-        errors = {}
-        for full in (False, True):
-            with use_cpu_kernels(dataclasses.replace(cpu_kernels(), int8_full_range=full)):
-                errors[full] = float((int8(x) - weights_only).norm() / weights_only.norm())
-    assert errors[False] < 0.04
-    if not _int8_full_range_is_exact():
-        pytest.skip("fbgemm saturates 8-bit activations on this CPU (no VNNI): 7 bits only")
-    assert errors[True] < 0.7 * errors[False], errors
-
-
-def test_quantized_models_get_the_measured_kernel_choices(model, monkeypatch):
-    """A quantized model has no nn.Linear left, yet its layers read the choices (prompt path, int8 activation
-    bits): preparing it for decoding measures them too."""
-    import phikit.inference.quant as quant
-    measured = []
-    monkeypatch.setattr(quant, "_kernels", None)
-    monkeypatch.setattr(quant, "measure_cpu_kernels", lambda: measured.append(1) or NATIVE_BF16)
-    q = quantize_model(copy.deepcopy(model), "int8")
-    prepare_cpu_linears(q)
-    assert measured == [1] and quant._current_kernels() is NATIVE_BF16
-
-
 def test_quantized_prompts_run_under_no_grad_after_inference_mode_runs():
-    """Generation and the kernel measurement run under torch.inference_mode and fill the prompt paths' reusable
+    """Generation runs under torch.inference_mode and fills the prompt paths' reusable
     buffers; a user's own forward under plain no_grad must still be able to write into them."""
     from phikit.inference.quant import Int4Linear, Int8Linear
     torch.manual_seed(0)
@@ -540,39 +368,16 @@ def test_int4_refuses_unfit_shapes_and_group_sizes_before_changing_the_model(mod
         quantize_model(unloaded, "int8")
 
 
-@KERNEL_CHOICES
-def test_packed_linears_take_weights_made_under_inference_mode(kernels):
-    """Weights loaded under torch.inference_mode are inference tensors, which keep no version counter: the packed
-    copies still work on them (they failed on the first batched step)."""
+def test_cpu_linears_take_weights_made_under_inference_mode():
+    """Weights loaded under torch.inference_mode are inference tensors: the CPU paths work on them."""
     torch.manual_seed(0)
     with torch.inference_mode():
         layers = [torch.nn.Linear(64, 96), torch.nn.Linear(64, 96).to(torch.bfloat16)]
     x = torch.randn(5, 64)
-    with use_cpu_kernels(kernels):
-        for layer in layers:
-            prepare_cpu_linears(layer)
+    for layer in layers:
+        prepare_cpu_linears(layer)
+        for rows in (1, 5, 20):
             with torch.inference_mode():
-                got = layer(x.to(layer.weight.dtype)).double()
-            exact = x.to(layer.weight.dtype).double() @ layer.weight.double().T + layer.bias.double()
+                got = layer(x[:rows].to(layer.weight.dtype)).double()
+            exact = x[:rows].to(layer.weight.dtype).double() @ layer.weight.double().T + layer.bias.double()
             torch.testing.assert_close(got, exact, rtol=1e-2, atol=1e-3)
-
-
-@pytest.mark.skipif(not packed_fp32_available(), reason="this torch build has no oneDNN")
-def test_packed_copy_survives_another_thread_resetting_it():
-    """Two threads may remake a layer's packed copy at once (first use, new weights): one thread's reset of the
-    copy, right after the other stored its own, must not reach the other's product ('NoneType' not subscriptable
-    in about one call in 10^5 with four threads)."""
-
-    class ResetByAnotherThread(PackedFp32Linear):
-        def __setattr__(self, name, value):
-            super().__setattr__(name, value)
-            if name == "_packed" and value is not None:
-                super().__setattr__("_packed", None)  # the other thread starts its own remake here
-
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(32, 48)
-    prepare_cpu_linears(layer)
-    layer.__class__ = ResetByAnotherThread
-    x = torch.randn(4, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))

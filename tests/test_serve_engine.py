@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from phikit import build_model, get_config
-from phikit.inference.quant import PackedFp32Linear, packed_fp32_available
+from phikit.inference.quant import CpuLinear
 from phikit.inference.sampling import SamplingParams
 from phikit.serve.engine import PREDICTION_DRAFT_TOKENS, Engine, Group
 
@@ -68,8 +68,7 @@ def test_joining_and_leaving_requests_decode_like_transformers(models, phi_token
     }
     lengths = {"first": 40, "longer": 12, "shorter": 25, "pair": 8}
     engine = Engine(ours, phi_tokenizer, max_batch=8, max_queue=8, compile=compile)
-    if packed_fp32_available():  # the engine decodes on the CPU's fast linear paths, as generate does
-        assert isinstance(ours.lm_head, PackedFp32Linear)
+    assert isinstance(ours.lm_head, CpuLinear)  # the engine decodes on the CPU's kernels, as generate does
 
     async def scenario():
         groups = {name: greedy_group(prompts[name], lengths[name], n=2 if name == "pair" else 1)

@@ -57,7 +57,7 @@ def load_model(args: argparse.Namespace):
     check_prompt_lookup(args.prompt_lookup, params, getattr(args, "num_beams", 1), args.compile)
     start = time.perf_counter()
     model, tokenizer = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
-    prepare_cpu_linears(model)  # measures this CPU's kernels now, not inside the first timed generation
+    prepare_cpu_linears(model)  # loads (or, once per machine, builds) the CPU kernels now
     # The config's count: a quantized model's packed weights are buffers, not parameters.
     print(f"loaded {args.model} ({model.config.num_parameters() / 1e6:,.1f}M parameters) in "
           f"{time.perf_counter() - start:.1f}s", file=sys.stderr)

@@ -1,0 +1,138 @@
+"""phikit's C++ decoding kernels (cpu_kernels.cpp): built once per machine, cached, chosen from the CPU's flags.
+
+The build (torch.utils.cpp_extension with ninja, ~1 minute) happens the first time a process needs the kernels;
+the library lands in the user's cache directory under a key made of the source, the CPU's flags and torch's
+version, and is moved there only once complete, so later processes (and other processes racing the first) load
+it in milliseconds. Nothing is measured at start-up: the instruction set comes from the CPU's flags.
+
+    PHIKIT_CPU_ISA=avx2       use the AVX2 + FMA kernels even where AVX512 is present (tests, comparisons)
+    PHIKIT_CPU_KERNELS=torch  do not build or load the extension: torch's own kernels, as on a machine without a
+                              compiler
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+MODULE = "phikit_cpu_kernels"
+AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+ISAS = {"avx2": 0, "avx512": 1}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX): oneDNN's bf16 GEMM then beats an
+    fp32 upcast several times; without it, it is the slowest choice."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def isa() -> str | None:
+    """The kernels' instruction set here: "avx512" (with VNNI), "avx2" (AVX2 + FMA), or None (neither: torch's
+    kernels). PHIKIT_CPU_ISA=avx2 forces the base; asking for more than the CPU has gives what it has."""
+    flags = cpu_flags()
+    if not {"avx2", "fma", "f16c"} <= flags or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        return None
+    if os.environ.get("PHIKIT_CPU_ISA") == "avx2" or not set(AVX512_FLAGS) <= flags:
+        return "avx2"
+    return "avx512"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "phikit" / "kernels"
+
+
+def build_key() -> str:
+    """What the compiled library depends on: its source, torch's version and ABI, the CPU's flags."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(torch.__version__.encode())
+    digest.update(str(torch._C._GLIBCXX_USE_CXX11_ABI).encode())
+    digest.update(" ".join(sorted(cpu_flags())).encode())
+    return digest.hexdigest()[:16]
+
+
+def _import(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build(target: Path) -> ModuleType:
+    """Compile into a fresh directory beside `target`, then move it into place (another process may have won the
+    race meanwhile: its copy is as good)."""
+    from torch.utils import cpp_extension
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        print("phikit: compiling the CPU decoding kernels (once per machine, about a minute)", file=sys.stderr)
+        cpp_extension.load(name=MODULE, sources=[str(SOURCE)], build_directory=str(work),
+                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
+        try:
+            os.rename(work, target)
+        except OSError:  # already there (a concurrent build finished first)
+            pass
+        return _import(target / f"{MODULE}.so")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# What extension() found, once per process (plain globals: compiled graphs read them as constants, where a cached
+# function reading /proc could not be traced).
+_tried = False
+_extension: ModuleType | None = None
+
+
+def extension() -> ModuleType | None:
+    """The compiled kernels, or None (with a one-line notice) where they cannot be had: no AVX2, no compiler or
+    ninja, a failed build. None means torch's own kernels: slower, never wrong."""
+    global _tried, _extension
+    if not _tried:
+        _extension, _tried = _load(), True
+    return _extension
+
+
+def forget() -> None:
+    """Look for the extension again on next use (tests that change the cache directory or the compiler)."""
+    global _tried, _extension
+    _tried, _extension = False, None
+
+
+def _load() -> ModuleType | None:
+    if os.environ.get("PHIKIT_CPU_KERNELS") == "torch" or isa() is None:
+        return None
+    target = cache_dir() / build_key()
+    try:
+        if (target / f"{MODULE}.so").exists():
+            return _import(target / f"{MODULE}.so")
+        return _build(target)
+    except Exception as e:  # noqa: BLE001 - any build or load failure falls back; the reason is printed
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(f"phikit: CPU decoding kernels unavailable ({reason[:200]}): using torch's kernels", file=sys.stderr)
+        return None
+
+
+def isa_code() -> int:
+    return ISAS[isa() or "avx2"]

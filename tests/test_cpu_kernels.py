@@ -1,0 +1,188 @@
+"""The CPU decoding kernels (inference/cpu_kernels.cpp) against float64 references: every precision, awkward shapes
+(widths not a multiple of 16 or 32, 1-17 rows, non-contiguous input), on each instruction set this CPU has, on
+torch's fallback path, and when the extension cannot be built at all."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from phikit.inference import native
+from phikit.inference.quant import CpuLinear, Int4Linear, Int8Linear, prepare_cpu_linears
+
+ISAS = ["avx2", pytest.param("avx512", marks=pytest.mark.skipif(
+    native.isa() != "avx512", reason="this CPU has no AVX512 with VNNI"))]
+ROWS = [1, 2, 5, 16, 17]
+WIDTHS = [40, 100, 160, 2080]  # 40, 100: not a multiple of 16 or 32; 160: 32 but not 64; 2080: a long row
+
+
+@pytest.fixture
+def kernels(request, monkeypatch):
+    """The kernel path of the given instruction set ("torch": the fallback, as without a compiler)."""
+    mode = request.param
+    if mode == "torch":
+        monkeypatch.setattr(native, "extension", lambda: None)
+    else:
+        if native.extension() is None:
+            pytest.skip("the C++ kernels cannot be built here")
+        monkeypatch.setenv("PHIKIT_CPU_ISA", mode)
+        assert native.isa() == mode
+    return mode
+
+
+def rows_of(rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Input rows as a non-contiguous view (every other column of a wider tensor)."""
+    wide = torch.randn(rows, 2 * width, dtype=torch.float32).to(dtype)
+    x = wide[:, ::2]
+    assert not x.is_contiguous()
+    return x
+
+
+def block_quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations rounded to int8 in blocks of 32 as the kernels define it: d = max|x| / 127 per block, q =
+    round(x * 127 / max|x|), computed here in fp32 from the definition. Returns (q, d) per block, padded to 32."""
+    rows, width = x.shape
+    blocks = -(-width // 32)
+    padded = torch.nn.functional.pad(x.float(), (0, blocks * 32 - width)).view(rows, blocks, 32)
+    amax = padded.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return torch.round(padded * inv), amax / 127
+
+
+@pytest.mark.parametrize("kernels", ISAS + ["torch"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", WIDTHS)
+def test_float_kernels_equal_float64(kernels, dtype, width):
+    torch.manual_seed(width)
+    layer = prepare_cpu_linears(torch.nn.Linear(width, 37).to(dtype))
+    assert type(layer) is CpuLinear
+    for rows in ROWS:
+        x = rows_of(rows, width, dtype)
+        with torch.inference_mode():
+            got = layer(x).double()
+        exact = x.double() @ layer.weight.double().T + layer.bias.double()
+        # fp32: summation order only; bf16: the output's rounding to bf16 (torch.mv's bf16 partial sums without
+        # the kernels)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -5, atol=2 ** -5)
+        torch.testing.assert_close(got, exact, **tol)
+
+
+@pytest.mark.parametrize("kernels", ISAS, indirect=True)
+@pytest.mark.parametrize("width", WIDTHS)
+def test_int8_kernel_is_the_block_quantized_product(kernels, width):
+    """A few rows: exactly (to fp32 summation) sum over blocks of d_x * (q_x . q_w), times the channel's scale;
+    prompts (17 rows) the exact product with the int8 weights."""
+    torch.manual_seed(width)
+    layer = Int8Linear(torch.nn.Linear(width, 37), torch.float32, dynamic=True)
+    for rows in ROWS:
+        x = rows_of(rows, width, torch.float32)
+        with torch.inference_mode():
+            got = layer(x).double()
+        if rows < 16:
+            q, d = block_quantized(x)
+            w = torch.nn.functional.pad(layer.weight.double(), (0, q.shape[1] * 32 - width)).view(37, -1, 32)
+            per_block = torch.einsum("rbk,nbk->rnb", q.double(), w)
+            exact = (per_block * d.double().view(rows, 1, -1)).sum(-1) * layer.scales.double()
+            exact += layer.bias.double()
+            torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+        else:
+            exact = x.double() @ layer.dequantize().double().T + layer.bias.double()
+            torch.testing.assert_close(got, exact, rtol=1e-2, atol=1e-2)  # bf16 GEMM where native
+
+
+@pytest.mark.parametrize("kernels", ISAS, indirect=True)
+@pytest.mark.parametrize("width", [96, 160, 2080])  # int4 takes widths divisible by its group (32)
+def test_int4_kernel_is_the_block_quantized_product(kernels, width):
+    """A few rows: sum over blocks of scale * d_x * (q_x . q) + minimum * sum(x), the int4 weight being
+    q * scale + minimum per group of 32; prompts the product with the dequantized weights."""
+    torch.manual_seed(width)
+    layer = Int4Linear(torch.nn.Linear(width, 48))
+    assert layer.native
+    dequantized = layer.dequantize().double()
+    for rows in ROWS:
+        x = rows_of(rows, width, torch.bfloat16)
+        with torch.inference_mode():
+            got = layer(x).double()
+        if rows < 16:
+            q, d = block_quantized(x)
+            groups = width // 32
+            codes = ((dequantized.view(48, groups, 32) - layer.mins[:, :groups, None].double())
+                     / layer.scales[:, :groups, None].double()).round()
+            per_block = torch.einsum("rbk,nbk->rnb", q.double(), codes) * d.double().view(rows, 1, -1)
+            exact = (per_block * layer.scales[:, :groups].double()).sum(-1)
+            exact += x.double().view(rows, groups, 32).sum(-1) @ layer.mins[:, :groups].double().T
+            exact += layer.bias.double()
+            torch.testing.assert_close(got, exact, rtol=1e-2, atol=2e-2)  # the output is bf16
+        else:
+            exact = x.double() @ dequantized.T + layer.bias.double()
+            torch.testing.assert_close(got, exact, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kernels", ISAS + ["torch"], indirect=True)
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_layers_stay_near_the_float64_product(kernels, mode):
+    """On every path (the fallback is fbgemm's int8 GEMM, torch's int4 kernel) the output stays within the
+    quantization error of the float64 product with the original weights."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(160, 64)
+    layer = Int8Linear(linear, torch.float32, dynamic=True) if mode == "int8" else Int4Linear(linear)
+    dtype = torch.float32 if mode == "int8" else torch.bfloat16
+    for rows in ROWS:
+        x = rows_of(rows, 160, dtype)
+        with torch.inference_mode():
+            got = layer(x).double()
+        exact = x.double() @ linear.weight.detach().double().T + linear.bias.detach().double()
+        error = float((got - exact).norm() / exact.norm())
+        assert error < (0.1 if mode == "int4" else 0.03), (rows, error)
+
+
+def test_a_cpu_without_avx512_takes_the_avx2_path(monkeypatch):
+    """The instruction set comes from the CPU's flags: without AVX512 (or without VNNI) the AVX2 kernels, whatever
+    is asked for; PHIKIT_CPU_ISA=avx2 forces them on a CPU that has more."""
+    with_avx512 = native.cpu_flags()
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset(with_avx512 - {"avx512_vnni"}))
+    if {"avx2", "fma", "f16c"} <= with_avx512:
+        assert native.isa() == "avx2"
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", *native.AVX512_FLAGS}))
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        assert native.isa() == "avx512"
+        monkeypatch.setenv("PHIKIT_CPU_ISA", "avx2")
+        assert native.isa() == "avx2"
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"sse4_2"}))
+    assert native.isa() is None  # no AVX2: torch's kernels
+
+
+def test_a_missing_compiler_falls_back_with_one_line(monkeypatch, tmp_path, capfd):
+    """When the extension cannot be built (no compiler here), decoding runs on torch's kernels after a one-line
+    notice, and nothing half-built is left in the cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(native, "isa", lambda: "avx2")
+    native.forget()
+    try:
+        assert native.extension() is None
+        err = capfd.readouterr().err
+        notice = [line for line in err.splitlines() if "kernels unavailable" in line]
+        assert len(notice) == 1 and "using torch's kernels" in notice[0]
+        assert not any((tmp_path / "phikit" / "kernels").glob("*/*.so"))
+        layer = prepare_cpu_linears(torch.nn.Linear(40, 24))
+        x = torch.randn(3, 40)
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x).double(), x.double() @ layer.weight.double().T
+                                       + layer.bias.double(), rtol=1e-5, atol=1e-5)
+    finally:
+        native.forget()
+
+
+def test_the_built_extension_is_cached_per_machine_and_loads_fast():
+    """Built once (by this suite's first test at the latest), the library is found under a key of the source, the
+    CPU's flags and torch's version, and a new process loads it in well under a second."""
+    import subprocess
+    import sys
+    import time
+    if native.extension() is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    assert (native.cache_dir() / native.build_key() / f"{native.MODULE}.so").exists()
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "from phikit.inference import native; assert native.extension()"],
+                   check=True, timeout=60)
+    assert time.perf_counter() - start < 30  # the import of torch dominates; no compiling happened
