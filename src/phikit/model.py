@@ -248,21 +248,17 @@ class PhiForCausalLM(nn.Module):
     def init_weights(self, seed: int | None = None, generator: torch.Generator | None = None) -> None:
         """Normal(0, initializer_range) weights, zero biases, unit LayerNorms (as transformers' PhiPreTrainedModel).
 
-        With `seed` the numbers are drawn on the CPU in fp32, so a seed gives the same model on every device and
-        dtype; a `generator` draws in place on the weights' device (each process its own shard of a sharded one)."""
-        if generator is None:
-            generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-            in_place = False
-        else:
-            in_place = True
+        Numbers are drawn in fp32 on the generator's device: with `seed`, on the CPU, so a seed gives the same model
+        on every device and dtype; a `generator` on the weights' device spares the copy (each process of a sharded
+        model draws its own shard)."""
+        if generator is None and seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        device = generator.device if generator is not None else "cpu"
         std = self.config.initializer_range
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 w = m.weight.to_local() if hasattr(m.weight, "to_local") else m.weight  # a shard of a DTensor
-                if in_place:
-                    w.normal_(0.0, std, generator=generator)
-                else:
-                    w.copy_(torch.empty(w.shape, dtype=torch.float32).normal_(0.0, std, generator=generator))
+                w.copy_(torch.empty(w.shape, dtype=torch.float32, device=device).normal_(0.0, std, generator=generator))
                 if getattr(m, "bias", None) is not None:
                     m.bias.zero_()
             elif isinstance(m, nn.LayerNorm):

@@ -56,9 +56,10 @@ class KVCache:
             self.values[layer].index_copy_(2, self.write_index, v)
             return self.keys[layer], self.values[layer]
         start, t = self._length, k.shape[2]
-        if self.keys[layer] is None or self.keys[layer].shape[2] < start + t:
-            self._grow_layer(layer, max(start + t, 2 * (self.keys[layer].shape[2] if self.keys[layer] is not None
-                                                         else 0)), like=k)
+        if self.keys[layer] is None:  # a cache the model made: shaped like the first keys, grown below
+            self.keys[layer] = self.values[layer] = k.new_zeros(*k.shape[:2], 0, k.shape[3])
+        if self.keys[layer].shape[2] < start + t:
+            self._grow_layer(layer, max(start + t, 2 * self.keys[layer].shape[2]))
         buf_k, buf_v = self.keys[layer], self.values[layer]
         buf_k[:, :, start:start + t] = k
         buf_v[:, :, start:start + t] = v
@@ -69,12 +70,11 @@ class KVCache:
         self._length += tokens
 
     # --- what decoding and the server call ---
-    def _grow_layer(self, layer: int, capacity: int, like: torch.Tensor | None = None) -> None:
+    def _grow_layer(self, layer: int, capacity: int) -> None:
         old_k, old_v = self.keys[layer], self.values[layer]
-        template = old_k if old_k is not None else like
-        new_k = template.new_zeros(template.shape[0], template.shape[1], capacity, template.shape[3])
+        new_k = old_k.new_zeros(*old_k.shape[:2], capacity, old_k.shape[3])
         new_v = new_k.clone()
-        if old_k is not None and self._length:
+        if self._length:
             new_k[:, :, :self._length] = old_k[:, :, :self._length]
             new_v[:, :, :self._length] = old_v[:, :, :self._length]
         self.keys[layer], self.values[layer] = new_k, new_v
