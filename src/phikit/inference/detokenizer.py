@@ -49,28 +49,26 @@ class Detokenizer:
         if self.stopped:
             return ""
         self.ids.append(token_id)
-        before = self.tokenizer.decode(self.ids[self._context:self._decoded])
-        after = self.tokenizer.decode(self.ids[self._context:])
-        if after.endswith("\ufffd") or len(after) <= len(before):  # an incomplete character waits for its next token
+        new = self._new_text()
+        if not new or new.endswith("\ufffd"):  # an incomplete character waits for its next token
             return ""
-        new = after[len(before):]
-        self._context, self._decoded = self._decoded, len(self.ids)
-        self.length += len(new)
-        return self._release(self.held + new, final=False)
+        return self._release(new, final=False)
 
     def finish(self) -> str:
         """The rest of the text, incomplete characters included (as tokenizer.decode shows them)."""
-        if self.stopped:
-            return ""
-        rest = self.tokenizer.decode(self.ids[self._context:])[len(self.tokenizer.decode(
-            self.ids[self._context:self._decoded])):] if self._decoded < len(self.ids) else ""
-        self._context = self._decoded = len(self.ids)
-        self.length += len(rest)
-        return self._release(self.held + rest, final=True)
+        return "" if self.stopped else self._release(self._new_text(), final=True)
 
-    def _release(self, candidate: str, final: bool) -> str:
+    def _new_text(self) -> str:
+        """The text of the ids after the last complete character, decoded with the ids before them as context."""
+        before = self.tokenizer.decode(self.ids[self._context:self._decoded])
+        return self.tokenizer.decode(self.ids[self._context:])[len(before):]
+
+    def _release(self, new: str, final: bool) -> str:
+        self._context, self._decoded = self._decoded, len(self.ids)
+        self.length += len(new)
         # A stop string that ends in the new text begins inside `candidate`: the text before `held` was released
         # because no end of it could begin one.
+        candidate = self.held + new
         hits = [at for at in (candidate.find(s) for s in self.stops) if at >= 0]
         if hits:
             self.stopped = True
