@@ -11,12 +11,20 @@ half of the pairs there, and some far above it).
 from __future__ import annotations
 
 import hashlib
+import heapq
+import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 from datasketch import MinHash, MinHashLSH
+from datatrove.pipeline.base import PipelineStep
+
+from .io import DataError, ReadStats, RecordWriter, read_records, write_parts, write_report
+from .job import Stage, read_manifests, task_file, write_json
 
 _WORD = re.compile(r"\w+")
 
@@ -124,3 +132,305 @@ def jaccard(a: str, b: str, ngram: int = 5) -> float:
     sa, sb = shingles(a, ngram), shingles(b, ngram)
     return len(sa & sb) / max(1, len(sa | sb))
 
+
+
+# --- the same, as datatrove tasks over a corpus of any size -----------------------------------------------------
+#
+# Five stages, each sharded, so no process holds the corpus's signatures:
+#   1. signatures (one task per input shard): the normalized-text digest and the MinHash of each document; the
+#      digests go to partition files by digest, one key per LSH band to partition files by that band's hash.
+#   2. exact (one task per digest partition): documents with the digest of an earlier one are its copies.
+#   3. buckets (one task per band partition): documents sharing a band are candidate pairs (copies left out:
+#      they share every band with the document they copy).
+#   4. verify (one task per input shard, by the later document of each pair): the pair's estimated Jaccard
+#      similarity from the two signatures; pairs at or above the threshold are kept as edges.
+#   5. resolve (one task): documents in input order, keeping one byte per document for "kept": exactly the
+#      rule of `Deduplicator` (a document is a duplicate of the most similar earlier *kept* one), then the
+#      output, written from the shards' records without the removed ones, and the report.
+# Documents are numbered by their position in the input (shards are contiguous pieces of it), so the output and
+# the report do not depend on how many tasks or workers ran.
+
+_DIGESTS = np.dtype([("d0", "<u8"), ("d1", "<u8"), ("row", "<u4")])
+_BANDS = np.dtype([("h", "<u8"), ("d0", "<u8"), ("row", "<u4")])
+_PAIRS = np.dtype([("hi", "<u8"), ("lo", "<u8")])
+_EDGES = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("j", "<f8")])
+_COPIES = np.dtype([("doc", "<u8"), ("rep", "<u8")])
+
+
+def _permutations(num_perm: int, seed: int):
+    return MinHash(num_perm=num_perm, seed=seed).permutations
+
+
+def _band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """[docs, bands] 64-bit keys of each band's rows (a different mix per band, so bands do not collide)."""
+    keys = np.empty((len(sigs), bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for b in range(bands):
+            h = np.full(len(sigs), np.uint64(0x9E3779B97F4A7C15) * np.uint64(b + 1), dtype=np.uint64)
+            for c in sigs[:, b * rows:(b + 1) * rows].T:
+                h = (h ^ c.astype(np.uint64)) * np.uint64(0x100000001B3)
+                h ^= h >> np.uint64(29)
+            keys[:, b] = h
+    return keys
+
+
+class _Step(PipelineStep):
+    """A stage of the dedup job: its settings, the work folder, the task offsets of stage 1."""
+    type = "Dedup"
+
+    def __init__(self, work: str, tasks: int, partitions: int, threshold: float = 0.8, num_perm: int = 128,
+                 ngram: int = 5, near: bool = True) -> None:
+        super().__init__()
+        self.work, self.tasks, self.partitions = work, tasks, partitions
+        self.threshold, self.num_perm, self.ngram, self.near = threshold, num_perm, ngram, near
+
+    def folder(self) -> Path:
+        return Path(self.work)
+
+    def offsets(self) -> np.ndarray:
+        """Position in the input of each input task's first document (and the total at the end)."""
+        counts = [m["count"] for m in read_manifests(self.folder(), "sig", self.tasks)]
+        return np.cumsum([0] + counts).astype(np.uint64)
+
+    def load(self, kind: str, dtype: np.dtype, ranks: Iterable[int], part: int) -> np.ndarray:
+        arrays = [np.fromfile(self.folder() / f"{kind}-{r:05d}-{part:05d}.bin", dtype=dtype) for r in ranks]
+        return np.concatenate(arrays) if arrays else np.zeros(0, dtype)
+
+
+class SignatureStage(_Step):
+    name = "dedup signatures"
+
+    def __init__(self, inputs: Sequence[str], text_field: str, on_error: str, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.inputs, self.text_field, self.on_error = list(inputs), text_field, on_error
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        folder, parts = self.folder(), self.partitions
+        bands, rows = lsh_params(self.threshold, self.num_perm)
+        perms = _permutations(self.num_perm, 1)
+        stats = ReadStats()
+        digests, sigs = [], []
+        outs = {kind: [open(folder / f"{kind}-{rank:05d}-{p:05d}.bin.tmp", "wb") for p in range(parts)]
+                for kind in (("digest", "band") if self.near else ("digest",))}
+        sig_file = open(folder / f"sig-{rank:05d}.bin.tmp", "wb")
+        row = 0
+
+        def flush() -> None:
+            nonlocal row
+            if not digests:
+                return
+            d = np.array(digests, dtype=np.uint64).reshape(-1, 2)
+            recs = np.zeros(len(d), _DIGESTS)
+            recs["d0"], recs["d1"], recs["row"] = d[:, 0], d[:, 1], np.arange(row, row + len(d))
+            for p, f in enumerate(outs["digest"]):
+                f.write(recs[recs["d0"] % parts == p].tobytes())
+            if self.near:
+                s = np.array(sigs, dtype=np.uint32)
+                sig_file.write(s.tobytes())
+                keys = _band_keys(s, bands, rows)
+                b = np.zeros(keys.size, _BANDS)
+                b["h"], b["d0"] = keys.ravel(), np.repeat(d[:, 0], bands)
+                b["row"] = np.repeat(np.arange(row, row + len(d)), bands)
+                for p, f in enumerate(outs["band"]):
+                    f.write(b[b["h"] % parts == p].tobytes())
+            row += len(d)
+            digests.clear()
+            sigs.clear()
+
+        with RecordWriter(folder / f"records-{rank:05d}.jsonl") as records:
+            for rec in read_records(self.inputs, self.text_field, self.on_error, stats, shard=(rank, world_size)):
+                text = rec[self.text_field]
+                records.write(rec)
+                digest = hashlib.blake2b(normalize(text).encode(), digest_size=16).digest()
+                digests.append(np.frombuffer(digest, dtype="<u8"))
+                if self.near:
+                    m = MinHash(num_perm=self.num_perm, seed=1, permutations=perms, scheme="affine32")
+                    m.update_batch(list(shingles(text, self.ngram)))
+                    sigs.append(m.hashvalues)
+                if len(digests) >= 4096:
+                    flush()
+            flush()
+        for f in [sig_file, *(f for fs in outs.values() for f in fs)]:
+            f.close()
+            os.replace(f.name, f.name[:-4])
+        write_json(task_file(folder, "sig", rank), {"count": row, "skipped": stats.skipped})
+        return iter(())
+
+
+class ExactStage(_Step):
+    name = "dedup exact"
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        offsets = self.offsets()
+        recs = [np.fromfile(self.folder() / f"digest-{r:05d}-{rank:05d}.bin", _DIGESTS) for r in range(self.tasks)]
+        doc = np.concatenate([offsets[r] + x["row"].astype(np.uint64) for r, x in enumerate(recs)])
+        recs = np.concatenate(recs)
+        order = np.lexsort((doc, recs["d1"], recs["d0"]))
+        d0, d1, doc = recs["d0"][order], recs["d1"][order], doc[order]
+        same = np.zeros(len(doc), bool)
+        same[1:] = (d0[1:] == d0[:-1]) & (d1[1:] == d1[:-1])
+        first = np.maximum.accumulate(np.where(same, 0, np.arange(len(doc))))  # each one's group start
+        copies = np.zeros(int(same.sum()), _COPIES)
+        copies["doc"], copies["rep"] = doc[same], doc[first[same]]
+        copies = copies[np.argsort(copies["doc"], kind="stable")]
+        _write_array(self.folder() / f"copies-{rank:05d}.bin", copies)
+        return iter(())
+
+
+class BucketStage(_Step):
+    name = "dedup buckets"
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        offsets = self.offsets()
+        recs = [np.fromfile(self.folder() / f"band-{r:05d}-{rank:05d}.bin", _BANDS) for r in range(self.tasks)]
+        doc = np.concatenate([offsets[r] + x["row"].astype(np.uint64) for r, x in enumerate(recs)])
+        recs = np.concatenate(recs)
+        order = np.lexsort((doc, recs["h"]))
+        h, d0, doc = recs["h"][order], recs["d0"][order], doc[order]
+        starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+        ends = np.r_[starts[1:], len(h)]
+        pairs = []
+        for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+            # one document per digest (the earliest, which is the one the others copy)
+            _, first = np.unique(d0[s:e], return_index=True)
+            members = np.sort(doc[s:e][first])
+            if len(members) > 1:
+                hi, lo = np.triu_indices(len(members), 1)[::-1]
+                pairs.append(np.stack([members[hi], members[lo]], axis=1))
+        pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.uint64)
+        task = np.searchsorted(offsets, pairs[:, 0], side="right") - 1
+        for t in range(self.tasks):
+            p = np.zeros(int((task == t).sum()), _PAIRS)
+            p["hi"], p["lo"] = pairs[task == t, 0], pairs[task == t, 1]
+            _write_array(self.folder() / f"pairs-{rank:05d}-{t:05d}.bin", p)
+        return iter(())
+
+
+class VerifyStage(_Step):
+    name = "dedup verify"
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        offsets = self.offsets()
+        pairs = self.load("pairs", _PAIRS, range(self.partitions), rank)
+        pairs = np.stack([pairs["hi"], pairs["lo"]], axis=1)
+        if len(pairs):
+            pairs = np.unique(pairs, axis=0)  # a pair shares several bands
+        sims = np.zeros(len(pairs))
+        width = self.num_perm
+        own = np.memmap(self.folder() / f"sig-{rank:05d}.bin", dtype=np.uint32, mode="r").reshape(-1, width) \
+            if len(pairs) else None
+        lo_task = np.searchsorted(offsets, pairs[:, 1], side="right") - 1
+        for t in np.unique(lo_task):
+            sel = lo_task == t
+            other = np.memmap(self.folder() / f"sig-{t:05d}.bin", dtype=np.uint32, mode="r").reshape(-1, width)
+            a = own[(pairs[sel, 0] - offsets[rank]).astype(np.int64)]
+            b = other[(pairs[sel, 1] - offsets[t]).astype(np.int64)]
+            # as datasketch's MinHash.jaccard: the share of equal hash values
+            sims[sel] = np.count_nonzero(a == b, axis=1) / width
+            del other
+        keep = sims >= self.threshold
+        edges = np.zeros(int(keep.sum()), _EDGES)
+        edges["hi"], edges["lo"], edges["j"] = pairs[keep, 0], pairs[keep, 1], sims[keep]
+        _write_array(self.folder() / f"edges-{rank:05d}.bin", edges)
+        return iter(())
+
+
+class ResolveStage(_Step):
+    name = "dedup resolve"
+
+    def __init__(self, output: str, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.output = output
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        folder = self.folder()
+        manifests = read_manifests(folder, "sig", self.tasks)
+        total = sum(m["count"] for m in manifests)
+        if total == 0:
+            raise DataError("the inputs hold no documents: nothing to deduplicate (check the files and "
+                            "--text-field)")
+        copies = [np.fromfile(folder / f"copies-{p:05d}.bin", _COPIES) for p in range(self.partitions)]
+        has_copies = np.zeros(total, bool)
+        for c in copies:
+            has_copies[c["rep"].astype(np.int64)] = True
+        kept = np.ones(total, bool)
+        pending: dict[int, list[tuple[float, int]]] = {}  # removed documents with copies: their kept neighbours
+        removals: list[list] = []
+
+        def events():
+            copy_events = heapq.merge(*(((int(d), 0, int(r)) for d, r in zip(c["doc"], c["rep"])) for c in copies))
+            edge_events = (e for t in range(self.tasks) for e in _grouped_edges(folder / f"edges-{t:05d}.bin")) \
+                if self.near else iter(())
+            return heapq.merge(copy_events, edge_events)
+
+        for doc, kind, payload in events():
+            if kind == 0:  # a copy of an earlier document: of a kept one, or of a removed one (then a near copy)
+                if kept[payload]:
+                    removals.append([doc, "exact", payload, 1.0])
+                else:
+                    sim, neg = max(pending[payload])
+                    removals.append([doc, "near", -neg, round(sim, 3)])
+                kept[doc] = False
+                continue
+            candidates = [(j, -lo) for lo, j in payload if kept[lo]]
+            if candidates:
+                sim, neg = max(candidates)
+                removals.append([doc, "near", -neg, round(sim, 3)])
+                kept[doc] = False
+                if has_copies[doc]:
+                    pending[doc] = candidates
+            else:
+                for lo, j in payload:
+                    if lo in pending:
+                        pending[lo].append((j, -doc))
+        report = DedupReport(input=total, kept=total - len(removals))
+        by_doc = iter(removals)
+
+        def dropped(position: int, rec: dict) -> None:
+            doc, reason, of, sim = next(by_doc)
+            why = {"index": doc, "reason": reason, "duplicate_of": of, "similarity": sim}
+            if "id" in rec:
+                why["id"] = rec["id"]
+            report.removed.append(why)
+            if reason == "exact":
+                report.exact_duplicates += 1
+            else:
+                report.near_duplicates += 1
+
+        parts = [folder / f"records-{r:05d}.jsonl" for r in range(self.tasks)]
+        write_parts(self.output, parts, (r[0] for r in removals), dropped)
+        skipped = [s for m in manifests for s in m["skipped"]]
+        write_report(self.output, {"step": "dedup", **report.summary(), "skipped_lines": len(skipped),
+                                   "skipped": skipped})
+        return iter(())
+
+
+def _grouped_edges(path: Path) -> Iterator[tuple[int, int, list[tuple[int, float]]]]:
+    """(document, 1, [(earlier similar document, similarity), ...]) per document, in order."""
+    edges = np.fromfile(path, _EDGES)
+    if not len(edges):
+        return
+    starts = np.flatnonzero(np.r_[True, edges["hi"][1:] != edges["hi"][:-1]])
+    ends = np.r_[starts[1:], len(edges)]
+    for s, e in zip(starts, ends):
+        yield int(edges["hi"][s]), 1, [(int(lo), float(j)) for lo, j in zip(edges["lo"][s:e], edges["j"][s:e])]
+
+
+def _write_array(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    array.tofile(tmp)
+    os.replace(tmp, path)
+
+
+def dedup_stages(inputs: Sequence[str | Path], output: str | Path, work: Path, tasks: int, text_field: str = "text",
+                 on_error: str = "fail", threshold: float = 0.8, num_perm: int = 128, ngram: int = 5,
+                 near: bool = True) -> list[Stage]:
+    """The stages of a dedup job (run them with WorkFolder.run); checks the settings first."""
+    Deduplicator(threshold, num_perm, ngram, near)  # the same refusals as the one-process path
+    settings = dict(work=str(work), tasks=tasks, partitions=tasks, threshold=threshold, num_perm=num_perm,
+                    ngram=ngram, near=near)
+    stages = [Stage("signatures", SignatureStage([str(p) for p in inputs], text_field, on_error, **settings), tasks),
+              Stage("exact", ExactStage(**settings), tasks)]
+    if near:
+        stages += [Stage("buckets", BucketStage(**settings), tasks), Stage("verify", VerifyStage(**settings), tasks)]
+    return stages + [Stage("resolve", ResolveStage(str(output), **settings), 1)]

@@ -19,6 +19,8 @@ from typing import Any, Iterable, Iterator, Sequence
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TEXT_SUFFIXES = (".txt", ".md", ".py")
+REPORT_SUFFIX = ".report.json"  # OUTPUT.report.json: the counts a step writes beside its output
+WORK_SUFFIX = ".partial"  # OUTPUT.partial/: a step's tasks and their parts until the output is complete
 
 
 class DataError(ValueError):
@@ -37,7 +39,7 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f) in ("jsonl", "parquet"))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _is_data(f.relative_to(p)))
             if not found:
                 raise FileNotFoundError(f"directory {p} holds no .jsonl or .parquet files: point at the data files")
             out.extend(found)
@@ -46,6 +48,14 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
         else:
             raise FileNotFoundError(f"input {p} does not exist: check the path")
     return out
+
+
+def _is_data(relative: Path) -> bool:
+    """A record file inside a directory given as input; not what the steps write beside their outputs (reports,
+    rejects, work folders, hidden files)."""
+    name = relative.name
+    return (_kind(relative) in ("jsonl", "parquet") and not name.endswith((REPORT_SUFFIX, ".rejected.jsonl"))
+            and not any(part.startswith(".") or part.endswith(WORK_SUFFIX) for part in relative.parts))
 
 
 def _kind(path: Path) -> str:
@@ -59,20 +69,42 @@ def _kind(path: Path) -> str:
     return "unknown"
 
 
-def iter_jsonl_lines(path: Path, shard: tuple[int, int] | None = None) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw line) pairs of the non-blank lines, undecoded (the caller reports a line that is not
-    UTF-8 like any other bad line). With shard=(rank, world), only the lines starting in the
-    rank-th of `world` equal byte ranges (gzip: every world-th block of 1000 lines): a split that depends only on
-    the file and `world`, never on how many workers run the shards."""
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "rb") as f:
-            for i, raw in enumerate(f, 1):
-                if shard and ((i - 1) // 1000) % shard[1] != shard[0]:
-                    continue
-                yield from _decoded(path, i, raw)
-        return
+def shard_ranges(paths: Sequence[Path], shard: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """For each file, the byte range [lo, hi) of it that belongs to shard (rank, world): the inputs are taken as
+    one stream of bytes (their concatenation, in order) cut into `world` equal contiguous pieces. So shard r holds
+    records that all come before shard r+1's, the split depends only on the files and `world`, and the
+    concatenation of every shard's output is the output of one pass over the inputs."""
+    sizes = [p.stat().st_size for p in paths]
+    if not shard:
+        return [(0, size) for size in sizes]
+    rank, world = shard
+    total = sum(sizes)
+    r0, r1 = total * rank // world, total * (rank + 1) // world
+    out, start = [], 0
+    for size in sizes:
+        out.append((min(max(r0 - start, 0), size), min(max(r1 - start, 0), size)))
+        start += size
+    return out
+
+
+def iter_jsonl_lines(path: Path, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) pairs of the non-blank lines that start in bytes [lo, hi) of the file, undecoded
+    (the caller reports a line that is not UTF-8 like any other bad line). A gzip file cannot be entered in the
+    middle: its lines are placed in proportion to their offset in the decompressed text."""
     size = path.stat().st_size
-    lo, hi = (0, size) if not shard else (size * shard[0] // shard[1], size * (shard[0] + 1) // shard[1])
+    hi = size if hi is None else hi
+    if lo >= hi:
+        return
+    if path.name.endswith(".gz"):
+        whole = (lo, hi) == (0, size)
+        total = 0 if whole else _gzip_length(path)
+        with gzip.open(path, "rb") as f:
+            offset = 0
+            for i, raw in enumerate(f, 1):
+                if whole or lo <= size * offset // max(total, 1) < hi:
+                    yield from _decoded(path, i, raw)
+                offset += len(raw)
+        return
     with open(path, "rb") as f:
         lineno = 0
         if lo > 0:
@@ -86,6 +118,14 @@ def iter_jsonl_lines(path: Path, shard: tuple[int, int] | None = None) -> Iterat
                 break
             lineno += 1
             yield from _decoded(path, lineno, raw)
+
+
+def _gzip_length(path: Path, chunk: int = 1 << 22) -> int:
+    n = 0
+    with gzip.open(path, "rb") as f:
+        while buf := f.read(chunk):
+            n += len(buf)
+    return n
 
 
 def _decoded(path: Path, lineno: int, raw: bytes) -> Iterator[tuple[int, bytes]]:
@@ -126,10 +166,13 @@ def read_records(paths: Sequence[str | Path], text_field: str | None = "text", o
         if not quiet:
             print(f"warning: skipped {msg}", file=sys.stderr)
 
-    for path in expand_paths(paths):
+    files = expand_paths(paths)
+    for path, (lo, hi) in zip(files, shard_ranges(files, shard)):
         kind = _kind(path)
+        if lo >= hi and (shard or kind != "text"):
+            continue  # not this shard's (an empty text file is still one record, of the first pass)
         if kind == "jsonl":
-            for lineno, raw in iter_jsonl_lines(path, shard):
+            for lineno, raw in iter_jsonl_lines(path, lo, hi):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:  # a bad line like any other: --on-error skip skips it
@@ -149,9 +192,9 @@ def read_records(paths: Sequence[str | Path], text_field: str | None = "text", o
                 stats.records += 1
                 yield rec
         elif kind == "parquet":
-            yield from _read_parquet(path, text_field, bad, stats, shard)
+            yield from _read_parquet(path, text_field, bad, stats, lo, hi)
         elif kind == "text":
-            if shard and shard[0] != 0:
+            if lo != 0:  # a text file is one record: the shard holding its first byte reads it
                 continue
             stats.records += 1
             # utf-8-sig: a byte order mark is not part of the text
@@ -160,7 +203,7 @@ def read_records(paths: Sequence[str | Path], text_field: str | None = "text", o
             raise DataError(f"{path}: unknown file type: use .jsonl, .jsonl.gz or .parquet")
 
 
-def _read_parquet(path: Path, text_field, bad, stats: ReadStats, shard) -> Iterator[dict]:
+def _read_parquet(path: Path, text_field, bad, stats: ReadStats, lo: int, hi: int) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     try:
@@ -172,7 +215,8 @@ def _read_parquet(path: Path, text_field, bad, stats: ReadStats, shard) -> Itera
                         f"use --text-field")
     row = 0
     for group in range(pf.num_row_groups):
-        if shard and group % shard[1] != shard[0]:
+        size = path.stat().st_size
+        if not lo <= size * group // pf.num_row_groups < hi:  # row groups placed in proportion within the file
             row += pf.metadata.row_group(group).num_rows
             continue
         for rec in pf.read_row_group(group).to_pylist():
@@ -215,6 +259,11 @@ class RecordWriter:
             self._rows.append(record)
             if len(self._rows) >= self._batch:
                 self._flush_parquet()
+
+    def write_line(self, line: str) -> None:
+        """One record already serialized as a JSON line (JSONL outputs only)."""
+        self.count += 1
+        self._f.write(line)
 
     def write_all(self, records: Iterable[dict[str, Any]]) -> None:
         for r in records:
@@ -275,6 +324,42 @@ class RecordWriter:
             self.close()
         else:
             self.abort()
+
+
+def write_parts(output: str | Path, parts: Sequence[Path], drop: Iterable[int] = (),
+                dropped: Any = None) -> int:
+    """Write the records of JSONL part files, in order, to `output` (any record format), leaving out those whose
+    position (counted across all parts) is in the ascending sequence `drop`; `dropped(position, record)` is
+    called for each one left out. Returns how many were written. Lines are copied as they are when the output is
+    plain JSONL, so the result is byte for byte what one RecordWriter over the same records writes."""
+    drop = iter(drop)
+    next_drop = next(drop, None)
+    position = 0
+    with RecordWriter(output) as w:
+        plain = w.kind == "jsonl" and not w.path.name.endswith(".gz")
+        for part in parts:
+            with open(part, "rb") as f:
+                for line in f:
+                    if position == next_drop:
+                        if dropped is not None:
+                            dropped(position, json.loads(line))
+                        next_drop = next(drop, None)
+                    elif plain:
+                        w.write_line(line.decode("utf-8"))
+                    else:
+                        w.write(json.loads(line))
+                    position += 1
+        return w.count
+
+
+def write_report(output: str | Path, report: dict[str, Any]) -> Path:
+    """OUTPUT.report.json: a step's counts, beside its output (it also marks the output as this step's)."""
+    from phikit.files import write_text_atomic
+
+    path = Path(output)
+    path = path.with_name(path.name + REPORT_SUFFIX)
+    write_text_atomic(path, json.dumps(report, indent=2, default=str) + "\n")
+    return path
 
 
 def write_records(path: str | Path, records: Iterable[dict[str, Any]]) -> int:

@@ -1,7 +1,6 @@
-"""Training data: token shards (format phikit-shards-v1), weighted mixtures of them, deterministic batches.
+"""Training data: weighted mixtures of token shards (read by phikit.data.shards), deterministic batches.
 
-A shard directory holds `index.json` and flat little-endian uint16/uint32 token files with eos after every
-document. A mixture spec (YAML or JSON) is {"sources": [{"path": DIR, "weight": 0.8}, ...]}.
+A mixture spec (YAML or JSON) is {"sources": [{"path": DIR, "weight": 0.8}, ...]}.
 
 Batches are a pure function of (seed, step): row i of the global batch at step s is a window of seq_len tokens
 whose source and offset come from a generator seeded with (seed, s). A resumed run therefore sees exactly the
@@ -10,8 +9,6 @@ contiguous slice of rows).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,73 +17,7 @@ import numpy as np
 import torch
 import yaml
 
-SHARD_FORMAT = "phikit-shards-v1"
-DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-
-
-class ShardSet:
-    """One shard directory: memory-mapped token files per split."""
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        index_path = self.directory / "index.json"
-        if not index_path.is_file():
-            raise FileNotFoundError(f"no token shards at {self.directory} (index.json missing): "
-                                    "pack them first with `phikit data pack`")
-        index = json.loads(index_path.read_text())
-        if index.get("format") != SHARD_FORMAT:
-            raise ValueError(f"{index_path} has format {index.get('format')!r}, expected {SHARD_FORMAT!r}: "
-                             "re-pack the data with this phikit")
-        if index.get("dtype") not in DTYPES:
-            raise ValueError(f"{index_path}: dtype {index.get('dtype')!r} is not one of {', '.join(DTYPES)}")
-        self.index = index
-        self.dtype = np.dtype(DTYPES[index["dtype"]]).newbyteorder("<")
-        self.eos_id = int(index["eos_id"])
-        self.vocab_size = int(index["vocab_size"])
-        self.tokenizer_path = self.directory / index.get("tokenizer", "tokenizer.json")
-        self.splits: dict[str, list[np.ndarray]] = {}
-        self.offsets: dict[str, np.ndarray] = {}
-        for split, files in (index.get("splits") or {}).items():
-            arrays = []
-            for entry in files:
-                path = self.directory / entry["file"]
-                if not path.is_file():
-                    raise FileNotFoundError(f"shard {path} listed in {index_path} is missing: re-pack the data")
-                expected = int(entry["tokens"]) * self.dtype.itemsize
-                if path.stat().st_size != expected:
-                    raise ValueError(f"shard {path} has {path.stat().st_size} bytes, index.json says {expected}: "
-                                     "the file is truncated or stale, re-pack the data")
-                if entry["tokens"]:
-                    arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
-            self.splits[split] = arrays
-            self.offsets[split] = np.cumsum([0] + [len(a) for a in arrays])
-
-    def num_tokens(self, split: str) -> int:
-        return int(self.offsets[split][-1]) if split in self.offsets else 0
-
-    def read(self, split: str, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start+length) of the split's concatenated files, as int64."""
-        offsets, arrays = self.offsets[split], self.splits[split]
-        out = np.empty(length, dtype=np.int64)
-        filled = 0
-        f = int(np.searchsorted(offsets, start, side="right")) - 1
-        while filled < length:
-            lo = start + filled - offsets[f]
-            piece = arrays[f][lo:lo + length - filled]
-            out[filled:filled + len(piece)] = piece
-            filled += len(piece)
-            f += 1
-        return out
-
-    def verify(self) -> list[str]:
-        """Files whose sha256 does not match index.json (reads every byte: use on small sets or once)."""
-        bad = []
-        for files in self.index["splits"].values():
-            for entry in files:
-                digest = hashlib.sha256((self.directory / entry["file"]).read_bytes()).hexdigest()
-                if entry.get("sha256") and digest != entry["sha256"]:
-                    bad.append(entry["file"])
-        return bad
+from phikit.data.shards import ShardSet
 
 
 @dataclass

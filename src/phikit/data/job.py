@@ -1,0 +1,174 @@
+"""Running a data step as datatrove tasks, on this machine (local), a Slurm cluster or a Ray cluster.
+
+A step is a list of stages; each stage is a datatrove PipelineStep run as `tasks` tasks, at most `workers` at a
+time. Everything a step makes before its output is complete lives in a work folder beside the output,
+`OUTPUT.partial/` (the per-task parts, the datatrove logs and completion marks, and `job.json`, the settings it
+was started with). A task writes its parts under temporary names and renames them when done, and datatrove marks
+a task complete only after it returned, so a rerun of the same command after a crash or `kill -9` redoes only the
+tasks that had not finished. The last stage writes the output (atomically); the work folder is then removed.
+Locally and on Ray the command waits for every stage; on Slurm it submits the stages as dependent job arrays
+and returns (the output appears when the last one ends).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .io import WORK_SUFFIX, expand_paths
+
+EXECUTORS = ("local", "slurm", "ray")
+
+
+class JobIncomplete(ValueError):
+    """Some tasks of a stage did not finish: a rerun of the same command completes them."""
+
+
+@dataclass
+class Executor:
+    """Where and how wide tasks run. `options` go to datatrove's executor: for Slurm at least partition and
+    time (also e.g. cpus_per_task, mem_per_cpu_gb, qos, sbatch_args); for Ray e.g. cpus_per_task."""
+    kind: str = "local"
+    workers: int = 2
+    options: dict[str, Any] = field(default_factory=dict)
+    verbose: bool = False
+
+    def check(self) -> None:
+        """Refuse a wrong setting in one line before any work starts."""
+        if self.kind not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.kind!r}: choose local, slurm or ray")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {self.workers}")
+        if self.kind == "slurm":
+            if not self.options.get("partition") or not self.options.get("time"):
+                raise ValueError("the slurm executor needs a partition and a time limit: pass --slurm-partition "
+                                 "and --slurm-time")
+            if shutil.which("sbatch") is None and not self.options.get("dry_run"):
+                raise ValueError("--executor slurm needs Slurm's sbatch on PATH: run on a Slurm login node")
+        elif self.options and self.kind == "local":
+            raise ValueError(f"options {sorted(self.options)} are for --executor slurm or ray, not local")
+        if self.kind == "ray":
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                raise ValueError("--executor ray needs ray: pip install ray") from None
+
+    def build(self, stage: "Stage", logging_dir: Path, depends=None):
+        """The datatrove executor of one stage (not yet run)."""
+        pipeline, tasks = [stage.step], stage.tasks
+        workers = min(self.workers, tasks)
+        if self.kind == "local":
+            from datatrove.executor import LocalPipelineExecutor
+            # forked workers share what the parent already loaded (a tokenizer, a benchmark index)
+            return LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
+                                         start_method="fork")
+        if self.kind == "slurm":
+            from datatrove.executor import SlurmPipelineExecutor
+            options = {k: v for k, v in self.options.items() if k != "dry_run"}
+            return SlurmPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
+                                         job_name=f"phikit-{stage.name}", depends=depends, **options)
+        from datatrove.executor import RayPipelineExecutor
+        return RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
+                                   **self.options)
+
+
+@dataclass
+class Stage:
+    name: str
+    step: Any  # a datatrove PipelineStep
+    tasks: int
+
+
+def default_tasks(inputs: Sequence[str | Path], per_task: int = 64 << 20) -> int:
+    """One task per 64 MB of input, at least 4 (so 2-4 local workers all have work): a function of the input
+    only, so the output does not change with the worker count, and a task's memory stays flat as corpora grow."""
+    size = sum(p.stat().st_size for p in expand_paths(inputs))
+    return max(4, min(4096, size // per_task + 1))
+
+
+def fingerprint(inputs: Sequence[str | Path]) -> list[list]:
+    """Each input file's path, size and modification time: a rerun resumes only over the same files."""
+    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_paths(inputs)]
+
+
+class WorkFolder:
+    """`OUTPUT.partial/`: the tasks' parts and logs until the output is complete (see the module docstring)."""
+
+    def __init__(self, output: str | Path, step: str, settings: dict[str, Any], overwrite: bool = False) -> None:
+        self.output = Path(output)
+        self.path = self.output.with_name(self.output.name + WORK_SUFFIX)
+        job = {"step": step, "settings": settings}
+        marker = self.path / "job.json"
+        if self.path.exists():
+            if not marker.is_file():
+                raise ValueError(f"{self.path} exists and is not a phikit work folder: move it away or pick "
+                                 "another output")
+            if json.loads(marker.read_text()) != json.loads(json.dumps(job)):
+                if not overwrite:
+                    raise ValueError(f"{self.path} holds an unfinished run with other inputs or settings: rerun "
+                                     "that command to finish it, or pass --overwrite to discard it")
+                shutil.rmtree(self.path)
+        if not self.path.exists():
+            from phikit.files import write_text_atomic
+            self.path.mkdir(parents=True)
+            write_text_atomic(marker, json.dumps(job, indent=1) + "\n")
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def run(self, stages: Sequence[Stage], executor: Executor) -> bool:
+        """Run the stages in order; True when they all finished here (False: submitted to Slurm)."""
+        _quiet_datatrove(executor.verbose)
+        if executor.kind == "slurm":
+            last = None
+            for i, stage in enumerate(stages):
+                last = executor.build(stage, self.path / "logs" / f"{i}-{stage.name}", depends=last)
+            last.run()
+            return False
+        if executor.kind == "ray":
+            import ray
+            if not ray.is_initialized():
+                ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=executor.verbose,
+                         logging_level="INFO" if executor.verbose else "ERROR")
+        for i, stage in enumerate(stages):
+            ex = executor.build(stage, self.path / "logs" / f"{i}-{stage.name}")
+            ex.run()
+            missing = ex.get_incomplete_ranks()
+            if missing:
+                raise JobIncomplete(f"{len(missing)} of {stage.tasks} {stage.name} tasks did not finish (logs in "
+                                    f"{self.path / 'logs'}): rerun the same command to complete them")
+        return True
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _quiet_datatrove(verbose: bool) -> None:
+    """datatrove logs every task's start, end and statistics, and a failing task's traceback (the error itself
+    reaches the command, which prints it in one line): shown with --verbose only."""
+    from loguru import logger
+
+    (logger.enable if verbose else logger.disable)("datatrove")
+
+
+def task_file(folder: Path, kind: str, rank: int, suffix: str = ".json") -> Path:
+    return folder / f"{kind}-{rank:05d}{suffix}"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    from phikit.files import write_text_atomic
+
+    write_text_atomic(path, json.dumps(obj) + "\n")
+
+
+def read_manifests(folder: Path, kind: str, tasks: int) -> list[dict[str, Any]]:
+    out = []
+    for rank in range(tasks):
+        path = task_file(folder, kind, rank)
+        if not path.is_file():
+            raise JobIncomplete(f"task {rank} left no {path.name}: rerun the same command to complete it")
+        out.append(json.loads(path.read_text()))
+    return out
