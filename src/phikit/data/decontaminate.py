@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import pickle
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
+
+from datatrove.pipeline.base import PipelineStep
 
 from .dedup import normalize
-from .io import DataError
+from .io import DataError, ReadStats, RecordWriter, read_records
+from .job import ConcatStage, Stage, task_file, write_json
 
 
 def words(text: str) -> list[str]:
@@ -122,8 +127,9 @@ class DecontaminationReport:
 
 
 def decontaminate(records: Iterable[dict], index: BenchmarkIndex, text_field: str = "text", action: str = "drop",
-                  report: DecontaminationReport | None = None) -> Iterator[dict]:
-    """Yield clean records (and, with action="flag", contaminated ones with a `contamination` list)."""
+                  report: DecontaminationReport | None = None, max_examples: int | None = None) -> Iterator[dict]:
+    """Yield clean records (and, with action="flag", contaminated ones with a `contamination` list); `report`
+    counts them and keeps the first `max_examples` (default: all) with what they matched."""
     if action not in ("drop", "flag"):
         raise ValueError(f"action must be 'drop' or 'flag', got {action!r}")
     report = report if report is not None else DecontaminationReport(action=action)
@@ -137,6 +143,82 @@ def decontaminate(records: Iterable[dict], index: BenchmarkIndex, text_field: st
         report.contaminated += 1
         for h in hits:
             report.per_benchmark[h["benchmark"]] += 1
-        report.examples.append({"index": i, **({"id": rec["id"]} if "id" in rec else {}), "matches": hits})
+        if max_examples is None or len(report.examples) < max_examples:
+            report.examples.append({"index": i, **({"id": rec["id"]} if "id" in rec else {}), "matches": hits})
         if action == "flag":
             yield {**rec, "contamination": hits}
+
+
+# --- the same, as datatrove tasks ------------------------------------------------------------------------------
+# The index is built once, by the command, and saved in the work folder; every task loads that file (a worker
+# forked by the local executor finds it already loaded) and streams its shard of the documents through it.
+
+_loaded: dict[tuple[str, int], BenchmarkIndex] = {}
+
+
+def save_index(index: BenchmarkIndex, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(index, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    _loaded.clear()
+    _loaded[(str(path), path.stat().st_mtime_ns)] = index
+
+
+def _load_index(path: Path) -> BenchmarkIndex:
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _loaded:
+        with open(path, "rb") as f:
+            _loaded.clear()
+            _loaded[key] = pickle.load(f)  # our own file, written by save_index in this job's work folder
+    return _loaded[key]
+
+
+class ScanStage(PipelineStep):
+    """Each task: its shard of the documents through the index, into a part file and counts."""
+    name = "decontaminate scan"
+    type = "Filter"
+
+    def __init__(self, inputs: Sequence[str], work: str, text_field: str, on_error: str, action: str) -> None:
+        super().__init__()
+        self.inputs, self.work, self.text_field, self.on_error, self.action = \
+            list(inputs), work, text_field, on_error, action
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        folder = Path(self.work)
+        index = _load_index(folder / "index.pkl")
+        stats = ReadStats()
+        report = DecontaminationReport(action=self.action)
+        with RecordWriter(task_file(folder, "part", rank, ".jsonl")) as w:
+            records = read_records(self.inputs, self.text_field, self.on_error, stats, shard=(rank, world_size),
+                                   quiet=True)
+            w.write_all(decontaminate(records, index, self.text_field, self.action, report, max_examples=100))
+        write_json(task_file(folder, "scan", rank), {"input": report.input, "contaminated": report.contaminated,
+                                                     "per_benchmark": report.per_benchmark,
+                                                     "examples": report.examples, "skipped": stats.skipped,
+                                                     "action": self.action})
+        return iter(())
+
+
+def summarize(manifests: list[dict], folder: Path) -> dict[str, Any]:
+    """The report of a decontamination job from its tasks' counts (examples numbered by input position)."""
+    report = DecontaminationReport(action=manifests[0]["action"])
+    offset = 0
+    for m in manifests:
+        report.contaminated += m["contaminated"]
+        report.per_benchmark.update(m["per_benchmark"])
+        report.examples += [{**e, "index": e["index"] + offset} for e in m["examples"]]
+        offset += m["input"]
+    report.input = offset
+    return report.summary(_load_index(folder / "index.pkl"))
+
+
+def decontaminate_stages(inputs: Sequence[str | Path], output: str | Path, work: Path, tasks: int,
+                         index: BenchmarkIndex, text_field: str = "text", on_error: str = "fail",
+                         action: str = "drop") -> list[Stage]:
+    """The stages of a decontamination job (run them with WorkFolder.run); saves the index in the work folder."""
+    if action not in ("drop", "flag"):
+        raise ValueError(f"action must be 'drop' or 'flag', got {action!r}")
+    save_index(index, Path(work) / "index.pkl")
+    return [Stage("scan", ScanStage([str(p) for p in inputs], str(work), text_field, on_error, action), tasks),
+            Stage("merge", ConcatStage("decontaminate", str(work), "scan", tasks, str(output), summarize), 1)]

@@ -238,7 +238,8 @@ class SignatureStage(_Step):
             sigs.clear()
 
         with RecordWriter(folder / f"records-{rank:05d}.jsonl") as records:
-            for rec in read_records(self.inputs, self.text_field, self.on_error, stats, shard=(rank, world_size)):
+            for rec in read_records(self.inputs, self.text_field, self.on_error, stats, shard=(rank, world_size),
+                                   quiet=True):
                 text = rec[self.text_field]
                 records.write(rec)
                 digest = hashlib.blake2b(normalize(text).encode(), digest_size=16).digest()

@@ -32,6 +32,7 @@ class ReadStats:
     """What a read saw: records yielded and bad lines skipped (each as 'file:line: reason')."""
     records: int = 0
     skipped: list[str] = field(default_factory=list)
+    where: str = ""  # "file:line" of the record last yielded, for a later step's message about it
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -190,6 +191,7 @@ def read_records(paths: Sequence[str | Path], text_field: str | None = "text", o
                     bad(f"{path}:{lineno}", f"no string field {text_field!r} (use --text-field to name it)")
                     continue
                 stats.records += 1
+                stats.where = f"{path}:{lineno}"
                 yield rec
         elif kind == "parquet":
             yield from _read_parquet(path, text_field, bad, stats, lo, hi)

@@ -11,14 +11,18 @@ and returns (the output appears when the last one ends).
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from .io import WORK_SUFFIX, expand_paths
+from datatrove.pipeline.base import PipelineStep
+
+from .io import WORK_SUFFIX, DataError, expand_paths, write_parts, write_report
 
 EXECUTORS = ("local", "slurm", "ray")
 
@@ -50,11 +54,8 @@ class Executor:
                 raise ValueError("--executor slurm needs Slurm's sbatch on PATH: run on a Slurm login node")
         elif self.options and self.kind == "local":
             raise ValueError(f"options {sorted(self.options)} are for --executor slurm or ray, not local")
-        if self.kind == "ray":
-            try:
-                import ray  # noqa: F401
-            except ImportError:
-                raise ValueError("--executor ray needs ray: pip install ray") from None
+        if self.kind == "ray" and importlib.util.find_spec("ray") is None:
+            raise ValueError("--executor ray needs ray: pip install ray")
 
     def build(self, stage: "Stage", logging_dir: Path, depends=None):
         """The datatrove executor of one stage (not yet run)."""
@@ -90,8 +91,18 @@ def default_tasks(inputs: Sequence[str | Path], per_task: int = 64 << 20) -> int
 
 
 def fingerprint(inputs: Sequence[str | Path]) -> list[list]:
-    """Each input file's path, size and modification time: a rerun resumes only over the same files."""
-    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_paths(inputs)]
+    """Each input file's path, size and a hash of its first and last MiB: a rerun resumes (or reuses a finished
+    output) only over the same files, and a file written again with the same content still counts as the same."""
+    out = []
+    for p in expand_paths(inputs):
+        size, h = p.stat().st_size, hashlib.blake2b(digest_size=16)
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(size - (1 << 20))
+                h.update(f.read())
+        out.append([str(p.resolve()), size, h.hexdigest()])
+    return out
 
 
 class WorkFolder:
@@ -172,3 +183,29 @@ def read_manifests(folder: Path, kind: str, tasks: int) -> list[dict[str, Any]]:
             raise JobIncomplete(f"task {rank} left no {path.name}: rerun the same command to complete it")
         out.append(json.loads(path.read_text()))
     return out
+
+
+class ConcatStage(PipelineStep):
+    """The last stage of a step whose tasks each wrote `part-NNNNN.jsonl` and `<kind>-NNNNN.json` (with at least
+    "input" and "skipped"): one task writes the parts, in order, as the output, and the report that
+    `summarize(manifests, work folder)` makes of the tasks' counts."""
+    name = "merge"
+    type = "Writer"
+
+    def __init__(self, step: str, work: str, kind: str, tasks: int, output: str,
+                 summarize: Callable[[list[dict], Path], dict]) -> None:
+        super().__init__()
+        self.step, self.work, self.kind, self.tasks, self.output, self.summarize = \
+            step, work, kind, tasks, output, summarize
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        folder = Path(self.work)
+        manifests = read_manifests(folder, self.kind, self.tasks)
+        if sum(m["input"] for m in manifests) == 0:
+            raise DataError(f"the inputs hold no documents: nothing to {self.step} (check the files and "
+                            "--text-field)")
+        summary = self.summarize(manifests, folder)
+        write_parts(self.output, [task_file(folder, "part", r, ".jsonl") for r in range(self.tasks)])
+        skipped = [s for m in manifests for s in m["skipped"]]
+        write_report(self.output, {"step": self.step, **summary, "skipped_lines": len(skipped), "skipped": skipped})
+        return iter(())

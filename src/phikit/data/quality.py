@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from datatrove.pipeline.base import PipelineStep
 from tqdm.auto import tqdm
 
 RUBRIC = """Below is an extract from a document. Evaluate whether it has high educational value and could be useful
@@ -276,3 +277,55 @@ def load_embedding_model(name_or_path: str):
     import phikit
 
     return phikit.load(name_or_path)
+
+
+# --- filter, as datatrove tasks ----------------------------------------------------------------------------------
+
+class FilterStage(PipelineStep):
+    """Each task: the documents of its shard whose score is at or above the threshold, into a part file."""
+    name = "filter"
+    type = "Filter"
+
+    def __init__(self, inputs: Sequence[str], work: str, text_field: str, on_error: str, threshold: float,
+                 score_field: str = "edu_score") -> None:
+        super().__init__()
+        self.inputs, self.work, self.text_field, self.on_error = list(inputs), work, text_field, on_error
+        self.threshold, self.score_field = threshold, score_field
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        from .io import DataError, ReadStats, RecordWriter, read_records
+        from .job import task_file, write_json
+
+        folder, stats, seen, kept = Path(self.work), ReadStats(), 0, 0
+        with RecordWriter(task_file(folder, "part", rank, ".jsonl")) as w:
+            for rec in read_records(self.inputs, self.text_field, self.on_error, stats, shard=(rank, world_size),
+                                   quiet=True):
+                seen += 1
+                if self.score_field not in rec:
+                    raise DataError(f"{stats.where}: no {self.score_field!r} field: run `phikit data score` first, "
+                                    "or name the score with --score-field")
+                try:
+                    score = float(rec[self.score_field])
+                except (TypeError, ValueError):
+                    raise DataError(f"{stats.where}: {self.score_field}={rec[self.score_field]!r} is not a number: "
+                                    "rerun `phikit data score`, or name the score with --score-field") from None
+                if score >= self.threshold:
+                    w.write(rec)
+                    kept += 1
+        write_json(task_file(folder, "filter", rank), {"input": seen, "kept": kept, "threshold": self.threshold,
+                                                       "skipped": stats.skipped})
+        return iter(())
+
+
+def summarize_filter(manifests: list[dict], folder: Path) -> dict[str, Any]:
+    return {"input": sum(m["input"] for m in manifests), "kept": sum(m["kept"] for m in manifests),
+            "threshold": manifests[0]["threshold"]}
+
+
+def filter_stages(inputs: Sequence[str | Path], output: str | Path, work: Path, tasks: int, threshold: float,
+                  text_field: str = "text", on_error: str = "fail", score_field: str = "edu_score") -> list:
+    from .job import ConcatStage, Stage
+
+    step = FilterStage([str(p) for p in inputs], str(work), text_field, on_error, threshold, score_field)
+    return [Stage("filter", step, tasks),
+            Stage("merge", ConcatStage("filter", str(work), "filter", tasks, str(output), summarize_filter), 1)]
