@@ -81,16 +81,18 @@ def test_synth_survives_faults_and_a_kill(tmp_path, teacher_url):
         [f"topic number {i}" for i in range(6)], ["children", "adults"], ["textbook", "qa"])}
     assert len(expected) == 24
 
+    # The answers go to the task's log in the work folder; the output appears when every prompt is answered.
+    log = tmp_path / "synth.jsonl.partial" / "answers-00000.jsonl"
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while len(_lines(out)) < 6 and time.time() < deadline and first.poll() is None:
+    while len(_lines(log)) < 6 and time.time() < deadline and first.poll() is None:
         time.sleep(0.1)
     assert first.poll() is None, "the first run ended before it could be killed"
     first.send_signal(signal.SIGKILL)
     first.wait()
-    partial = len(_lines(out))
-    assert 6 <= partial < 24
-    with open(out, "a") as f:  # a crash in the middle of a write leaves a torn line
+    partial = len(_lines(log)) + len(_lines(synth.rejected_path(log)))
+    assert 6 <= partial < 24 and not out.exists()
+    with open(log, "a") as f:  # a crash in the middle of a write leaves a torn line
         f.write('{"text": "half a rec')
 
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from phikit.data.io import REPORT_SUFFIX
+
 EPILOG = """examples:
   phikit data procedural --n 20000 --output data/procedural.jsonl
   phikit data synth --base-url http://localhost:8000/v1 --model phi-2 --limit 1000 --output data/synth.jsonl
@@ -74,6 +76,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     s.add_argument("--temperature", type=float, default=0.7)
     s.add_argument("--min-words", type=int, default=50, help="shorter answers are rejected")
     s.add_argument("--system", help="optional system message")
+    tasks(s)
 
     s = step("procedural", "teacher-free exercises with verified answers (the demo corpus)", inputs=False)
     s.add_argument("--n", type=int, default=10_000, help="number of exercises")
@@ -158,7 +161,7 @@ def _check_inputs(args) -> None:
 def _check_output(step: str, out: Path, overwrite: bool, inputs) -> str:
     """'new', 'done' (this step's output exists) or 'redo' (it exists and --overwrite replaces it); anything at
     the output that this step did not write is refused: a data step never replaces what it did not make."""
-    from phikit.data.io import REPORT_SUFFIX, expand_paths
+    from phikit.data.io import expand_paths
 
     if any(out.resolve() == p.resolve() for p in expand_paths(inputs)) if inputs else False:
         raise ValueError(f"--output {out} is one of the inputs: pick another output file")
@@ -201,7 +204,7 @@ def _executor(args):
 
 def _run_job(args, step: str, settings: dict, make_stages) -> int:
     """Run a step's stages as datatrove tasks in OUTPUT.partial/, then print the brief of its report."""
-    from phikit.data.io import REPORT_SUFFIX, DataError
+    from phikit.data.io import DataError
     from phikit.data.job import WorkFolder, default_tasks, fingerprint
 
     executor = _executor(args)
@@ -253,12 +256,16 @@ def _skipped(stats) -> dict:
 
 
 def _synth(args) -> int:
-    import asyncio
+    import hashlib
 
     from phikit.data import synth
+    from phikit.data.job import JobIncomplete, WorkFolder
 
+    executor = _executor(args)
+    out = Path(args.output)
     if args.overwrite:  # start over: without it a rerun resumes, answering only the prompts still missing
-        for path in (Path(args.output), synth.rejected_path(args.output)):
+        _check_output("synth", out, False, ())
+        for path in (out, synth.rejected_path(out), out.with_name(out.name + REPORT_SUFFIX)):
             path.unlink(missing_ok=True)
     topics = synth.load_topics(args.topics)
     audiences = [a.strip() for a in args.audiences.split(",")] if args.audiences else synth.AUDIENCES
@@ -268,13 +275,22 @@ def _synth(args) -> int:
     teacher = synth.Teacher(args.base_url, args.model, synth.api_key_from_env(args.api_key_env), args.timeout,
                             args.max_retries, args.retry_backoff, temperature=args.temperature,
                             max_tokens=args.max_tokens)
-    stats = asyncio.run(synth.synthesize(prompts, args.output, teacher, args.concurrency, args.min_words,
-                                         args.system, args.seed))
-    _report(Path(args.output), vars(stats))
-    if stats.failed:
-        print(f"{stats.failed} prompts are still unanswered: rerun the same command to complete them",
-              file=sys.stderr)
+    tasks = args.tasks or max(1, -(-len(prompts) // 5000))  # a task per 5000 prompts
+    settings = {"prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "tasks": tasks,
+                "model": args.model, "base_url": args.base_url, "min_words": args.min_words, "system": args.system}
+    work = WorkFolder(out, "synth", settings, args.overwrite)
+    stages = synth.synth_stages(prompts, out, work.path, tasks, teacher, args.concurrency, executor.workers,
+                                args.min_words, args.system, args.seed)
+    try:
+        if not work.run(stages, executor):
+            print(f"submitted synth as {tasks} Slurm tasks; {out} appears when they end", file=sys.stderr)
+            return 0
+    except (synth.PromptsUnanswered, JobIncomplete) as e:
+        print(f"phikit: {e}", file=sys.stderr)
         return 1
+    work.remove()
+    report = json.loads(out.with_name(out.name + REPORT_SUFFIX).read_text())
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
     return 0
 
 

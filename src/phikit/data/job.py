@@ -117,11 +117,11 @@ class WorkFolder:
             if not marker.is_file():
                 raise ValueError(f"{self.path} exists and is not a phikit work folder: move it away or pick "
                                  "another output")
-            if json.loads(marker.read_text()) != json.loads(json.dumps(job)):
-                if not overwrite:
-                    raise ValueError(f"{self.path} holds an unfinished run with other inputs or settings: rerun "
-                                     "that command to finish it, or pass --overwrite to discard it")
+            if overwrite:  # redo from the start: our own unfinished run is discarded
                 shutil.rmtree(self.path)
+            elif json.loads(marker.read_text()) != json.loads(json.dumps(job)):
+                raise ValueError(f"{self.path} holds an unfinished run with other inputs or settings: rerun "
+                                 "that command to finish it, or pass --overwrite to discard it")
         if not self.path.exists():
             from phikit.files import write_text_atomic
             self.path.mkdir(parents=True)

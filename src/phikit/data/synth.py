@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import httpx
+from datatrove.pipeline.base import PipelineStep
 from tqdm.auto import tqdm
 
 from .io import AppendLog
@@ -286,3 +287,96 @@ def api_key_from_env(var: str) -> str | None:
     if not key:
         print(f"note: ${var} is not set; sending requests without an API key", file=sys.stderr)
     return key or None
+
+
+# --- the same, as datatrove tasks ------------------------------------------------------------------------------
+# The prompts are cut into `tasks` contiguous pieces; each task answers its piece into its own append-only logs in
+# OUTPUT.partial/ (so a task killed half-way resumes where it stopped, and tasks on a cluster never share a file).
+# Every task runs with concurrency // workers requests in flight, so the whole job never has more than
+# `concurrency` open at the teacher. A task that could not answer every prompt fails, so a rerun redoes it; when
+# all are done, the last stage writes the output (answers already in an existing output first, then each
+# task's, in prompt order of the tasks) and the report.
+
+class PromptsUnanswered(ValueError):
+    """Some prompts are still unanswered after retries: a rerun asks only for those."""
+
+
+class SynthStage(PipelineStep):
+    name = "synth"
+    type = "Generator"
+
+    def __init__(self, work: str, prompts: int, teacher: Teacher, concurrency: int, min_words: int,
+                 system: str | None, seed: int, previous: list[str]) -> None:
+        super().__init__()
+        self.work, self.prompts, self.teacher, self.concurrency = work, prompts, teacher, concurrency
+        self.min_words, self.system, self.seed, self.previous = min_words, system, seed, previous
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        import json
+
+        from .job import task_file, write_json
+
+        folder = Path(self.work)
+        lo, hi = self.prompts * rank // world_size, self.prompts * (rank + 1) // world_size
+        with open(folder / "prompts.jsonl", encoding="utf-8") as f:
+            mine = [json.loads(line) for i, line in enumerate(f) if lo <= i < hi]
+        done = set(self.previous)
+        mine = [p for p in mine if p["prompt_id"] not in done]
+        log = task_file(folder, "answers", rank, ".jsonl")
+        stats = asyncio.run(synthesize(mine, log, self.teacher, self.concurrency, self.min_words, self.system,
+                                       self.seed + rank, progress=False))
+        if stats.failed:
+            raise PromptsUnanswered(f"{stats.failed} prompts are still unanswered: rerun the same command to "
+                                    "complete them")
+        write_json(task_file(folder, "synth", rank), {**vars(stats), "prompts": hi - lo})
+        return iter(())
+
+
+class SynthMergeStage(PipelineStep):
+    name = "synth merge"
+    type = "Writer"
+
+    def __init__(self, work: str, tasks: int, output: str, already_done: int) -> None:
+        super().__init__()
+        self.work, self.tasks, self.output, self.already_done = work, tasks, output, already_done
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        from .io import write_parts, write_report
+        from .job import read_manifests
+
+        folder, output = Path(self.work), Path(self.output)
+        manifests = read_manifests(folder, "synth", self.tasks)
+        for target, name in ((output, "answers-{:05d}.jsonl"), (rejected_path(output), "answers-{:05d}.jsonl"
+                                                                  ".rejected.jsonl")):
+            parts = [target] if target.exists() else []
+            parts += [p for p in (folder / name.format(r) for r in range(self.tasks)) if p.exists()]
+            write_parts(target, parts)
+        totals = {k: sum(m[k] for m in manifests) for k in vars(SynthStats())}
+        # already_done counts what earlier runs answered: in an existing output, or in logs of a killed run
+        totals["already_done"] += self.already_done
+        write_report(output, {"step": "synth", **totals})
+        return iter(())
+
+
+def synth_stages(prompts: list[dict[str, Any]], output: str | Path, work: Path, tasks: int, teacher: Teacher,
+                 concurrency: int, workers: int, min_words: int = 50, system: str | None = None,
+                 seed: int = 0) -> list:
+    """The stages of a synth job (run them with WorkFolder.run); writes the prompts into the work folder."""
+    import json
+
+    from phikit.files import write_text_atomic
+
+    from .job import Stage
+
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    if not str(output).endswith((".jsonl", ".ndjson")):
+        raise ValueError(f"synth writes JSONL: name the output .jsonl, not {Path(output).name} (convert it "
+                         f"afterwards, e.g. with `phikit data dedup ... --output x.parquet`)")
+    previous = sorted(done_ids(output)) if Path(output).exists() else []
+    write_text_atomic(work / "prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
+    # One limit for the whole job: at most `workers` tasks run at once, each with its share.
+    per_task = max(1, concurrency // max(1, min(workers, tasks)))
+    step = SynthStage(str(work), len(prompts), teacher, per_task, min_words, system, seed, previous)
+    already = sum(1 for p in prompts if p["prompt_id"] in set(previous))
+    return [Stage("answer", step, tasks), Stage("merge", SynthMergeStage(str(work), tasks, str(output), already), 1)]
