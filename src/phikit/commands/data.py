@@ -48,13 +48,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     def tasks(s: argparse.ArgumentParser) -> None:
         g = s.add_argument_group("where it runs (datatrove executors; the output does not depend on these)")
         g.add_argument("--tasks", type=int, help="pieces of the input (default: one per 64 MB, at least 4)")
-        g.add_argument("--workers", type=int, default=2, help="tasks run at once (default 2)")
+        g.add_argument("--workers", type=int, help="tasks run at once (default: 2 locally, all on a cluster)")
         g.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
         g.add_argument("--slurm-partition")
         g.add_argument("--slurm-time", help="time limit per task (default 04:00:00)")
         g.add_argument("--slurm-qos")
         g.add_argument("--slurm-cpus-per-task", type=int)
-        g.add_argument("--slurm-mem-per-cpu-gb", type=float)
+        g.add_argument("--slurm-mem-per-cpu-gb", type=int)
         g.add_argument("--ray-cpus-per-task", type=int)
         g.add_argument("--verbose", action="store_true", help="show datatrove's logs")
 
@@ -279,7 +279,7 @@ def _synth(args) -> int:
     settings = {"prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "tasks": tasks,
                 "model": args.model, "base_url": args.base_url, "min_words": args.min_words, "system": args.system}
     work = WorkFolder(out, "synth", settings, args.overwrite)
-    stages = synth.synth_stages(prompts, out, work.path, tasks, teacher, args.concurrency, executor.workers,
+    stages = synth.synth_stages(prompts, out, work.path, tasks, teacher, args.concurrency, executor.running(tasks),
                                 args.min_words, args.system, args.seed)
     try:
         if not work.run(stages, executor):

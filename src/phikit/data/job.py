@@ -36,7 +36,7 @@ class Executor:
     """Where and how wide tasks run. `options` go to datatrove's executor: for Slurm at least partition and
     time (also e.g. cpus_per_task, mem_per_cpu_gb, qos, sbatch_args); for Ray e.g. cpus_per_task."""
     kind: str = "local"
-    workers: int = 2
+    workers: int | None = None  # default: 2 locally, every task at once on a cluster
     options: dict[str, Any] = field(default_factory=dict)
     verbose: bool = False
 
@@ -44,23 +44,27 @@ class Executor:
         """Refuse a wrong setting in one line before any work starts."""
         if self.kind not in EXECUTORS:
             raise ValueError(f"unknown executor {self.kind!r}: choose local, slurm or ray")
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {self.workers}")
         if self.kind == "slurm":
             if not self.options.get("partition") or not self.options.get("time"):
                 raise ValueError("the slurm executor needs a partition and a time limit: pass --slurm-partition "
                                  "and --slurm-time")
-            if shutil.which("sbatch") is None and not self.options.get("dry_run"):
+            if shutil.which("sbatch") is None:
                 raise ValueError("--executor slurm needs Slurm's sbatch on PATH: run on a Slurm login node")
         elif self.options and self.kind == "local":
             raise ValueError(f"options {sorted(self.options)} are for --executor slurm or ray, not local")
         if self.kind == "ray" and importlib.util.find_spec("ray") is None:
             raise ValueError("--executor ray needs ray: pip install ray")
 
+    def running(self, tasks: int) -> int:
+        """How many of `tasks` tasks run at once."""
+        return min(self.workers or (2 if self.kind == "local" else tasks), tasks)
+
     def build(self, stage: "Stage", logging_dir: Path, depends=None):
         """The datatrove executor of one stage (not yet run)."""
         pipeline, tasks = [stage.step], stage.tasks
-        workers = min(self.workers, tasks)
+        workers = self.running(tasks)
         if self.kind == "local":
             from datatrove.executor import LocalPipelineExecutor
             # forked workers share what the parent already loaded (a tokenizer, a benchmark index)
@@ -68,9 +72,8 @@ class Executor:
                                          start_method="fork")
         if self.kind == "slurm":
             from datatrove.executor import SlurmPipelineExecutor
-            options = {k: v for k, v in self.options.items() if k != "dry_run"}
             return SlurmPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
-                                         job_name=f"phikit-{stage.name}", depends=depends, **options)
+                                         job_name=f"phikit-{stage.name}", depends=depends, **self.options)
         from datatrove.executor import RayPipelineExecutor
         return RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
                                    **self.options)

@@ -170,7 +170,7 @@ def pack(inputs: Sequence[str | Path], output_dir: str | Path, tokenizer_path: s
     _loaded[_file_key(shards / "tokenizer.json")] = tok
     # Several worker processes already use the cores: then each tokenizes on one thread.
     step = TokenizeToShards(list(map(str, inputs)), str(work.path), text_field, val_fraction, on_error,
-                            tokenizer_threads=executor.workers == 1)
+                            tokenizer_threads=executor.running(tasks) == 1)
     stages = [Stage("tokenize", step, tasks),
               Stage("index", IndexStage(str(work.path), tasks, str(out), len(tok), tok.eos_token_id, settings), 1)]
     try:

@@ -359,7 +359,7 @@ class SynthMergeStage(PipelineStep):
 
 
 def synth_stages(prompts: list[dict[str, Any]], output: str | Path, work: Path, tasks: int, teacher: Teacher,
-                 concurrency: int, workers: int, min_words: int = 50, system: str | None = None,
+                 concurrency: int, running: int, min_words: int = 50, system: str | None = None,
                  seed: int = 0) -> list:
     """The stages of a synth job (run them with WorkFolder.run); writes the prompts into the work folder."""
     import json
@@ -375,8 +375,8 @@ def synth_stages(prompts: list[dict[str, Any]], output: str | Path, work: Path, 
                          f"afterwards, e.g. with `phikit data dedup ... --output x.parquet`)")
     previous = sorted(done_ids(output)) if Path(output).exists() else []
     write_text_atomic(work / "prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
-    # One limit for the whole job: at most `workers` tasks run at once, each with its share.
-    per_task = max(1, concurrency // max(1, min(workers, tasks)))
+    # One limit for the whole job: at most `running` tasks run at once, each with its share.
+    per_task = max(1, concurrency // max(1, running))
     step = SynthStage(str(work), len(prompts), teacher, per_task, min_words, system, seed, previous)
     already = sum(1 for p in prompts if p["prompt_id"] in set(previous))
     return [Stage("answer", step, tasks), Stage("merge", SynthMergeStage(str(work), tasks, str(output), already), 1)]
