@@ -47,7 +47,10 @@ def lsh_params(threshold: float, num_perm: int, miss: float = 1e-4) -> tuple[int
 
 
 def shingles(text: str, n: int = 5) -> set[bytes]:
-    words = normalize(text).split()
+    return word_shingles(normalize(text).split(), n)
+
+
+def word_shingles(words: list[str], n: int = 5) -> set[bytes]:
     if len(words) < n:  # a short document is one shingle
         return {" ".join(words).encode()}
     return {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}
@@ -240,13 +243,13 @@ class SignatureStage(_Step):
         with RecordWriter(folder / f"records-{rank:05d}.jsonl") as records:
             for rec in read_records(self.inputs, self.text_field, self.on_error, stats, shard=(rank, world_size),
                                    quiet=True):
-                text = rec[self.text_field]
                 records.write(rec)
-                digest = hashlib.blake2b(normalize(text).encode(), digest_size=16).digest()
+                normalized = normalize(rec[self.text_field])
+                digest = hashlib.blake2b(normalized.encode(), digest_size=16).digest()
                 digests.append(np.frombuffer(digest, dtype="<u8"))
                 if self.near:
                     m = MinHash(num_perm=self.num_perm, seed=1, permutations=perms, scheme="affine32")
-                    m.update_batch(list(shingles(text, self.ngram)))
+                    m.update_batch(list(word_shingles(normalized.split(), self.ngram)))
                     sigs.append(m.hashvalues)
                 if len(digests) >= 4096:
                     flush()
