@@ -9,6 +9,9 @@ streamed, not loaded whole).
 
     phikit bench pack                       # ~12M tokens
     phikit bench pack --docs 20000 --workers 2 --repeat 3
+    python benchmarks/pack.py --smoke        # a tiny run (CI)
+
+The last line printed is the JSON result.
 """
 from __future__ import annotations
 

@@ -91,21 +91,26 @@ def test_a_score_of_exactly_half_rounds_up_as_filter_keeps_it(tmp_path):
     assert quality.round_half_up(scores).tolist() == [3.0, 2.0, 4.0, 1.0]
 
 
+class _Head:
+    """A stand-in head (saved by the command for its tasks): the raw score of document i, whose feature is i."""
+    raw = [2.4999999999999996, 2.9999999999999996, 1.0, 4.2]
+
+    def predict(self, features):
+        return np.array([self.raw[int(i)] for i in features[:, 0]])
+
+
 def test_score_report_counts_what_filter_keeps(tmp_path, monkeypatch):
     # A forest's mean can land a hair under a half (2.4999999999999996): written as 2.5, `filter --threshold 2.5`
     # keeps it, so the report's kept_when_rounded must count it too.
-    raw = [2.4999999999999996, 2.9999999999999996, 1.0, 4.2]
-
-    class Head:
-        def predict(self, features):
-            return np.array(raw)
     monkeypatch.setattr(quality, "load_embedding_model", lambda name: (None, None))
-    monkeypatch.setattr(quality, "embed", lambda texts, model, tok, max_tokens: np.zeros((len(texts), 1)))
-    monkeypatch.setattr(quality, "fit_head", lambda *a, **k: (Head(), {}))
+    monkeypatch.setattr(quality, "_models", {})
+    monkeypatch.setattr(quality, "embed", lambda texts, model, tok, max_tokens, **kw: np.array(
+        [[float(t[5:t.index("(")])] for t in texts]))
+    monkeypatch.setattr(quality, "fit_head", lambda *a, **k: (_Head(), {}))
     corpus, scored = tmp_path / "docs.jsonl", tmp_path / "scored.jsonl"
     corpus.write_text("".join(json.dumps({"id": str(i), "text": f"def f{i}(): pass"}) + "\n" for i in range(4)))
     assert main(["data", "score", str(corpus), "--annotator", "code-rubric", "--output", str(scored),
-                 "--report-dir", str(tmp_path / "report")]) == 0
+                 "--report-dir", str(tmp_path / "report"), "--workers", "1"]) == 0  # (the stand-ins live here)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     for threshold, key in (("2.5", "kept_when_rounded"), ("3", "kept_at_threshold")):
         kept = tmp_path / f"kept{threshold}.jsonl"

@@ -105,6 +105,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-tokens", type=int, default=512, help="tokens of each document the model reads")
     s.add_argument("--report-dir", help="report.json, report.md, score_histogram.png (default: beside output)")
     s.add_argument("--seed", type=int, default=0)
+    tasks(s)
 
     s = step("filter", "keep documents whose score is at or above a threshold")
     s.add_argument("--threshold", type=float, default=3.0)
@@ -202,13 +203,15 @@ def _executor(args):
     return executor
 
 
-def _run_job(args, step: str, settings: dict, make_stages) -> int:
-    """Run a step's stages as datatrove tasks in OUTPUT.partial/, then print the brief of its report."""
+def _run_job(args, step: str, settings: dict, make_stages, tasks: int | None = None,
+             report: Path | None = None) -> int:
+    """Run a step's stages as datatrove tasks in OUTPUT.partial/, then print the brief of its report (by default
+    OUTPUT.report.json)."""
     from phikit.data.io import DataError
     from phikit.data.job import WorkFolder, default_tasks, fingerprint
 
     executor = _executor(args)
-    tasks = args.tasks or default_tasks(args.inputs)
+    tasks = tasks or args.tasks or default_tasks(args.inputs)
     settings = {"inputs": fingerprint(args.inputs), "text_field": args.text_field, "on_error": args.on_error,
                 "tasks": tasks, **settings}
     work = WorkFolder(args.output, step, settings, args.overwrite)
@@ -222,7 +225,7 @@ def _run_job(args, step: str, settings: dict, make_stages) -> int:
               f"{work.path / 'logs'})", file=sys.stderr)
         return 0
     work.remove()
-    report = json.loads(Path(args.output + REPORT_SUFFIX).read_text())
+    report = json.loads((report or Path(args.output + REPORT_SUFFIX)).read_text())
     _warn_skipped(report["skipped"])
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
     return 0
@@ -333,53 +336,63 @@ def _score(args) -> int:
     import numpy as np
 
     from phikit.data import quality
-    from phikit.data.io import ReadStats, RecordWriter
+    from phikit.data.io import read_records, write_report
+    from phikit.data.job import default_tasks
 
-    stats = ReadStats()
-    records = list(_read(args, stats))
-    if not records:
+    executor = _executor(args)
+    tasks = args.tasks or default_tasks(args.inputs)
+
+    def records(shard=None):
+        return read_records(args.inputs, args.text_field, args.on_error, shard=shard, quiet=True)
+
+    # A first pass counts each task's documents (each task's batches line up with the whole input's, so the
+    # scores do not depend on the number of tasks) and meets any bad line before a model loads.
+    counts = [sum(1 for _ in records((rank, tasks))) for rank in range(tasks)]
+    total = sum(counts)
+    if not total:
         raise ValueError("no documents in the input: check the files")
-    texts = [r[args.text_field] for r in records]
-    keys = [str(r["id"]) if "id" in r else quality.text_id(t) for r, t in zip(records, texts)]
     rng = np.random.default_rng(args.seed)
     if args.annotations:
         given = quality.load_annotations(args.annotations)
-        annotated = {i: given[k] for i, k in enumerate(keys) if k in given}
+        annotated = {i: (r[args.text_field], given[str(r["id"])]) for i, r in enumerate(records())
+                     if "id" in r and str(r["id"]) in given}
         if not annotated:  # annotations may be keyed by text
-            annotated = {i: given[quality.text_id(t)] for i, t in enumerate(texts) if quality.text_id(t) in given}
+            annotated = {i: (r[args.text_field], given[quality.text_id(r[args.text_field])])
+                         for i, r in enumerate(records()) if quality.text_id(r[args.text_field]) in given}
         annotator = f"file {args.annotations}"
     else:
-        sample = sorted(rng.choice(len(texts), size=min(args.sample, len(texts)), replace=False).tolist())
+        sample = set(rng.choice(total, size=min(args.sample, total), replace=False).tolist())
+        texts = {i: r[args.text_field] for i, r in enumerate(records()) if i in sample}
+        order = sorted(texts)
         if args.teacher_url:
             from phikit.data.synth import Teacher, api_key_from_env
             teacher = Teacher(args.teacher_url, args.teacher_model, api_key_from_env(args.api_key_env),
                               temperature=0.0, max_tokens=300)
-            scores = quality.annotate_with_teacher([texts[i] for i in sample], teacher)
+            scores = quality.annotate_with_teacher([texts[i] for i in order], teacher)
             annotator = f"teacher {args.teacher_model}"
         elif args.annotator == "code-rubric":
-            scores = [quality.code_rubric(texts[i]) for i in sample]
+            scores = [quality.code_rubric(texts[i]) for i in order]
             annotator = "code-rubric (rule-based)"
         else:
             raise ValueError("no annotations: pass --annotations FILE, --teacher-url URL or --annotator code-rubric")
-        annotated = {i: s for i, s in zip(sample, scores) if s is not None}
-    model, tok = quality.load_embedding_model(args.model)
-    features = quality.embed(texts, model, tok, args.max_tokens)
+        annotated = {i: (texts[i], s) for i, s in zip(order, scores) if s is not None}
+    model, tok = quality.cached_embedding_model(args.model)
     idx = sorted(annotated)
-    head, metrics = quality.fit_head(features[idx], np.array([annotated[i] for i in idx]), args.head,
+    features = quality.embed([annotated[i][0] for i in idx], model, tok, args.max_tokens)
+    head, metrics = quality.fit_head(features, np.array([annotated[i][1] for i in idx]), args.head,
                                      args.threshold, seed=args.seed)
-    # The report counts the scores as written (4 decimals), which are what `filter` reads: a raw 2.4999999999999996
-    # is written as 2.5 and kept by `filter --threshold 2.5`, so the report must count it as 2.5 too.
-    predicted = np.array([round(float(s), 4) for s in head.predict(features)])
-    with RecordWriter(args.output) as w:
-        for rec, s in zip(records, predicted):
-            w.write({**rec, "edu_score": float(s)})
+    metrics = {**metrics, "annotator": annotator, "model": args.model}
     report_dir = Path(args.report_dir) if args.report_dir else Path(args.output).with_suffix(".quality")
-    report = quality.write_report(report_dir, {**metrics, "annotator": annotator, "model": args.model,
-                                                  **_skipped(stats)},
-                                  predicted, args.threshold)
+    offsets = np.cumsum([0] + counts)[:-1].tolist()
+    settings = {"model": args.model, "annotations": sorted(annotated), "head": args.head, "seed": args.seed,
+                "max_tokens": args.max_tokens, "threshold": args.threshold, "report_dir": str(report_dir)}
+    code = _run_job(args, "score", settings, lambda work, n: quality.score_stages(
+        args.inputs, args.output, work, n, head, metrics, args.model, report_dir, args.threshold, offsets,
+        args.text_field, args.on_error, args.max_tokens), tasks=tasks, report=report_dir / "report.json")
+    # OUTPUT.report.json marks the output as this step's (the full report is in the report directory)
+    write_report(args.output, {"step": "score", "report_dir": str(report_dir)})
     print(f"report: {report_dir / 'report.md'}", file=sys.stderr)
-    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
-    return 0
+    return code
 
 
 def _filter(args) -> int:

@@ -69,7 +69,7 @@ class Executor:
             from datatrove.executor import LocalPipelineExecutor
             # forked workers share what the parent already loaded (a tokenizer, a benchmark index)
             return LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
-                                         start_method="fork")
+                                         start_method=stage.start_method)
         if self.kind == "slurm":
             from datatrove.executor import SlurmPipelineExecutor
             return SlurmPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
@@ -84,6 +84,9 @@ class Stage:
     name: str
     step: Any  # a datatrove PipelineStep
     tasks: int
+    # how local workers start: forked (sharing what the command loaded), or "spawn" for steps that run torch,
+    # whose thread pool does not survive a fork of a process that already used it
+    start_method: str = "fork"
 
 
 def default_tasks(inputs: Sequence[str | Path], per_task: int = 64 << 20) -> int:

@@ -132,14 +132,15 @@ def annotate_with_teacher(texts: Sequence[str], teacher, concurrency: int = 8, m
 
 # --- features and head ---------------------------------------------------------------------------------------
 
-def embed(texts: Sequence[str], model, tokenizer, max_tokens: int = 512, batch_size: int = 8) -> np.ndarray:
+def embed(texts: Sequence[str], model, tokenizer, max_tokens: int = 512, batch_size: int = 8,
+          progress: bool = True) -> np.ndarray:
     """Mean-pooled last-layer hidden states of the first max_tokens tokens of each text: [N, hidden]."""
     import torch
 
     model.eval()
     out = []
     vocab_limit = model.config.vocab_size
-    for i in tqdm(range(0, len(texts), batch_size), desc="embed", unit="batch"):
+    for i in tqdm(range(0, len(texts), batch_size), desc="embed", unit="batch", disable=not progress):
         # A token is rarely more than 8 characters: cut long texts first instead of tokenizing them whole.
         ids = [tokenizer.encode(t[:max_tokens * 8])[:max_tokens] or [tokenizer.eos_token_id]
                for t in texts[i:i + batch_size]]
@@ -329,3 +330,103 @@ def filter_stages(inputs: Sequence[str | Path], output: str | Path, work: Path, 
     step = FilterStage([str(p) for p in inputs], str(work), text_field, on_error, threshold, score_field)
     return [Stage("filter", step, tasks),
             Stage("merge", ConcatStage("filter", str(work), "filter", tasks, str(output), summarize_filter), 1)]
+
+
+# --- score, as datatrove tasks ---------------------------------------------------------------------------------
+# The command fits the head on the annotated sample (in one process, as before) and saves it in the work folder;
+# each task embeds its shard's documents in batches and scores them. A batch is 8 documents at positions
+# 8k..8k+7 of the whole input (each task is told where its shard starts), so every document is embedded beside
+# the same others whatever the number of tasks, and the scores do not change with it.
+
+_models: dict[str, Any] = {}
+
+
+def cached_embedding_model(name_or_path: str):
+    """load_embedding_model, once per process (local workers forked from the command reuse its copy)."""
+    if name_or_path not in _models:
+        _models.clear()
+        _models[name_or_path] = load_embedding_model(name_or_path)
+    return _models[name_or_path]
+
+
+class ScoreStage(PipelineStep):
+    name = "score"
+    type = "Annotator"
+
+    def __init__(self, inputs: Sequence[str], work: str, text_field: str, on_error: str, model: str,
+                 max_tokens: int, offsets: list[int], batch_size: int = 8) -> None:
+        super().__init__()
+        self.inputs, self.work, self.text_field, self.on_error = list(inputs), work, text_field, on_error
+        self.model, self.max_tokens, self.offsets, self.batch_size = model, max_tokens, offsets, batch_size
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        import pickle
+
+        from .io import ReadStats, RecordWriter, read_records
+        from .job import task_file, write_json
+
+        folder, stats = Path(self.work), ReadStats()
+        with open(folder / "head.pkl", "rb") as f:
+            head = pickle.load(f)  # our own file: the head this job's command fitted
+        model, tok = cached_embedding_model(self.model)
+        position, scores, batch = self.offsets[rank], [], []
+        with RecordWriter(task_file(folder, "part", rank, ".jsonl")) as w:
+            def flush() -> None:
+                features = embed([r[self.text_field] for r in batch], model, tok, self.max_tokens,
+                                 batch_size=self.batch_size, progress=False)
+                # rounded as written (4 decimals): what `filter` reads, and what the report counts
+                for rec, s in zip(batch, head.predict(features)):
+                    scores.append(round(float(s), 4))
+                    w.write({**rec, "edu_score": scores[-1]})
+                batch.clear()
+
+            for rec in read_records(self.inputs, self.text_field, self.on_error, stats, shard=(rank, world_size),
+                                    quiet=True):
+                batch.append(rec)
+                position += 1
+                if position % self.batch_size == 0:
+                    flush()
+            if batch:
+                flush()
+        np.save(task_file(folder, "scores", rank, ".npy"), np.array(scores))
+        write_json(task_file(folder, "score", rank), {"input": len(scores), "skipped": stats.skipped})
+        return iter(())
+
+
+class ScoreReportStage(PipelineStep):
+    name = "score report"
+    type = "Writer"
+
+    def __init__(self, work: str, tasks: int, output: str, report_dir: str, metrics: dict, threshold: float) -> None:
+        super().__init__()
+        self.work, self.tasks, self.output, self.report_dir = work, tasks, output, report_dir
+        self.metrics, self.threshold = metrics, threshold
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        from .io import write_parts
+        from .job import read_manifests, task_file
+
+        folder = Path(self.work)
+        manifests = read_manifests(folder, "score", self.tasks)
+        write_parts(self.output, [task_file(folder, "part", r, ".jsonl") for r in range(self.tasks)])
+        scores = np.concatenate([np.load(task_file(folder, "scores", r, ".npy")) for r in range(self.tasks)])
+        skipped = [s for m in manifests for s in m["skipped"]]
+        write_report(self.report_dir, {**self.metrics, "skipped_lines": len(skipped), "skipped": skipped}, scores,
+                     self.threshold)
+        return iter(())
+
+
+def score_stages(inputs: Sequence[str | Path], output: str | Path, work: Path, tasks: int, head: QualityHead,
+                 metrics: dict, model: str, report_dir: str | Path, threshold: float, offsets: list[int],
+                 text_field: str = "text", on_error: str = "fail", max_tokens: int = 512) -> list:
+    """The stages of a scoring job (run them with WorkFolder.run); saves the fitted head in the work folder."""
+    import pickle
+
+    from .job import Stage
+
+    with open(work / "head.pkl.tmp", "wb") as f:
+        pickle.dump(head, f)
+    (work / "head.pkl.tmp").replace(work / "head.pkl")
+    step = ScoreStage([str(p) for p in inputs], str(work), text_field, on_error, model, max_tokens, offsets)
+    return [Stage("score", step, tasks, start_method="spawn"),
+            Stage("report", ScoreReportStage(str(work), tasks, str(output), str(report_dir), metrics, threshold), 1)]
