@@ -335,3 +335,23 @@ def test_ray_runs_a_job_on_a_local_instance(corpus, tmp_path, capsys):
     finally:
         ray.shutdown()
     assert remote.read_bytes() == local.read_bytes()
+
+
+@pytest.mark.slow
+def test_scores_do_not_change_with_tasks_or_workers(corpus, tiny_phi_checkpoint, tmp_path, capsys):
+    docs, inputs = corpus
+    annotations = tmp_path / "annotations.jsonl"
+    annotations.write_text("".join(json.dumps({"id": d["id"], "score": i % 6}) + "\n"
+                                   for i, d in enumerate(docs[:120:2])))
+    outputs = []
+    for tasks, workers in ((1, 1), (3, 2)):
+        out = tmp_path / f"s{tasks}.jsonl"
+        assert main(["data", "score", str(inputs[0]), "--model", str(tiny_phi_checkpoint), "--annotations",
+                     str(annotations), "--max-tokens", "16", "--output", str(out), "--report-dir",
+                     str(tmp_path / f"r{tasks}"), "--tasks", str(tasks), "--workers", str(workers)]) == 0
+        outputs.append(out.read_bytes())
+        report = json.loads((tmp_path / f"r{tasks}" / "report.json").read_text())
+        assert report["documents"] == len(out.read_text().splitlines()) > 100
+    scores = [json.loads(x)["edu_score"] for x in outputs[0].decode().splitlines()]
+    assert len(set(scores)) > 10  # the scores differ from document to document
+    assert outputs[0] == outputs[1]
