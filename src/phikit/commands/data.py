@@ -56,7 +56,6 @@ def configure(p: argparse.ArgumentParser) -> None:
         g.add_argument("--slurm-cpus-per-task", type=int)
         g.add_argument("--slurm-mem-per-cpu-gb", type=int)
         g.add_argument("--ray-cpus-per-task", type=int)
-        g.add_argument("--verbose", action="store_true", help="show datatrove's logs")
 
     s = step("synth", "textbook text from a teacher model (OpenAI-compatible API)", inputs=False)
     s.add_argument("--base-url", required=True, help="e.g. http://localhost:8000/v1")
@@ -198,7 +197,7 @@ def _executor(args):
         raise ValueError(f"--tasks must be at least 1, got {args.tasks}")
     options = {"slurm": {"time": "04:00:00", **{k: v for k, v in slurm.items() if v is not None}},
                "ray": {k: v for k, v in ray.items() if v is not None}}.get(args.executor, {})
-    executor = Executor(args.executor, args.workers, options, args.verbose)
+    executor = Executor(args.executor, args.workers, options, getattr(args, "verbose", False))
     executor.check()
     return executor
 
