@@ -162,6 +162,8 @@ def pack(inputs: Sequence[str | Path], output_dir: str | Path, tokenizer_path: s
             return read_index(out)
         raise ValueError(f"{out} holds shards of a different pack run (other inputs or settings): pick a new "
                          f"output directory, or pass --overwrite")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not a shard directory: pick a new output directory")
     work = WorkFolder(out, "pack", settings, overwrite)
     shards = work.file("shards")
     shards.mkdir(exist_ok=True)
