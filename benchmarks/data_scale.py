@@ -40,18 +40,19 @@ WRAPPER = ("import json,resource,subprocess,sys,time\n"
            "t=time.perf_counter()\n"
            "p=subprocess.run(sys.argv[1:],capture_output=True,text=True)\n"
            "dt=time.perf_counter()-t\n"
-           "print(json.dumps([p.returncode,dt,resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024,"
-           "p.stderr[-3000:]]))\n")
+           "r=resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+           "print(json.dumps([p.returncode,dt,r.ru_maxrss/1024,r.ru_utime+r.ru_stime,p.stderr[-3000:]]))\n")
 
 
-def measure(argv: list[str]) -> tuple[float, float]:
-    """Run a command in a fresh process; (wall seconds, peak RSS in MB of its largest single process)."""
+def measure(argv: list[str]) -> tuple[float, float, float]:
+    """Run a command in a fresh process; (wall seconds, peak RSS in MB of its largest single process, CPU seconds
+    of it and its workers: unlike wall time, not stretched by other load on the machine)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     out = subprocess.run([sys.executable, "-c", WRAPPER, *argv], capture_output=True, text=True, env=env)
-    rc, seconds, rss, err = json.loads(out.stdout.strip().splitlines()[-1])
+    rc, seconds, rss, cpu, err = json.loads(out.stdout.strip().splitlines()[-1])
     if rc:
         sys.exit(f"{' '.join(argv[:6])} ... failed:\n{err}")
-    return seconds, rss
+    return seconds, rss, cpu
 
 
 def humaneval_prompts() -> list[str]:
@@ -207,9 +208,10 @@ def main() -> None:
                          ("pack", [str(c), "--output", str(s)], s, None)]
                 for name, argv, out, n in steps:
                     n = n if n is not None else sum(1 for _ in open(argv[0]))
-                    seconds, rss = measure([*phikit, name, *argv, *common])
+                    seconds, rss, cpu = measure([*phikit, name, *argv, *common])
                     run[name] = {"seconds": round(seconds, 2), "docs_per_s": round(n / seconds),
-                                 "peak_rss_mb": round(rss), "sha256": sha256(out)[:16]}
+                                 "docs_per_cpu_s": round(n / cpu), "peak_rss_mb": round(rss),
+                                 "sha256": sha256(out)[:16]}
                     print(f"  {scale}x {workers} workers {name}: {seconds:.1f} s, {n / seconds:,.0f} docs/s, "
                           f"peak {rss:.0f} MB", file=sys.stderr)
                 kept = ids(d)
@@ -225,14 +227,14 @@ def main() -> None:
                 with open(merged, "wb") as f:
                     for p in sorted(corpus.iterdir()):
                         f.write(p.read_bytes())
-                seconds, rss = measure([sys.executable, "-c", ONE_PROCESS, str(merged), str(mid), str(out)])
+                seconds, rss, _ = measure([sys.executable, "-c", ONE_PROCESS, str(merged), str(mid), str(out)])
                 result["one_process"] = {"scale": scale, "seconds_dedup_and_decontaminate": round(seconds, 2),
                                          "docs_per_s": round(docs / seconds), "peak_rss_mb": round(rss),
                                          "recall": recall(ids(mid), kinds)}
                 print(f"  one process: {seconds:.1f} s, peak {rss:.0f} MB", file=sys.stderr)
                 workers = max(worker_counts)
-                seconds, rss = measure([sys.executable, "-c", DATATROVE_MINHASH, str(corpus), str(tmp / "dt"),
-                                        str(files), str(workers)])
+                seconds, rss, _ = measure([sys.executable, "-c", DATATROVE_MINHASH, str(corpus), str(tmp / "dt"),
+                                           str(files), str(workers)])
                 kept = set().union(*(ids(p) for p in (tmp / "dt" / "out").iterdir()))
                 ours = next(r for r in result["runs"] if r["scale"] == scale and r["workers"] == workers)
                 result["datatrove_minhash"] = {"scale": scale, "workers": workers, "seconds": round(seconds, 2),
