@@ -243,20 +243,6 @@ def _report(path: Path, report: dict) -> None:
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
 
 
-def _read(args, stats=None):
-    from tqdm import tqdm
-
-    from phikit.data.io import read_records
-    # A running count of documents on a terminal (dedup of millions takes a while); silent when piped or logged.
-    return tqdm(read_records(args.inputs, args.text_field, args.on_error, stats), desc=args.step, unit="doc",
-                disable=None, mininterval=1.0)
-
-
-def _skipped(stats) -> dict:
-    """The report's account of input lines skipped with --on-error skip (never dropped silently)."""
-    return {"skipped_lines": len(stats.skipped), "skipped": stats.skipped}
-
-
 def _synth(args) -> int:
     import hashlib
 
@@ -310,7 +296,8 @@ def _procedural(args) -> int:
         failed = ok.count(False)
         records = [r for r, good in zip(records, ok) if good]
     write_records(args.output, records)
-    _report(Path(args.output), {"written": len(records), "split": args.split, "seed": args.seed,
+    _report(Path(args.output), {"step": "procedural", "written": len(records), "split": args.split,
+                                "seed": args.seed,
                                 "verified": not args.no_verify, "failed_verification": failed})
     return 0
 
@@ -327,7 +314,7 @@ def _from_files(args) -> int:
     records = ({"id": str(f), "text": f.read_text(encoding="utf-8", errors="replace")} for f in files
                if f.stat().st_size <= args.max_bytes)
     n = write_records(args.output, records)
-    _report(Path(args.output), {"files_found": len(files), "written": n})
+    _report(Path(args.output), {"step": "from-files", "files_found": len(files), "written": n})
     return 0
 
 
@@ -338,7 +325,7 @@ def _score(args) -> int:
     from phikit.data.io import read_records, write_report
     from phikit.data.job import default_tasks
 
-    executor = _executor(args)
+    _executor(args)  # a wrong option is refused before the passes over the input
     tasks = args.tasks or default_tasks(args.inputs)
 
     def records(shard=None):

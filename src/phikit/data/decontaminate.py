@@ -190,8 +190,8 @@ class ScanStage(PipelineStep):
         stats = ReadStats()
         report = DecontaminationReport(action=self.action)
         with RecordWriter(task_file(folder, "part", rank, ".jsonl")) as w:
-            records = read_records(self.inputs, self.text_field, self.on_error, stats, shard=(rank, world_size),
-                                   quiet=True)
+            records = read_records(self.inputs, self.text_field, self.on_error, stats,
+                                   shard=(rank, world_size), quiet=True)
             w.write_all(decontaminate(records, index, self.text_field, self.action, report, max_examples=100))
         write_json(task_file(folder, "scan", rank), {"input": report.input, "contaminated": report.contaminated,
                                                      "per_benchmark": report.per_benchmark,

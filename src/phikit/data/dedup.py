@@ -241,8 +241,8 @@ class SignatureStage(_Step):
             sigs.clear()
 
         with RecordWriter(folder / f"records-{rank:05d}.jsonl") as records:
-            for rec in read_records(self.inputs, self.text_field, self.on_error, stats, shard=(rank, world_size),
-                                   quiet=True):
+            for rec in read_records(self.inputs, self.text_field, self.on_error, stats,
+                                    shard=(rank, world_size), quiet=True):
                 records.write(rec)
                 normalized = normalize(rec[self.text_field])
                 digest = hashlib.blake2b(normalized.encode(), digest_size=16).digest()

@@ -80,8 +80,8 @@ class TokenizeToShards(PipelineStep):
                     self.stat_update(f"{split}_tokens", value=len(ids))
             batch.clear()
 
-        for rec in read_records(self.inputs, self.text_field, self.on_error, stats, shard=(rank, world_size),
-                                   quiet=True):
+        for rec in read_records(self.inputs, self.text_field, self.on_error, stats,
+                                shard=(rank, world_size), quiet=True):
             batch.append(rec[self.text_field])
             if len(batch) >= self.batch_size:
                 flush()

@@ -299,8 +299,8 @@ class FilterStage(PipelineStep):
 
         folder, stats, seen, kept = Path(self.work), ReadStats(), 0, 0
         with RecordWriter(task_file(folder, "part", rank, ".jsonl")) as w:
-            for rec in read_records(self.inputs, self.text_field, self.on_error, stats, shard=(rank, world_size),
-                                   quiet=True):
+            for rec in read_records(self.inputs, self.text_field, self.on_error, stats,
+                                    shard=(rank, world_size), quiet=True):
                 seen += 1
                 if self.score_field not in rec:
                     raise DataError(f"{stats.where}: no {self.score_field!r} field: run `phikit data score` first, "
@@ -380,8 +380,8 @@ class ScoreStage(PipelineStep):
                     w.write({**rec, "edu_score": scores[-1]})
                 batch.clear()
 
-            for rec in read_records(self.inputs, self.text_field, self.on_error, stats, shard=(rank, world_size),
-                                    quiet=True):
+            for rec in read_records(self.inputs, self.text_field, self.on_error, stats,
+                                    shard=(rank, world_size), quiet=True):
                 batch.append(rec)
                 position += 1
                 if position % self.batch_size == 0:
