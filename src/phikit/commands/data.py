@@ -297,8 +297,7 @@ def _procedural(args) -> int:
         records = [r for r, good in zip(records, ok) if good]
     write_records(args.output, records)
     _report(Path(args.output), {"step": "procedural", "written": len(records), "split": args.split,
-                                "seed": args.seed,
-                                "verified": not args.no_verify, "failed_verification": failed})
+                                "seed": args.seed, "verified": not args.no_verify, "failed_verification": failed})
     return 0
 
 
