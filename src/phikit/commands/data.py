@@ -142,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         _check_inputs(args)
     if args.step not in ("synth", "pack", "mix"):
         if _check_output(args.step, out, args.overwrite, getattr(args, "inputs", ())) == "done":
+            from phikit.data.job import WorkFolder
+            WorkFolder.remove_finished(out)
             print(f"{out} exists: step already done (pass --overwrite to redo it)", file=sys.stderr)
             return 0
     elif args.step == "mix" and out.exists() and not args.overwrite:

@@ -7,7 +7,8 @@ was started with). A task writes its parts under temporary names and renames the
 a task complete only after it returned, so a rerun of the same command after a crash or `kill -9` redoes only the
 tasks that had not finished. The last stage writes the output (atomically); the work folder is then removed.
 Locally and on Ray the command waits for every stage; on Slurm it submits the stages as dependent job arrays
-and returns (the output appears when the last one ends).
+and returns (the output appears when the last one ends; rerunning the command then finds it done and removes
+the work folder).
 """
 from __future__ import annotations
 
@@ -146,10 +147,12 @@ class WorkFolder:
             last.run()
             return False
         if executor.kind == "ray":
+            import logging
+
             import ray
-            if not ray.is_initialized():
+            if not ray.is_initialized():  # the cluster RAY_ADDRESS names, else a local instance
                 ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=executor.verbose,
-                         logging_level="INFO" if executor.verbose else "ERROR")
+                         logging_level=logging.INFO if executor.verbose else logging.ERROR)
         for i, stage in enumerate(stages):
             ex = executor.build(stage, self.path / "logs" / f"{i}-{stage.name}")
             ex.run()
@@ -161,6 +164,13 @@ class WorkFolder:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+    @staticmethod
+    def remove_finished(output: str | Path) -> None:
+        """The work folder of an output that is complete (left by a Slurm job, whose last task cannot remove it)."""
+        path = Path(output).with_name(Path(output).name + WORK_SUFFIX)
+        if (path / "job.json").is_file():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _quiet_datatrove(verbose: bool) -> None:
