@@ -225,8 +225,9 @@ def _run_job(args, step: str, settings: dict, make_stages, tasks: int | None = N
         print(f"submitted {step} as {tasks} Slurm tasks; {args.output} appears when they end (logs in "
               f"{work.path / 'logs'})", file=sys.stderr)
         return 0
+    summary = work.file("summary.json")  # a step whose report lists every document it removed leaves its counts
+    report = json.loads((summary if summary.is_file() else report or Path(args.output + REPORT_SUFFIX)).read_text())
     work.remove()
-    report = json.loads((report or Path(args.output + REPORT_SUFFIX)).read_text())
     _warn_skipped(report["skipped"])
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
     return 0

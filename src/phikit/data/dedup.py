@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import json
 import os
 import re
 import unicodedata
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -23,7 +25,7 @@ import numpy as np
 from datasketch import MinHash, MinHashLSH
 from datatrove.pipeline.base import PipelineStep
 
-from .io import DataError, ReadStats, RecordWriter, read_records, write_parts, write_report
+from .io import REPORT_SUFFIX, DataError, ReadStats, RecordWriter, read_records, write_parts
 from .job import Stage, read_manifests, task_file, write_json
 
 _WORD = re.compile(r"\w+")
@@ -359,7 +361,16 @@ class ResolveStage(_Step):
             has_copies[c["rep"].astype(np.int64)] = True
         kept = np.ones(total, bool)
         pending: dict[int, list[tuple[float, int]]] = {}  # removed documents with copies: their kept neighbours
-        removals: list[list] = []
+        # what was removed, compactly (a corpus may lose millions of documents): position, duplicate of,
+        # similarity, and whether the copy is exact
+        removed, of, sims, exact = array("Q"), array("Q"), array("d"), bytearray()
+
+        def remove(doc: int, duplicate_of: int, sim: float, is_exact: bool) -> None:
+            removed.append(doc)
+            of.append(duplicate_of)
+            sims.append(sim)
+            exact.append(is_exact)
+            kept[doc] = False
 
         def events():
             copy_events = heapq.merge(*(((int(d), 0, int(r)) for d, r in zip(c["doc"], c["rep"])) for c in copies))
@@ -370,42 +381,45 @@ class ResolveStage(_Step):
         for doc, kind, payload in events():
             if kind == 0:  # a copy of an earlier document: of a kept one, or of a removed one (then a near copy)
                 if kept[payload]:
-                    removals.append([doc, "exact", payload, 1.0])
+                    remove(doc, payload, 1.0, True)
                 else:
                     sim, neg = max(pending[payload])
-                    removals.append([doc, "near", -neg, round(sim, 3)])
-                kept[doc] = False
+                    remove(doc, -neg, round(sim, 3), False)
                 continue
             candidates = [(j, -lo) for lo, j in payload if kept[lo]]
             if candidates:
                 sim, neg = max(candidates)
-                removals.append([doc, "near", -neg, round(sim, 3)])
-                kept[doc] = False
+                remove(doc, -neg, round(sim, 3), False)
                 if has_copies[doc]:
                     pending[doc] = candidates
             else:
                 for lo, j in payload:
                     if lo in pending:
                         pending[lo].append((j, -doc))
-        report = DedupReport(input=total, kept=total - len(removals))
-        by_doc = iter(removals)
-
-        def dropped(position: int, rec: dict) -> None:
-            doc, reason, of, sim = next(by_doc)
-            why = {"index": doc, "reason": reason, "duplicate_of": of, "similarity": sim}
-            if "id" in rec:
-                why["id"] = rec["id"]
-            report.removed.append(why)
-            if reason == "exact":
-                report.exact_duplicates += 1
-            else:
-                report.near_duplicates += 1
-
-        parts = [folder / f"records-{r:05d}.jsonl" for r in range(self.tasks)]
-        write_parts(self.output, parts, (r[0] for r in removals), dropped)
         skipped = [s for m in manifests for s in m["skipped"]]
-        write_report(self.output, {"step": "dedup", **report.summary(), "skipped_lines": len(skipped),
-                                   "skipped": skipped})
+        head = {"step": "dedup", "input": total, "kept": total - len(removed), "exact_duplicates": sum(exact),
+                "near_duplicates": len(exact) - sum(exact)}
+        tail = {"skipped_lines": len(skipped), "skipped": skipped}
+        # The report lists every removal: written as the output is, one entry at a time, never held whole.
+        path = Path(self.output)
+        path = path.with_name(path.name + REPORT_SUFFIX)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as report:
+            report.write(json.dumps(head)[:-1] + ', "removed": [')
+            n = 0
+
+            def dropped(position: int, rec: dict) -> None:
+                nonlocal n
+                why = {"index": removed[n], "reason": "exact" if exact[n] else "near", "duplicate_of": of[n],
+                       "similarity": sims[n], **({"id": rec["id"]} if "id" in rec else {})}
+                report.write(("\n" if n == 0 else ",\n") + json.dumps(why, default=str))
+                n += 1
+
+            write_parts(self.output, [folder / f"records-{r:05d}.jsonl" for r in range(self.tasks)], removed,
+                        dropped)
+            report.write("\n], " + json.dumps(tail)[1:] + "\n")
+        os.replace(tmp, path)
+        write_json(folder / "summary.json", {**head, **tail})  # what the command prints (not the long list)
         return iter(())
 
 
