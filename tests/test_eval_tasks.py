@@ -31,7 +31,7 @@ def test_pass_at_k_matches_the_official_estimator():
 
 def test_gsm8k_answers_and_program_aided_scoring():
     from phikit.eval.gsm8k import bundled_test_items, extract_cot, gold_answer, pal_program, pal_prompt
-    from phikit.eval.sandbox import run_many
+    from phikit.sandbox import run_many
     items = bundled_test_items()
     assert [gold_answer(d["answer"]) for d in items] == [18, 3, 70000, 540]
     assert extract_cot("so 5 + 3 = 8.\n#### 1,234") == (1234.0, 1234.0)

@@ -488,7 +488,7 @@ def evaluate_model(model, tokenizer, heldout: dict[str, list[dict]], chat_format
                    perplexity: bool = True) -> dict:
     """Held-out arithmetic/word-problem accuracy, code pass@1 (sandboxed), perplexity, multiple choice."""
     from .inference.decoding import generate
-    from .eval.sandbox import run_many
+    from .sandbox import run_many
 
     result: dict[str, Any] = {}
     for kind in ("arithmetic_easy", "arithmetic", "word_problem"):

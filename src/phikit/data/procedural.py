@@ -399,8 +399,8 @@ def _batch_program(checks: list[str]) -> str:
 
 
 def verify(records: list[dict], timeout: float = 30.0, workers: int = 2, batch: int = 200) -> list[bool]:
-    """Execute every record's `check` in the sandbox (phikit.eval.sandbox); True where it passed."""
-    from phikit.eval.sandbox import run_many
+    """Execute every record's `check` in the sandbox (phikit.sandbox); True where it passed."""
+    from phikit.sandbox import run_many
 
     chunks = [records[i:i + batch] for i in range(0, len(records), batch)]
     results = run_many([_batch_program([r["check"] for r in c]) for c in chunks], timeout=timeout,

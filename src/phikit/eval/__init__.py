@@ -1,2 +1,3 @@
-"""Evaluation: benchmark tasks (multiple choice, code, GSM8K, perplexity, toxicity), the code sandbox, the
-lm-evaluation-harness backend and reports. Submodules load on use so `import phikit.eval` stays light."""
+"""Evaluation: benchmark tasks (multiple choice, code, GSM8K, perplexity, toxicity), the lm-evaluation-harness
+backend and reports; model-written code runs in phikit.sandbox. Submodules load on use so `import phikit.eval`
+stays light."""

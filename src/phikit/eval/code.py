@@ -18,7 +18,7 @@ import numpy as np
 from ..files import write_text_atomic
 from ..progress import tqdm
 from .data import load_split
-from .sandbox import SandboxPool, SandboxResult
+from ..sandbox import SandboxPool, SandboxResult
 
 HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # the harness's (and Codex paper's) stops
 MBPP_STOPS = ["\nclass", "\nif __name__", "\nprint(", "\nassert", '\n"""', "\n# Test"]

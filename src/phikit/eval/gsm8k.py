@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..progress import tqdm
 from .data import load_split
-from .sandbox import SandboxPool
+from ..sandbox import SandboxPool
 
 PAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n\n\n"]
 COT_STOPS = ["Question:", "</s>", "<|im_end|>"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from phikit.eval.code import humaneval_program, read_humaneval, score_samples
-from phikit.eval.sandbox import SandboxPool, isolation, run_code
+from phikit.sandbox import SandboxPool, isolation, run_code
 
 FIRST_SANDBOX_UID = 0x7F000000
 

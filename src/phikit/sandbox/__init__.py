@@ -1,10 +1,10 @@
 """Run model-written code safely: every program in its own isolated, resource-limited process.
 
-    from phikit.eval.sandbox import run_code, run_many
+    from phikit.sandbox import run_code, run_many
     r = run_code("print(1 + 1)")            # SandboxResult(status="passed", stdout="2\\n", ...)
     rs = run_many(programs, timeout=3.0)    # a pool of warm worker processes, results in input order
 
-Each worker (see _sandbox_child.py) forks one process per program with: a wall-clock deadline and a CPU limit that
+Each worker (see _child.py) forks one process per program with: a wall-clock deadline and a CPU limit that
 kill the whole process group (and PID namespace), an address-space limit, process-count, file-size and open-file
 limits, a fresh tmpfs working directory with the rest of the file system read-only, a scrubbed environment, no
 network (a new network namespace), stdin closed and output capped. `isolation()` says which of the kernel layers
@@ -33,7 +33,7 @@ from typing import Sequence
 
 from ..progress import tqdm
 
-CHILD_SCRIPT = Path(__file__).with_name("_sandbox_child.py")
+CHILD_SCRIPT = Path(__file__).with_name("_child.py")
 SUPERVISOR_GRACE_S = 10.0  # how long past a program's deadline a worker may take to answer before it is replaced
 
 
@@ -69,7 +69,7 @@ class Limits:
 
 
 class _Worker:
-    """One warm `_sandbox_child.py` process; runs one program at a time."""
+    """One warm `_child.py` process; runs one program at a time."""
 
     def __init__(self) -> None:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}  # the evaluator's secrets stay here

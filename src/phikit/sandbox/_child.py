@@ -1,4 +1,4 @@
-"""The sandbox's worker process ("zygote"): stdlib only, started as `python -I _sandbox_child.py`.
+"""The sandbox's worker process ("zygote"): stdlib only, started as `python -I _child.py`.
 
 It reads one JSON request per line on stdin, forks a fresh isolated process for each program, supervises it
 (wall-clock deadline, output cap) and writes one JSON result per line on stdout. Forking from this small warm
