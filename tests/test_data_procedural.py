@@ -5,13 +5,15 @@ import ast
 import operator
 import re
 
+import pytest
+
 from phikit.data import procedural
 from phikit.sandbox import run_code
 
 
 def _eval_expr(expr: str) -> int:
     """An independent evaluator (Python's own parser) for the arithmetic questions."""
-    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 
     def ev(node):
         if isinstance(node, ast.BinOp):
@@ -56,9 +58,46 @@ def test_arithmetic_and_word_problems_against_python():
         assert re.search(r"Step 1: .*\nStep 2: |Step 1: ", r["text"])
         if r["kind"] == "arithmetic":
             assert _eval_expr(r["question"][len("What is "):-1]) == r["answer"]
-        else:  # the apples example of the phi-1.5 report, with its structure
-            assert r["question"].startswith("Suppose ") and "originally had" in r["question"]
+        else:
+            if r["phrasing"] == "suppose":  # the apples example of the phi-1.5 report, with its structure
+                assert r["question"].startswith("Suppose ") and "originally had" in r["question"]
             assert "Therefore" in r["text"]
+
+
+def test_word_problems_in_many_phrasings_with_correct_steps():
+    """Every training phrasing occurs; each step's arithmetic is right by Python's own evaluator and the last
+    count is the answer."""
+    problems = procedural.generate(400, "train", seed=7, kinds=("word_problem",))
+    assert {r["phrasing"] for r in problems} == {p.name for p in procedural.TRAIN_PHRASINGS}
+    assert len({r["question"].split(" ")[1] for r in problems}) > 5  # openings differ, not one template
+    for r in problems:
+        sums = re.findall(r"(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)", r["text"])
+        assert sums
+        for a, op, b, c in sums:
+            assert _eval_expr(f"{a} {op.replace('/', '//')} {b}") == int(c), r["text"]
+        assert int(sums[-1][3]) == r["answer"]
+        assert procedural.parse_answer(r["text"]) == r["answer"]
+
+
+def held_out_phrasing_patterns() -> list[re.Pattern]:
+    """A regex per held-out phrasing template (the placeholders match anything short)."""
+    templates = []
+    for p in procedural.NEW_PHRASINGS:
+        templates += [p.start[1], p.ask] + [t for ts in p.events.values() for t in ts]
+        templates += [c.strip() for c in p.connectors]
+    return [re.compile(re.sub(r"\\\{\w+\\\}", lambda m: r"[\w' ]{1,40}?", re.escape(t))) for t in templates]
+
+
+def test_new_phrasings_are_held_out_only():
+    with pytest.raises(ValueError, match="held out only"):
+        procedural.generate(5, "train", kinds=("word_problem_new_phrasing",))
+    kinds = tuple(k for k in procedural.KINDS if k not in procedural.HELDOUT_ONLY)
+    train = procedural.generate(3000, "train", seed=0, kinds=kinds)
+    new = procedural.generate(40, "heldout", seed=0, kinds=("word_problem_new_phrasing",))
+    patterns = held_out_phrasing_patterns()
+    assert all(any(p.search(r["text"]) for p in patterns) for r in new)  # the patterns do find them
+    assert not [r["text"] for r in train if any(p.search(r["text"]) for p in patterns)]
+    assert all(procedural.verify(new))
 
 
 def test_fact_tables_teach_every_one_digit_fact_correctly():
@@ -88,3 +127,27 @@ def test_python_functions_pass_their_tests_in_the_sandbox():
     first = funcs[0]["text"]
     gutted = re.sub(r'(    """\n)(.*?)(\n\n\nassert)', r"\1    return None\3", first, flags=re.S)
     assert gutted != first and not run_code(gutted, timeout=10).passed
+
+
+def test_sft_mix_teaches_scope_and_follow_ups():
+    """Every conversation kind is in the mix; a follow-up continues from the answer of the turn before, with
+    right arithmetic; refusals and introductions say what the model can do."""
+    from phikit.data.conversations import CONVERSATION_KINDS, sft_mix
+    records = procedural.generate(1500, "train", seed=1, kinds=("arithmetic_easy", "word_problem", "python"))
+    convs = sft_mix(records, seed=1)
+    assert sft_mix(records, seed=1) == convs and {c["kind"] for c in convs} >= set(CONVERSATION_KINDS)
+    for c in convs:
+        roles = [m["role"] for m in c["messages"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and all(m["content"] for m in c["messages"])
+    follow_ups = [c["messages"] for c in convs if c["kind"] == "follow_up"]
+    assert len(follow_ups) > 20
+    for m in follow_ups:
+        before = procedural.parse_answer(m[1]["content"])
+        (a, op, b, c), = re.findall(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)", m[3]["content"])
+        assert int(a) == before and _eval_expr(f"{a} {op} {b}") == int(c) == procedural.parse_answer(m[3]["content"])
+        assert str(b) in m[2]["content"]  # the number the follow-up asked about
+    for c in convs:
+        if c["kind"] in ("refusal", "identity", "greeting", "capabilities"):
+            assert "arithmetic, word problems and small Python functions" in c["messages"][1]["content"]
+    code = [c["messages"] for c in convs if c["kind"] == "code_request"]
+    assert all(run_code(m[1]["content"], timeout=10).passed for m in code[:5])  # whole functions that run

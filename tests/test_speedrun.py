@@ -11,6 +11,7 @@ import pytest
 
 import phikit
 from phikit.inference.decoding import chat
+from phikit.speedrun import TALK_SCRIPT
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen:
@@ -44,6 +45,9 @@ def test_speedrun_survives_sigkill_and_resumes(tmp_path):
 
     report = (out / "report.md").read_text()
     assert "## Results" in report and "![loss curves](loss.png)" in report and (out / "loss.png").stat().st_size > 0
+    chats = json.loads((out / "stages" / "eval.json").read_text())["transcript"]
+    assert [m["content"] for c in chats for m in c if m["role"] == "user"] == [t for c in TALK_SCRIPT for t in c]
+    assert "## Talk to it" in report and all(m["content"] in report for c in chats for m in c)
     for fmt in ("code", "qa", "instruct", "chat", "chatml"):
         assert f"**{fmt}**" in report
     scores = json.loads((out / "stages" / "eval.json").read_text())["scores"]
@@ -74,7 +78,7 @@ def test_speedrun_survives_sigkill_and_resumes(tmp_path):
 
 
 def test_answers_are_read_from_the_answer_line_only():
-    from phikit.speedrun import final_answer
+    from phikit.eval.exercises import final_answer
     assert final_answer("Step 1: 4 + 9 = 13.\nAnswer: 13") == 13
     assert final_answer("Step 1: 5 - 7 = -2.\nAnswer: -2\n") == -2
     assert final_answer("Step 1: Alice originally had 5 apples.\nAnswer: Alice has 5 apples now.") == 5
@@ -86,11 +90,11 @@ def test_answers_are_read_from_the_answer_line_only():
 
 def test_generation_budget_fits_the_longest_reference_solution():
     from phikit.data import procedural
-    from phikit.speedrun import solution_tokens
+    from phikit.eval.exercises import solution_tokens
     from phikit.tokenizer import train_bpe
     problems = procedural.generate(40, "heldout", seed=0, kinds=("word_problem",))
     tok = train_bpe((r["text"] for r in problems), 400, split_digits=True)
-    budget = solution_tokens(tok, problems)
+    budget = solution_tokens(tok, [r["text"][len(r["prompt"]):] for r in problems])
     assert all(len(tok.encode(r["text"][len(r["prompt"]):])) < budget for r in problems)
     assert budget > 96  # the old fixed budget cut most word-problem solutions off before their answer
 
@@ -118,10 +122,10 @@ def test_sft_data_keeps_one_step_solutions_a_third_of_the_arithmetic():
     """Dedup leaves each one-step exercise once; the SFT conversations repeat them back to a third of the
     arithmetic, so the assistant does not add a second step to a one-step question."""
     from phikit.data import procedural
+    from phikit.data.conversations import sft_mix
     from phikit.data.dedup import dedup
-    from phikit.speedrun import Speedrun
     records = list(dedup(procedural.generate(3000, "train", seed=0, kinds=("arithmetic_easy",)), threshold=0.95))
-    convs = Speedrun._sft_conversations(records, seed=0)
+    convs = [c for c in sft_mix(records, seed=0) if c["kind"] == "arithmetic_easy"]
     one_step = [r for r in records if r["text"].count("Step ") == 1]
     assert len(one_step) < len(records) / 5  # few distinct one-step exercises: the space is small
     steps = [c["messages"][1]["content"].count("Step ") for c in convs]
@@ -165,7 +169,7 @@ def test_fresh_deletes_only_a_speedrun_directory(tmp_path, monkeypatch, capsys):
 
 
 def test_a_resumed_training_keeps_its_step_count(tmp_path):
-    from phikit.speedrun import planned_steps
+    from phikit.train.budget import planned_steps
     assert planned_steps(tmp_path / "pretrain", lambda: 345) == 345
     # The rerun after a kill must not probe again: another count would change the cosine schedule mid-run.
     assert planned_steps(tmp_path / "pretrain", lambda: pytest.fail("probed twice")) == 345
@@ -182,3 +186,34 @@ def test_unanswered_teacher_prompts_keep_the_data_stage_open(tmp_path, monkeypat
     run = Speedrun(out=tmp_path, preset="micro", teacher_url="http://teacher.test/v1", log=lambda s: None)
     with pytest.raises(synth.TeacherError, match="teacher prompts are unanswered: rerun"):
         run._teacher_docs()
+
+
+def test_micro_data_has_every_conversation_kind_and_keeps_new_phrasings_out(tmp_path):
+    """The data stage's files: the SFT set holds every kind of conversation, and no training text (pretraining
+    corpus or SFT set) uses a held-out phrasing, which the held-out file does use."""
+    from test_data_procedural import held_out_phrasing_patterns
+
+    from phikit.data.conversations import CONVERSATION_KINDS
+    from phikit.speedrun import Speedrun
+    run = Speedrun(out=tmp_path, preset="micro", log=lambda s: None)
+    run.stage_data({})
+    read = lambda name: [json.loads(line) for line in (tmp_path / "data" / name).read_text().splitlines()]
+    sft, train, heldout = read("sft.jsonl"), read("train.jsonl"), read("heldout.jsonl")
+    assert set(CONVERSATION_KINDS) <= {c["kind"] for c in sft}
+    assert any(len(c["messages"]) >= 4 for c in sft if c["kind"] == "follow_up")  # a turn that refers back
+    patterns = held_out_phrasing_patterns()
+    texts = [r["text"] for r in train] + [m["content"] for c in sft for m in c["messages"]]
+    assert not [t for t in texts if any(p.search(t) for p in patterns)]
+    new = [r for r in heldout if r["kind"] == "word_problem_new_phrasing"]
+    assert new and all(any(p.search(r["text"]) for p in patterns) for r in new)
+
+
+def test_report_shows_the_conversation(tmp_path):
+    from phikit.speedrun_report import write_report
+    chats = [[{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi! I'm a small model."}],
+             [{"role": "user", "content": "Write a function."},
+              {"role": "assistant", "content": "def f(x):\n    return x * x\n"}]]
+    report = write_report(tmp_path, {"eval": {"scores": {}, "transcript": chats}}, 10, 1.0).read_text()
+    section = report[report.index("## Talk to it"):]
+    assert "user:  Hello!\n\nmodel: Hi! I'm a small model." in section
+    assert "model: def f(x):\n           return x * x" in section  # continuation lines stay under the answer

@@ -15,7 +15,8 @@ METRIC_NAMES = {
     "arithmetic_accuracy": "held-out arithmetic accuracy (numbers to 60, 1-3 operations)",
     "arithmetic_1op_accuracy": "&nbsp;&nbsp;one operation",
     "arithmetic_multi_op_accuracy": "&nbsp;&nbsp;two or three operations",
-    "word_problem_accuracy": "held-out word-problem accuracy",
+    "word_problem_accuracy": "held-out word-problem accuracy (phrasings seen in training)",
+    "word_problem_new_phrasing_accuracy": "held-out word-problem accuracy (phrasings training never saw)",
     "code_pass@1": "held-out code pass@1 (sandbox)",
     "mc_accuracy": "arithmetic multiple choice (4-way, log-likelihood)",
     "heldout_perplexity": "held-out perplexity",
@@ -71,7 +72,8 @@ def baseline_lines(ev: dict[str, dict]) -> list[str]:
     """One line per held-out task: the best trained model against the untrained one, with the exact test."""
     lines = []
     for kind, name in (("arithmetic_easy", "easy arithmetic"), ("arithmetic", "arithmetic"),
-                       ("word_problem", "word problems")):
+                       ("word_problem", "word problems"),
+                       ("word_problem_new_phrasing", "word problems in new phrasings")):
         base = ev.get("untrained", {}).get(f"{kind}_counts")
         trained = [(c, ev[c][f"{kind}_counts"]) for c in ("pretrained", "sft") if f"{kind}_counts" in ev.get(c, {})]
         if not base or not trained:
@@ -122,6 +124,18 @@ def write_report(out: Path, results: dict[str, dict], minutes: float, elapsed: f
                          f"{_fmt(r.get('mc_accuracy'))} |")
         lines += ["", "Held-out perplexity is measured on the held-out exercises (questions with their worked "
                   "solutions): how well each model predicts textbook-quality solutions it never saw.", ""]
+
+    chats = results.get("eval", {}).get("transcript")
+    if chats:
+        lines += ["## Talk to it", "", "The chat model's greedy answers to a short script: each exchange is a fresh "
+                  "chat, except the follow-up, which continues the word problem before it.", ""]
+        for messages in chats:
+            lines.append("```text")
+            for m in messages:
+                label = "user:  " if m["role"] == "user" else "model: "
+                lines += [label + m["content"].replace("\n", "\n" + " " * len(label)), ""]
+            lines[-1] = "```"
+            lines.append("")
 
     samples = results.get("eval", {}).get("samples", {})
     if samples:

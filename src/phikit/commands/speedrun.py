@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     for name, s in scores.items():
         print(f"  {name:<11} easy arithmetic {s.get('arithmetic_easy_accuracy', 0):.1%}  "
               f"arithmetic {s.get('arithmetic_accuracy', 0):.1%}  "
-              f"word problems {s.get('word_problem_accuracy', 0):.1%}  perplexity {s.get('heldout_perplexity', 0):.2f}")
+              f"word problems {s.get('word_problem_accuracy', 0):.1%} "
+              f"(new phrasings {s.get('word_problem_new_phrasing_accuracy', 0):.1%})  "
+              f"perplexity {s.get('heldout_perplexity', 0):.2f}")
     from ..speedrun_report import baseline_lines
     for line in baseline_lines(scores):
         print(line)

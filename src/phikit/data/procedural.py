@@ -15,11 +15,15 @@ import hashlib
 import json
 import random
 import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
-KINDS = ("arithmetic", "word_problem", "python", "passage", "arithmetic_easy", "arithmetic_facts")
+KINDS = ("arithmetic", "word_problem", "python", "passage", "arithmetic_easy", "arithmetic_facts",
+         "word_problem_new_phrasing")
 MIX = {"arithmetic": 0.3, "word_problem": 0.3, "python": 0.25, "passage": 0.15, "arithmetic_easy": 0.0,
-       "arithmetic_facts": 0.0}
+       "arithmetic_facts": 0.0, "word_problem_new_phrasing": 0.0}
+HELDOUT_ONLY = ("word_problem_new_phrasing",)  # phrasings kept out of every training text
 DEFAULT_KINDS = ("arithmetic", "word_problem", "python", "passage")  # the other two only when asked for
 HELDOUT_FRACTION = 0.1
 
@@ -38,6 +42,9 @@ def generate(n: int, split: str = "train", seed: int = 0, kinds: tuple[str, ...]
     for k in kinds:
         if k not in KINDS:
             raise ValueError(f"unknown kind {k!r}: choose from {', '.join(KINDS)}")
+        if k in HELDOUT_ONLY and split == "train":
+            raise ValueError(f"{k} exercises are held out only (their phrasings never appear in training text): "
+                             f"use split='heldout'")
     rng = random.Random(f"phikit-procedural/{seed}/{split}")
     weights = [MIX[k] or 1.0 for k in kinds] if len(kinds) == 1 else [MIX[k] for k in kinds]
     out: list[dict] = []
@@ -155,7 +162,7 @@ def _solve(tokens: list, steps: list[str]) -> int:
     return tokens[0]
 
 
-# --- word problems (the apples example of the phi-1.5 report) ------------------------------------------------
+# --- word problems (the apples example of the phi-1.5 report, in many phrasings) --------------------------------
 
 NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kofi", "Lena",
          "Maya", "Nina", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Victor", "Wen", "Yusuf", "Zoe"]
@@ -163,14 +170,89 @@ ITEMS = ["apples", "marbles", "stickers", "pencils", "books", "cookies", "coins"
          "oranges", "balloons", "crayons", "buttons", "seeds", "cupcakes", "toy cars", "feathers"]
 
 
-def word_problem(rng: random.Random) -> dict:
-    """A person's count of items changes through 2-4 events; the solution tracks it step by step."""
+@dataclass(frozen=True)
+class Phrasing:
+    """One way of telling a word problem. Each event is (connector, clause); the solution's step for an event
+    restates its clause, so a solution reads the same way its question does. `sentences` tells the events as
+    sentences of their own, otherwise as one sentence joined by commas."""
+    name: str
+    start: tuple[str, str]
+    events: dict[str, tuple[str, ...]]   # get | give | times | half -> clause templates
+    connectors: tuple[str, ...]
+    ask: str
+    sentences: bool = True
+    weight: float = 1.0
+
+
+TRAIN_PHRASINGS = (
+    Phrasing("suppose", ("Suppose ", "{hero} originally had {n} {item}"), {
+        "get": ("{other} gave {hero} {k} {item}",), "give": ("{hero} gave {other} {k} {item}",),
+        "times": ("{other} gave {hero} {k}x the amount of {item} {hero} had",),
+        "half": ("{hero} gave half of the {item} to {other}",)},
+        ("then ",), "How many {item} does {hero} have now?", sentences=False, weight=2.0),
+    Phrasing("present", ("", "{hero} has {n} {item}"), {
+        "get": ("{other} gives {hero} {k} more {item}", "{hero} buys {k} more {item}"),
+        "give": ("{hero} gives {k} {item} to {other}", "{hero} loses {k} {item}"),
+        "times": ("{other} gives {hero} {k} times as many {item} as {hero} has",),
+        "half": ("{hero} gives half of the {item} to {other}",)},
+        ("", "Then ", "Next, "), "How many {item} does {hero} have?"),
+    Phrasing("past", ("", "{hero} had {n} {item}"), {
+        "get": ("{hero} bought {k} more {item}", "{other} gave {hero} {k} more {item}"),
+        "give": ("{hero} lost {k} {item}", "{hero} sold {k} {item} to {other}"),
+        "times": ("{other} gave {hero} {k} times as many {item} as {hero} had",),
+        "half": ("{hero} shared half of the {item} with {other}",)},
+        ("Then ", "Later, ", "After that, "), "How many {item} does {hero} have now?"),
+    Phrasing("starts", ("", "{hero} starts with {n} {item}"), {
+        "get": ("{hero} finds {k} more {item}", "{other} adds {k} {item} to {hero}'s pile"),
+        "give": ("{hero} gives away {k} {item}", "{other} takes {k} {item} from {hero}"),
+        "times": ("{other} gives {hero} {k} times the number of {item} {hero} has",),
+        "half": ("{hero} gives away half of the {item}",)},
+        ("", "Then ", "Next, "), "How many {item} does {hero} have at the end?"),
+)
+# Phrasings that no training text uses: held-out word problems told this way measure whether a model reads the
+# story or recalls a template.
+NEW_PHRASINGS = (
+    Phrasing("owned", ("At first, ", "{hero} owned {n} {item}"), {
+        "get": ("{hero} received {k} {item} from {other}", "{hero} picked up {k} extra {item}"),
+        "give": ("{hero} handed {k} {item} over to {other}", "{hero} misplaced {k} {item}"),
+        "times": ("{other} handed {hero} {k} times the {item} {hero} owned",),
+        "half": ("{hero} handed half of the {item} over to {other}",)},
+        ("Afterwards, ", "Soon after, "), "What is the total number of {item} {hero} owns at the end?"),
+    Phrasing("collection", ("", "{hero}'s collection holds {n} {item}"), {
+        "get": ("{other} donates {k} {item} to {hero}'s collection", "{hero} collects {k} additional {item}"),
+        "give": ("{hero} trades away {k} {item}", "{hero} donates {k} {item} to {other}"),
+        "times": ("{other} donates {k} times what the collection holds",),
+        "half": ("{hero} splits the collection and donates half to {other}",)},
+        ("Subsequently, ", "Following that, "), "How large is {hero}'s collection of {item} in the end?"),
+)
+
+
+def _tell(phrasing: Phrasing, rng: random.Random, hero: str, item: str, count: int,
+          events: list[tuple[str, int, str]]) -> tuple[str, list[str]]:
+    """(question, clauses): the story of events [(other, k, clause template)] in one phrasing."""
+    fill = lambda t, **kw: t.format(hero=hero, item=item, **kw)
+    opening = fill(phrasing.start[1], n=count)
+    clauses = [fill(t, other=o, k=k) for o, k, t in events]
+    told = [rng.choice(phrasing.connectors) + c for c in clauses]
+    if phrasing.sentences:
+        story = ". ".join([phrasing.start[0] + opening] + [_cap(t) for t in told])
+    else:
+        story = phrasing.start[0] + ", ".join([opening] + told[:-1]) + ", and " + told[-1]
+    return story + ". " + fill(phrasing.ask), [opening] + clauses
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def word_problem(rng: random.Random, phrasings: tuple[Phrasing, ...] = TRAIN_PHRASINGS) -> dict:
+    """A person's count of items changes through 2-4 events, told in one of `phrasings`; the solution restates
+    each event and tracks the count step by step."""
+    phrasing = rng.choices(phrasings, [p.weight for p in phrasings])[0]
     hero, *others = rng.sample(NAMES, 4)
     item = rng.choice(ITEMS)
-    count = rng.randint(2, 20)
-    story = [f"{hero} originally had {count} {item}"]
-    steps = [f"{hero} originally had {count} {item}."]
-    program = [f"count = {count}"]
+    start = count = rng.randint(2, 20)
+    events, maths, program = [], [], [f"count = {count}"]
     for _ in range(rng.randint(2, 4)):
         kind = rng.choice(["get", "get", "give", "times", "half"])
         other = rng.choice(others)
@@ -180,43 +262,47 @@ def word_problem(rng: random.Random) -> dict:
             kind = "times"
         if kind == "times" and count > 40:
             kind = "give"
+        template = rng.choice(phrasing.events[kind])
         if kind == "get":
             k = rng.randint(1, 15)
-            story.append(f"then {other} gave {hero} {k} {item}")
-            steps.append(f"{other} gave {hero} {k} {item}, so {hero} now has {count} + {k} = {count + k} {item}.")
+            maths.append(f"so {hero} now has {count} + {k} = {count + k} {item}.")
             count += k
             program.append(f"count += {k}")
         elif kind == "give":
             k = rng.randint(1, count - 1)
-            story.append(f"then {hero} gave {other} {k} {item}")
-            steps.append(f"{hero} gave {other} {k} {item}, so {hero} now has {count} - {k} = {count - k} {item}.")
+            maths.append(f"so {hero} now has {count} - {k} = {count - k} {item}.")
             count -= k
             program.append(f"count -= {k}")
         elif kind == "times":
             k = rng.randint(2, 3)
             extra = k * count
-            story.append(f"then {other} gave {hero} {k}x the amount of {item} {hero} had")
-            steps.append(f"{other} gave {hero} {k}x the amount of {item} {hero} had, so {other} gave "
-                         f"{hero} {k} * {count} = {extra} {item}. Now {hero} has {count} + {extra} = "
+            maths.append(f"so {hero} gets {k} * {count} = {extra} {item}. Now {hero} has {count} + {extra} = "
                          f"{count + extra} {item}.")
             count += extra
             program.append(f"count += {k} * count")
         else:
             half = count // 2
-            story.append(f"then {hero} gave half of the {item} to {other}")
-            steps.append(f"{hero} gave half of the {item} to {other}: half of {count} is {count} / 2 = {half}, "
-                         f"so {hero} now has {count} - {half} = {count - half} {item}.")
+            maths.append(f"half of {count} is {count} / 2 = {half}, so {hero} now has {count} - {half} = "
+                         f"{count - half} {item}.")
             count -= half
             program.append("count -= count // 2")
-    question = (", ".join(story[:-1]) + ", and " + story[-1] + f". How many {item} does {hero} have now?")
-    question = "Suppose " + question
+        events.append((other, k if kind != "half" else 0, template))
+    question, clauses = _tell(phrasing, rng, hero, item, start, events)
+    steps = [_cap(clauses[0]) + "."] + [_cap(c) + (": " if m.startswith("half") else ", ") + m
+                                        for c, m in zip(clauses[1:], maths)]
     steps.append(f"Therefore, {hero} now has {count} {item}.")
     prompt = f"Question: {question}\nSolution:\n"
     text = prompt + "\n".join(f"Step {i}: {s}" for i, s in enumerate(steps, 1)) + \
         f"\nAnswer: {hero} has {count} {item} now."
     program.append(f"assert count == {count}")
     return {"text": text, "key": f"word:{question}", "question": question, "prompt": prompt, "answer": count,
-            "check": "\n".join(program) + "\n"}
+            "check": "\n".join(program) + "\n", "phrasing": phrasing.name, "hero": hero, "item": item,
+            "others": others}
+
+
+def word_problem_new_phrasing(rng: random.Random) -> dict:
+    """A word problem told in a phrasing that no training text uses (held out only)."""
+    return word_problem(rng, NEW_PHRASINGS)
 
 
 # --- Python functions with docstrings and tests ---------------------------------------------------------------
@@ -383,7 +469,38 @@ def passage(rng: random.Random) -> dict:
 MAKERS: dict[str, Callable[[random.Random], dict]] = {
     "arithmetic_easy": arithmetic_easy, "arithmetic_facts": arithmetic_facts,
     "arithmetic": arithmetic, "word_problem": word_problem, "python": python_function, "passage": passage,
+    "word_problem_new_phrasing": word_problem_new_phrasing,
 }
+
+
+# --- cleaning a corpus of exercises ----------------------------------------------------------------------------
+
+def clean(docs: list[dict], heldout: dict[str, list[dict]], benchmarks: tuple[str, ...] = ("humaneval",)
+          ) -> tuple[list[dict], dict]:
+    """Training documents without duplicates and without 13-gram overlap with benchmark files or with our own
+    held-out exercises; returns (kept, counts of what went).
+
+    Exact + MinHash near-duplicates (templated exercises differ in a few numbers, so only true repeats are
+    near-duplicates at 0.95), then 13-gram overlap with the benchmarks as in phi-1, and with the held-out
+    exercises. The held-out split already keeps every held-out exercise out of training; the overlap check adds
+    its near-twins, like (a + b) + c for a + b + c. Shorter n-grams would match template phrases ("then Bob gave
+    Alice 3 apples, then") and throw away most word problems."""
+    from .decontaminate import BenchmarkIndex, DecontaminationReport, decontaminate
+    from .dedup import DedupReport, dedup
+    dedup_report = DedupReport()
+    kept = list(dedup(docs, threshold=0.95, report=dedup_report))
+    index, own = BenchmarkIndex(n=13), BenchmarkIndex(n=13)
+    for spec in benchmarks:
+        index.add_file(spec)
+    for kind, records in heldout.items():
+        for r in records:
+            own.add(f"heldout/{kind}", r["key"], r["text"])
+    contam, contam_own = DecontaminationReport(), DecontaminationReport()
+    kept = list(decontaminate(decontaminate(kept, index, report=contam), own, report=contam_own))
+    return kept, {"dedup": {"exact": dedup_report.exact_duplicates, "near": dedup_report.near_duplicates},
+                  "decontaminate": {f"benchmarks ({', '.join(Path(b).name for b in benchmarks)}; 13-gram)":
+                                    contam.contaminated,
+                                    "held-out exercises (13-gram)": contam_own.contaminated}}
 
 
 # --- verification by execution --------------------------------------------------------------------------------
@@ -414,3 +531,33 @@ def verify(records: list[dict], timeout: float = 30.0, workers: int = 2, batch: 
         failed = set(json.loads(line[len("FAILED "):]))
         ok.extend(i not in failed for i in range(len(chunk)))
     return ok
+
+
+# --- the ablation's contrast: the same exercises as an unfiltered web page would hold them -----------------------
+
+def web_like_mix(textbook: list[dict], seed: int = 0) -> list[dict]:
+    """An unfiltered web-like corpus of the same size: boilerplate, answers without reasoning (a fifth of them
+    wrong), shuffled fragments and code without tests, mixed with a little of the textbook text."""
+    rng = random.Random(seed)
+    boiler = ["Click here to subscribe to our newsletter!", "Home | About | Contact | Privacy Policy",
+              "Posted by admin on", "Share this: Twitter Facebook", "Copyright 2023 All rights reserved.",
+              "Top 10 tips you will not believe", "Sign in to comment", "Related posts:", "Advertisement"]
+    out = []
+    for r in textbook:
+        text = r["text"]
+        roll = rng.random()
+        if roll < 0.3:
+            out.append({"text": "\n".join(rng.choices(boiler, k=rng.randint(3, 8)))})
+        elif roll < 0.6 and "Answer:" in text:
+            q = text.split("\n")[0]
+            ans = text.rsplit("Answer:", 1)[1].strip()
+            if rng.random() < 0.2 and ans.lstrip("-").isdigit():
+                ans = str(int(ans) + rng.choice([-3, -1, 1, 2, 7]))
+            out.append({"text": f"{rng.choice(boiler)}\n{q} {ans}\n{rng.choice(boiler)}"})
+        elif roll < 0.8:
+            words = text.split()
+            rng.shuffle(words)
+            out.append({"text": " ".join(words)})
+        else:
+            out.append({"text": text})
+    return out
