@@ -170,9 +170,9 @@ def test_fresh_deletes_only_a_speedrun_directory(tmp_path, monkeypatch, capsys):
 
 def test_a_resumed_training_keeps_its_step_count(tmp_path):
     from phikit.train.budget import planned_steps
-    assert planned_steps(tmp_path / "pretrain", lambda: 345) == 345
+    assert planned_steps(tmp_path / "plans" / "pretrain.json", lambda: 345) == 345
     # The rerun after a kill must not probe again: another count would change the cosine schedule mid-run.
-    assert planned_steps(tmp_path / "pretrain", lambda: pytest.fail("probed twice")) == 345
+    assert planned_steps(tmp_path / "plans" / "pretrain.json", lambda: pytest.fail("probed twice")) == 345
 
 
 def test_unanswered_teacher_prompts_keep_the_data_stage_open(tmp_path, monkeypatch):

@@ -248,7 +248,7 @@ class Speedrun:
                 steps = max(20, int(seconds / step_seconds))
                 self.log(f"  {step_seconds * 1000:.0f} ms/step measured: {steps} steps fit in {seconds:.0f} s")
                 return steps
-            max_steps = planned_steps(run_dir, measure)
+            max_steps = planned_steps(self.path("plans", f"{run_dir.name}.json"), measure)
         cfg.max_steps = max_steps
         cfg.warmup_steps = min(50, max_steps // 10)
         cfg.checkpoint_every = max(5, max_steps // 5)  # a killed run loses at most a fifth of its steps
@@ -280,7 +280,8 @@ class Speedrun:
         probe = TrainConfig(model="tiny", model_config=self._model_overrides(), data="-", seq_len=self.preset.seq_len,
                             global_batch_size=self.preset.batch, micro_batch_size=self.preset.batch)
         seconds = self.budget(self.preset.sft_share)
-        steps = planned_steps(run_dir, lambda: max(20, int(seconds / probe_step_seconds(probe))))
+        steps = planned_steps(self.path("plans", "sft-run.json"),
+                              lambda: max(20, int(seconds / probe_step_seconds(probe))))
         cfg = SFTConfig(model=str(self.path("model-base")), data=str(self.path("data", "sft.jsonl")),
                         out_dir=str(run_dir), max_length=self.preset.seq_len, batch_size=self.preset.batch,
                         micro_batch_size=self.preset.batch, max_steps=steps, lr=self.preset.sft_lr or self.preset.lr / 2,

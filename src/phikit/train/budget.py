@@ -11,10 +11,11 @@ import torch
 from ..files import write_text_atomic
 
 
-def planned_steps(run_dir: Path, measure: Callable[[], int]) -> int:
-    """A training run's step count, measured once and kept in run_dir: a resumed run must keep its schedule
-    (cosine length, checkpoint spacing), which a second throughput probe would change."""
-    plan = Path(run_dir) / "planned_steps.json"
+def planned_steps(plan: Path, measure: Callable[[], int]) -> int:
+    """A training run's step count, measured once and kept in the file `plan` (outside the run directory, which
+    holds only what training writes): a resumed run must keep its schedule (cosine length, checkpoint spacing),
+    which a second throughput probe would change."""
+    plan = Path(plan)
     if plan.exists():
         return int(json.loads(plan.read_text())["max_steps"])
     steps = measure()
