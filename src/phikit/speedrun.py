@@ -5,10 +5,11 @@ Stages (each leaves `stages/<name>.json` in the run directory; a rerun skips fin
   tokenizer  a byte-level BPE trained on the corpus (digits split), or the phi tokenizer (by preset)
   pack       token shards with a held-out split
   pretrain   a small phi model on the shards (the shared training loop)
-  sft        ChatML instruction tuning on generated conversations
-  eval       held-out arithmetic, code pass@1 in the sandbox, perplexity, multiple choice; untrained baseline
+  sft        ChatML instruction tuning: the exercises as chats, plus greetings, identity, refusals, follow-ups
+  eval       held-out arithmetic and word problems (also in unseen phrasings), code pass@1 in the sandbox,
+             perplexity, multiple choice; untrained baseline; a scripted conversation with the chat model
   ablation   (--ablation) the same compute on an unfiltered web-like mix, scored the same way
-  report     report.md with tables, loss curves, samples in every prompt format
+  report     report.md with tables, loss curves, the conversation, samples in every prompt format
 """
 from __future__ import annotations
 
@@ -175,8 +176,7 @@ class Speedrun:
         write_records(data_dir / "heldout.jsonl", (r for rs in heldout.values() for r in rs))
         sft = sft_mix(kept, self.seed)
         write_records(data_dir / "sft.jsonl", sft)
-        return {"documents": len(docs), "teacher_documents": len(teacher_docs), "kept": len(kept),
-                **cleaning,
+        return {"documents": len(docs), "teacher_documents": len(teacher_docs), "kept": len(kept), **cleaning,
                 "heldout": {k: len(v) for k, v in heldout.items()}, "sft": dict(Counter(c["kind"] for c in sft))}
 
     def _teacher_docs(self) -> list[dict]:
@@ -306,11 +306,9 @@ class Speedrun:
         chat, chat_tok = load(self.path("model-chat"))
         untrained = build_model(base.config, seed=self.seed + 1).eval()
         heldout = self._heldout()
-        scores = {
-            "untrained": evaluate_exercises(untrained, tok, heldout, chat_format=False),
-            "pretrained": evaluate_exercises(base, tok, heldout, chat_format=False),
-            "sft": evaluate_exercises(chat, chat_tok, heldout, chat_format=True),
-        }
+        scores = {"untrained": evaluate_exercises(untrained, tok, heldout, chat_format=False),
+                  "pretrained": evaluate_exercises(base, tok, heldout, chat_format=False),
+                  "sft": evaluate_exercises(chat, chat_tok, heldout, chat_format=True)}
         return {"scores": scores, "samples": sample_formats(chat, chat_tok, base, tok),
                 "transcript": transcript(chat, chat_tok, TALK_SCRIPT)}
 
