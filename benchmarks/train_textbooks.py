@@ -56,7 +56,8 @@ def main() -> int:
     ap.add_argument("--documents", type=int, default=12000)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--kinds", default=",".join(procedural.KINDS), help="exercise kinds in the corpus")
+    ap.add_argument("--kinds", default=",".join(k for k in procedural.KINDS if k not in procedural.HELDOUT_ONLY),
+                    help="exercise kinds in the corpus")
     ap.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
     ap.add_argument("--problems", type=int, default=200, help="held-out arithmetic problems to score")
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
