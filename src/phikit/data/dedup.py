@@ -2,11 +2,13 @@
 
 Exact: a hash of the normalized text (Unicode NFKC, case-folded, punctuation dropped, whitespace collapsed), so
 copies that differ only in case, spacing or punctuation count as the same document.
-Near: MinHash signatures of word 5-gram shingles, candidates from an LSH index (datasketch), and a candidate is a
-duplicate when its estimated Jaccard similarity reaches the threshold. The first occurrence is kept.
-The LSH bands are chosen so that a pair at the threshold is a candidate with probability >= 0.9999: the index
-only finds candidates, the estimated similarity decides (an index tuned for the threshold itself misses about
-half of the pairs there, and some far above it).
+Near: word 5-gram shingles of the normalized text; MinHash signatures of them and an LSH index (datasketch) only
+find candidate pairs, and a candidate is a duplicate when the EXACT Jaccard similarity of the two shingle sets
+reaches the threshold (a MinHash estimate from 128 hashes has a standard deviation of ~0.035 at 0.8, so
+deciding by it would keep about a tenth of the pairs just above the threshold). The first occurrence is kept.
+The LSH bands are chosen so that a pair at the threshold is a candidate with probability >= 0.9999 (higher above
+it): an index tuned for the threshold itself misses about half of the pairs there, and some far above it.
+Shingles are compared as sorted sets of 64-bit hashes (the first 8 bytes of each one's SHA-1).
 """
 from __future__ import annotations
 
@@ -48,6 +50,29 @@ def lsh_params(threshold: float, num_perm: int, miss: float = 1e-4) -> tuple[int
     return best
 
 
+def shingle_hashes(shingle_set: Iterable[bytes]) -> np.ndarray:
+    """The shingles' 64-bit hashes, sorted and unique: the first 8 bytes of each one's SHA-1, so their low 32 bits
+    are datasketch's sha1_hash32, the values its MinHash signatures are made of."""
+    digests = b"".join(hashlib.sha1(s).digest()[:8] for s in shingle_set)
+    return np.unique(np.frombuffer(digests, dtype="<u8"))
+
+
+def sorted_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard similarity of two sorted arrays of unique values (two documents' shingle hashes)."""
+    at = np.searchsorted(b, a)
+    common = int(np.count_nonzero(b[np.minimum(at, len(b) - 1)] == a)) if len(b) else 0
+    return common / max(1, len(a) + len(b) - common)
+
+
+def minhash(hashes: np.ndarray, num_perm: int, permutations=None) -> MinHash:
+    """The MinHash signature of a document from its shingle hashes (seed 1, as `MinHash(num_perm, seed=1)` of
+    the shingles themselves)."""
+    m = MinHash(num_perm=num_perm, seed=1, hashfunc=int, scheme="affine32",
+                permutations=permutations if permutations is not None else _permutations(num_perm, 1))
+    m.update_batch((hashes & np.uint64(0xFFFFFFFF)).tolist())
+    return m
+
+
 def shingles(text: str, n: int = 5) -> set[bytes]:
     return word_shingles(normalize(text).split(), n)
 
@@ -85,7 +110,8 @@ class Deduplicator:
         self.threshold, self.num_perm, self.ngram, self.near, self.seed = threshold, num_perm, ngram, near, seed
         self.exact: dict[bytes, int] = {}
         self.lsh = MinHashLSH(num_perm=num_perm, params=lsh_params(threshold, num_perm))
-        self.signatures: dict[int, MinHash] = {}
+        self.permutations = _permutations(num_perm, seed)
+        self.hashes: dict[int, np.ndarray] = {}  # the shingle hashes of each kept document
         self.count = 0
 
     def seen(self, text: str) -> dict[str, Any] | None:
@@ -95,11 +121,11 @@ class Deduplicator:
         if digest in self.exact:
             return {"index": index, "reason": "exact", "duplicate_of": self.exact[digest], "similarity": 1.0}
         if self.near:
-            m = MinHash(num_perm=self.num_perm, seed=self.seed)
-            m.update_batch(list(shingles(text, self.ngram)))
-            # The most similar kept document; among equally similar ones the earliest (-c), whatever the order
-            # the index returns them in.
-            best = max(((m.jaccard(self.signatures[c]), -c) for c in self.lsh.query(m)), default=None)
+            hashes = shingle_hashes(shingles(text, self.ngram))
+            m = minhash(hashes, self.num_perm, self.permutations)
+            # The most similar kept document by exact Jaccard similarity; among equally similar ones the earliest
+            # (-c), whatever the order the index returns them in.
+            best = max(((sorted_jaccard(hashes, self.hashes[c]), -c) for c in self.lsh.query(m)), default=None)
             if best and best[0] >= self.threshold:
                 return {"index": index, "reason": "near", "duplicate_of": -best[1], "similarity": round(best[0], 3)}
         # Only kept documents are remembered, so every removal points at a document that is in the output.
@@ -107,7 +133,7 @@ class Deduplicator:
         if not self.near:
             return None
         self.lsh.insert(index, m)
-        self.signatures[index] = m
+        self.hashes[index] = hashes
         return None
 
 
@@ -142,13 +168,14 @@ def jaccard(a: str, b: str, ngram: int = 5) -> float:
 # --- the same, as datatrove tasks over a corpus of any size -----------------------------------------------------
 #
 # Five stages, each sharded, so no process holds the corpus's signatures:
-#   1. signatures (one task per input shard): the normalized-text digest and the MinHash of each document; the
-#      digests go to partition files by digest, one key per LSH band to partition files by that band's hash.
+#   1. signatures (one task per input shard): the normalized-text digest, the shingle hashes and the MinHash of
+#      each document; the digests go to partition files by digest, one key per LSH band to partition files by
+#      that band's hash, the shingle hashes to one file per task (sorted per document, read memory-mapped).
 #   2. exact (one task per digest partition): documents with the digest of an earlier one are its copies.
 #   3. buckets (one task per band partition): documents sharing a band are candidate pairs (copies left out:
 #      they share every band with the document they copy).
-#   4. verify (one task per input shard, by the later document of each pair): the pair's estimated Jaccard
-#      similarity from the two signatures; pairs at or above the threshold are kept as edges.
+#   4. verify (one task per input shard, by the later document of each pair): the pair's exact Jaccard
+#      similarity from the two documents' shingle hashes; pairs at or above the threshold are kept as edges.
 #   5. resolve (one task): documents in input order, keeping one byte per document for "kept": exactly the
 #      rule of `Deduplicator` (a document is a duplicate of the most similar earlier *kept* one), then the
 #      output, written from the shards' records without the removed ones, and the report.
@@ -214,14 +241,15 @@ class SignatureStage(_Step):
         bands, rows = lsh_params(self.threshold, self.num_perm)
         perms = _permutations(self.num_perm, 1)
         stats = ReadStats()
-        digests, sigs = [], []
+        digests, sigs, hashes = [], [], []
         outs = {kind: [open(folder / f"{kind}-{rank:05d}-{p:05d}.bin.tmp", "wb") for p in range(parts)]
                 for kind in (("digest", "band") if self.near else ("digest",))}
-        sig_file = open(folder / f"sig-{rank:05d}.bin.tmp", "wb")
-        row = 0
+        shingle_files = [open(folder / f"{kind}-{rank:05d}.bin.tmp", "wb") for kind in ("shingles", "shingle-ends")] \
+            if self.near else []
+        row = written = 0
 
         def flush() -> None:
-            nonlocal row
+            nonlocal row, written
             if not digests:
                 return
             d = np.array(digests, dtype=np.uint64).reshape(-1, 2)
@@ -230,8 +258,11 @@ class SignatureStage(_Step):
             for p, f in enumerate(outs["digest"]):
                 f.write(recs[recs["d0"] % parts == p].tobytes())
             if self.near:
+                ends = written + np.cumsum([len(h) for h in hashes], dtype=np.uint64)
+                shingle_files[0].write(np.concatenate(hashes).tobytes())
+                shingle_files[1].write(ends.tobytes())
+                written = int(ends[-1])
                 s = np.array(sigs, dtype=np.uint32)
-                sig_file.write(s.tobytes())
                 keys = _band_keys(s, bands, rows)
                 b = np.zeros(keys.size, _BANDS)
                 b["h"], b["d0"] = keys.ravel(), np.repeat(d[:, 0], bands)
@@ -241,6 +272,7 @@ class SignatureStage(_Step):
             row += len(d)
             digests.clear()
             sigs.clear()
+            hashes.clear()
 
         with RecordWriter(folder / f"records-{rank:05d}.jsonl") as records:
             for rec in read_records(self.inputs, self.text_field, self.on_error, stats,
@@ -250,13 +282,12 @@ class SignatureStage(_Step):
                 digest = hashlib.blake2b(normalized.encode(), digest_size=16).digest()
                 digests.append(np.frombuffer(digest, dtype="<u8"))
                 if self.near:
-                    m = MinHash(num_perm=self.num_perm, seed=1, permutations=perms, scheme="affine32")
-                    m.update_batch(list(word_shingles(normalized.split(), self.ngram)))
-                    sigs.append(m.hashvalues)
+                    hashes.append(shingle_hashes(word_shingles(normalized.split(), self.ngram)))
+                    sigs.append(minhash(hashes[-1], self.num_perm, perms).hashvalues)
                 if len(digests) >= 4096:
                     flush()
             flush()
-        for f in [sig_file, *(f for fs in outs.values() for f in fs)]:
+        for f in [*shingle_files, *(f for fs in outs.values() for f in fs)]:
             f.close()
             os.replace(f.name, f.name[:-4])
         write_json(task_file(folder, "sig", rank), {"count": row, "skipped": stats.skipped})
@@ -322,23 +353,30 @@ class VerifyStage(_Step):
         if len(pairs):
             pairs = np.unique(pairs, axis=0)  # a pair shares several bands
         sims = np.zeros(len(pairs))
-        width = self.num_perm
-        own = np.memmap(self.folder() / f"sig-{rank:05d}.bin", dtype=np.uint32, mode="r").reshape(-1, width) \
-            if len(pairs) else None
+        own = _ShingleSets(self.folder(), rank) if len(pairs) else None
         lo_task = np.searchsorted(offsets, pairs[:, 1], side="right") - 1
         for t in np.unique(lo_task):
-            sel = lo_task == t
-            other = np.memmap(self.folder() / f"sig-{t:05d}.bin", dtype=np.uint32, mode="r").reshape(-1, width)
-            a = own[(pairs[sel, 0] - offsets[rank]).astype(np.int64)]
-            b = other[(pairs[sel, 1] - offsets[t]).astype(np.int64)]
-            # as datasketch's MinHash.jaccard: the share of equal hash values
-            sims[sel] = np.count_nonzero(a == b, axis=1) / width
+            other = _ShingleSets(self.folder(), int(t))
+            for k in np.flatnonzero(lo_task == t):
+                sims[k] = sorted_jaccard(own[int(pairs[k, 0] - offsets[rank])], other[int(pairs[k, 1] - offsets[t])])
             del other
         keep = sims >= self.threshold
         edges = np.zeros(int(keep.sum()), _EDGES)
         edges["hi"], edges["lo"], edges["j"] = pairs[keep, 0], pairs[keep, 1], sims[keep]
         _write_array(self.folder() / f"edges-{rank:05d}.bin", edges)
         return iter(())
+
+
+class _ShingleSets:
+    """The sorted shingle hashes of one signature task's documents, memory-mapped (only the pages read are
+    loaded): `[row]` is the task's row-th document's."""
+
+    def __init__(self, folder: Path, rank: int) -> None:
+        self.ends = np.memmap(folder / f"shingle-ends-{rank:05d}.bin", dtype=np.uint64, mode="r")
+        self.hashes = np.memmap(folder / f"shingles-{rank:05d}.bin", dtype=np.uint64, mode="r")
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return self.hashes[int(self.ends[row - 1]) if row else 0:int(self.ends[row])]
 
 
 class ResolveStage(_Step):
