@@ -113,7 +113,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     s = step("dedup", "remove exact (normalized hash) and near (MinHash LSH) duplicates")
     s.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity counted as near-duplicate")
-    s.add_argument("--num-perm", type=int, default=128)
+    s.add_argument("--num-perm", type=int, default=128,
+                   help="MinHash permutations: they find candidate pairs, the exact Jaccard similarity decides")
     s.add_argument("--ngram", type=int, default=5, help="word shingle size")
     s.add_argument("--exact-only", action="store_true")
     tasks(s)

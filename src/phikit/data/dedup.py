@@ -4,8 +4,8 @@ Exact: a hash of the normalized text (Unicode NFKC, case-folded, punctuation dro
 copies that differ only in case, spacing or punctuation count as the same document.
 Near: word 5-gram shingles of the normalized text; MinHash signatures of them and an LSH index (datasketch) only
 find candidate pairs, and a candidate is a duplicate when the EXACT Jaccard similarity of the two shingle sets
-reaches the threshold (a MinHash estimate from 128 hashes has a standard deviation of ~0.035 at 0.8, so
-deciding by it would keep about a tenth of the pairs just above the threshold). The first occurrence is kept.
+reaches the threshold (a MinHash estimate from 128 hashes has a standard deviation of ~0.035 at 0.8: deciding by
+it would keep ~40% of the pairs at 0.81). The first occurrence is kept.
 The LSH bands are chosen so that a pair at the threshold is a candidate with probability >= 0.9999 (higher above
 it): an index tuned for the threshold itself misses about half of the pairs there, and some far above it.
 Shingles are compared as sorted sets of 64-bit hashes (the first 8 bytes of each one's SHA-1).
