@@ -38,8 +38,8 @@ _MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "model
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md",
                   *_TOKENIZER_FILES)
 _RUN_FILES = ("config.yaml", "sft_config.json", "dpo_config.json", "data_report.json", "summary.json",
-              "metrics.jsonl", "checkpoints", "tokenizer.json", "model", "adapter", "report.md", "*.png",
-              "tensorboard", ".*.partial-*")
+              "metrics.jsonl", "checkpoints", "model", "adapter", "report.md", "*.png", "tensorboard", ".*.partial-*",
+              *_TOKENIZER_FILES)
 
 
 def _starts_with(magic: bytes) -> Callable[[Path], bool]:
