@@ -252,7 +252,7 @@ def test_info_reads_only_the_safetensors_headers(tmp_path, monkeypatch, phi_toke
     def no_weights(*args, **kwargs):
         raise AssertionError("describe read the weights")
 
-    monkeypatch.setattr(phikit.checkpoint, "load_file", no_weights)
+    monkeypatch.setattr(phikit.checkpoint, "_map_safetensors", no_weights)
     info = phikit.checkpoint.describe(tmp_path)
     assert info["parameters"] == ref.num_parameters() and info["dtype"] == "float32" and info["layout"] == "hf"
 
@@ -342,3 +342,34 @@ def test_phi_msft_rotary_dim_is_kept_exactly(tmp_path, phi_tokenizer):
     phikit.save(model, None, tmp_path / "hf")  # a config.json from which transformers also gets 30
     back = transformers.PhiForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert (logits_of(ref) - logits_of(back)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_load_converts_tensor_by_tensor_and_keeps_no_file_mapping(tmp_path, phi_tokenizer, quantize):
+    """Loading reads the memory-mapped file one tensor at a time (quantizing layer by layer), and the model it
+    returns holds copies only: no mapping of the file is left once the call returns. The model equals the one
+    made by loading whole and quantizing afterwards."""
+    import gc
+
+    import phikit.checkpoint as checkpoint
+    from phikit.inference.quant import quantize_model
+    model = phikit.build_model(phikit.get_config("tiny", vocab_size=51200), seed=0)
+    phikit.save(model, phi_tokenizer, tmp_path / "m", dtype="bf16")
+    released = []
+    real_release = checkpoint.release_mapped
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoint, "release_mapped", lambda t: released.append(t.shape) or real_release(t))
+        loaded, _ = phikit.load(tmp_path / "m", quantize=quantize)
+    gc.collect()
+    assert len(checkpoint._MAPS) == 0
+    assert len(released) >= len(model.state_dict()) - 1  # every tensor given back after its conversion
+    dtype = torch.float32 if quantize != "int4" else torch.bfloat16
+    reference = model
+    with torch.no_grad():
+        for p in reference.parameters():  # the weights as saved (bf16), in the dtype the loaded model keeps
+            p.data = p.data.bfloat16().to(dtype)
+    if quantize:
+        reference = quantize_model(reference, quantize)
+    ids = torch.tensor([phi_tokenizer.encode("def add(a, b):")])
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=0, atol=0)

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import pickle
 import re
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import PhiConfig
 from .files import check_output, staged_dir
@@ -60,11 +62,56 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
                                 f"downloading it failed ({type(e).__name__}): check the name or your connection") from e
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+# The memory maps of safetensors files whose tensors are alive, by start address (see release_mapped).
+_MAPS: "weakref.WeakValueDictionary[int, mmap.mmap]" = weakref.WeakValueDictionary()
+
+
+def _map_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view of a private memory map of it: nothing is read until used,
+    so a loader converts one tensor at a time and gives its pages back (release_mapped) instead of holding the
+    whole file beside the converted weights."""
+    with open(file, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
+    size = int.from_bytes(mapped[:8], "little")
+    header = json.loads(mapped[8:8 + size])
+    base = torch.frombuffer(mapped, dtype=torch.uint8, count=1).data_ptr()
+    _MAPS[base] = mapped
+    state = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        count = (end - start) // dtype.itemsize
+        if count != math.prod(info["shape"]) or 8 + size + end > len(mapped):
+            raise ValueError(f"tensor {name} does not fit the file")
+        flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=8 + size + start) if count else \
+            torch.empty(0, dtype=dtype)
+        state[name] = flat.view(info["shape"])
+    return state
+
+
+def release_mapped(tensor: torch.Tensor) -> None:
+    """Give back the memory of a tensor read from a mapped safetensors file, once it has been converted (a later
+    read of it would read the file again). Other tensors are left alone."""
+    start = tensor.data_ptr()
+    for base, mapped in list(_MAPS.items()):
+        if base <= start < base + len(mapped):
+            first = -(-(start - base) // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: neighbours share edges
+            last = (start - base + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+            if last > first:
+                mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+            return
+
+
 def _read_weight_file(file: Path) -> dict[str, torch.Tensor]:
     if file.suffix == ".safetensors":
         try:
-            return load_file(str(file))
-        except (SafetensorError, OSError, ValueError) as e:
+            return _map_safetensors(file)
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{file} is not a readable safetensors file ({e}): the file is truncated or "
                                   "corrupt; download or convert it again") from e
     try:
@@ -289,16 +336,29 @@ def load(path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = PhiForCausalLM(config)
     validate_state_dict(state, model)
-    if torch_dtype is None:
+    if quantize:  # the other weights straight in the dtype the quantized model keeps them in
+        from .inference.quant import activation_dtype
+        torch_dtype = activation_dtype(quantize, device, torch_dtype or state["lm_head.weight"].dtype)
+    elif torch_dtype is None:
         stored = state["lm_head.weight"].dtype
         torch_dtype = torch.float32 if device.type == "cpu" else stored
-    state = {k: v.to(device=device, dtype=torch_dtype) for k, v in state.items()}
+    # One tensor at a time, each one's file pages given back once converted: the peak is the loaded model plus
+    # one tensor, not the file beside it. Quantized layers take their weights from the file as they are quantized.
+    to_quantize = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                   for p in ("weight", "bias")} if quantize else set()
+    for key in list(state):
+        if key not in to_quantize:
+            tensor = state[key]
+            state[key] = tensor.to(device=device, dtype=torch_dtype, copy=True)
+            release_mapped(tensor)
+            del tensor
     model.load_state_dict(state, strict=False, assign=True)
+    del state
     model.make_buffers(device)
     model.eval()
     if quantize:
         from .inference.quant import quantize_model
-        quantize_model(model, quantize)
+        quantize_model(model, quantize, release=release_mapped)
     return model, tokenizer
 
 

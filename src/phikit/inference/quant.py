@@ -235,7 +235,8 @@ class Int8Linear(nn.Module):
             scales[start:start + BLOCK_ROWS] = scale
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales.to(act_dtype))
-        bias = linear.bias.detach().to(act_dtype) if linear.bias is not None else None
+        # a copy, never a view of the caller's tensor (the loader's file mapping, given back after this)
+        bias = linear.bias.detach().to(act_dtype, copy=True) if linear.bias is not None else None
         self.register_buffer("bias", bias)
         self._packed = None  # fbgemm's packed copy, made on first use where the C++ kernels are missing
         self._key = id(self)
@@ -372,7 +373,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("nibbles", nibbles)
         self.register_buffer("scales", scales)
         self.register_buffer("mins", mins)
-        bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None
+        bias = linear.bias.detach().to(torch.bfloat16, copy=True) if linear.bias is not None else None
         self.register_buffer("bias", bias)
         if not self.native:  # torch's kernel: its own packing, w = (q - 8) * scale + zero
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.cat(torch_packed), inner_k_tiles)
@@ -429,61 +430,81 @@ class Int4Linear(nn.Module):
                 f"{kind}")
 
 
-def _fuse_qkv(model: nn.Module) -> None:
-    """Each attention's q/k/v projections become one [3d, d] nn.Linear (`qkv_proj`), quantized like the others.
-    Exact: the scales are per output channel (int8) or per output channel and input group (int4), and fbgemm
-    rounds the one input vector the same way for all three. One kernel call instead of three per layer: on 2 CPU
-    cores a pass of fbgemm over phi-1.5's matrices takes 88 ms instead of 107, about 5% of an eager int8 step."""
-    for attn in model.modules():
-        if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj")) \
-                or not hasattr(attn, "qkv_proj"):
-            continue
-        parts = (attn.q_proj, attn.k_proj, attn.v_proj)
-        if len({p.bias is None for p in parts}) > 1:
-            continue
-        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts),
-                          bias=all(p.bias is not None for p in parts), device="meta")
-        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
-        if fused.bias is not None:
-            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
-        del attn.q_proj, attn.k_proj, attn.v_proj
-        attn.qkv_proj = fused
+def _fused_qkv(attn: nn.Module) -> nn.Linear | None:
+    """The attention's q/k/v projections as one [3d, d] nn.Linear, quantized like the others (None when it has no
+    three such projections). Exact: the scales are per output channel (int8) or per output channel and input
+    group (int4), and a row's activations are rounded the same way for all three. One kernel call instead of three
+    per layer."""
+    parts = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    if not hasattr(attn, "qkv_proj") or not all(isinstance(p, nn.Linear) for p in parts) \
+            or len({p.bias is None for p in parts}) > 1:
+        return None
+    fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts),
+                      bias=parts[0].bias is not None, device="meta")
+    fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return fused
+
+
+def activation_dtype(mode: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a model quantized in `mode` keeps its other weights (embedding, LayerNorms) and activations in:
+    on the CPU fp32 for int8 (its kernels take fp32 rows), bf16 for int8-weight-only and int4 (torch's weight-only
+    kernels take bf16); on a GPU the model's own dtype, fp32 made bf16."""
+    if torch.device(device).type == "cpu":
+        return torch.float32 if mode == "int8" else torch.bfloat16
+    return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
-    """Replace every nn.Linear (lm_head included) by its quantized form, in place; returns the model.
+def quantize_model(model: nn.Module, mode: str, group_size: int = 32, release=None) -> nn.Module:
+    """Replace every nn.Linear (lm_head included) by its quantized form, in place, one layer at a time; returns the
+    model. `release(tensor)`, when given, is called with each original weight once it has been quantized (the
+    loader gives its file pages back), so the original and quantized models are never held whole side by side.
 
-    On the CPU, "int8" keeps the other weights (embedding, LayerNorms) and the activations in fp32, which fbgemm's
-    kernel takes; "int8-weight-only" and "int4" make them bf16, which torch's weight-only kernels are fast with.
-    The quantized model can generate but not be trained or saved."""
+    The other weights and the activations take activation_dtype(mode). The quantized model can generate but not
+    be trained or saved."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}: choose one of {', '.join(MODES)}")
     if getattr(model, "quantized", None):
         raise ValueError(f"model is already quantized ({model.quantized}): load the original weights again")
-    device = next(model.parameters()).device
+    first = next(model.parameters())
+    device = first.device
     if device.type == "meta":
         raise ValueError("model weights are on the meta device (not loaded): load or materialize them before "
                          "quantizing")
     if mode == "int4" and device.type != "cpu":
         raise ValueError("int4 weight-only quantization runs on the CPU only: use int8 on a GPU")
     dynamic = mode == "int8" and device.type == "cpu"
-    act_dtype = next(model.parameters()).dtype
-    if device.type == "cpu":
-        act_dtype = torch.float32 if dynamic else torch.bfloat16
-    elif act_dtype == torch.float32:
-        act_dtype = torch.bfloat16
+    act_dtype = activation_dtype(mode, device, first.dtype)
     if mode == "int4":  # checked before changing anything: a refusal half-way would leave a half-quantized model
         for name, m in model.named_modules():
             problem = isinstance(m, nn.Linear) and _int4_shape_problem(m.in_features, m.out_features, group_size)
             if problem:
                 raise ValueError(f"{name}: {problem}")
-    _fuse_qkv(model)
+
+    def quantized(linear: nn.Linear) -> nn.Module:
+        q = Int8Linear(linear, act_dtype, dynamic) if mode.startswith("int8") else Int4Linear(linear, group_size)
+        return q.to(device)
+
+    def let_go(*linears: nn.Linear) -> None:
+        for linear in linears:
+            for tensor in (linear.weight, linear.bias):
+                if release is not None and tensor is not None:
+                    release(tensor)
+
+    for attn in list(model.modules()):
+        fused = _fused_qkv(attn)
+        if fused is not None:
+            parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+            let_go(*parts)
+            del attn.q_proj, attn.k_proj, attn.v_proj
+            attn.qkv_proj = quantized(fused)
     replacements = [(parent, name, child) for parent in model.modules()
                     for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     for parent, name, child in replacements:
-        q = Int8Linear(child, act_dtype, dynamic) if mode.startswith("int8") else Int4Linear(child, group_size)
-        setattr(parent, name, q.to(device))
+        setattr(parent, name, quantized(child))
+        let_go(child)
     model.to(dtype=act_dtype)  # embeddings and LayerNorms; the quantized buffers keep their integer dtypes
     model.quantized = mode
     model.eval()
