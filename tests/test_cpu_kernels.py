@@ -186,3 +186,28 @@ def test_the_built_extension_is_cached_per_machine_and_loads_fast():
     subprocess.run([sys.executable, "-c", "from phikit.inference import native; assert native.extension()"],
                    check=True, timeout=60)
     assert time.perf_counter() - start < 30  # the import of torch dominates; no compiling happened
+
+
+def test_every_front_end_runs_the_same_layers(phi_tokenizer):
+    """generate (and chat, which renders and calls it), the server's engine, eval's scorer and the lm-eval backend
+    all turn a model's linear layers into the same CpuLinear paths: one engine, one speed."""
+    import phikit
+    from phikit.eval.harness import PhikitLM
+    from phikit.eval.scoring import LogLikelihoodScorer
+    from phikit.serve.engine import Engine
+
+    def fresh():
+        return phikit.build_model(phikit.get_config("tiny", vocab_size=51200), seed=0)
+
+    front_ends = {
+        "generate": lambda m: phikit.generate(m, phi_tokenizer, "Hi", max_new_tokens=2),
+        "chat": lambda m: phikit.chat(m, phi_tokenizer, [{"role": "user", "content": "Hi"}], max_new_tokens=2),
+        "server": lambda m: Engine(m, phi_tokenizer),
+        "eval": lambda m: LogLikelihoodScorer(m),
+        "lm-eval": lambda m: PhikitLM(model=m, tokenizer=phi_tokenizer),
+    }
+    for name, start in front_ends.items():
+        model = fresh()
+        start(model)
+        kinds = {type(m) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        assert kinds == {CpuLinear}, (name, kinds)

@@ -48,7 +48,8 @@ class LogLikelihoodScorer:
     """Scores (context, continuation) token requests on one model; `batch_tokens` bounds each forward pass."""
 
     def __init__(self, model: PhiForCausalLM, batch_tokens: int = 8192, max_length: int | None = None) -> None:
-        self.model = model.eval()
+        from ..inference.quant import prepare_cpu_linears
+        self.model = prepare_cpu_linears(model.eval())  # the layers generate and the server decode with
         self.batch_tokens = batch_tokens
         self.max_length = max_length or model.config.max_position_embeddings
 
