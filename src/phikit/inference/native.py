@@ -65,8 +65,8 @@ def cache_dir() -> Path:
 
 
 def build_key() -> str:
-    """What the compiled library depends on: its source, torch's version and ABI, the CPU's flags."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    """What the compiled library depends on: its source and build flags, torch's version and ABI, the CPU's flags."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + Path(__file__).read_bytes())  # the source and its build flags
     digest.update(torch.__version__.encode())
     digest.update(str(torch._C._GLIBCXX_USE_CXX11_ABI).encode())
     digest.update(" ".join(sorted(cpu_flags())).encode())
@@ -88,8 +88,11 @@ def _build(target: Path) -> ModuleType:
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
         print("phikit: compiling the CPU decoding kernels (once per machine, about a minute)", file=sys.stderr)
+        # -fopenmp: at::parallel_for is OpenMP in torch's headers; without it the kernels run on one thread. The
+        # library then shares torch's own libgomp (same soname, already loaded), so one thread pool serves both.
         cpp_extension.load(name=MODULE, sources=[str(SOURCE)], build_directory=str(work),
-                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
+                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], verbose=False)
         try:
             os.rename(work, target)
         except OSError:  # already there (a concurrent build finished first)

@@ -340,7 +340,7 @@ class Int4Linear(nn.Module):
     mask and one shift; `scales` and `mins` are bf16 [out, groups rounded up to pairs]. A few rows (decoding) run on
     the C++ kernels in this layout, with activations rounded to int8 in blocks of 32; more rows dequantize a block
     of output channels at a time into a float GEMM. Where the C++ kernels are missing (or the group size is not
-    32), decoding runs torch's int4 kernel on its own packed copy (`weight`, `scales_and_zeros`)."""
+    32), decoding runs torch's int4 kernel on its own packed copy (`int4pack`, `scales_and_zeros`)."""
 
     def __init__(self, linear: nn.Linear, group_size: int = 32, inner_k_tiles: int = 2) -> None:
         super().__init__()
@@ -377,13 +377,16 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", bias)
         if not self.native:  # torch's kernel: its own packing, w = (q - 8) * scale + zero
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.cat(torch_packed), inner_k_tiles)
-            self.register_buffer("weight", packed)
+            self.register_buffer("int4pack", packed)
             n = self.in_features // group_size
             zero = mins[:, :n].float() + 8 * scales[:, :n].float()
             sz = torch.stack([scales[:, :n].float(), zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
             self.register_buffer("scales_and_zeros", sz)  # [in/group, out, 2], the kernel's layout
-        else:
-            self.weight = self.nibbles  # what decoding reads (the name other code looks for)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The 4-bit codes (where the layer's weights live, for code that asks any layer for its `weight`)."""
+        return self.nibbles
 
     def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The fp32 weight (written into `out` when given)."""
@@ -418,7 +421,7 @@ class Int4Linear(nn.Module):
         elif x2.shape[0] >= DECODE_ROWS or self.native:
             y = self._forward_prompt(x2).to(x.dtype)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight,
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.int4pack,
                                                            self.group_size, self.scales_and_zeros).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(x.dtype)
