@@ -173,41 +173,15 @@ def test_a_missing_compiler_falls_back_with_one_line(monkeypatch, tmp_path, capf
         native.forget()
 
 
-def test_the_built_extension_is_cached_per_machine_and_loads_fast():
+def test_the_built_extension_is_cached_per_machine():
     """Built once (by this suite's first test at the latest), the library is found under a key of the source, the
-    CPU's flags and torch's version, and a new process loads it in well under a second."""
+    CPU's flags and torch's version, and a new process loads it without compiling."""
     import subprocess
     import sys
-    import time
     if native.extension() is None:
         pytest.skip("the C++ kernels cannot be built here")
     assert (native.cache_dir() / native.build_key() / f"{native.MODULE}.so").exists()
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "from phikit.inference import native; assert native.extension()"],
-                   check=True, timeout=60)
-    assert time.perf_counter() - start < 30  # the import of torch dominates; no compiling happened
-
-
-def test_every_front_end_runs_the_same_layers(phi_tokenizer):
-    """generate (and chat, which renders and calls it), the server's engine, eval's scorer and the lm-eval backend
-    all turn a model's linear layers into the same CpuLinear paths: one engine, one speed."""
-    import phikit
-    from phikit.eval.harness import PhikitLM
-    from phikit.eval.scoring import LogLikelihoodScorer
-    from phikit.serve.engine import Engine
-
-    def fresh():
-        return phikit.build_model(phikit.get_config("tiny", vocab_size=51200), seed=0)
-
-    front_ends = {
-        "generate": lambda m: phikit.generate(m, phi_tokenizer, "Hi", max_new_tokens=2),
-        "chat": lambda m: phikit.chat(m, phi_tokenizer, [{"role": "user", "content": "Hi"}], max_new_tokens=2),
-        "server": lambda m: Engine(m, phi_tokenizer),
-        "eval": lambda m: LogLikelihoodScorer(m),
-        "lm-eval": lambda m: PhikitLM(model=m, tokenizer=phi_tokenizer),
-    }
-    for name, start in front_ends.items():
-        model = fresh()
-        start(model)
-        kinds = {type(m) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-        assert kinds == {CpuLinear}, (name, kinds)
+    done = subprocess.run([sys.executable, "-c", "from phikit.inference import native; assert native.extension()"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "compiling" not in done.stderr
