@@ -7,6 +7,7 @@ or from PyTorch .bin files through `torch.load(weights_only=True)` only; checkpo
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
@@ -359,7 +360,17 @@ def load(path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
     if quantize:
         from .inference.quant import quantize_model
         quantize_model(model, quantize, release=release_mapped)
+    _return_freed_memory()
     return model, tokenizer
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages freed while converting (quantizing scratch, one tensor at a time) back to the system:
+    glibc keeps them in the process otherwise (int4 phi-1.5: 1.33x the weights resident instead of 1.04x)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def save(model: PhiForCausalLM, tokenizer: Tokenizer | None, directory: str | os.PathLike,
