@@ -156,7 +156,11 @@ def code_request(rng: random.Random, record: dict) -> dict:
     user = rng.choice([f"Write a Python function {signature} that does this: {task}.",
                        f"Can you write a Python function called {signature.split('(')[0]}? It should {task}.",
                        f"I need a function {signature}. {doc}",
-                       f"Write {signature} in Python. {doc}"])
+                       f"Write {signature} in Python. {doc}",
+                       # Unnamed requests too, else "Write a Python function that ..." reads like the refused
+                       # "Write a poem about ...": the chat model declined code it can write.
+                       f"Write a Python function to {task}.",
+                       f"Can you write a function in Python that will {task}?"])
     return _msgs(user, prompt + body)
 
 
