@@ -18,7 +18,6 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .detokenizer import Detokenizer
 from .formats import PromptFormat, default_format, get_format

@@ -27,7 +27,6 @@ import contextlib
 import math
 import signal
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
