@@ -287,6 +287,25 @@ class DraftSize:
             self.next = min(self.most, 2 * self.next)
 
 
+def accept_guesses(drafts: list[list[int]], choose) -> list[int]:
+    """How many guessed tokens each row keeps from one pass that fed its last token and then its guesses
+    (drafts[i]): column j of the pass follows the last token and the first j guesses. choose(j, rows) picks and
+    records the token after column j of each of `rows` (those still going) and returns (tokens, finished); a row
+    goes on to column j + 1 while its token is its guess j and it has not finished. The same rule serves prompt
+    lookup and the server's predicted outputs."""
+    kept = [0] * len(drafts)
+    going = list(range(len(drafts)))
+    for j in range(1 + max(map(len, drafts))):
+        tokens, finished = choose(j, going)
+        going = [i for i, token, done in zip(going, tokens, finished)
+                 if not done and j < len(drafts[i]) and token == drafts[i][j]]
+        if not going:
+            break
+        for i in going:
+            kept[i] += 1
+    return kept
+
+
 @torch.inference_mode()
 def _decode_prompt_lookup(model: PhiForCausalLM, row: list[int], params: SamplingParams, stop_ids: set[int],
                           vocab_limit: int | None, stop_now, draft_tokens: int) -> Iterator[tuple[int, float]]:
@@ -296,32 +315,32 @@ def _decode_prompt_lookup(model: PhiForCausalLM, row: list[int], params: Samplin
     several rows rounds differently from one over a single row, which can only flip exact near-ties), in fewer
     passes when the guesses are right; DraftSize sets how many to guess.
     Yields (token, logprob); stops after a stop token or when stop_now()."""
-    context = model.config.max_position_embeddings
-    steps = min(params.max_new_tokens, context - len(row))
+    steps = min(params.max_new_tokens, model.config.max_position_embeddings - len(row))
     cache = KVCache.allocate(model.config, 1, len(row) + steps + draft_tokens, model.device, model.dtype)
-    ids = list(row)
+    ids, end = list(row), len(row) + steps
     logits = model(torch.tensor([row], device=model.device), past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[0]
     draft: list[int] = []
-    produced, guesses = 0, DraftSize(draft_tokens)
+    guesses = DraftSize(draft_tokens)
     while True:
-        in_cache = cache.length  # the prompt, or every token but the fed ones
-        for j in range(len(draft) + 1):  # logits row j follows the last token and the first j guesses
+        picked: list[tuple[int, float]] = []
+
+        def choose(j: int, rows: list[int]) -> tuple[list[int], list[bool]]:
             raw = logits[j:j + 1].float()
             seen = torch.tensor([ids], device=model.device) if params.repetition_penalty != 1.0 else None
             token = int(process_logits(raw, params, seen, vocab_limit).argmax(-1))
-            logprob = float(torch.log_softmax(mask_padding_rows(raw, vocab_limit), -1)[0, token])
+            picked.append((token, float(torch.log_softmax(mask_padding_rows(raw, vocab_limit), -1)[0, token])))
             ids.append(token)
-            produced += 1
-            yield token, logprob
-            if token in stop_ids or produced == steps or stop_now():
-                return
-            if j == len(draft) or token != draft[j]:
-                break
-        cache.crop(in_cache - len(draft) + j)  # keep the fed tokens up to the last guess taken
-        guesses.update(len(draft), j)
-        draft = _lookup_draft(ids, min(guesses.next, steps - produced - 1, context - len(ids)))
-        logits = model(torch.tensor([[token] + draft], device=model.device), past_key_values=cache,
+            return [token], [token in stop_ids or len(ids) == end]
+
+        kept = accept_guesses([draft], choose)[0]
+        yield from picked
+        if picked[-1][0] in stop_ids or len(ids) == end or stop_now():
+            return
+        cache.crop(cache.length - len(draft) + kept)  # keep the fed tokens up to the last guess taken
+        guesses.update(len(draft), kept)
+        draft = _lookup_draft(ids, min(guesses.next, end - len(ids) - 1))
+        logits = model(torch.tensor([[picked[-1][0]] + draft], device=model.device), past_key_values=cache,
                        use_cache=True).logits[0]
 
 

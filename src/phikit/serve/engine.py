@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..inference.decoding import DraftSize, _lookup_draft
+from ..inference.decoding import DraftSize, _lookup_draft, accept_guesses
 from ..inference.kv_cache import KVCache
 from ..model import PhiForCausalLM
 from ..inference.quant import prepare_cpu_linears
@@ -400,31 +400,26 @@ class Engine:
         logits = self.model(ids.to(device), past_key_values=self._cache, use_cache=True,
                             attention_mask=mask.to(device)).logits
         self.steps += 1
-        kept = torch.zeros((batch, width), dtype=torch.bool)
-        kept[:, 0] = True
         last = self._last.clone()
-        alive = list(range(batch))
-        for j in range(width):  # column j follows the last token and the first j guesses
-            tokens = self._sample(logits[alive, j], [self._running[i] for i in alive])
-            for i, token in zip(alive, tokens.tolist()):  # counted before _advance, whose events report them
-                s, d = self._running[i], drafts[i]
+
+        def choose(j: int, rows: list[int]) -> tuple[list[int], list[bool]]:  # column j: after the first j guesses
+            seqs = [self._running[i] for i in rows]
+            tokens = self._sample(logits[rows, j], seqs)
+            for i, s, token in zip(rows, seqs, tokens.tolist()):  # counted before _advance, whose events report them
+                d = drafts[i]
                 if j < len(d) and token == d[j]:
                     s.accepted += 1
                 elif j < len(d):
                     s.rejected += len(d) - j
-            self._advance([self._running[i] for i in alive], tokens, logits[alive, j])
-            going = []
-            for i, token in zip(alive, tokens.tolist()):
-                s, d = self._running[i], drafts[i]
                 last[i] = token
-                if j < len(d) and token == d[j] and not s.finished:
-                    kept[i, j + 1] = True  # the guess stays: the next column holds it
-                    going.append(i)
-            alive = going
-            if not alive:
-                break
-        for i, (s, d) in enumerate(zip(self._running, drafts)):
-            s.guesses.update(len(d), int(kept[i, 1:].sum()))
+            self._advance(seqs, tokens, logits[rows, j])
+            return tokens.tolist(), [s.finished for s in seqs]
+
+        kept = torch.zeros((batch, width), dtype=torch.bool)
+        kept[:, 0] = True  # every row keeps its last token, and the guesses taken after it
+        for i, (s, d, taken) in enumerate(zip(self._running, drafts, accept_guesses(drafts, choose))):
+            kept[i, 1:1 + taken] = True
+            s.guesses.update(len(d), taken)
         self._mask = torch.cat([self._mask, kept], dim=1)
         self._last = last
         self._holes_possible = True
