@@ -29,7 +29,15 @@ from .tokenizer import Tokenizer, build_phi_tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
-LAYOUTS = ("hf", "phi-msft", "mixformer-sequential")
+# The modules LoRA adapts in every block (peft matches these name endings): attention projections and the MLP.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+TOKEN_ROW_MODULES = ("embed_tokens", "lm_head")  # one row per token: the rows new tokens train
+OUTPUT_BIAS = "lm_head.bias"
+# llama.cpp's names for ours in GGUF files (its "phi2" architecture); those of a block take its index.
+_GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.final_layernorm": "output_norm", "lm_head": "output"}
+_GGUF_BLOCK_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                     "self_attn.v_proj": "attn_v", "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up",
+                     "mlp.fc2": "ffn_down"}
 
 
 class CheckpointError(ValueError):
@@ -255,6 +263,17 @@ def validate_state_dict(state: dict[str, torch.Tensor], model: PhiForCausalLM) -
     if problems:
         raise CheckpointError("weights do not match config.json: " + "; ".join(problems)
                               + ": the config and weights come from different models")
+
+
+def gguf_name(name: str) -> str | None:
+    """llama.cpp's GGUF name for one of our tensors; None if it has none."""
+    module, _, param = name.rpartition(".")
+    if module in _GGUF_NAMES:
+        return f"{_GGUF_NAMES[module]}.{param}"
+    block = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
+    if block and block[2] in _GGUF_BLOCK_NAMES:
+        return f"blk.{block[1]}.{_GGUF_BLOCK_NAMES[block[2]]}.{param}"
+    return None
 
 
 # ---------------------------------------------------------------- public API

@@ -1,6 +1,6 @@
 """Export a phikit model to GGUF (llama.cpp's "phi2" architecture), with the `gguf` package.
 
-Tensor names come from gguf's own name map for phi2 (so llama.cpp finds them); the tokenizer is written as a
+Tensor names are llama.cpp's for phi2 (checkpoint.gguf_name, so llama.cpp finds them); the tokenizer is written as a
 GPT-2 byte-level BPE ("gpt2" model, "phi-2" pre-tokenizer) with its merges, and the embedding's padding rows get
 unused placeholder tokens so the vocabulary matches the embedding. llama.cpp samples over every row, so those rows
 also get an output bias of -1e9: like phikit, it then never produces a token the tokenizer cannot decode.
@@ -18,6 +18,7 @@ import gguf
 import numpy as np
 import torch
 
+from ..checkpoint import OUTPUT_BIAS, gguf_name
 from ..files import check_output, move_into_place, staging_path
 from ..model import PhiForCausalLM
 from ..progress import tqdm
@@ -83,7 +84,6 @@ def export_gguf(model: PhiForCausalLM, tokenizer: Tokenizer, path: str | os.Path
     check_output(path, "gguf")
     cfg = model.config
     arch = gguf.MODEL_ARCH.PHI2
-    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
 
     tmp = staging_path(path)
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
@@ -116,19 +116,19 @@ def export_gguf(model: PhiForCausalLM, tokenizer: Tokenizer, path: str | os.Path
 
     try:
         for name, tensor in tqdm(model.state_dict().items(), desc=f"gguf {dtype}", unit="tensor"):
-            gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
+            gguf_key = gguf_name(name)
+            if gguf_key is None:
                 raise ValueError(f"no GGUF name for tensor {name}: is this a phi model?")
             data = tensor.detach().to("cpu", torch.float32).numpy()
-            if name == "lm_head.bias":
+            if name == OUTPUT_BIAS:
                 data = data.copy()
                 data[unused] = PADDING_LOGIT_BIAS
             if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-                writer.add_tensor(gguf_name, data)
+                writer.add_tensor(gguf_key, data)
             elif qtype == gguf.GGMLQuantizationType.F16:
-                writer.add_tensor(gguf_name, data.astype(np.float16))
+                writer.add_tensor(gguf_key, data.astype(np.float16))
             else:
-                writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+                writer.add_tensor(gguf_key, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -8,10 +8,8 @@ from typing import Sequence
 
 import torch
 
+from ..checkpoint import LORA_TARGETS, TOKEN_ROW_MODULES
 from ..files import staged_dir
-
-# Attention projections and the MLP of every block.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
 
 
 def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, targets: Sequence[str] = LORA_TARGETS,
@@ -29,7 +27,7 @@ def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, target
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
         # New special tokens need their own rows trained: without it <|im_start|> stays at its initial vector.
-        trainable_token_indices={"embed_tokens": tokens, "lm_head": tokens} if tokens else None,
+        trainable_token_indices={name: tokens for name in TOKEN_ROW_MODULES} if tokens else None,
     )
     return keep_lm_head_bias(get_peft_model(model, config))
 
@@ -97,6 +95,3 @@ def merge_adapter(model):
         raise ValueError("model has no LoRA adapter to merge")
     return model.merge_and_unload()
 
-
-def trainable_parameter_names(model) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
