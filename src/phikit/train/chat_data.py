@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,39 +313,6 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.
         labels[r, :n] = torch.tensor(ex.labels)
         attention_mask[r, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-def sft_batches(examples: Sequence[Example], batch_size: int, max_length: int, pad_id: int, packing: bool = True,
-                seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled batches of `batch_size` rows: packed rows of several conversations, or one per row.
-
-    Each epoch reshuffles (and repacks) with seed + epoch, so a run is reproducible and resumable by step count.
-    """
-    if not examples:
-        raise ValueError("no training examples left after filtering: check the data report")
-    epoch = 0
-    while True:
-        rng = random.Random(seed + epoch)
-        if packing:
-            order = list(range(len(examples)))
-            rng.shuffle(order)
-            shuffled = [examples[i] for i in order]
-            rows = pack_examples(shuffled, max_length)
-            rng.shuffle(rows)
-            for k in range(0, len(rows) - batch_size + 1 if len(rows) >= batch_size else 1, batch_size):
-                yield collate_packed(shuffled, rows[k:k + batch_size], pad_id)
-        else:
-            order = list(range(len(examples)))
-            rng.shuffle(order)
-            for k in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-                yield collate_padded([examples[i] for i in order[k:k + batch_size]], pad_id)
-        epoch += 1
-
-
-def eval_batches(examples: Sequence[Example], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Every example once, in order, padded (validation loss is then independent of packing)."""
-    for k in range(0, len(examples), batch_size):
-        yield collate_padded(examples[k:k + batch_size], pad_id)
 
 
 # ---------------------------------------------------------------- ChatML tokens in the embedding

@@ -21,21 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..files import write_json
 from ..progress import tqdm
 from ..tokenizer import IM_END, Tokenizer
 from .chat_data import (IGNORE_INDEX, BadExample, DataReport, Example, _message, check_policies, collate_padded,
                         handle_bad, render_chatml, tokenize_text_with_spans)
 from .finetune_config import LOSS_TYPES, REFERENCE_MODES, DPOConfig  # noqa: F401 (the names run_dpo's users import)
-from .sft import (check_run_dir, export_result, load_base, prepare_policy, split_validation,
-                  train_config)
+from .sft import EpochBatches, finetune
 
 
 # ---------------------------------------------------------------- pairs
@@ -156,24 +154,6 @@ def collate_pairs(pairs: Sequence[PairExample], pad_id: int) -> dict[str, torch.
     return batch
 
 
-def pair_batches(pairs: Sequence[PairExample], batch_size: int, pad_id: int, shuffle: bool = True,
-                 seed: int = 0, repeat: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of pairs, reshuffled each epoch with seed + epoch (endless when repeat)."""
-    import random
-    if not pairs:
-        raise ValueError("no preference pairs left after filtering: check the data report")
-    epoch = 0
-    while True:
-        order = list(range(len(pairs)))
-        if shuffle:
-            random.Random(seed + epoch).shuffle(order)
-        for k in range(0, len(order), batch_size):
-            yield collate_pairs([pairs[i] for i in order[k:k + batch_size]], pad_id)
-        if not repeat:
-            return
-        epoch += 1
-
-
 # ---------------------------------------------------------------- log-probs and loss
 def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the labelled tokens of each row, and how many there are: ([N], [N])."""
@@ -239,26 +219,35 @@ def frozen_copy(model):
 
 
 @torch.no_grad()
+def _pair_logps(model, pairs: Sequence[PairExample], batch_size: int, pad_id: int, device: torch.device | str,
+                precision: str = "fp32") -> Iterator[tuple[list[PairExample], dict, torch.Tensor, torch.Tensor]]:
+    """(pairs, batch, chosen log-probs, rejected log-probs) batch by batch, in eval mode under `precision`'s
+    autocast; log-probs in float64 on the CPU."""
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    try:
+        for k in tqdm(range(0, len(pairs), batch_size), desc="log-probs", unit="batch", leave=False):
+            chunk = pairs[k:k + batch_size]
+            batch = {n: t.to(device) for n, t in collate_pairs(chunk, pad_id).items()}
+            with autocast:
+                logps, _ = completion_logps(model, batch)
+            yield (chunk, batch, *logps.double().cpu().chunk(2))
+    finally:
+        model.train(was_training)
+
+
 def precompute_reference(model, pairs: Sequence[PairExample], batch_size: int, pad_id: int,
                          device: torch.device | str = "cpu", precision: str = "fp32") -> None:
     """Store the reference log-probs in each pair, so training needs no second model.
 
     `precision` must be the training run's: the policy's log-probs are computed under its autocast, and a reference
     computed otherwise would differ by rounding, so the rewards would not start at exactly 0."""
-    was_training = model.training
-    model.eval()
-    device = torch.device(device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    for k in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", unit="batch", leave=False):
-        chunk = pairs[k:k + batch_size]
-        batch = {n: t.to(device) for n, t in collate_pairs(chunk, pad_id).items()}
-        with autocast:
-            logps, _ = completion_logps(model, batch)
-        chosen, rejected = logps.double().cpu().chunk(2)
+    for chunk, _, chosen, rejected in _pair_logps(model, pairs, batch_size, pad_id, device, precision):
         for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
             p.ref_chosen, p.ref_rejected = c, r
-    model.train(was_training)
 
 
 def make_dpo_loss_fn(reference: str, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
@@ -295,7 +284,6 @@ def make_dpo_loss_fn(reference: str, beta: float = 0.1, loss_type: str = "sigmoi
     return loss_fn
 
 
-@torch.no_grad()
 def preference_accuracy(model, pairs: Sequence[PairExample], pad_id: int, batch_size: int = 32,
                         device: torch.device | str = "cpu") -> float:
     """Share of pairs whose chosen answer the model finds more likely than the rejected one.
@@ -303,47 +291,27 @@ def preference_accuracy(model, pairs: Sequence[PairExample], pad_id: int, batch_
     Sequence level: the summed log-probs of the answer and its <|im_end|>, i.e. the probability of giving exactly
     that answer and stopping, which is what sampling from the policy follows. A per-token mean would instead
     favour answers padded with likely tokens (it ranks a pair as the sum does when both answers are as long)."""
-    was_training = model.training
-    model.eval()
-    wins = 0
-    for batch in pair_batches(pairs, batch_size, pad_id, shuffle=False, repeat=False):
-        batch = {n: t.to(device) for n, t in batch.items()}
-        logps, _ = completion_logps(model, batch)
-        chosen, rejected = logps.chunk(2)
-        wins += int((chosen > rejected).sum())
-    model.train(was_training)
+    if not pairs:
+        raise ValueError("no preference pairs left after filtering: check the data report")
+    wins = sum(int((chosen > rejected).sum()) for _, _, chosen, rejected
+               in _pair_logps(model, pairs, batch_size, pad_id, device))
     return wins / len(pairs)
 
 
+def reward_accuracy(model, pairs: Sequence[PairExample], pad_id: int, batch_size: int = 32,
+                    device: torch.device | str = "cpu") -> float:
+    """Share of pairs whose implicit DPO reward log pi/ref is higher for chosen (trl's rewards/accuracies) on
+    pairs that carry reference log-probs (precompute_reference); ties count half, so the start is 0.5."""
+    if any(p.ref_chosen is None for p in pairs):
+        raise ValueError("pairs lack reference log-probs: run precompute_reference(reference_model, pairs, ...)")
+    score = 0.0
+    for _, batch, chosen, rejected in _pair_logps(model, pairs, batch_size, pad_id, device):
+        margin = (chosen - batch["ref_chosen_logps"].cpu()) - (rejected - batch["ref_rejected_logps"].cpu())
+        score += float((margin > 1e-9).sum()) + 0.5 * float((margin.abs() <= 1e-9).sum())
+    return score / len(pairs)
+
+
 # ---------------------------------------------------------------- the run
-class PairBatches:
-    """batch_fn(step, micro) for the Trainer over preference pairs; pure in (step, micro), so resume is exact."""
-
-    def __init__(self, pairs: Sequence[PairExample], micro_batch_size: int, grad_accum: int, pad_id: int,
-                 seed: int = 0, rank: int = 0, world: int = 1) -> None:
-        if not pairs:
-            raise ValueError("no preference pairs left after filtering: check the data report")
-        self.pairs, self.micro, self.accum, self.pad_id = list(pairs), micro_batch_size, grad_accum, pad_id
-        self.seed, self.rank, self.world = seed, rank, world
-        self._order: dict[int, list[int]] = {}
-
-    def steps_per_epoch(self) -> float:
-        return len(self.pairs) / (self.micro * self.accum * self.world)
-
-    def __call__(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        import random
-        first = ((step * self.accum + micro) * self.world + self.rank) * self.micro
-        picked = []
-        for k in range(first, first + self.micro):
-            epoch, offset = divmod(k, len(self.pairs))
-            if epoch not in self._order:
-                order = list(range(len(self.pairs)))
-                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-                self._order = {epoch: order}
-            picked.append(self.pairs[self._order[epoch][offset]])
-        return collate_pairs(picked, self.pad_id)
-
-
 def with_pair_weight(loss_fn):
     """The loop weights micro-batches by metrics["loss_weight"]: for DPO, the number of pairs."""
     def weighted(model, batch):
@@ -354,79 +322,24 @@ def with_pair_weight(loss_fn):
 
 def run_dpo(cfg: DPOConfig, model=None, tokenizer=None, resume: bool = False, export: bool = True) -> dict[str, Any]:
     """Preference-tune a (usually SFT'd) model; returns the run summary (also RUN/summary.json)."""
-    import dataclasses
-    from pathlib import Path
+    def setup(model, tokenizer, pairs, val, grad_accum, env):
+        mode = cfg.reference_mode()
+        if not pairs:
+            raise ValueError("no preference pairs left after filtering: check the data report")
+        model.to(env.device)
+        pad_id = tokenizer.eos_token_id
+        ref_model = None
+        if mode == "precompute":
+            precompute_reference(model, pairs + val, cfg.micro_batch_size, pad_id, env.device, cfg.precision)
+        elif mode == "copy":
+            ref_model = frozen_copy(model)
+        batches = EpochBatches(pairs, partial(collate_pairs, pad_id=pad_id), cfg.micro_batch_size, grad_accum,
+                               cfg.seed, env.rank, env.world_size)
+        loss_fn = make_dpo_loss_fn(mode, cfg.beta, cfg.loss_type, cfg.label_smoothing, ref_model)
+        eval_batches = [collate_pairs(val[k:k + cfg.micro_batch_size], pad_id)
+                        for k in range(0, len(val), cfg.micro_batch_size)]
+        counts = {"train_pairs": len(pairs), "val_pairs": len(val)}
+        return batches, with_pair_weight(loss_fn), eval_batches, counts, {
+            **counts, "reference": mode, "beta": cfg.beta, "loss_type": cfg.loss_type}
 
-    from . import distributed
-    from .chat_data import read_records
-    from .loop import Trainer
-
-    cfg.check()
-    mode = cfg.reference_mode()
-    check_run_dir(cfg.out_dir, resume)
-    model, tokenizer = load_base(model if model is not None else cfg.model, tokenizer)
-    model, _ = prepare_policy(model, tokenizer, cfg)
-    pairs, report = build_pair_examples(read_records(cfg.data), tokenizer, cfg.max_length, cfg.on_bad,
-                                        cfg.too_long, source=f"{Path(cfg.data).name} pair")
-    val_report = None
-    if cfg.val_data:
-        val, val_report = build_pair_examples(read_records(cfg.val_data), tokenizer, cfg.max_length, cfg.on_bad,
-                                              cfg.too_long, source=f"{Path(cfg.val_data).name} pair")
-    else:
-        pairs, val = split_validation(pairs, cfg.val_fraction, cfg.seed)
-    env = distributed.init_distributed(cfg.device)
-    if env.is_main:
-        print(f"dpo data: {report.summary()}")
-    model.to(env.device)
-    pad_id = tokenizer.eos_token_id
-    ref_model = None
-    if mode == "precompute":
-        precompute_reference(model, pairs + val, cfg.micro_batch_size, pad_id, env.device, cfg.precision)
-    elif mode == "copy":
-        ref_model = frozen_copy(model)
-    grad_accum = cfg.batch_size // (cfg.micro_batch_size * env.world_size) or 1
-    batches = PairBatches(pairs, cfg.micro_batch_size, grad_accum, pad_id, cfg.seed, env.rank, env.world_size)
-    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches.steps_per_epoch()))
-    tcfg = train_config(cfg, steps, cfg.max_length, cfg.default_lr(), cfg.data)
-    run_dir = Path(cfg.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "dpo_config.json", dataclasses.asdict(cfg))  # first: it marks a run directory
-    tokenizer.save(run_dir)
-    write_json(run_dir / "data_report.json", {"train": report.to_dict(),
-                                              "val": val_report.to_dict() if val_report else None,
-                                              "train_pairs": len(pairs), "val_pairs": len(val)})
-    loss_fn = make_dpo_loss_fn(mode, cfg.beta, cfg.loss_type, cfg.label_smoothing, ref_model)
-    eval_batches = [collate_pairs(val[k:k + cfg.micro_batch_size], pad_id)
-                    for k in range(0, len(val), cfg.micro_batch_size)]
-    extra = {"kind": "dpo", "train_pairs": len(pairs), "val_pairs": len(val), "skipped": report.skipped,
-             "reference": mode, "beta": cfg.beta, "loss_type": cfg.loss_type, "lora": cfg.lora}
-    trainer = Trainer(model, tcfg, batches, loss_fn=with_pair_weight(loss_fn), eval_batches=eval_batches,
-                      run_dir=run_dir, env=env, summary_extra=extra)
-    summary = trainer.fit(resume=resume)
-    if export and env.is_main and summary["status"] == "completed":
-        summary.update(export_result(trainer.model, tokenizer, run_dir, cfg.lora, cfg.merge))
-        write_json(run_dir / "summary.json", summary)
-    summary["model"] = distributed.unwrap(trainer.model)
-    summary["tokenizer"] = tokenizer
-    return summary
-
-
-@torch.no_grad()
-def reward_accuracy(model, pairs: Sequence[PairExample], pad_id: int, batch_size: int = 32,
-                    device: torch.device | str = "cpu") -> float:
-    """Share of pairs whose implicit DPO reward log pi/ref is higher for chosen (trl's rewards/accuracies) on
-    pairs that carry reference log-probs (precompute_reference); ties count half, so the start is 0.5."""
-    if any(p.ref_chosen is None for p in pairs):
-        raise ValueError("pairs lack reference log-probs: run precompute_reference(reference_model, pairs, ...)")
-    was_training = model.training
-    model.eval()
-    score = 0.0
-    for k in range(0, len(pairs), batch_size):
-        chunk = pairs[k:k + batch_size]
-        batch = {n: t.to(device) for n, t in collate_pairs(chunk, pad_id).items()}
-        logps, _ = completion_logps(model, batch)
-        chosen, rejected = logps.double().cpu().chunk(2)
-        margin = (chosen - batch["ref_chosen_logps"].cpu()) - (rejected - batch["ref_rejected_logps"].cpu())
-        score += float((margin > 1e-9).sum()) + 0.5 * float((margin.abs() <= 1e-9).sum())
-    model.train(was_training)
-    return score / len(pairs)
+    return finetune("dpo", cfg, model, tokenizer, resume, export, build_pair_examples, setup)

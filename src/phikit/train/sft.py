@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,54 +20,51 @@ import torch
 import torch.nn.functional as F
 
 from ..files import check_output, write_json
-from .finetune_config import FineTuneConfig, SFTConfig  # noqa: F401 (the names run_sft's users import)
+from .finetune_config import SFTConfig
 from .chat_data import (IGNORE_INDEX, Example, add_chatml_tokens, build_sft_examples, collate_packed,
                         collate_padded, pack_examples, read_records)
 
 # ---------------------------------------------------------------- batches and loss (the loop's two seams)
-class SFTBatches:
-    """batch_fn(step, micro) for the Trainer: a pure function of (step, micro), so resume is exact.
+class EpochBatches:
+    """batch_fn(step, micro) for the Trainer over fixed rows: a pure function of (step, micro), so resume is exact.
+    Each epoch visits the rows in a fresh order seeded by (seed, epoch); process `rank` of `world` takes every
+    world-th micro-batch; collate turns the picked rows into a batch."""
 
-    Rows (packed groups of conversations, or single conversations) are formed once; each epoch visits them in a
-    fresh order seeded by (seed, epoch). Process `rank` of `world` takes every world-th micro-batch.
-    """
-
-    def __init__(self, examples: Sequence[Example], micro_batch_size: int, grad_accum: int, max_length: int,
-                 pad_id: int, packing: bool = True, seed: int = 0, rank: int = 0, world: int = 1) -> None:
-        if not examples:
-            raise ValueError("no training conversations left after filtering: check the data report")
-        self.examples = list(examples)
-        self.micro, self.accum, self.pad_id, self.packing = micro_batch_size, grad_accum, pad_id, packing
-        self.seed, self.rank, self.world = seed, rank, world
-        if packing:
-            order = list(range(len(self.examples)))
-            random.Random(seed).shuffle(order)
-            self.examples = [self.examples[i] for i in order]
-            self.rows = pack_examples(self.examples, max_length)
-        else:
-            self.rows = [[i] for i in range(len(self.examples))]
-        self.per_epoch = len(self.rows)
+    def __init__(self, rows: Sequence, collate, micro_batch_size: int, grad_accum: int, seed: int = 0,
+                 rank: int = 0, world: int = 1) -> None:
+        self.rows, self.collate, self.per_epoch = list(rows), collate, len(rows)
+        self.micro, self.accum, self.seed, self.rank, self.world = micro_batch_size, grad_accum, seed, rank, world
         self._order: dict[int, list[int]] = {}
 
     def steps_per_epoch(self) -> float:
         return self.per_epoch / (self.micro * self.accum * self.world)
-
-    def _rows_of_epoch(self, epoch: int) -> list[int]:
-        if epoch not in self._order:
-            order = list(range(self.per_epoch))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            self._order = {epoch: order}  # keep one epoch: memory stays flat on long runs
-        return self._order[epoch]
 
     def __call__(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         first = ((step * self.accum + micro) * self.world + self.rank) * self.micro
         picked = []
         for k in range(first, first + self.micro):
             epoch, offset = divmod(k, self.per_epoch)
-            picked.append(self.rows[self._rows_of_epoch(epoch)[offset]])
-        if self.packing:
-            return collate_packed(self.examples, picked, self.pad_id)
-        return collate_padded([self.examples[row[0]] for row in picked], self.pad_id)
+            if epoch not in self._order:
+                order = list(range(self.per_epoch))
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+                self._order = {epoch: order}  # keep one epoch: memory stays flat on long runs
+            picked.append(self.rows[self._order[epoch][offset]])
+        return self.collate(picked)
+
+
+def sft_batches(examples: Sequence[Example], micro_batch_size: int, grad_accum: int, max_length: int, pad_id: int,
+                packing: bool = True, seed: int = 0, rank: int = 0, world: int = 1) -> EpochBatches:
+    """Rows of packed groups of conversations (shuffled once by seed, then packed), or one conversation each."""
+    if not examples:
+        raise ValueError("no training conversations left after filtering: check the data report")
+    if not packing:
+        return EpochBatches(examples, partial(collate_padded, pad_id=pad_id), micro_batch_size, grad_accum, seed,
+                            rank, world)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    shuffled = [examples[i] for i in order]
+    return EpochBatches(pack_examples(shuffled, max_length), partial(collate_packed, shuffled, pad_id=pad_id),
+                        micro_batch_size, grad_accum, seed, rank, world)
 
 
 def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -78,11 +76,6 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[
     count = (targets != IGNORE_INDEX).sum()
     loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum") / count.clamp(min=1)
     return loss, {"loss_weight": count}
-
-
-def eval_batch_list(examples: Sequence[Example], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Validation batches: every held-out conversation once, padded (independent of packing)."""
-    return [collate_padded(examples[k:k + batch_size], pad_id) for k in range(0, len(examples), batch_size)]
 
 
 # ---------------------------------------------------------------- shared run plumbing (SFT and DPO)
@@ -107,19 +100,6 @@ def split_validation(items: list, fraction: float, seed: int) -> tuple[list, lis
     n_val = max(1, int(len(items) * fraction))
     val = set(order[:n_val])
     return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
-
-
-def train_config(cfg, steps: int, seq_len: int, lr: float, data: str):
-    """The loop's TrainConfig for a fine-tuning run."""
-    from .config import TrainConfig
-    return TrainConfig(
-        model=str(cfg.model) if isinstance(cfg.model, (str, Path)) else "in-memory", data=data, seq_len=seq_len,
-        global_batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, max_steps=steps, lr=lr,
-        betas=[0.9, 0.999], eps=1e-8, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-        schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, min_lr_ratio=0.0, precision=cfg.precision,
-        fused_loss=False, device=cfg.device, eval_every=cfg.eval_every or steps, out_dir=str(cfg.out_dir),
-        checkpoint_every=cfg.checkpoint_every, keep_last=cfg.keep_last, tensorboard=cfg.tensorboard,
-        log_every=1, seed=cfg.seed)
 
 
 def export_result(model, tokenizer, run_dir: Path, lora: bool, merge: bool) -> dict[str, str]:
@@ -151,7 +131,7 @@ def check_run_dir(run_dir: str | Path, resume: bool) -> None:
                          "or choose another --out")
 
 
-def prepare_policy(model, tokenizer, cfg) -> tuple[Any, list[int]]:
+def prepare_policy(model, tokenizer, cfg):
     """ChatML tokens in the embedding; LoRA wrapping (new token rows trainable) when asked."""
     # peft draws lora_A's initial values, and dropout its masks, from torch's global generator, which every new
     # Python process seeds at random: without this, two runs with the same --seed train different adapters.
@@ -164,54 +144,62 @@ def prepare_policy(model, tokenizer, cfg) -> tuple[Any, list[int]]:
                          f"pass --max-length {context} or less")
     before = len(tokenizer)
     add_chatml_tokens(model, tokenizer, for_adapter=cfg.lora)
-    new_ids = list(range(before, len(tokenizer)))
     if cfg.lora:
         from .lora import apply_lora
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                           train_token_ids=new_ids)
-    return model, new_ids
+                           train_token_ids=range(before, len(tokenizer)))
+    return model
 
 
 # ---------------------------------------------------------------- the run
-def run_sft(cfg: SFTConfig, model=None, tokenizer=None, resume: bool = False, export: bool = True) -> dict[str, Any]:
-    """Fine-tune on conversations; returns the run summary (also RUN/summary.json)."""
+def finetune(kind: str, cfg, model, tokenizer, resume: bool, export: bool, build_examples, setup) -> dict[str, Any]:
+    """The run SFT and DPO share: checks, the base model with ChatML tokens (and LoRA), examples from cfg.data
+    (build_examples: records -> (examples, DataReport)) and a held-out part, the Trainer, the export.
+    setup(model, tokenizer, examples, val, grad_accum, env) gives (batches, loss_fn, eval_batches, entries for the
+    data report, entries for the summary)."""
     from . import distributed
+    from .config import TrainConfig
     from .loop import Trainer
 
     cfg.check()
     check_run_dir(cfg.out_dir, resume)
     model, tokenizer = load_base(model if model is not None else cfg.model, tokenizer)
-    model, _new_ids = prepare_policy(model, tokenizer, cfg)
-    records = list(read_records(cfg.data))
-    examples, report = build_sft_examples(records, tokenizer, cfg.max_length, cfg.on_bad, cfg.too_long,
-                                          source=f"{Path(cfg.data).name} record")
+    model = prepare_policy(model, tokenizer, cfg)
+
+    def build(path):
+        unit = "pair" if kind == "dpo" else "record"
+        return build_examples(read_records(path), tokenizer, cfg.max_length, cfg.on_bad, cfg.too_long,
+                              source=f"{Path(path).name} {unit}")
+
+    examples, report = build(cfg.data)
+    val_report = None
     if cfg.val_data:
-        val, val_report = build_sft_examples(read_records(cfg.val_data), tokenizer, cfg.max_length, cfg.on_bad,
-                                             cfg.too_long, source=f"{Path(cfg.val_data).name} record")
+        val, val_report = build(cfg.val_data)
     else:
         examples, val = split_validation(examples, cfg.val_fraction, cfg.seed)
-        val_report = None
     env = distributed.init_distributed(cfg.device)
     if env.is_main:
-        print(f"sft data: {report.summary()}")
+        print(f"{kind} data: {report.summary()}")
     grad_accum = cfg.batch_size // (cfg.micro_batch_size * env.world_size) or 1
-    batches = SFTBatches(examples, cfg.micro_batch_size, grad_accum, cfg.max_length, tokenizer.eos_token_id,
-                         cfg.packing, cfg.seed, env.rank, env.world_size)
+    batches, loss_fn, eval_batches, counts, extra = setup(model, tokenizer, examples, val, grad_accum, env)
+    extra = {"kind": kind, "skipped": report.skipped, "lora": cfg.lora, **extra}
     steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches.steps_per_epoch()))
-    tcfg = train_config(cfg, steps, cfg.max_length, cfg.default_lr(), cfg.data)
+    tcfg = TrainConfig(
+        model=str(cfg.model) if isinstance(cfg.model, (str, Path)) else "in-memory", data=cfg.data,
+        seq_len=cfg.max_length, global_batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
+        max_steps=steps, lr=cfg.default_lr(), betas=[0.9, 0.999], eps=1e-8, weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, min_lr_ratio=0.0,
+        precision=cfg.precision, fused_loss=False, device=cfg.device, eval_every=cfg.eval_every or steps,
+        out_dir=str(cfg.out_dir), checkpoint_every=cfg.checkpoint_every, keep_last=cfg.keep_last,
+        tensorboard=cfg.tensorboard, log_every=1, seed=cfg.seed)
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "sft_config.json", dataclasses.asdict(cfg))  # first: it marks a run directory
+    write_json(run_dir / f"{kind}_config.json", dataclasses.asdict(cfg))  # first: it marks a run directory
     tokenizer.save(run_dir)
     write_json(run_dir / "data_report.json", {"train": report.to_dict(),
-                                              "val": val_report.to_dict() if val_report else None,
-                                              "train_examples": len(examples), "val_examples": len(val),
-                                              "rows_per_epoch": batches.per_epoch})
-    extra = {"kind": "sft", "train_examples": len(examples), "val_examples": len(val), "skipped": report.skipped,
-             "lora": cfg.lora}
-    trainer = Trainer(model, tcfg, batches, loss_fn=sft_loss,
-                      eval_batches=eval_batch_list(val, cfg.micro_batch_size, tokenizer.eos_token_id),
-                      run_dir=run_dir, env=env, summary_extra=extra)
+                                              "val": val_report.to_dict() if val_report else None, **counts})
+    trainer = Trainer(model, tcfg, batches, loss_fn=loss_fn, eval_batches=eval_batches, run_dir=run_dir, env=env,
+                      summary_extra=extra)
     summary = trainer.fit(resume=resume)
     if export and env.is_main and summary["status"] == "completed":
         summary.update(export_result(trainer.model, tokenizer, run_dir, cfg.lora, cfg.merge))
@@ -219,3 +207,18 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, resume: bool = False, ex
     summary["model"] = distributed.unwrap(trainer.model)
     summary["tokenizer"] = tokenizer
     return summary
+
+
+def run_sft(cfg: SFTConfig, model=None, tokenizer=None, resume: bool = False, export: bool = True) -> dict[str, Any]:
+    """Fine-tune on conversations; returns the run summary (also RUN/summary.json)."""
+    def setup(model, tokenizer, examples, val, grad_accum, env):
+        pad_id = tokenizer.eos_token_id
+        batches = sft_batches(examples, cfg.micro_batch_size, grad_accum, cfg.max_length, pad_id, cfg.packing,
+                              cfg.seed, env.rank, env.world_size)
+        # validation: every held-out conversation once, padded (independent of packing)
+        eval_batches = [collate_padded(val[k:k + cfg.micro_batch_size], pad_id)
+                        for k in range(0, len(val), cfg.micro_batch_size)]
+        counts = {"train_examples": len(examples), "val_examples": len(val)}
+        return batches, sft_loss, eval_batches, {**counts, "rows_per_epoch": batches.per_epoch}, counts
+
+    return finetune("sft", cfg, model, tokenizer, resume, export, build_sft_examples, setup)
