@@ -225,9 +225,10 @@ def handle_bad(report: DataReport, error: BadExample, where: str, on_bad: str) -
     report.add(error.kind, where, str(error))
 
 
-def build_sft_examples(records: Iterable[Any], tokenizer: Tokenizer, max_length: int, on_bad: str = "skip",
-                       too_long: str = "skip", source: str = "record") -> tuple[list[Example], DataReport]:
-    """Parse, render and tokenize conversations; bad or over-long records are counted, skipped or fatal."""
+def build_examples(records: Iterable[Any], make, cut, max_length: int, on_bad: str, too_long: str,
+                   source: str) -> tuple[list, DataReport]:
+    """make(record) -> an example (BadExample when the record is unusable); one over max_length tokens is skipped,
+    fatal, or cut(example) to max_length (BadExample when nothing trained is left), as too_long says."""
     check_policies(on_bad, too_long)
     examples, report = [], DataReport()
     for i, record in enumerate(records, 1):
@@ -235,16 +236,14 @@ def build_sft_examples(records: Iterable[Any], tokenizer: Tokenizer, max_length:
         try:
             if isinstance(record, BadExample):  # a line read_records could not parse
                 raise record
-            example = tokenize_conversation(tokenizer, parse_conversation(record))
+            example = make(record)
             if len(example) > max_length:
                 if too_long == "error":
                     raise ValueError(f"{where} has {len(example)} tokens, more than max_length {max_length}: "
                                      "raise --max-length or pass --too-long skip|truncate")
                 if too_long == "skip":
                     raise BadExample("too_long", f"{len(example)} tokens > max_length {max_length}")
-                example = Example(example.input_ids[:max_length], example.labels[:max_length])
-                if example.num_trained == 0:
-                    raise BadExample("too_long", f"no assistant token left within max_length {max_length}")
+                example = cut(example)
                 report.truncated += 1
         except BadExample as e:
             handle_bad(report, e, where, on_bad)
@@ -252,6 +251,19 @@ def build_sft_examples(records: Iterable[Any], tokenizer: Tokenizer, max_length:
         examples.append(example)
         report.kept += 1
     return examples, report
+
+
+def build_sft_examples(records: Iterable[Any], tokenizer: Tokenizer, max_length: int, on_bad: str = "skip",
+                       too_long: str = "skip", source: str = "record") -> tuple[list[Example], DataReport]:
+    """Parse, render and tokenize conversations; bad or over-long records are counted, skipped or fatal."""
+    def cut(example: Example) -> Example:
+        example = Example(example.input_ids[:max_length], example.labels[:max_length])
+        if example.num_trained == 0:
+            raise BadExample("too_long", f"no assistant token left within max_length {max_length}")
+        return example
+
+    return build_examples(records, lambda record: tokenize_conversation(tokenizer, parse_conversation(record)), cut,
+                          max_length, on_bad, too_long, source)
 
 
 # ---------------------------------------------------------------- batches

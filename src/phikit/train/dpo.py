@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from ..progress import tqdm
 from ..tokenizer import IM_END, Tokenizer
-from .chat_data import (IGNORE_INDEX, BadExample, DataReport, Example, _message, check_policies, collate_padded,
-                        handle_bad, render_chatml, tokenize_text_with_spans)
+from .chat_data import (IGNORE_INDEX, BadExample, DataReport, Example, _message, build_examples, collate_padded,
+                        render_chatml, tokenize_text_with_spans)
 from .finetune_config import LOSS_TYPES, REFERENCE_MODES, DPOConfig  # noqa: F401 (the names run_dpo's users import)
 from .sft import EpochBatches, finetune
 
@@ -114,35 +114,22 @@ class PairExample:
 def build_pair_examples(records: Iterable[Any], tokenizer: Tokenizer, max_length: int, on_bad: str = "skip",
                         too_long: str = "skip", source: str = "pair") -> tuple[list[PairExample], DataReport]:
     """Parse and tokenize preference pairs; bad or over-long pairs are counted, skipped or fatal."""
-    check_policies(on_bad, too_long)
     if not tokenizer.has_chatml:
         raise ValueError("tokenizer has no <|im_start|>/<|im_end|> tokens: call add_chatml_tokens(model, tokenizer)")
-    pairs, report = [], DataReport()
-    for i, record in enumerate(records, 1):
-        where = f"{source} {i}"
-        try:
-            if isinstance(record, BadExample):  # a line read_records could not parse
-                raise record
-            prompt, chosen, rejected = parse_preference(record)
-            pair = PairExample(tokenize_completion(tokenizer, prompt, chosen),
-                               tokenize_completion(tokenizer, prompt, rejected))
-            if len(pair) > max_length:
-                if too_long == "error":
-                    raise ValueError(f"{where} has {len(pair)} tokens, more than max_length {max_length}: "
-                                     "raise --max-length or pass --too-long skip|truncate")
-                if too_long == "skip":
-                    raise BadExample("too_long", f"{len(pair)} tokens > max_length {max_length}")
-                cut = lambda ex: Example(ex.input_ids[:max_length], ex.labels[:max_length])
-                pair = PairExample(cut(pair.chosen), cut(pair.rejected))
-                if not pair.chosen.num_trained or not pair.rejected.num_trained:
-                    raise BadExample("too_long", f"prompt alone fills max_length {max_length}")
-                report.truncated += 1
-        except BadExample as e:
-            handle_bad(report, e, where, on_bad)
-            continue
-        pairs.append(pair)
-        report.kept += 1
-    return pairs, report
+
+    def make(record: Any) -> PairExample:
+        prompt, chosen, rejected = parse_preference(record)
+        return PairExample(tokenize_completion(tokenizer, prompt, chosen),
+                           tokenize_completion(tokenizer, prompt, rejected))
+
+    def cut(pair: PairExample) -> PairExample:
+        pair = PairExample(*(Example(ex.input_ids[:max_length], ex.labels[:max_length])
+                             for ex in (pair.chosen, pair.rejected)))
+        if not pair.chosen.num_trained or not pair.rejected.num_trained:
+            raise BadExample("too_long", f"prompt alone fills max_length {max_length}")
+        return pair
+
+    return build_examples(records, make, cut, max_length, on_bad, too_long, source)
 
 
 def collate_pairs(pairs: Sequence[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
