@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from phikit.data import procedural
-from phikit.data.pack import load_mixture, pack, write_mixture
+from phikit.data.pack import pack
+from phikit.data.shards import load_mixture, write_mixture
 from phikit.data.shards import ShardSet, read_index
 
 

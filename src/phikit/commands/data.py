@@ -444,7 +444,7 @@ def _pack(args) -> int:
 
 
 def _mix(args) -> int:
-    from phikit.data.pack import write_mixture
+    from phikit.data.shards import write_mixture
 
     sources = []
     for item in args.sources:

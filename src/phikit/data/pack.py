@@ -8,7 +8,6 @@ the held-out "val" split by a hash of its text, so the split is stable too. Memo
 through in batches and tokens go to disk as they are made.
 
     index = pack(["corpus.jsonl"], "shards/", tokenizer_path="tok/", val_fraction=0.01, workers=2)
-    sources = load_mixture("mix.yaml")        # [(Path("shards/"), 0.8), (Path("code/"), 0.2)]
 """
 from __future__ import annotations
 
@@ -20,8 +19,6 @@ from typing import Any, Sequence
 
 import numpy as np
 from datatrove.pipeline.base import PipelineStep
-
-from phikit.files import write_text_atomic
 
 from .io import DataError, ReadStats, read_records
 from .job import Executor, Stage, WorkFolder, default_tasks, fingerprint, read_manifests, task_file, write_json
@@ -183,50 +180,3 @@ def pack(inputs: Sequence[str | Path], output_dir: str | Path, tokenizer_path: s
         raise
     work.remove()
     return read_index(out)
-
-
-# --- mixtures of shard directories (what the trainer reads) ----------------------------------------------------
-
-def load_mixture(spec: str | Path) -> list[tuple[Path, float]]:
-    """[(shard dir, weight normalized to sum 1)] from a YAML/JSON mixture spec; relative paths are taken
-    relative to the spec file."""
-    import yaml
-
-    spec = Path(spec)
-    if not spec.exists():
-        raise FileNotFoundError(f"mixture spec {spec} does not exist")
-    data = yaml.safe_load(spec.read_text())  # YAML is a superset of JSON
-    sources = (data or {}).get("sources") if isinstance(data, dict) else None
-    if not sources:
-        raise ValueError(f"{spec}: expected {{'sources': [{{'path': DIR, 'weight': W}}, ...]}}")
-    out = []
-    for i, s in enumerate(sources):
-        if not isinstance(s, dict) or "path" not in s:
-            raise ValueError(f"{spec}: source {i} needs a 'path' (a shard directory)")
-        weight = float(s.get("weight", 1.0))
-        if weight <= 0:
-            raise ValueError(f"{spec}: source {i} has weight {weight}: weights must be positive")
-        path = Path(s["path"])
-        path = path if path.is_absolute() else spec.parent / path
-        read_index(path)
-        out.append((path, weight))
-    total = sum(w for _, w in out)
-    return [(p, w / total) for p, w in out]
-
-
-def write_mixture(spec: str | Path, sources: Sequence[tuple[str | Path, float]]) -> None:
-    """Write a mixture spec (YAML or JSON by suffix) after checking every source is a shard directory."""
-    import yaml
-
-    for path, weight in sources:
-        read_index(path)
-        if weight <= 0:
-            raise ValueError(f"weight of {path} is {weight}: weights must be positive")
-    spec = Path(spec)
-    # Readers take relative paths relative to the spec file, so a path given relative to the current directory
-    # is rewritten relative to the spec's own directory (absolute paths stay as they are).
-    data = {"sources": [{"path": str(p) if Path(p).is_absolute()
-                         else os.path.relpath(Path(p).resolve(), spec.parent.resolve()), "weight": float(w)}
-                        for p, w in sources]}
-    text = json.dumps(data, indent=2) + "\n" if spec.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
-    write_text_atomic(spec, text)

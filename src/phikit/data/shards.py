@@ -2,7 +2,8 @@
 
 A shard directory holds `index.json`, a copy of the tokenizer, and `<split>-NNNNN.bin` files: flat little-endian
 uint16/uint32 token ids with eos after every document. `phikit data pack` writes them (`ShardWriter`,
-`write_index`); the trainer reads them (`ShardSet`).
+`write_index`); the trainer reads them (`ShardSet`), alone or weighted in a mixture spec (`load_mixture`,
+`write_mixture`): {"sources": [{"path": DIR, "weight": 0.8}, ...]} in YAML or JSON, paths relative to the spec.
 
     index.json = {"format": "phikit-shards-v1", "dtype": "uint16", "eos_id", "vocab_size", "tokenizer",
                   "splits": {"train": [{"file", "tokens", "sha256"}, ...], "val": [...]}, "documents", ...}
@@ -146,3 +147,55 @@ class ShardSet:
                 if entry.get("sha256") and digest != entry["sha256"]:
                     bad.append(entry["file"])
         return bad
+
+
+def load_mixture(spec: str | Path) -> list[tuple[Path, float]]:
+    """[(shard dir, weight normalized to sum 1)] from a YAML/JSON mixture spec; relative paths are taken
+    relative to the spec file."""
+    import yaml
+
+    spec = Path(spec)
+    if not spec.is_file():
+        raise FileNotFoundError(f"training data {spec} not found: pass a shard directory or a mixture spec file")
+    data = yaml.safe_load(spec.read_text())  # YAML is a superset of JSON
+    sources = data.get("sources") if isinstance(data, dict) else None
+    if not sources or not isinstance(sources, list):
+        raise ValueError(f"{spec} is not a mixture spec: expected {{'sources': [{{'path': DIR, 'weight': W}}, ...]}}")
+    out = []
+    for i, s in enumerate(sources):
+        if not isinstance(s, dict) or "path" not in s:
+            raise ValueError(f"{spec}: source {i} needs a 'path' (a shard directory)")
+        unknown = set(s) - {"path", "weight"}
+        if unknown:
+            raise ValueError(f"{spec}: unknown source key(s) {sorted(unknown)}: use path and weight")
+        weight = float(s.get("weight", 1.0))
+        if weight < 0:
+            raise ValueError(f"{spec}: source {i} has weight {weight}: weights must be >= 0")
+        path = Path(s["path"])
+        path = path if path.is_absolute() else spec.parent / path
+        read_index(path)
+        out.append((path, weight))
+    total = sum(w for _, w in out)
+    if total <= 0:
+        raise ValueError(f"{spec}: the weights sum to 0: give at least one source a positive weight")
+    return [(p, w / total) for p, w in out]
+
+
+def write_mixture(spec: str | Path, sources: list[tuple[str | Path, float]]) -> None:
+    """Write a mixture spec (YAML or JSON by suffix) after checking every source is a shard directory."""
+    import yaml
+
+    from phikit.files import write_text_atomic
+
+    for path, weight in sources:
+        read_index(path)
+        if weight <= 0:
+            raise ValueError(f"weight of {path} is {weight}: weights must be positive")
+    spec = Path(spec)
+    # Readers take relative paths relative to the spec file, so a path given relative to the current directory
+    # is rewritten relative to the spec's own directory (absolute paths stay as they are).
+    data = {"sources": [{"path": str(p) if Path(p).is_absolute()
+                         else os.path.relpath(Path(p).resolve(), spec.parent.resolve()), "weight": float(w)}
+                        for p, w in sources]}
+    text = json.dumps(data, indent=2) + "\n" if spec.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
+    write_text_atomic(spec, text)

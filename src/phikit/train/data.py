@@ -1,6 +1,5 @@
-"""Training data: weighted mixtures of token shards (read by phikit.data.shards), deterministic batches.
-
-A mixture spec (YAML or JSON) is {"sources": [{"path": DIR, "weight": 0.8}, ...]}.
+"""Training data: weighted mixtures of token shards (shards and mixture specs read by phikit.data.shards),
+deterministic batches.
 
 Batches are a pure function of (seed, step): row i of the global batch at step s is a window of seq_len tokens
 whose source and offset come from a generator seeded with (seed, s). A resumed run therefore sees exactly the
@@ -11,13 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from phikit.data.shards import ShardSet
+from phikit.data.shards import ShardSet, load_mixture
 
 
 @dataclass
@@ -50,23 +47,7 @@ class Mixture:
         path = Path(path)
         if path.is_dir():
             return cls([Source(ShardSet(path), 1.0)])
-        if not path.is_file():
-            raise FileNotFoundError(f"training data {path} not found: pass a shard directory or a mixture spec file")
-        spec: Any = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
-        if not isinstance(spec, dict) or not isinstance(spec.get("sources"), list):
-            raise ValueError(f"{path} is not a mixture spec: expected {{'sources': [{{'path': DIR, 'weight': W}}]}}")
-        sources = []
-        for entry in spec["sources"]:
-            if not isinstance(entry, dict) or "path" not in entry:
-                raise ValueError(f"{path}: every source needs a 'path' (got {entry!r})")
-            unknown = set(entry) - {"path", "weight"}
-            if unknown:
-                raise ValueError(f"{path}: unknown source key(s) {sorted(unknown)}: use path and weight")
-            src_path = Path(entry["path"])
-            if not src_path.is_absolute():
-                src_path = path.parent / src_path  # relative to the spec file
-            sources.append(Source(ShardSet(src_path), float(entry.get("weight", 1.0))))
-        return cls(sources)
+        return cls([Source(ShardSet(p), w) for p, w in load_mixture(path)])
 
     def check(self, seq_len: int, model_vocab_size: int) -> None:
         """Fail before any compute if the data cannot feed this model."""
