@@ -198,10 +198,7 @@ def build_attention_mask(attention_mask: torch.Tensor | None, b: int, t: int, pa
     q_pos = torch.arange(past, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
     mask = (k_pos <= q_pos)[None, None].expand(b, 1, t, total)
-    if attention_mask is not None:
-        if attention_mask.shape != (b, total):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({b}, {total}) "
-                             "covering the cached and the new tokens")
+    if attention_mask is not None:  # its shape was checked by forward
         mask = mask & attention_mask.bool()[:, None, None, :]
     if segment_ids is not None:
         if past:
@@ -221,9 +218,6 @@ class PhiForCausalLM(nn.Module):
     # --- helpers ---
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
-        return self.config.flops_per_token(seq_len, training)
 
     @property
     def device(self) -> torch.device:

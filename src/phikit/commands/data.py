@@ -230,7 +230,7 @@ def _run_job(args, step: str, settings: dict, make_stages, tasks: int | None = N
     report = json.loads((summary if summary.is_file() else report or Path(args.output + REPORT_SUFFIX)).read_text())
     work.remove()
     _warn_skipped(report["skipped"])
-    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
+    _print_counts(report)
     return 0
 
 
@@ -240,11 +240,15 @@ def _warn_skipped(skipped: list[str]) -> None:
         print(f"warning: skipped {msg}", file=sys.stderr)
 
 
+def _print_counts(report: dict) -> None:
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
+
+
 def _report(path: Path, report: dict) -> None:
     from phikit.data.io import write_report
 
     write_report(path, report)
-    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
+    _print_counts(report)
 
 
 def _synth(args) -> int:
@@ -282,7 +286,7 @@ def _synth(args) -> int:
         return 1
     work.remove()
     report = json.loads(out.with_name(out.name + REPORT_SUFFIX).read_text())
-    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
+    _print_counts(report)
     return 0
 
 

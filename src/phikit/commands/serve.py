@@ -7,11 +7,11 @@ import os
 import socket
 from pathlib import Path
 
-from ..cli import choice_of
+from .generate import add_model_arguments
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory or HF repo id (any layout phikit loads)")
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--api-key", default=os.environ.get("PHIKIT_API_KEY"),
@@ -25,14 +25,6 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="how chat messages become a prompt (default: chatml if the tokenizer has it, else chat)")
     p.add_argument("--served-model-name", default=None,
                    help="model id clients send and /v1/models lists (default: the checkpoint's directory name)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="weight dtype (default: fp32 on CPU, the checkpoint's dtype on GPU)")
-    p.add_argument("--quantize", type=choice_of("phikit.inference.quant", "MODES"), default=None, metavar="MODE",
-                   help="int8, int8-weight-only or int4 weights")
-    p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile: pays on GPUs and small models; the first requests of each "
-                        "new batch shape wait for compiling (tens of seconds on a CPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 can be faster on a busy machine)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],

@@ -17,7 +17,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ..progress import tqdm
-from .scoring import LogLikelihoodScorer, encode_pair, rolling_windows
+from .scoring import LogLikelihoodScorer, document_logprob, encode_pair
 
 
 @register_model("phikit")
@@ -90,14 +90,8 @@ class PhikitLM(LM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        windows, owner = [], []
-        for n, req in enumerate(requests):
-            for w in rolling_windows(self.tokenizer.encode(req.args[0]), self.eot_token_id, self.scorer.max_length):
-                windows.append(w)
-                owner.append(n)
-        totals = [0.0] * len(requests)
-        for n, s in zip(owner, self.scorer.score(windows, progress=not disable_tqdm)):
-            totals[n] += s.logprob
+        totals = document_logprob(self.scorer, [self.tokenizer.encode(req.args[0]) for req in requests],
+                                  self.eot_token_id, progress=not disable_tqdm)
         for req, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
