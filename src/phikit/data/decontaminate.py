@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import pickle
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from datatrove.pipeline.base import PipelineStep
+
+from phikit.files import staged_file
 
 from .dedup import normalize
 from .io import DataError, ReadStats, RecordWriter, read_records
@@ -157,10 +158,8 @@ _loaded: dict[tuple[str, int], BenchmarkIndex] = {}
 
 
 def save_index(index: BenchmarkIndex, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(index, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
+    with staged_file(path) as tmp:
+        tmp.write_bytes(pickle.dumps(index, protocol=pickle.HIGHEST_PROTOCOL))
     _loaded.clear()
     _loaded[(str(path), path.stat().st_mtime_ns)] = index
 

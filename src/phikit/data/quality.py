@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import hashlib
-import json
 import random
 import re
 import sys
@@ -24,6 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 from datatrove.pipeline.base import PipelineStep
 from tqdm.auto import tqdm
+
+from phikit.files import staged_file, write_json, write_text_atomic
 
 RUBRIC = """Below is an extract from a document. Evaluate whether it has high educational value and could be useful
 in an educational setting for teaching, using the additive 5-point scoring system described below. Points are
@@ -228,10 +229,9 @@ def plot_histogram(scores: np.ndarray, threshold: float, path: str | Path, title
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with staged_file(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_report(report_dir: str | Path, metrics: dict[str, Any], scores: np.ndarray, threshold: float,
@@ -247,18 +247,14 @@ def write_report(report_dir: str | Path, metrics: dict[str, Any], scores: np.nda
               "score_mean": round(float(np.mean(scores)), 4) if len(scores) else None,
               "histogram_png": "score_histogram.png"}
     plot_histogram(scores, threshold, report_dir / "score_histogram.png", title)
-    tmp = report_dir / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(report_dir / "report.json")
+    write_json(report_dir / "report.json", report)
     md = [f"# {title}", "", "| | |", "|---|---|"]
     for key in ("annotations", "annotator", "head", "heldout", "heldout_f1", "heldout_mae", "documents",
                 "kept_at_threshold", "kept_when_rounded", "threshold"):
         if key in report:
             md.append(f"| {key} | {report[key]} |")
     md += ["", "![score histogram](score_histogram.png)", ""]
-    tmp = report_dir / "report.md.tmp"
-    tmp.write_text("\n".join(md))
-    tmp.replace(report_dir / "report.md")
+    write_text_atomic(report_dir / "report.md", "\n".join(md))
     return report
 
 
@@ -424,9 +420,8 @@ def score_stages(inputs: Sequence[str | Path], output: str | Path, work: Path, t
 
     from .job import Stage
 
-    with open(work / "head.pkl.tmp", "wb") as f:
-        pickle.dump(head, f)
-    (work / "head.pkl.tmp").replace(work / "head.pkl")
+    with staged_file(work / "head.pkl") as tmp:
+        tmp.write_bytes(pickle.dumps(head))
     step = ScoreStage([str(p) for p in inputs], str(work), text_field, on_error, model, max_tokens, offsets)
     return [Stage("score", step, tasks, start_method="spawn"),
             Stage("report", ScoreReportStage(str(work), tasks, str(output), str(report_dir), metrics, threshold), 1)]
