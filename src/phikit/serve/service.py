@@ -99,11 +99,6 @@ def failure(ev: Event, timeout: float) -> APIError | None:
     return None
 
 
-def event_stream(body: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(body, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
 class OpenAIService:
     """Request validation that needs the model (context, vocabulary), and the completion endpoints."""
 
@@ -201,6 +196,34 @@ class OpenAIService:
         return {"id": rid, "object": object, "created": created, "model": self.model_name,
                 "system_fingerprint": self.fingerprint, "choices": choices, **extra}
 
+    def stream(self, job: Job, body: SamplingFields, rid: str, created: int, object: str, prompt_tokens: int,
+               choices, first: list[dict] | None = None) -> StreamingResponse:
+        """Server-sent events: the `first` choices, then those choices(event) makes of each event (an error ends the
+        stream as an error event), the usage when stream_options asks for it, and [DONE]."""
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        extra = {"usage": None} if include_usage else {}
+
+        async def chunks():
+            for c in first or []:
+                yield R.sse(self.envelope(rid, created, object, [c], **extra))
+            completion = 0
+            async for ev in job.stream():
+                error = failure(ev, self.request_timeout)
+                if error:
+                    yield R.sse(error.body())
+                    break
+                for c in choices(ev):
+                    yield R.sse(self.envelope(rid, created, object, [c], **extra))
+                completion += ev.completion_tokens if ev.finish_reason else 0
+            else:
+                if include_usage:
+                    usage = job.usage(prompt_tokens, completion)
+                    yield R.sse(self.envelope(rid, created, object, [], usage=usage))
+            yield R.sse("[DONE]")
+
+        return StreamingResponse(chunks(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     # --- POST /v1/completions ---
     async def completions(self, body: CompletionRequest, request: Request):
         self.check_model(body.model)
@@ -233,30 +256,16 @@ class OpenAIService:
                         "finish_reason": reasons[i]} for i in range(len(out))]
             return self.envelope(rid, created, "text_completion", choices, usage=job.usage(prompt_tokens, completion))
 
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        extra = {"usage": None} if include_usage else {}
+        echoed = set()
 
-        async def chunks():
-            completion, echoed = 0, set()
-            async for ev in job.stream():
-                error = failure(ev, self.request_timeout)
-                if error:
-                    yield R.sse(error.body())
-                    break
-                text = ev.text if ev.index in echoed else echo(ev.index) + ev.text
-                echoed.add(ev.index)
-                if text or ev.tokens or ev.finish_reason:
-                    choice = {"index": ev.index, "text": text, "logprobs": logprobs(ev.index, ev.tokens),
-                              "finish_reason": ev.finish_reason}
-                    yield R.sse(self.envelope(rid, created, "text_completion", [choice], **extra))
-                completion += ev.completion_tokens if ev.finish_reason else 0
-            else:
-                if include_usage:
-                    usage = job.usage(prompt_tokens, completion)
-                    yield R.sse(self.envelope(rid, created, "text_completion", [], usage=usage))
-            yield R.sse("[DONE]")
+        def choices(ev: Event):
+            text = ev.text if ev.index in echoed else echo(ev.index) + ev.text
+            echoed.add(ev.index)
+            if text or ev.tokens or ev.finish_reason:
+                yield {"index": ev.index, "text": text, "logprobs": logprobs(ev.index, ev.tokens),
+                       "finish_reason": ev.finish_reason}
 
-        return event_stream(chunks())
+        return self.stream(job, body, rid, created, "text_completion", prompt_tokens, choices)
 
     # --- POST /v1/chat/completions ---
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
@@ -294,34 +303,17 @@ class OpenAIService:
                         "logprobs": logprobs(tokens[i]), "finish_reason": reasons[i]} for i in range(len(out))]
             return self.envelope(rid, created, "chat.completion", choices, usage=job.usage(len(ids), completion))
 
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        extra = {"usage": None} if include_usage else {}
+        def choice(index: int, delta: dict, lp=None, finish_reason=None) -> dict:
+            return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
 
-        def chunk(index: int, delta: dict, lp=None, finish_reason=None) -> str:
-            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
-            return R.sse(self.envelope(rid, created, "chat.completion.chunk", [choice], **extra))
+        def choices(ev: Event):
+            if ev.text or ev.tokens:
+                yield choice(ev.index, {"content": ev.text}, logprobs(ev.tokens))
+            if ev.finish_reason:
+                yield choice(ev.index, {}, finish_reason=ev.finish_reason)
 
-        async def chunks():
-            for i in range(body.n):
-                yield chunk(i, {"role": "assistant", "content": ""})
-            completion = 0
-            async for ev in job.stream():
-                error = failure(ev, self.request_timeout)
-                if error:
-                    yield R.sse(error.body())
-                    break
-                if ev.text or ev.tokens:
-                    yield chunk(ev.index, {"content": ev.text}, logprobs(ev.tokens))
-                if ev.finish_reason:
-                    completion += ev.completion_tokens
-                    yield chunk(ev.index, {}, finish_reason=ev.finish_reason)
-            else:
-                if include_usage:
-                    usage = job.usage(len(ids), completion)
-                    yield R.sse(self.envelope(rid, created, "chat.completion.chunk", [], usage=usage))
-            yield R.sse("[DONE]")
-
-        return event_stream(chunks())
+        first = [choice(i, {"role": "assistant", "content": ""}) for i in range(body.n)]
+        return self.stream(job, body, rid, created, "chat.completion.chunk", len(ids), choices, first)
 
 
 def prompt_list(prompt) -> list:
