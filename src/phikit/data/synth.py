@@ -220,15 +220,19 @@ def done_ids(output: str | Path) -> set[str]:
     return ids
 
 
-async def synthesize(prompts: list[dict[str, Any]], output: str | Path, teacher: Teacher, concurrency: int = 16,
-                     min_words: int = 50, system: str | None = None, seed: int = 0,
-                     progress: bool = True) -> SynthStats:
-    """Answer every prompt not yet in `output`; see the module docstring for the guarantees."""
+def _check_settings(output: str | Path, concurrency: int) -> None:
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     if not str(output).endswith((".jsonl", ".ndjson")):  # the log is appended line by line: JSONL only
         raise ValueError(f"synth writes JSONL: name the output .jsonl, not {Path(output).name} (convert it "
                          f"afterwards, e.g. with `phikit data dedup ... --output x.parquet`)")
+
+
+async def synthesize(prompts: list[dict[str, Any]], output: str | Path, teacher: Teacher, concurrency: int = 16,
+                     min_words: int = 50, system: str | None = None, seed: int = 0,
+                     progress: bool = True) -> SynthStats:
+    """Answer every prompt not yet in `output`; see the module docstring for the guarantees."""
+    _check_settings(output, concurrency)
     stats = SynthStats(prompts=len(prompts))
     done = done_ids(output)
     todo = [p for p in prompts if p["prompt_id"] not in done]
@@ -368,11 +372,7 @@ def synth_stages(prompts: list[dict[str, Any]], output: str | Path, work: Path, 
 
     from .job import Stage
 
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
-    if not str(output).endswith((".jsonl", ".ndjson")):
-        raise ValueError(f"synth writes JSONL: name the output .jsonl, not {Path(output).name} (convert it "
-                         f"afterwards, e.g. with `phikit data dedup ... --output x.parquet`)")
+    _check_settings(output, concurrency)
     previous = sorted(done_ids(output)) if Path(output).exists() else []
     write_text_atomic(work / "prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
     # One limit for the whole job: at most `running` tasks run at once, each with its share.
