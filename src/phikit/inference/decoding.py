@@ -120,9 +120,10 @@ def _vocab_limit(model: PhiForCausalLM, tokenizer: Tokenizer) -> int | None:
     return len(tokenizer) if len(tokenizer) < model.config.vocab_size else None
 
 
-def _stop_ids(tokenizer: Tokenizer, stop_token_ids: Sequence[int] | None) -> set[int]:
-    if stop_token_ids is not None:
-        return set(int(i) for i in stop_token_ids)
+def stop_ids_for(tokenizer: Tokenizer, given: Sequence[int] | None = None) -> set[int]:
+    """The ids given, else the default stop tokens: <|endoftext|>, and <|im_end|> where the tokenizer has ChatML."""
+    if given is not None:
+        return set(int(i) for i in given)
     ids = {tokenizer.eos_token_id}
     if tokenizer.has_chatml:
         ids.add(tokenizer.token_to_id(IM_END))
@@ -494,7 +495,7 @@ def _prepare(model: PhiForCausalLM, tokenizer: Tokenizer, prompts, params: Sampl
         raise ValueError("prompts given as input embeddings decode without beams or prompt lookup (both need the "
                          "prompt's token ids): drop num_beams/prompt_lookup, or pass text")
     _prepare_model(model)
-    return rows, stop, _stop_ids(tokenizer, stop_token_ids)
+    return rows, stop, stop_ids_for(tokenizer, stop_token_ids)
 
 
 def complete(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str | list[int] | torch.Tensor],
@@ -581,7 +582,7 @@ def chat_prompt(tokenizer: Tokenizer, messages: list[dict], format: str | Prompt
     stop = _stop_list(stop)
     # The default stop tokens (<|endoftext|>, and <|im_end|> where the tokenizer has it: a ChatML-tuned model ends
     # its turn with it whatever format the prompt is in), plus the format's own.
-    stop_ids = _stop_ids(tokenizer, None)
+    stop_ids = stop_ids_for(tokenizer)
     stop_ids |= {i for i in (tokenizer.token_to_id(n) for n in fmt.stop_token_names) if i is not None}
     return fmt.render(messages), fmt, dict(stop=fmt.stop_strings + stop, stop_token_ids=sorted(stop_ids))
 

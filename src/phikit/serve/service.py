@@ -11,9 +11,10 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from .. import __version__
+from ..inference.decoding import stop_ids_for
 from ..inference.formats import PromptFormat
 from ..inference.sampling import SamplingParams
-from ..tokenizer import IM_END, Tokenizer
+from ..tokenizer import Tokenizer
 from . import responses as R
 from .engine import Engine, Event, Group, QueueFull
 from .guard import Metrics
@@ -108,9 +109,8 @@ class OpenAIService:
         self.model_name, self.metrics, self.request_timeout = model_name, metrics, request_timeout
         self.created = int(time.time())
         self.fingerprint = f"phikit-{__version__}"
-        eos = tokenizer.eos_token_id
         # Raw completions stop where the model ends its document; ChatML models also end a turn with <|im_end|>.
-        self.completion_stop_ids = frozenset([eos] + ([tokenizer.token_to_id(IM_END)] if tokenizer.has_chatml else []))
+        self.completion_stop_ids = frozenset(stop_ids_for(tokenizer))
         self.chat_stop_ids = frozenset(i for i in map(tokenizer.token_to_id, fmt.stop_token_names) if i is not None)
 
     # --- checks ---
