@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..inference.decoding import left_padded
 from ..model import PhiForCausalLM
 from ..progress import tqdm
 from ..tokenizer import Tokenizer
@@ -93,13 +94,9 @@ class LogLikelihoodScorer:
 
     def _score_batch(self, contexts, by_context, conts, results) -> None:
         device = self.model.device
-        width = max(len(c) for c in contexts)
-        ids = torch.zeros(len(contexts), width, dtype=torch.long)
-        mask = torch.zeros(len(contexts), width, dtype=torch.long)
-        for row, ctx in enumerate(contexts):
-            ids[row, width - len(ctx):] = torch.tensor(ctx)
-            mask[row, width - len(ctx):] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = left_padded(contexts, 0)
+        ids, mask = ids.to(device), mask.long().to(device)
+        width = ids.shape[1]
         padded = bool((mask == 0).any())
         out = self.model(ids, attention_mask=mask if padded else None, use_cache=True, logits_to_keep=1)
         first_logprobs = F.log_softmax(out.logits[:, -1].float(), dim=-1)

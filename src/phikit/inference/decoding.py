@@ -114,6 +114,17 @@ def encode_prompts(model: PhiForCausalLM, tokenizer: Tokenizer, prompts: Sequenc
     return out
 
 
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one left-padded batch: ids [B, longest] and the mask of real tokens (bool), on the CPU."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = True
+    return ids, mask
+
+
 def _vocab_limit(model: PhiForCausalLM, tokenizer: Tokenizer) -> int | None:
     """Rows of the embedding past the tokenizer's vocabulary are padding: never produce them. The tokenizer is
     the authority (fine-tuning may have added tokens, such as ChatML's, after the config was written)."""

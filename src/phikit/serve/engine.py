@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..inference.decoding import DraftSize, _lookup_draft, accept_guesses
+from ..inference.decoding import DraftSize, _lookup_draft, accept_guesses, left_padded
 from ..inference.kv_cache import KVCache
 from ..model import PhiForCausalLM
 from ..inference.quant import prepare_cpu_linears
@@ -319,12 +319,7 @@ class Engine:
         with self._lock:
             self._queued -= len(admitted)
             self._active += len(seqs)
-        width = max(len(g.prompt_ids) for g in admitted)
-        ids = torch.full((len(admitted), width), self.tokenizer.eos_token_id, dtype=torch.long)
-        mask = torch.zeros((len(admitted), width), dtype=torch.bool)
-        for i, g in enumerate(admitted):
-            ids[i, width - len(g.prompt_ids):] = torch.tensor(g.prompt_ids)
-            mask[i, width - len(g.prompt_ids):] = True
+        ids, mask = left_padded([g.prompt_ids for g in admitted], self.tokenizer.eos_token_id)
         try:
             out = self.model(ids.to(self.model.device), attention_mask=None if mask.all() else mask.to(ids.device),
                              use_cache=True, logits_to_keep=1)
