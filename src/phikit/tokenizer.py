@@ -28,6 +28,26 @@ def phi_whitespace_tokens() -> list[str]:
     return [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
 
 
+@functools.lru_cache(maxsize=1)
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as a printable character: those characters -> the bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    table = {chr(b): b for b in printable}
+    for shifted, b in enumerate(b for b in range(256) if b not in printable):
+        table[chr(256 + shifted)] = b
+    return table
+
+
+def piece_bytes(piece: str) -> bytes:
+    """The raw bytes a vocabulary entry stands for (a token may hold part of a UTF-8 character, so its decoded
+    text can be lossy); added tokens (whitespace runs, specials) are stored as plain text."""
+    table = _byte_level_table()
+    if piece and all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    return piece.encode("utf-8")
+
+
 @functools.lru_cache(maxsize=8)
 def _compile_template(template: str):
     """A chat template compiled as transformers compiles one: sandboxed (templates from the Hub are untrusted),

@@ -2,33 +2,9 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, piece_bytes
 from .engine import TokenLogprob
-
-
-@lru_cache(maxsize=1)
-def _byte_level_table() -> dict[str, int]:
-    """Byte-level BPE writes each byte as a printable character; this maps the characters back to bytes."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-                 *range(ord("\xae"), ord("\xff") + 1)]
-    table = {chr(b): b for b in printable}
-    shifted = 0
-    for b in range(256):
-        if b not in table.values():
-            table[chr(256 + shifted)] = b
-            shifted += 1
-    return table
-
-
-def token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
-    """The raw bytes of one token (a token may hold part of a UTF-8 character, so its text can be lossy)."""
-    piece = tokenizer.id_to_token(token_id) or ""
-    table = _byte_level_table()
-    if piece and all(c in table for c in piece):
-        return [table[c] for c in piece]
-    return list(piece.encode("utf-8"))  # added tokens (whitespace runs, specials) are stored as plain text
 
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
@@ -65,7 +41,7 @@ def completion_logprobs(tokenizer: Tokenizer, tokens: list[TokenLogprob], base_o
 def chat_logprobs(tokenizer: Tokenizer, tokens: list[TokenLogprob]) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
         return {"token": token_text(tokenizer, token_id), "logprob": logprob,
-                "bytes": token_bytes(tokenizer, token_id)}
+                "bytes": list(piece_bytes(tokenizer.id_to_token(token_id) or ""))}
 
     return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
                         for t in tokens],

@@ -135,37 +135,22 @@ def heldout_batches(mixture: Mixture, seq_len: int, num_sequences: int, micro_ba
     return out
 
 
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes-to-unicode table used by byte-level BPE vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
 def token_byte_lengths(tokenizer_path: str | Path, size: int) -> np.ndarray:
     """UTF-8 bytes each token id stands for (0 for special tokens and padding rows): the bits-per-byte divisor."""
     from tokenizers import Tokenizer as HFTokenizer
 
+    from ..tokenizer import piece_bytes
+
     backend = HFTokenizer.from_file(str(tokenizer_path))
     added = backend.get_added_tokens_decoder()
-    decode = _byte_decoder()
     lengths = np.zeros(size, dtype=np.int64)
     for token, i in backend.get_vocab(with_added_tokens=True).items():
         if i >= size:
             continue
         if i in added:
             lengths[i] = 0 if added[i].special else len(token.encode())
-        elif all(c in decode for c in token):
-            lengths[i] = len(token)  # one vocabulary character per byte
         else:
-            lengths[i] = len(token.encode())
+            lengths[i] = len(piece_bytes(token))
     return lengths
 
 
