@@ -28,7 +28,7 @@ def _record(value, where: str) -> Record:
     return rec
 
 
-def _read_file(path: Path) -> list[Record]:
+def read_file(path: Path) -> list[Record]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         return [_record(r, f"{path} row {i}") for i, r in enumerate(pq.read_table(path).to_pylist(), 1)]
@@ -69,7 +69,7 @@ def load_split(data_dir: str | Path | None, dir_names: Sequence[str], split: str
     for name in dir_names:
         files = split_files(root / name, split)
         if files:
-            records = [r for f in files for r in _read_file(f)]
+            records = [r for f in files for r in read_file(f)]
             if not records:  # scoring nothing would report n=0 and acc nan as if it were a result
                 raise ValueError(f"{task}: {', '.join(map(str, files))} holds no records: export {source} split "
                                  f"'{split}' there")

@@ -13,9 +13,8 @@ import re
 from importlib import resources
 from pathlib import Path
 
-
 from ..progress import tqdm
-from .data import load_split
+from .data import load_split, read_file
 from ..sandbox import SandboxPool
 
 PAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n\n\n"]
@@ -29,13 +28,9 @@ def _asset(name: str) -> Path:
     return Path(str(resources.files("phikit.eval") / "assets" / name))
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def bundled_test_items() -> list[dict]:
     """The first GSM8K test problems shipped with phikit (for smoke tests; real runs use --data-dir)."""
-    return _read_jsonl(_asset("gsm8k_test_head.jsonl"))
+    return read_file(_asset("gsm8k_test_head.jsonl"))
 
 
 def gold_answer(answer: str) -> float:
@@ -51,7 +46,7 @@ def _to_number(text: str) -> float | None:
 
 
 def pal_prompt(question: str, num_fewshot: int = 0) -> str:
-    train = _read_jsonl(_asset("gsm8k_train_head.jsonl"))
+    train = read_file(_asset("gsm8k_train_head.jsonl"))
     exemplars = json.loads(_asset("gsm8k_pal_exemplars.json").read_text())
     if num_fewshot > len(exemplars):
         raise ValueError(f"GSM8K via coding has {len(exemplars)} solved examples: use --num-fewshot <= "
@@ -114,7 +109,7 @@ def evaluate_gsm8k(model, tokenizer, data_dir=None, limit: int | None = None, mo
         try:
             pool = load_split(data_dir, ("gsm8k", "gsm8k/main"), "train", "gsm8k", "openai/gsm8k (main)")
         except FileNotFoundError:
-            pool = _read_jsonl(_asset("gsm8k_train_head.jsonl"))
+            pool = read_file(_asset("gsm8k_train_head.jsonl"))
         if k > len(pool):
             raise ValueError(f"only {len(pool)} training exemplars are available: use --num-fewshot <= {len(pool)}")
         prompts, stops = [cot_prompt(d["question"], pool[:k]) for d in docs], COT_STOPS

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import _read_file
+from .data import read_file
 from .scoring import LogLikelihoodScorer, document_logprob
 
 
@@ -33,7 +33,7 @@ def evaluate_toxicity(model, tokenizer, path: str | Path, limit: int | None = No
     if not path.is_file():
         raise FileNotFoundError(f"toxicity file {path} does not exist: export ToxiGen (annotated) as JSONL or "
                                 "Parquet with text, target_group, toxicity_human and pass it with --toxigen-file")
-    rows = _read_file(path)[:limit] if limit else _read_file(path)
+    rows = read_file(path)[:limit] if limit else read_file(path)
     for n, row in enumerate(rows):
         if "text" not in row or "target_group" not in row:
             raise ValueError(f"{path} row {n + 1} lacks text or target_group: the ToxiGen annotated layout has both")
