@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 
@@ -154,9 +152,6 @@ class PhiConfig:
             tokenizer_vocab_size=g("phikit_tokenizer_vocab_size"),
         )
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
-
     def replace(self, **kw: Any) -> "PhiConfig":
         return dataclasses.replace(self, **kw)
 
@@ -165,8 +160,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The released models (DESIGN.md section 3).
     "phi-1": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
                   partial_rotary_factor=0.5, tokenizer_vocab_size=50295),
-    "phi-1_5": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-                    partial_rotary_factor=0.5, tokenizer_vocab_size=50295),
     "phi-2": dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
                   partial_rotary_factor=0.4, tokenizer_vocab_size=50295),
     # Small models for CPU work: same shape rules (head_dim 64 / rotary 32 for the phi-1.5 family).
@@ -180,7 +173,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       num_attention_heads=12, partial_rotary_factor=0.5, max_position_embeddings=2048,
                       tokenizer_vocab_size=50295),
 }
-PRESETS["phi-1.5"] = PRESETS["phi-1_5"]
+PRESETS["phi-1_5"] = PRESETS["phi-1.5"] = PRESETS["phi-1"]  # phi-1.5 has phi-1's shape
 
 
 def get_config(name: str, **overrides: Any) -> PhiConfig:
