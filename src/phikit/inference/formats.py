@@ -99,8 +99,8 @@ def _chat(user_name: str, assistant_name: str) -> Callable[[list[dict], bool], s
     return render
 
 
-def _chatml(messages: list[dict], add_generation_prompt: bool) -> str:
-    # Same text as tokenizer.CHATML_TEMPLATE through transformers' apply_chat_template.
+def render_chatml(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The text of tokenizer.CHATML_TEMPLATE through transformers' apply_chat_template (SFT and DPO render with it)."""
     text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
     return text + f"{IM_START}assistant\n" if add_generation_prompt else text
 
@@ -130,7 +130,7 @@ def get_format(name: str, user_name: str = "Alice", assistant_name: str = "Bob")
                             [f"\n{user_name}:", f"\n{assistant_name}:"])
     if name == "chatml":
         # Without ChatML special tokens the markers arrive as plain text, so they are stop strings too.
-        return PromptFormat("chatml", _chatml, [IM_END, IM_START], [IM_END, EOS_TOKEN])
+        return PromptFormat("chatml", render_chatml, [IM_END, IM_START], [IM_END, EOS_TOKEN])
     raise ValueError(f"unknown prompt format {name!r}: choose one of {', '.join(FORMAT_NAMES)}")
 
 

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from ..inference.formats import render_chatml
 from ..tokenizer import IM_END, IM_START, Tokenizer
 
 IGNORE_INDEX = -100  # label of tokens outside the loss (torch cross_entropy's ignore_index)
@@ -121,12 +122,6 @@ def check_conversation(messages: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------- ChatML
-def render_chatml(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    """The text of tokenizer.CHATML_TEMPLATE (and phikit.inference.formats "chatml") for these messages."""
-    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-    return text + f"{IM_START}assistant\n" if add_generation_prompt else text
-
-
 def assistant_spans(messages: Sequence[dict]) -> list[tuple[int, int]]:
     """Character spans [start, end) of each assistant content plus its <|im_end|> in render_chatml's text."""
     spans, pos = [], 0
