@@ -22,9 +22,9 @@ from typing import Any, Sequence
 
 import numpy as np
 from datatrove.pipeline.base import PipelineStep
-from tqdm.auto import tqdm
 
 from phikit.files import staged_file, write_json, write_text_atomic
+from phikit.progress import tqdm
 
 RUBRIC = """Below is an extract from a document. Evaluate whether it has high educational value and could be useful
 in an educational setting for teaching, using the additive 5-point scoring system described below. Points are

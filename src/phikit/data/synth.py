@@ -22,7 +22,8 @@ from typing import Any, Sequence
 
 import httpx
 from datatrove.pipeline.base import PipelineStep
-from tqdm.auto import tqdm
+
+from phikit.progress import tqdm
 
 from .io import AppendLog
 
