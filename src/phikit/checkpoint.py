@@ -223,25 +223,20 @@ def to_hf_layout(state: dict[str, torch.Tensor], num_layers: int) -> tuple[dict[
         embed, head = "layers.0.wte.weight", f"layers.{num_layers + 1}"
     consumed = {embed}
     out["model.embed_tokens.weight"] = state[embed]
+    renames = {f"{head}.ln": "model.final_layernorm", f"{head}.linear": "lm_head"}  # module -> HF module
     for i in range(num_layers):
         src, dst = block(i), f"model.layers.{i}"
-        pairs = {"ln": "input_layernorm", "mixer.out_proj": "self_attn.dense", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-        for s, d in pairs.items():
-            for p in ("weight", "bias"):
-                key = f"{src}.{s}.{p}"
-                if key in state:
-                    out[f"{dst}.{d}.{p}"] = state[key]
-                    consumed.add(key)
+        renames |= {f"{src}.ln": f"{dst}.input_layernorm", f"{src}.mixer.out_proj": f"{dst}.self_attn.dense",
+                    f"{src}.mlp.fc1": f"{dst}.mlp.fc1", f"{src}.mlp.fc2": f"{dst}.mlp.fc2"}
         wk, bk = f"{src}.mixer.Wqkv.weight", f"{src}.mixer.Wqkv.bias"
         if wk in state and bk in state:
             _split_qkv(dst, state[wk], state[bk], out)
             consumed |= {wk, bk}
-    for s, d in (("ln", "model.final_layernorm"), ("linear", "lm_head")):
+    for s, d in renames.items():
         for p in ("weight", "bias"):
-            key = f"{head}.{s}.{p}"
-            if key in state:
-                out[f"{d}.{p}"] = state[key]
-                consumed.add(key)
+            if f"{s}.{p}" in state:
+                out[f"{d}.{p}"] = state[f"{s}.{p}"]
+                consumed.add(f"{s}.{p}")
     for key in state.keys() - consumed:  # leftovers surface as "unexpected" in validation
         out[key] = state[key]
     return out, layout
