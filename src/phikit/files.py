@@ -168,14 +168,6 @@ def _readable(path: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
-def staging_path(target: str | os.PathLike) -> Path:
-    """A fresh hidden name beside `target` for writers that create their output themselves (several processes,
-    a library that opens the file): build it there, then `move_into_place`."""
-    target = _target(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return target.with_name(f".{target.name}.partial-{os.getpid()}-{os.urandom(3).hex()}{target.suffix}")
-
-
 def move_into_place(staged: str | os.PathLike, target: str | os.PathLike, kind: str) -> None:
     """Swap a complete staged output in; the output it replaces goes only after the new one is in place."""
     staged, target = Path(staged), _target(target)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import OUTPUT_BIAS, gguf_name
-from ..files import check_output, move_into_place, staging_path
+from ..files import check_output, staged_file
 from ..model import PhiForCausalLM
 from ..progress import tqdm
 from ..tokenizer import Tokenizer
@@ -85,36 +85,35 @@ def export_gguf(model: PhiForCausalLM, tokenizer: Tokenizer, path: str | os.Path
     cfg = model.config
     arch = gguf.MODEL_ARCH.PHI2
 
-    tmp = staging_path(path)
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(path.stem)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_attention_heads)
-    writer.add_layer_norm_eps(cfg.layer_norm_eps)
-    writer.add_rope_dimension_count(cfg.rotary_dim)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_file_type(FILE_TYPES[qtype])
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    with staged_file(path, "gguf") as tmp:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        writer.add_name(path.stem)
+        writer.add_context_length(cfg.max_position_embeddings)
+        writer.add_embedding_length(cfg.hidden_size)
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_block_count(cfg.num_hidden_layers)
+        writer.add_head_count(cfg.num_attention_heads)
+        writer.add_head_count_kv(cfg.num_attention_heads)
+        writer.add_layer_norm_eps(cfg.layer_norm_eps)
+        writer.add_rope_dimension_count(cfg.rotary_dim)
+        writer.add_rope_freq_base(cfg.rope_theta)
+        writer.add_file_type(FILE_TYPES[qtype])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    tokens, types, merges = _vocab(tokenizer, cfg.vocab_size)
-    unused = np.array([t == gguf.TokenType.UNUSED for t in types])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("phi-2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(tokenizer.bos_token_id)
-    writer.add_eos_token_id(tokenizer.eos_token_id)
-    writer.add_unk_token_id(tokenizer.eos_token_id)
-    writer.add_add_bos_token(False)
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
+        tokens, types, merges = _vocab(tokenizer, cfg.vocab_size)
+        unused = np.array([t == gguf.TokenType.UNUSED for t in types])
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("phi-2")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(tokenizer.bos_token_id)
+        writer.add_eos_token_id(tokenizer.eos_token_id)
+        writer.add_unk_token_id(tokenizer.eos_token_id)
+        writer.add_add_bos_token(False)
+        if tokenizer.chat_template:
+            writer.add_chat_template(tokenizer.chat_template)
 
-    try:
         for name, tensor in tqdm(model.state_dict().items(), desc=f"gguf {dtype}", unit="tensor"):
             gguf_key = gguf_name(name)
             if gguf_key is None:
@@ -133,8 +132,4 @@ def export_gguf(model: PhiForCausalLM, tokenizer: Tokenizer, path: str | os.Path
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        move_into_place(tmp, path, "gguf")
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
