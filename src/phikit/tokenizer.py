@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, Sequence
 from tokenizers import (AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors,
                         trainers)
 
-from .files import write_text_atomic
+from .files import write_json, write_text_atomic
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -140,7 +140,7 @@ class Tokenizer:
         }
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
-        write_text_atomic(directory / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
+        write_json(directory / "tokenizer_config.json", cfg)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":

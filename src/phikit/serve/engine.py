@@ -342,6 +342,7 @@ class Engine:
 
     def _step(self) -> None:
         """One decoding step for every running row."""
+        self.max_rows_seen = max(self.max_rows_seen, len(self._running))
         if self._holes_possible and (self._cache.length >= self.context
                                      or self._holes() > max(CACHE_HEADROOM, self._cache.length // 2)):
             self._compact()  # only predicted steps leave holes
@@ -349,9 +350,7 @@ class Engine:
         if any(drafts):
             self._predicted_step(drafts)
             return
-        batch = len(self._running)
-        self.max_rows_seen = max(self.max_rows_seen, batch)
-        self._mask = torch.cat([self._mask, torch.ones((batch, 1), dtype=torch.bool)], dim=1)
+        self._mask = torch.cat([self._mask, torch.ones((len(self._running), 1), dtype=torch.bool)], dim=1)
         padded = not bool(self._mask.all())
         device = self.model.device
         if self._compiled_step is not None:
@@ -383,7 +382,6 @@ class Engine:
         last token); every row keeps its last token, the guesses its argmax agreed with, and the hidden columns
         of the rest, and gets the model's next token after them."""
         batch, width = len(self._running), 1 + max(map(len, drafts))
-        self.max_rows_seen = max(self.max_rows_seen, batch)
         ids = torch.full((batch, width), self.tokenizer.eos_token_id, dtype=torch.long)
         fed = torch.zeros((batch, width), dtype=torch.bool)
         ids[:, 0], fed[:, 0] = self._last, True
