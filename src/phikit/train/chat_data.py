@@ -23,8 +23,8 @@ import torch
 
 from ..inference.formats import render_chatml
 from ..tokenizer import IM_END, IM_START, Tokenizer
+from .losses import IGNORE_INDEX  # label of tokens outside the loss
 
-IGNORE_INDEX = -100  # label of tokens outside the loss (torch cross_entropy's ignore_index)
 
 # ShareGPT/OpenHermes speaker names and their OpenAI roles.
 ROLE_ALIASES = {

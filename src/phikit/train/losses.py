@@ -15,14 +15,20 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    # Packed rows (SFT) carry segment and position ids, padded rows an attention mask; the rest are None.
+    return {"input_ids": batch["input_ids"],
+            **{k: batch.get(k) for k in ("attention_mask", "position_ids", "segment_ids")}}
+
+
 def _targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # transformers' convention: labels align with input_ids; position t predicts labels[t + 1].
     return batch["labels"][:, 1:].reshape(-1)
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """Mean next-token cross-entropy over labels != -100, from the model's full logits."""
-    out = model(batch["input_ids"], segment_ids=batch.get("segment_ids"), attention_mask=batch.get("attention_mask"))
+    """Mean next-token cross-entropy over labels != -100 (SFT: the assistant tokens), from the full logits."""
+    out = model(**_inputs(batch))
     targets = _targets(batch)
     logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
     count = (targets != IGNORE_INDEX).sum()
@@ -86,8 +92,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: t
 def fused_causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
     """causal_lm_loss with the lm_head and cross-entropy fused chunk-wise (same value, less memory traffic)."""
     inner = getattr(model, "module", model)  # DDP keeps the model in .module
-    out = model(batch["input_ids"], segment_ids=batch.get("segment_ids"), attention_mask=batch.get("attention_mask"),
-                output_hidden_states=True, logits_to_keep=1)
+    out = model(**_inputs(batch), output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1][:, :-1].reshape(-1, inner.config.hidden_size)
     targets = _targets(batch)
     count = (targets != IGNORE_INDEX).sum()

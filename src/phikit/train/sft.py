@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..files import check_output, write_json
+from .chat_data import (Example, add_chatml_tokens, build_sft_examples, collate_packed, collate_padded,
+                        pack_examples, read_records)
 from .finetune_config import SFTConfig
-from .chat_data import (IGNORE_INDEX, Example, add_chatml_tokens, build_sft_examples, collate_packed,
-                        collate_padded, pack_examples, read_records)
+from .losses import causal_lm_loss
 
-# ---------------------------------------------------------------- batches and loss (the loop's two seams)
+
+# ---------------------------------------------------------------- batches (the loss: losses.causal_lm_loss)
 class EpochBatches:
     """batch_fn(step, micro) for the Trainer over fixed rows: a pure function of (step, micro), so resume is exact.
     Each epoch visits the rows in a fresh order seeded by (seed, epoch); process `rank` of `world` takes every
@@ -65,17 +66,6 @@ def sft_batches(examples: Sequence[Example], micro_batch_size: int, grad_accum: 
     shuffled = [examples[i] for i in order]
     return EpochBatches(pack_examples(shuffled, max_length), partial(collate_packed, shuffled, pad_id=pad_id),
                         micro_batch_size, grad_accum, seed, rank, world)
-
-
-def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Mean next-token cross-entropy over the assistant tokens (labels != -100) of the batch."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"))
-    targets = batch["labels"][:, 1:].reshape(-1)
-    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float()
-    count = (targets != IGNORE_INDEX).sum()
-    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum") / count.clamp(min=1)
-    return loss, {"loss_weight": count}
 
 
 # ---------------------------------------------------------------- shared run plumbing (SFT and DPO)
@@ -219,6 +209,6 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, resume: bool = False, ex
         eval_batches = [collate_padded(val[k:k + cfg.micro_batch_size], pad_id)
                         for k in range(0, len(val), cfg.micro_batch_size)]
         counts = {"train_examples": len(examples), "val_examples": len(val)}
-        return batches, sft_loss, eval_batches, {**counts, "rows_per_epoch": batches.per_epoch}, counts
+        return batches, causal_lm_loss, eval_batches, {**counts, "rows_per_epoch": batches.per_epoch}, counts
 
     return finetune("sft", cfg, model, tokenizer, resume, export, build_sft_examples, setup)
