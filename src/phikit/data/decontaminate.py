@@ -23,7 +23,7 @@ from phikit.files import staged_file
 
 from .dedup import normalize
 from .io import DataError, ReadStats, RecordWriter, read_records
-from .job import ConcatStage, Stage, task_file, write_json
+from .job import ConcatStage, Stage, load_once, task_file, write_json
 
 
 def words(text: str) -> list[str]:
@@ -154,23 +154,18 @@ def decontaminate(records: Iterable[dict], index: BenchmarkIndex, text_field: st
 # The index is built once, by the command, and saved in the work folder; every task loads that file (a worker
 # forked by the local executor finds it already loaded) and streams its shard of the documents through it.
 
-_loaded: dict[tuple[str, int], BenchmarkIndex] = {}
-
-
 def save_index(index: BenchmarkIndex, path: Path) -> None:
     with staged_file(path) as tmp:
         tmp.write_bytes(pickle.dumps(index, protocol=pickle.HIGHEST_PROTOCOL))
-    _loaded.clear()
-    _loaded[(str(path), path.stat().st_mtime_ns)] = index
+    load_once("benchmark index", path, _unpickle, index)
 
 
 def _load_index(path: Path) -> BenchmarkIndex:
-    key = (str(path), path.stat().st_mtime_ns)
-    if key not in _loaded:
-        with open(path, "rb") as f:
-            _loaded.clear()
-            _loaded[key] = pickle.load(f)  # our own file, written by save_index in this job's work folder
-    return _loaded[key]
+    return load_once("benchmark index", path, _unpickle)
+
+
+def _unpickle(path: Path) -> BenchmarkIndex:
+    return pickle.loads(path.read_bytes())  # our own file, written by save_index in this job's work folder
 
 
 class ScanStage(PipelineStep):

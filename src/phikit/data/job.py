@@ -181,6 +181,20 @@ def _quiet_datatrove(verbose: bool) -> None:
     (logger.enable if verbose else logger.disable)("datatrove")
 
 
+# One loaded object of each kind per process, with the file it came from (path, modification time).
+_LOADED: dict[str, tuple[tuple[str, int], Any]] = {}
+
+
+def load_once(kind: str, path: Path, load: Callable[[Path], Any], value: Any = None) -> Any:
+    """What load(path) gives, loaded once per process: a worker loads a step's tokenizer or index once, not once
+    per task, and local workers forked from the command inherit it. `value` is what the command just wrote to
+    `path`: kept as loaded, so forked workers load nothing at all."""
+    key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns)
+    if value is not None or _LOADED.get(kind, (None,))[0] != key:
+        _LOADED[kind] = (key, load(path) if value is None else value)
+    return _LOADED[kind][1]
+
+
 def task_file(folder: Path, kind: str, rank: int, suffix: str = ".json") -> Path:
     return folder / f"{kind}-{rank:05d}{suffix}"
 

@@ -21,7 +21,8 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
 from .io import DataError, ReadStats, read_records
-from .job import Executor, Stage, WorkFolder, default_tasks, fingerprint, read_manifests, task_file, write_json
+from .job import (Executor, Stage, WorkFolder, default_tasks, fingerprint, load_once, read_manifests, task_file,
+                  write_json)
 from .shards import SPLITS, ShardWriter, dtype_for, read_index, write_index
 
 
@@ -55,7 +56,9 @@ class TokenizeToShards(PipelineStep):
         # Several worker processes already use the cores: let each tokenize on one thread, not oversubscribe.
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.tokenizer_threads else "false"
         out = Path(self.work) / "shards"
-        tok = _tokenizer(out / "tokenizer.json")
+        from phikit.tokenizer import Tokenizer
+
+        tok = load_once("tokenizer", out / "tokenizer.json", Tokenizer.from_file)
         eos = tok.eos_token_id
         writers = {s: ShardWriter(out, f"{s}-{rank:05d}.bin", dtype_for(len(tok))) for s in SPLITS}
         stats = ReadStats()
@@ -112,25 +115,6 @@ class IndexStage(PipelineStep):
         return iter(())
 
 
-# One loaded tokenizer per process, by file: a worker process loads it once, not once per task, and local workers
-# forked from the process that called pack() inherit the one pack() loaded (no load at all).
-_loaded: dict[tuple[str, int], Any] = {}
-
-
-def _file_key(path: Path) -> tuple[str, int]:
-    return str(path.resolve()), path.stat().st_mtime_ns
-
-
-def _tokenizer(path: Path):
-    from phikit.tokenizer import Tokenizer
-
-    key = _file_key(path)
-    if key not in _loaded:
-        _loaded.clear()
-        _loaded[key] = Tokenizer.from_file(path)
-    return _loaded[key]
-
-
 RUN_ARGS = ".pack-args.json"  # what a finished shard directory was packed from and how
 
 
@@ -165,8 +149,7 @@ def pack(inputs: Sequence[str | Path], output_dir: str | Path, tokenizer_path: s
     shards = work.file("shards")
     shards.mkdir(exist_ok=True)
     tok.save(shards)  # the tokenizer travels with its shards
-    _loaded.clear()
-    _loaded[_file_key(shards / "tokenizer.json")] = tok
+    load_once("tokenizer", shards / "tokenizer.json", Tokenizer.from_file, tok)
     # Several worker processes already use the cores: then each tokenizes on one thread.
     step = TokenizeToShards(list(map(str, inputs)), str(work.path), text_field, val_fraction, on_error,
                             tokenizer_threads=executor.running(tasks) == 1)
