@@ -153,6 +153,15 @@ def _unknown(key: str, known) -> ValueError:
     return ValueError(f"unknown config key {key!r}{hint}")
 
 
+def _number(value: Any, want: type) -> int | float:
+    """`value` (a number, or a string of one) as `want`; a bool, or a fraction for an int, is a ValueError."""
+    number = float(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or \
+            want is int and not float(number).is_integer():
+        raise ValueError
+    return want(number)
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Give a YAML or command-line value the field's type (YAML reads `1e-3` as a string)."""
     kind = _HINTS[key]
@@ -164,10 +173,7 @@ def _coerce(key: str, value: Any) -> Any:
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
         if kind is int:
-            number = float(value) if isinstance(value, str) else value
-            if isinstance(number, bool) or isinstance(number, float) and not number.is_integer():
-                raise ValueError
-            return int(number)
+            return _number(value, int)
         if kind is float:
             return float(value)
         if kind is str:
@@ -201,12 +207,7 @@ def _model_override(name: str, value: Any) -> Any:
     # would otherwise only fail deep inside the model constructor).
     want = int if kind is int or int in typing.get_args(kind) else float
     try:
-        number = float(value) if isinstance(value, str) else value
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise ValueError
-        if want is int and not float(number).is_integer():
-            raise ValueError
-        return want(number)
+        return _number(value, want)
     except (TypeError, ValueError):
         raise ValueError(f"config key 'model_config.{name}' expects {want.__name__}, got {value!r}") from None
 
