@@ -158,6 +158,15 @@ def score_samples(samples_file: str | Path, problems: dict[str, dict] | None = N
     return summarize([s["task_id"] for s in samples], [r.passed for r in results], ks), out_path
 
 
+def check_sampling(num_samples: int, temperature: float) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    if num_samples > 1 and temperature == 0:
+        raise ValueError("pass@k with several samples needs sampling: set --temperature (e.g. 0.8)")
+
+
 def evaluate_code(task: str, model, tokenizer, data_dir=None, limit: int | None = None, num_samples: int = 1,
                   temperature: float = 0.0, top_p: float = 0.95, max_new_tokens: int = 384, seed: int = 0,
                   workers: int | None = None, batch_size: int = 8) -> dict:
@@ -175,10 +184,7 @@ def evaluate_code(task: str, model, tokenizer, data_dir=None, limit: int | None 
         raise ValueError(f"unknown code task {task!r}: use humaneval or mbpp")
     if limit:
         docs, prompts = docs[:limit], prompts[:limit]
-    if num_samples > 1 and temperature == 0:
-        raise ValueError("pass@k with several samples needs sampling: set --temperature (e.g. 0.8)")
-    if num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    check_sampling(num_samples, temperature)
     # Every (problem, sample) pair in one queue, so batches stay full even with few problems and many samples.
     jobs = [i for _ in range(num_samples) for i in range(len(prompts))]
     completions: list[list[str]] = [[] for _ in docs]

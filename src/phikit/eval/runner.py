@@ -33,12 +33,8 @@ def _check_options(tasks: list[str], num_fewshot, text_files, toxigen_file, num_
     """Options a later task would reject fail before the first task runs: otherwise hours of earlier tasks were
     lost to, say, `--tasks paper --num-samples 5` without a temperature."""
     if any(t in CODE_TASKS for t in tasks):
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-        if num_samples < 1:
-            raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
-        if num_samples > 1 and temperature == 0:
-            raise ValueError("pass@k with several samples needs sampling: set --temperature (e.g. 0.8)")
+        from .code import check_sampling
+        check_sampling(num_samples, temperature)
     if "perplexity" in tasks and not text_files:
         raise ValueError("perplexity needs text: pass --text-files FILE [FILE ...] (.txt or .jsonl)")
     if "toxicity" in tasks and not toxigen_file:
