@@ -9,9 +9,12 @@ import torch
 from phikit.inference import native
 from phikit.inference.quant import CpuLinear, Int4Linear, Int8Linear, prepare_cpu_linears
 
-ISAS = ["avx2", pytest.param("avx512", marks=pytest.mark.skipif(
-    native.isa() != "avx512", reason="this CPU has no AVX512 with VNNI"))]
-ROWS = [1, 2, 5, 16, 17]
+ISAS = ["avx2",
+        pytest.param("avx512", marks=pytest.mark.skipif(
+            native.isa() not in ("avx512", "avx512_bf16"), reason="this CPU has no AVX512 with VNNI")),
+        pytest.param("avx512_bf16", marks=pytest.mark.skipif(
+            native.isa() != "avx512_bf16", reason="this CPU has no AVX512-BF16"))]
+ROWS = [1, 2, 3, 7, 16, 17]  # 3, 7: the remainders of the row tiles (4 with AVX512, 2 with AVX2)
 WIDTHS = [40, 100, 160, 2080]  # 40, 100: not a multiple of 16 or 32; 160: 32 but not 64; 2080: a long row
 
 
@@ -144,6 +147,13 @@ def test_a_cpu_without_avx512_takes_the_avx2_path(monkeypatch):
         assert native.isa() == "avx2"
     monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", *native.AVX512_FLAGS}))
     if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        assert native.isa() == "avx512"
+        monkeypatch.setenv("PHIKIT_CPU_ISA", "avx512_bf16")  # more than the CPU has: what it has
+        assert native.isa() == "avx512"
+        monkeypatch.setattr(native, "cpu_flags",
+                            lambda: frozenset({"avx2", "fma", "f16c", "avx512_bf16", *native.AVX512_FLAGS}))
+        assert native.isa() == "avx512_bf16"
+        monkeypatch.setenv("PHIKIT_CPU_ISA", "avx512")
         assert native.isa() == "avx512"
         monkeypatch.setenv("PHIKIT_CPU_ISA", "avx2")
         assert native.isa() == "avx2"

@@ -19,7 +19,6 @@
 namespace {
 
 constexpr int kBlock = 32;   // inputs per activation scale (and per int4 weight scale)
-constexpr int kRowTile = 4;  // activation rows multiplied together with one weight row (accumulators in registers)
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -27,6 +26,9 @@ inline float bf16_to_float(uint16_t v) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) { return bf16_to_float(v); }  // bf16 bits
 
 // Activations rounded to int8 in blocks of 32: q = round(x / d), d = max|x| / 127 per block. Rows are padded with
 // zeros to `padded` inputs (a multiple of 64) so the int4 loops read whole 64-input chunks. `scale8` repeats each
@@ -79,7 +81,35 @@ inline void store(const Problem& p, int64_t r, int64_t n, float v) {
   p.y[r * p.n + n] = v + (p.bias ? p.bias[n] : 0.f);
 }
 
+template <int V>
+using Int = std::integral_constant<int, V>;
+
+// The tiling shared by every kernel: `body(NW, R, n, r0)` multiplies weight rows n..n+NW-1 with activation rows
+// r0..r0+R-1, all accumulators in registers. Each weight vector loaded serves R activation rows and each activation
+// vector NW weight rows, so few rows cost little more than one (the weights are read from memory once, the
+// activations from L1), and NW independent sums per row hide the latency of the multiply-adds. Weight rows come in
+// groups of NW (the last few one by one), activation rows in tiles of RT (then 3, 2 or 1).
+template <int NW, int RT, typename Body>
+inline void over_tiles(int64_t rows, int64_t n0, int64_t n1, Body&& body) {
+  auto group = [&](auto nw, int64_t n) {
+    int64_t r0 = 0;
+    for (; r0 + RT <= rows; r0 += RT) body(nw, Int<RT>(), n, r0);
+    switch (rows - r0) {
+      case 3: if constexpr (RT > 3) body(nw, Int<3>(), n, r0); break;
+      case 2: if constexpr (RT > 2) body(nw, Int<2>(), n, r0); break;
+      case 1: body(nw, Int<1>(), n, r0); break;
+      default: break;
+    }
+  };
+  int64_t n = n0;
+  for (; n + NW <= n1; n += NW) group(Int<NW>(), n);
+  for (; n < n1; ++n) group(Int<1>(), n);
+}
+
 // ---------------------------------------------------------------------------------------------------------- AVX2
+// 16 vector registers: groups of 4 weight rows with tiles of 2 activation rows (8 sums, 4 weights, 1 activation).
+constexpr int kWeightsAvx2 = 4, kRowsAvx2 = 2;
+
 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_hadd_ps(s, s);
@@ -87,55 +117,44 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Floating-point weights (fp32 or bf16) against fp32 activations. LoadW(ptr, i) gives 8 weights as fp32.
-template <int R, typename W, typename LoadW, typename Scalar>
-void float_rows_avx2(const Problem& p, const float* x, int64_t r0, const W* w, int64_t n, LoadW load, Scalar scalar) {
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+// Floating-point weights (fp32 or bf16) against fp32 activations. LoadW(ptr) gives 8 weights as fp32.
+template <int NW, int R, typename W, typename LoadW>
+void float_tile_avx2(const Problem& p, const float* x, const W* w, int64_t n, int64_t r0, LoadW load) {
+  __m256 acc[NW][R];
+  for (int j = 0; j < NW; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= p.k; i += 8) {
-    __m256 wv = load(w, i);
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (r0 + r) * p.k + i), acc[r]);
+    __m256 wv[NW];
+    for (int j = 0; j < NW; ++j) wv[j] = load(w + (n + j) * p.k + i);
+    for (int r = 0; r < R; ++r) {
+      __m256 xv = _mm256_loadu_ps(x + (r0 + r) * p.k + i);
+      for (int j = 0; j < NW; ++j) acc[j][r] = _mm256_fmadd_ps(wv[j], xv, acc[j][r]);
+    }
   }
-  for (int r = 0; r < R; ++r) {
-    float s = hsum256(acc[r]);
-    for (int64_t j = i; j < p.k; ++j) s += scalar(w[j]) * x[(r0 + r) * p.k + j];
-    store(p, r0 + r, n, s);
-  }
-}
-
-// Runs `body.template operator()<R>(r0)` over the activation rows in tiles of kRowTile, for one weight row.
-template <typename Body>
-inline void over_row_tiles(int64_t rows, Body&& body) {
-  int64_t r0 = 0;
-  for (; r0 + 4 <= rows; r0 += 4) body(std::integral_constant<int, 4>(), r0);
-  switch (rows - r0) {
-    case 3: body(std::integral_constant<int, 3>(), r0); break;
-    case 2: body(std::integral_constant<int, 2>(), r0); break;
-    case 1: body(std::integral_constant<int, 1>(), r0); break;
-    default: break;
-  }
+  for (int j = 0; j < NW; ++j)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum256(acc[j][r]);
+      for (int64_t t = i; t < p.k; ++t) s += to_float(w[(n + j) * p.k + t]) * x[(r0 + r) * p.k + t];
+      store(p, r0 + r, n + j, s);
+    }
 }
 
 void f32_avx2(const Problem& p, const float* x, const float* w, int64_t n0, int64_t n1) {
-  auto load = [](const float* w, int64_t i) { return _mm256_loadu_ps(w + i); };
-  auto scalar = [](float v) { return v; };
-  for (int64_t n = n0; n < n1; ++n)
-    over_row_tiles(p.rows, [&](auto tile, int64_t r0) {
-      float_rows_avx2<decltype(tile)::value>(p, x, r0, w + n * p.k, n, load, scalar);
-    });
+  over_tiles<kWeightsAvx2, kRowsAvx2>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
+    float_tile_avx2<nw, r>(p, x, w, n, r0, [](const float* v) { return _mm256_loadu_ps(v); });
+  });
+}
+
+inline __m256 bf16x8_avx2(const uint16_t* v) {
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
 void bf16_avx2(const Problem& p, const float* x, const uint16_t* w, int64_t n0, int64_t n1) {
-  auto load = [](const uint16_t* w, int64_t i) {
-    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-  };
-  auto scalar = [](uint16_t v) { return bf16_to_float(v); };
-  for (int64_t n = n0; n < n1; ++n)
-    over_row_tiles(p.rows, [&](auto tile, int64_t r0) {
-      float_rows_avx2<decltype(tile)::value>(p, x, r0, w + n * p.k, n, load, scalar);
-    });
+  over_tiles<kWeightsAvx2, kRowsAvx2>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
+    float_tile_avx2<nw, r>(p, x, w, n, r0, bf16x8_avx2);
+  });
 }
 
 // Signed int8 x signed int8 in 32 lanes -> 8 int32 sums of 4 products. maddubs takes unsigned x signed, so the
@@ -146,36 +165,43 @@ inline __m256i dot_i8_avx2(__m256i w, __m256i x) {
   return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
+// The last, partial block of an int8 row (inputs not a multiple of 32), exact in int32.
+inline float int8_tail(const QuantizedRows& a, const int8_t* wr, int64_t row, int64_t k) {
+  const int64_t whole = k / kBlock;
+  int32_t t = 0;
+  for (int64_t i = whole * kBlock; i < k; ++i) t += int32_t(wr[i]) * a.q[row * a.padded + i];
+  return float(t) * a.scale[row * a.blocks + whole];
+}
+
 // int8 weights, one scale per output channel: y = scale[n] * sum_blocks d_x * (q_x . q_w).
-void i8_avx2(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale, int64_t n0, int64_t n1) {
+template <int NW, int R>
+void i8_tile_avx2(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale, int64_t n,
+                  int64_t r0) {
   const int64_t whole = p.k / kBlock;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* wr = w + n * p.k;
-    over_row_tiles(p.rows, [&](auto tile, int64_t r0) {
-      constexpr int R = decltype(tile)::value;
-      __m256 acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-      for (int64_t b = 0; b < whole; ++b) {
-        __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * kBlock));
-        for (int r = 0; r < R; ++r) {
-          const int64_t row = r0 + r;
-          __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + row * a.padded + b * kBlock));
-          __m256 d = _mm256_set1_ps(a.scale[row * a.blocks + b]);
-          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8_avx2(wv, xv)), d, acc[r]);
-        }
-      }
-      for (int r = 0; r < R; ++r) {
-        const int64_t row = r0 + r;
-        float s = hsum256(acc[r]);
-        if (whole * kBlock < p.k) {  // the last, partial block
-          int32_t t = 0;
-          for (int64_t i = whole * kBlock; i < p.k; ++i) t += int32_t(wr[i]) * a.q[row * a.padded + i];
-          s += float(t) * a.scale[row * a.blocks + whole];
-        }
-        store(p, row, n, s * wscale[n]);
-      }
-    });
+  __m256 acc[NW][R];
+  for (int j = 0; j < NW; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < whole; ++b) {
+    __m256i wv[NW];
+    for (int j = 0; j < NW; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n + j) * p.k + b * kBlock));
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = r0 + r;
+      __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + row * a.padded + b * kBlock));
+      __m256 d = _mm256_set1_ps(a.scale[row * a.blocks + b]);
+      for (int j = 0; j < NW; ++j) acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8_avx2(wv[j], xv)), d, acc[j][r]);
+    }
   }
+  for (int j = 0; j < NW; ++j)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum256(acc[j][r]) + (whole * kBlock < p.k ? int8_tail(a, w + (n + j) * p.k, r0 + r, p.k) : 0.f);
+      store(p, r0 + r, n + j, s * wscale[n + j]);
+    }
+}
+
+void i8_avx2(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale, int64_t n0, int64_t n1) {
+  over_tiles<kWeightsAvx2, kRowsAvx2>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
+    i8_tile_avx2<nw, r>(p, a, w, wscale, n, r0);
+  });
 }
 
 // int4 weights: per pair of blocks 32 bytes, the low nibbles the first block's 32 values, the high nibbles the
@@ -187,39 +213,51 @@ inline float int4_minimum_term(const uint16_t* mins, const float* sums, int64_t 
   return s;
 }
 
-void i4_avx2(const Problem& p, const QuantizedRows& a, const uint8_t* w, const uint16_t* scales,
-             const uint16_t* mins, int64_t n0, int64_t n1) {
+struct Int4Weights {
+  const uint8_t* q;
+  const uint16_t* scales;
+  const uint16_t* mins;
+};
+
+template <int NW, int R>
+void i4_tile_avx2(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t n, int64_t r0) {
   const int64_t pairs = a.padded / 64, blocks = a.blocks;
   const __m256i low = _mm256_set1_epi8(0x0F);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = w + n * a.padded / 2;
-    const uint16_t* sr = scales + n * blocks;
-    const uint16_t* mr = mins + n * blocks;
-    over_row_tiles(p.rows, [&](auto tile, int64_t r0) {
-      constexpr int R = decltype(tile)::value;
-      __m256 acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-      for (int64_t pr = 0; pr < pairs; ++pr) {
-        __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + pr * 32));
-        __m256i q[2] = {_mm256_and_si256(packed, low), _mm256_and_si256(_mm256_srli_epi16(packed, 4), low)};
-        for (int h = 0; h < 2; ++h) {
-          const int64_t b = 2 * pr + h;
-          const float ws = bf16_to_float(sr[b]);
-          for (int r = 0; r < R; ++r) {
-            const int64_t row = r0 + r;
-            __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + row * a.padded + b * kBlock));
-            // q is 0..15: unsigned x signed needs no sign trick, and pairs stay far inside int16
-            __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q[h], xv), _mm256_set1_epi16(1));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(ws * a.scale[row * blocks + b]), acc[r]);
-          }
-        }
+  __m256 acc[NW][R];
+  for (int j = 0; j < NW; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
+  for (int64_t pr = 0; pr < pairs; ++pr) {
+    for (int h = 0; h < 2; ++h) {
+      const int64_t b = 2 * pr + h;
+      __m256i q[NW];
+      __m256 ws[NW];
+      for (int j = 0; j < NW; ++j) {
+        __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + (n + j) * a.padded / 2 + pr * 32));
+        q[j] = _mm256_and_si256(h ? _mm256_srli_epi16(packed, 4) : packed, low);
+        ws[j] = _mm256_set1_ps(bf16_to_float(w.scales[(n + j) * blocks + b]));
       }
       for (int r = 0; r < R; ++r) {
         const int64_t row = r0 + r;
-        store(p, row, n, hsum256(acc[r]) + int4_minimum_term(mr, a.sums.data() + row * blocks, blocks));
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + row * a.padded + b * kBlock));
+        __m256 d = _mm256_set1_ps(a.scale[row * blocks + b]);
+        for (int j = 0; j < NW; ++j) {
+          // q is 0..15: unsigned x signed needs no sign trick, and pairs stay far inside int16
+          __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q[j], xv), _mm256_set1_epi16(1));
+          acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(ws[j], d), acc[j][r]);
+        }
       }
-    });
+    }
   }
+  for (int j = 0; j < NW; ++j)
+    for (int r = 0; r < R; ++r)
+      store(p, r0 + r, n + j,
+            hsum256(acc[j][r]) + int4_minimum_term(w.mins + (n + j) * blocks, a.sums.data() + (r0 + r) * blocks, blocks));
+}
+
+void i4_avx2(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t n0, int64_t n1) {
+  over_tiles<kWeightsAvx2, kRowsAvx2>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
+    i4_tile_avx2<nw, r>(p, a, w, n, r0);
+  });
 }
 
 }  // namespace
@@ -229,50 +267,125 @@ void i4_avx2(const Problem& p, const QuantizedRows& a, const uint8_t* w, const u
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16")
 namespace {
 
-template <int R, typename W, typename LoadW, typename Scalar>
-void float_rows_avx512(const Problem& p, const float* x, int64_t r0, const W* w, int64_t n, LoadW load,
-                       Scalar scalar) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+// 32 vector registers: groups of 4 weight rows with tiles of 4 activation rows (16 sums, 4 weights, 1 activation).
+constexpr int kWeightsAvx512 = 4, kRowsAvx512 = 4;
+
+template <int NW, int R, typename W, typename LoadW>
+void float_tile_avx512(const Problem& p, const float* x, const W* w, int64_t n, int64_t r0, LoadW load) {
+  __m512 acc[NW][R];
+  for (int j = 0; j < NW; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= p.k; i += 16) {
-    __m512 wv = load(w, i);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (r0 + r) * p.k + i), acc[r]);
+    __m512 wv[NW];
+    for (int j = 0; j < NW; ++j) wv[j] = load(w + (n + j) * p.k + i);
+    for (int r = 0; r < R; ++r) {
+      __m512 xv = _mm512_loadu_ps(x + (r0 + r) * p.k + i);
+      for (int j = 0; j < NW; ++j) acc[j][r] = _mm512_fmadd_ps(wv[j], xv, acc[j][r]);
+    }
   }
-  for (int r = 0; r < R; ++r) {
-    float s = _mm512_reduce_add_ps(acc[r]);
-    for (int64_t j = i; j < p.k; ++j) s += scalar(w[j]) * x[(r0 + r) * p.k + j];
-    store(p, r0 + r, n, s);
-  }
+  for (int j = 0; j < NW; ++j)
+    for (int r = 0; r < R; ++r) {
+      float s = _mm512_reduce_add_ps(acc[j][r]);
+      for (int64_t t = i; t < p.k; ++t) s += to_float(w[(n + j) * p.k + t]) * x[(r0 + r) * p.k + t];
+      store(p, r0 + r, n + j, s);
+    }
 }
 
 void f32_avx512(const Problem& p, const float* x, const float* w, int64_t n0, int64_t n1) {
-  auto load = [](const float* w, int64_t i) { return _mm512_loadu_ps(w + i); };
-  auto scalar = [](float v) { return v; };
-  for (int64_t n = n0; n < n1; ++n)
-    over_row_tiles(p.rows, [&](auto tile, int64_t r0) {
-      float_rows_avx512<decltype(tile)::value>(p, x, r0, w + n * p.k, n, load, scalar);
-    });
+  over_tiles<kWeightsAvx512, kRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
+    float_tile_avx512<nw, r>(p, x, w, n, r0, [](const float* v) { return _mm512_loadu_ps(v); });
+  });
+}
+
+inline __m512 bf16x16_avx512(const uint16_t* v) {
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
 void bf16_avx512(const Problem& p, const float* x, const uint16_t* w, int64_t n0, int64_t n1) {
-  auto load = [](const uint16_t* w, int64_t i) {
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-  };
-  auto scalar = [](uint16_t v) { return bf16_to_float(v); };
-  for (int64_t n = n0; n < n1; ++n)
-    over_row_tiles(p.rows, [&](auto tile, int64_t r0) {
-      float_rows_avx512<decltype(tile)::value>(p, x, r0, w + n * p.k, n, load, scalar);
-    });
+  over_tiles<kWeightsAvx512, kRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
+    float_tile_avx512<nw, r>(p, x, w, n, r0, bf16x16_avx512);
+  });
+}
+
+// bf16 weights against bf16 activations with AVX512-BF16: one instruction multiplies 32 pairs and adds them in
+// pairs into 16 fp32 sums. The products of two bf16 numbers are exact in fp32, so this is the fp32 product of the
+// bf16 activations (a bf16 model's activations are bf16 already), in another summation order.
+template <int NW, int R>
+void bf16_dot_tile(const Problem& p, const uint16_t* x, const uint16_t* w, int64_t n, int64_t r0) {
+  __m512 acc[NW][R];
+  for (int j = 0; j < NW; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= p.k; i += 32) {
+    __m512bh wv[NW];
+    for (int j = 0; j < NW; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + (n + j) * p.k + i);
+    for (int r = 0; r < R; ++r) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (r0 + r) * p.k + i);
+      for (int j = 0; j < NW; ++j) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv[j], xv);
+    }
+  }
+  for (int j = 0; j < NW; ++j)
+    for (int r = 0; r < R; ++r) {
+      float s = _mm512_reduce_add_ps(acc[j][r]);
+      for (int64_t t = i; t < p.k; ++t) s += bf16_to_float(w[(n + j) * p.k + t]) * bf16_to_float(x[(r0 + r) * p.k + t]);
+      store(p, r0 + r, n + j, s);
+    }
+}
+
+void bf16_dot_avx512(const Problem& p, const uint16_t* x, const uint16_t* w, int64_t n0, int64_t n1) {
+  over_tiles<kWeightsAvx512, kRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
+    bf16_dot_tile<nw, r>(p, x, w, n, r0);
+  });
 }
 
 // int8: VNNI multiplies unsigned x signed bytes straight into int32 lanes. The weights become unsigned by flipping
-// their top bit (w + 128, shared by all rows); the extra 128 * sum(q_x) per block is taken off once per row:
-// sum_blocks d_x * 128 * sum(q_x) does not depend on the weight row.
+// their top bit (w + 128, shared by all rows); the extra 128 * sum(q_x) per block is taken off once per row
+// (`offset`): sum_blocks d_x * 128 * sum(q_x) does not depend on the weight row.
+template <int NW, int R>
+void i8_tile_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale,
+                    const float* offset, int64_t n, int64_t r0) {
+  const int64_t whole = p.k / kBlock, chunks = p.k / 64;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[NW][R];
+  for (int j = 0; j < NW; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m512i wv[NW];
+    for (int j = 0; j < NW; ++j) wv[j] = _mm512_xor_si512(_mm512_loadu_si512(w + (n + j) * p.k + c * 64), flip);
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = r0 + r;
+      __m512i xv = _mm512_loadu_si512(a.q.data() + row * a.padded + c * 64);
+      __m512 d = _mm512_loadu_ps(a.scale8.data() + (row * a.blocks + 2 * c) * 8);
+      for (int j = 0; j < NW; ++j)
+        acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[j], xv)), d,
+                                    acc[j][r]);
+    }
+  }
+  for (int j = 0; j < NW; ++j) {
+    const int8_t* wr = w + (n + j) * p.k;
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = r0 + r;
+      float s = _mm512_reduce_add_ps(acc[j][r]);
+      if (whole > 2 * chunks) {  // one whole block left after the 64-input chunks
+        const int64_t b = 2 * chunks;
+        __m256i wv = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * kBlock)),
+                                      _mm256_set1_epi8(static_cast<char>(0x80)));
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + row * a.padded + b * kBlock));
+        __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
+        s += hsum256(_mm256_cvtepi32_ps(dot)) * a.scale[row * a.blocks + b];
+      }
+      s -= offset[row];
+      if (whole * kBlock < p.k) s += int8_tail(a, wr, row, p.k);
+      store(p, row, n + j, s * wscale[n + j]);
+    }
+  }
+}
+
 void i8_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale, int64_t n0,
                int64_t n1) {
-  const int64_t whole = p.k / kBlock, chunks = p.k / 64;
+  const int64_t whole = p.k / kBlock;
   std::vector<float> offset(p.rows, 0.f);  // sum over whole blocks of d_x * 128 * sum(q_x)
   for (int64_t r = 0; r < p.rows; ++r)
     for (int64_t b = 0; b < whole; ++b) {
@@ -280,89 +393,57 @@ void i8_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const 
       for (int i = 0; i < kBlock; ++i) t += a.q[r * a.padded + b * kBlock + i];
       offset[r] += 128.f * t * a.scale[r * a.blocks + b];
     }
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* wr = w + n * p.k;
-    over_row_tiles(p.rows, [&](auto tile, int64_t r0) {
-      constexpr int R = decltype(tile)::value;
-      __m512 acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c) {
-        __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(wr + c * 64), flip);
-        for (int r = 0; r < R; ++r) {
-          const int64_t row = r0 + r;
-          __m512i xv = _mm512_loadu_si512(a.q.data() + row * a.padded + c * 64);
-          __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-          __m512 d = _mm512_loadu_ps(a.scale8.data() + (row * a.blocks + 2 * c) * 8);
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc[r]);
-        }
-      }
-      for (int r = 0; r < R; ++r) {
-        const int64_t row = r0 + r;
-        float s = _mm512_reduce_add_ps(acc[r]);
-        if (whole > 2 * chunks) {  // one whole block left after the 64-input chunks
-          const int64_t b = 2 * chunks;
-          __m256i wv = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * kBlock)),
-                                        _mm256_set1_epi8(static_cast<char>(0x80)));
-          __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + row * a.padded + b * kBlock));
-          __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
-          s += hsum256(_mm256_cvtepi32_ps(dot)) * a.scale[row * a.blocks + b];
-        }
-        s -= offset[row];
-        if (whole * kBlock < p.k) {  // the last, partial block, exact in int32
-          int32_t t = 0;
-          for (int64_t i = whole * kBlock; i < p.k; ++i) t += int32_t(wr[i]) * a.q[row * a.padded + i];
-          s += float(t) * a.scale[row * a.blocks + whole];
-        }
-        store(p, row, n, s * wscale[n]);
-      }
-    });
-  }
+  over_tiles<kWeightsAvx512, kRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
+    i8_tile_avx512<nw, r>(p, a, w, wscale, offset.data(), n, r0);
+  });
 }
 
 inline float int4_minimum_term_avx512(const uint16_t* mins, const float* sums, int64_t blocks) {
   __m512 acc = _mm512_setzero_ps();
   int64_t b = 0;
-  for (; b + 16 <= blocks; b += 16) {
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mins + b)));
-    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)), _mm512_loadu_ps(sums + b), acc);
-  }
+  for (; b + 16 <= blocks; b += 16) acc = _mm512_fmadd_ps(bf16x16_avx512(mins + b), _mm512_loadu_ps(sums + b), acc);
   return _mm512_reduce_add_ps(acc) + int4_minimum_term(mins + b, sums + b, blocks - b);
 }
 
-void i4_avx512(const Problem& p, const QuantizedRows& a, const uint8_t* w, const uint16_t* scales,
-               const uint16_t* mins, int64_t n0, int64_t n1) {
+template <int NW, int R>
+void i4_tile_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t n, int64_t r0) {
   const int64_t pairs = a.padded / 64, blocks = a.blocks;
   const __m256i low = _mm256_set1_epi8(0x0F);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = w + n * a.padded / 2;
-    const uint16_t* sr = scales + n * blocks;
-    const uint16_t* mr = mins + n * blocks;
-    over_row_tiles(p.rows, [&](auto tile, int64_t r0) {
-      constexpr int R = decltype(tile)::value;
-      __m512 acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-      for (int64_t pr = 0; pr < pairs; ++pr) {
-        __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + pr * 32));
-        __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(packed, low)),
-                                       _mm256_and_si256(_mm256_srli_epi16(packed, 4), low), 1);
-        __m512 ws = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(bf16_to_float(sr[2 * pr]))),
-                                       _mm256_set1_ps(bf16_to_float(sr[2 * pr + 1])), 1);
-        for (int r = 0; r < R; ++r) {
-          const int64_t row = r0 + r;
-          __m512i xv = _mm512_loadu_si512(a.q.data() + row * a.padded + pr * 64);
-          __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv);
-          __m512 d = _mm512_mul_ps(ws, _mm512_loadu_ps(a.scale8.data() + (row * blocks + 2 * pr) * 8));
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc[r]);
-        }
+  __m512 acc[NW][R];
+  for (int j = 0; j < NW; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  for (int64_t pr = 0; pr < pairs; ++pr) {
+    __m512i q[NW];
+    __m512 ws[NW];
+    for (int j = 0; j < NW; ++j) {
+      __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + (n + j) * a.padded / 2 + pr * 32));
+      q[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(packed, low)),
+                                _mm256_and_si256(_mm256_srli_epi16(packed, 4), low), 1);
+      const uint16_t* s = w.scales + (n + j) * blocks + 2 * pr;
+      ws[j] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(bf16_to_float(s[0]))),
+                                 _mm256_set1_ps(bf16_to_float(s[1])), 1);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = r0 + r;
+      __m512i xv = _mm512_loadu_si512(a.q.data() + row * a.padded + pr * 64);
+      __m512 d = _mm512_loadu_ps(a.scale8.data() + (row * blocks + 2 * pr) * 8);
+      for (int j = 0; j < NW; ++j) {
+        __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q[j], xv));
+        acc[j][r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(ws[j], d), acc[j][r]);
       }
-      for (int r = 0; r < R; ++r) {
-        const int64_t row = r0 + r;
-        store(p, row, n, _mm512_reduce_add_ps(acc[r]) +
-                             int4_minimum_term_avx512(mr, a.sums.data() + row * blocks, blocks));
-      }
-    });
+    }
   }
+  for (int j = 0; j < NW; ++j)
+    for (int r = 0; r < R; ++r)
+      store(p, r0 + r, n + j, _mm512_reduce_add_ps(acc[j][r]) +
+                                  int4_minimum_term_avx512(w.mins + (n + j) * blocks,
+                                                           a.sums.data() + (r0 + r) * blocks, blocks));
+}
+
+void i4_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t n0, int64_t n1) {
+  over_tiles<kWeightsAvx512, kRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
+    i4_tile_avx512<nw, r>(p, a, w, n, r0);
+  });
 }
 
 }  // namespace
@@ -370,9 +451,9 @@ void i4_avx512(const Problem& p, const QuantizedRows& a, const uint8_t* w, const
 
 namespace {
 
-enum Isa { kAvx2 = 0, kAvx512 = 1 };
+enum Isa { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
 
-// The CPU's own answer (cpuid), so that asking for AVX512 on a CPU without it falls back instead of crashing.
+// The CPU's own answer (cpuid), so that asking for more than the CPU has falls back instead of crashing.
 bool cpu_has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -380,7 +461,12 @@ bool cpu_has_avx512() {
          __builtin_cpu_supports("avx512vnni");
 }
 
-Isa pick(int64_t wanted) { return wanted == kAvx512 && cpu_has_avx512() ? kAvx512 : kAvx2; }
+bool cpu_has_avx512_bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+
+Isa pick(int64_t wanted) {
+  if (wanted >= kAvx512Bf16 && cpu_has_avx512_bf16()) return kAvx512Bf16;
+  return wanted >= kAvx512 && cpu_has_avx512() ? kAvx512 : kAvx2;
+}
 
 void check_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t k) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
@@ -389,7 +475,9 @@ void check_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t k) {
   TORCH_CHECK(w.is_contiguous(), "weights must be contiguous");
 }
 
-torch::Tensor output(const torch::Tensor& x, int64_t n) { return torch::empty({x.size(0), n}, x.options()); }
+torch::Tensor output(const torch::Tensor& x, int64_t n) {
+  return torch::empty({x.size(0), n}, x.options().dtype(torch::kFloat32));
+}
 
 const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t n) {
   if (!bias.has_value()) return nullptr;
@@ -414,21 +502,31 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, c10::optional<torch::
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   Isa use = pick(isa);
   over_channels(p.n, p.k * 4, [&](int64_t n0, int64_t n1) {
-    use == kAvx512 ? f32_avx512(p, xp, wp, n0, n1) : f32_avx2(p, xp, wp, n0, n1);
+    use != kAvx2 ? f32_avx512(p, xp, wp, n0, n1) : f32_avx2(p, xp, wp, n0, n1);
   });
   return y;
 }
 
+// x in bf16 (a bf16 model's activations) or fp32. With AVX512-BF16, bf16 rows multiply as they are (fp32 rows are
+// rounded to bf16 first); otherwise the weights are widened to fp32 against fp32 rows.
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t isa) {
   TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.dim() == 2, "bf16 [out, in] weights expected");
-  check_rows(x, w, w.size(1));
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat32,
+              "x must be bf16 or fp32");
+  Isa use = pick(isa);
+  x = (use == kAvx512Bf16 ? x.to(torch::kBFloat16) : x.to(torch::kFloat32)).contiguous();
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "x must be [rows, ", w.size(1), "]");
+  TORCH_CHECK(w.is_contiguous(), "weights must be contiguous");
   auto y = output(x, w.size(0));
   Problem p{x.size(0), w.size(1), w.size(0), y.data_ptr<float>(), bias_ptr(bias, w.size(0))};
-  const float* xp = x.data_ptr<float>();
   auto wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  Isa use = pick(isa);
   over_channels(p.n, p.k * 2, [&](int64_t n0, int64_t n1) {
-    use == kAvx512 ? bf16_avx512(p, xp, wp, n0, n1) : bf16_avx2(p, xp, wp, n0, n1);
+    if (use == kAvx512Bf16)
+      bf16_dot_avx512(p, reinterpret_cast<const uint16_t*>(x.data_ptr()), wp, n0, n1);
+    else if (use == kAvx512)
+      bf16_avx512(p, x.data_ptr<float>(), wp, n0, n1);
+    else
+      bf16_avx2(p, x.data_ptr<float>(), wp, n0, n1);
   });
   return y;
 }
@@ -446,7 +544,7 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scales
   const float* sp = scales.data_ptr<float>();
   Isa use = pick(isa);
   over_channels(p.n, p.k, [&](int64_t n0, int64_t n1) {
-    use == kAvx512 ? i8_avx512(p, a, wp, sp, n0, n1) : i8_avx2(p, a, wp, sp, n0, n1);
+    use != kAvx2 ? i8_avx512(p, a, wp, sp, n0, n1) : i8_avx2(p, a, wp, sp, n0, n1);
   });
   return y;
 }
@@ -465,14 +563,53 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scales
   auto y = output(x, w.size(0));
   Problem p{x.size(0), in_features, w.size(0), y.data_ptr<float>(), bias_ptr(bias, w.size(0))};
   QuantizedRows a = quantize_rows(x.data_ptr<float>(), p.rows, p.k);
+  Int4Weights wq{w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
+                 reinterpret_cast<const uint16_t*>(mins.data_ptr())};
+  Isa use = pick(isa);
+  over_channels(p.n, p.k / 2, [&](int64_t n0, int64_t n1) {
+    use != kAvx2 ? i4_avx512(p, a, wq, n0, n1) : i4_avx2(p, a, wq, n0, n1);
+  });
+  return y;
+}
+
+// Output channels [start, end) of an int4 weight (Int4Linear's layout) as fp32 or bf16 rows of in_features, for
+// prompts: one pass, in fp32 and rounded once to bf16 (to nearest even), where the same in torch takes five.
+torch::Tensor dequantize_int4(torch::Tensor w, torch::Tensor scales, torch::Tensor mins, int64_t start, int64_t end,
+                              int64_t in_features, torch::Tensor out) {
+  const int64_t padded = (in_features + 63) / 64 * 64, blocks = padded / kBlock, groups = in_features / kBlock;
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.size(1) == padded / 2 &&
+                  scales.is_contiguous() && mins.is_contiguous() && 0 <= start && start <= end && end <= w.size(0),
+              "int4 weights, scales and minimums in Int4Linear's layout expected");
+  TORCH_CHECK(out.is_contiguous() && out.size(0) == end - start && out.size(1) == in_features &&
+                  (out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16),
+              "out must be a contiguous fp32 or bf16 [end - start, in_features] tensor");
+  const bool to_bf16 = out.scalar_type() == torch::kBFloat16;
   const uint8_t* wp = w.data_ptr<uint8_t>();
   auto sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   auto mp = reinterpret_cast<const uint16_t*>(mins.data_ptr());
-  Isa use = pick(isa);
-  over_channels(p.n, p.k / 2, [&](int64_t n0, int64_t n1) {
-    use == kAvx512 ? i4_avx512(p, a, wp, sp, mp, n0, n1) : i4_avx2(p, a, wp, sp, mp, n0, n1);
+  at::parallel_for(start, end, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(padded);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* packed = wp + n * padded / 2 + (g / 2) * 32;
+        const int shift = (g % 2) * 4;
+        const float scale = bf16_to_float(sp[n * blocks + g]), minimum = bf16_to_float(mp[n * blocks + g]);
+        float* dst = row.data() + g * kBlock;
+        for (int i = 0; i < kBlock; ++i) dst[i] = float((packed[i] >> shift) & 15) * scale + minimum;
+      }
+      if (to_bf16) {
+        auto dst = reinterpret_cast<uint16_t*>(out.data_ptr()) + (n - start) * in_features;
+        for (int64_t i = 0; i < in_features; ++i) {
+          uint32_t bits;
+          std::memcpy(&bits, &row[i], 4);
+          dst[i] = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+        }
+      } else {
+        std::memcpy(out.data_ptr<float>() + (n - start) * in_features, row.data(), in_features * 4);
+      }
+    }
   });
-  return y;
+  return out;
 }
 
 }  // namespace
@@ -482,5 +619,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16);
   m.def("linear_int8", &linear_int8);
   m.def("linear_int4", &linear_int4);
+  m.def("dequantize_int4", &dequantize_int4);
   m.def("has_avx512", &cpu_has_avx512);
+  m.def("has_avx512_bf16", &cpu_has_avx512_bf16);
 }

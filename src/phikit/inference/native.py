@@ -5,7 +5,8 @@ the library lands in the user's cache directory under a key made of the source, 
 version, and is moved there only once complete, so later processes (and other processes racing the first) load
 it in milliseconds. Nothing is measured at start-up: the instruction set comes from the CPU's flags.
 
-    PHIKIT_CPU_ISA=avx2       use the AVX2 + FMA kernels even where AVX512 is present (tests, comparisons)
+    PHIKIT_CPU_ISA=avx2       use the AVX2 + FMA kernels even where AVX512 is present (tests, comparisons);
+                              =avx512: AVX512 with VNNI but without its bf16 dot products
     PHIKIT_CPU_KERNELS=torch  do not build or load the extension: torch's own kernels, as on a machine without a
                               compiler
 """
@@ -26,7 +27,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 MODULE = "phikit_cpu_kernels"
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
-ISAS = {"avx2": 0, "avx512": 1}
+ISAS = {"avx2": 0, "avx512": 1, "avx512_bf16": 2}
 
 
 @functools.cache
@@ -49,14 +50,17 @@ def native_bf16() -> bool:
 
 
 def isa() -> str | None:
-    """The kernels' instruction set here: "avx512" (with VNNI), "avx2" (AVX2 + FMA), or None (neither: torch's
-    kernels). PHIKIT_CPU_ISA=avx2 forces the base; asking for more than the CPU has gives what it has."""
+    """The kernels' instruction set here: "avx512_bf16" (AVX512 with VNNI and bf16 dot products), "avx512" (with
+    VNNI), "avx2" (AVX2 + FMA), or None (none of them: torch's kernels). PHIKIT_CPU_ISA names a lower one to force
+    it; asking for more than the CPU has gives what it has."""
     flags = cpu_flags()
     if not {"avx2", "fma", "f16c"} <= flags or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         return None
-    if os.environ.get("PHIKIT_CPU_ISA") == "avx2" or not set(AVX512_FLAGS) <= flags:
-        return "avx2"
-    return "avx512"
+    best = "avx2"
+    if set(AVX512_FLAGS) <= flags:
+        best = "avx512_bf16" if "avx512_bf16" in flags else "avx512"
+    wanted = os.environ.get("PHIKIT_CPU_ISA")
+    return wanted if wanted in ISAS and ISAS[wanted] < ISAS[best] else best
 
 
 def cache_dir() -> Path:

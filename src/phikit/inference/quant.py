@@ -76,10 +76,12 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def float_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [rows, in] @ weight.T + bias for fp32 or bf16 weights, in fp32, on the C++ kernels."""
+    """x [rows, in] @ weight.T + bias for fp32 or bf16 weights, in fp32, on the C++ kernels (bf16 weights take
+    bf16 rows as they are)."""
     ext = native.extension()
-    fn = ext.linear_bf16 if weight.dtype == torch.bfloat16 else ext.linear_f32
-    return fn(x.float().contiguous(), weight.contiguous(), _f32(bias), native.isa_code())
+    if weight.dtype == torch.bfloat16:
+        return ext.linear_bf16(x.contiguous(), weight.contiguous(), _f32(bias), native.isa_code())
+    return ext.linear_f32(x.float().contiguous(), weight.contiguous(), _f32(bias), native.isa_code())
 
 
 def int8_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -127,21 +129,17 @@ def _call(op: str, *args) -> torch.Tensor:
 
 
 def blocked_product(x2: torch.Tensor, out_features: int, weight_rows, dtype: torch.dtype) -> torch.Tensor:
-    """x2 @ W.T in fp32 for a W never held whole: `weight_rows(start, end, out)` writes output channels start:end
-    of W into `out` (fp32 [end - start, in]) and returns it. Blocks of BLOCK_ROWS channels stay in cache between
-    making and multiplying, and the scratch is one block, not a copy of the matrix. The product runs in `dtype` (bf16 where bf16 GEMM is native)."""
-    in_features = x2.shape[1]
+    """x2 @ W.T in fp32 for a W never held whole, the product running in `dtype` (bf16 where bf16 GEMM is native):
+    `weight_rows(start, end, out)` writes output channels start:end of W into `out` ([end - start, in], `dtype`) and
+    returns it. Blocks of BLOCK_ROWS channels stay in cache between making and multiplying, and the scratch is one
+    block, not a copy of the matrix."""
     rows = min(BLOCK_ROWS, out_features)
-    block = weight_scratch((rows, in_features), x2.device)
-    block_in_dtype = weight_scratch((rows, in_features), x2.device, dtype) if dtype != torch.float32 else None
+    block = weight_scratch((rows, x2.shape[1]), x2.device, dtype)
     x_in_dtype = x2.to(dtype)
     y = torch.empty(x2.shape[0], out_features, device=x2.device)
     for start in range(0, out_features, rows):
         end = min(start + rows, out_features)
-        weight = weight_rows(start, end, block[:end - start])
-        if block_in_dtype is not None:
-            weight = block_in_dtype[:end - start].copy_(weight)
-        y[:, start:end] = F.linear(x_in_dtype, weight)
+        y[:, start:end] = F.linear(x_in_dtype, weight_rows(start, end, block[:end - start]))
     return y
 
 
@@ -398,14 +396,18 @@ class Int4Linear(nn.Module):
         return out
 
     def _dequantize_rows(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
-        """Output channels start:end of the fp32 weight, written into `out` [end - start, in_features]."""
+        """Output channels start:end of the weight, written into `out` (fp32 or bf16 [end - start, in_features]):
+        on the C++ kernels in one pass, else in fp32 in torch."""
+        if self.native:
+            return native.extension().dequantize_int4(self.nibbles, self.scales, self.mins, start, end,
+                                                      self.in_features, out)
         rows, nibbles = end - start, self.nibbles[start:end].view(end - start, -1, 1, 32)
         q = torch.cat((nibbles & 15, nibbles >> 4), dim=2).view(rows, -1)[:, :self.in_features]
         groups = self.in_features // self.group_size
-        view = out.view(rows, groups, self.group_size)
+        view = (out if out.dtype == torch.float32 else torch.empty(out.shape)).view(rows, groups, self.group_size)
         view.copy_(q.view(rows, groups, self.group_size))
         view.mul_(self.scales[start:end, :groups, None].float()).add_(self.mins[start:end, :groups, None].float())
-        return out
+        return out if view.data_ptr() == out.data_ptr() else out.copy_(view.view(rows, -1))
 
     def _forward_prompt(self, x2: torch.Tensor) -> torch.Tensor:
         """Many rows: dequantize a block of output channels at a time and multiply it while it is in cache (2x
