@@ -34,11 +34,14 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, dim: int, base: float) -> None:
         super().__init__()
         self.dim, self.base = dim, base
-        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+        # on the default device (meta in a meta build), computed on the CPU: torch's meta arithmetic would import
+        # its compiler stack (~1 s at start-up)
+        self.register_buffer("inv_freq", self.frequencies().to(torch.empty(0).device), persistent=False)
 
     def frequencies(self) -> torch.Tensor:
         """The inverse frequencies, computed on the CPU (no checkpoint stores them: a buffer, not a weight)."""
-        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim))
+        steps = torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float()
+        return 1.0 / (self.base ** (steps / self.dim))
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # fp32 angles: large positions lose precision in half precision.
@@ -180,7 +183,11 @@ class PhiDecoderLayer(nn.Module):
 class PhiModel(nn.Module):
     def __init__(self, config: PhiConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if torch.empty(0).device.type == "meta":  # a meta build: no random init (its meta normal_ costs ~1 s of imports)
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                             _weight=torch.empty(config.vocab_size, config.hidden_size))
+        else:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_dropout = nn.Dropout(config.embd_pdrop)
         self.layers = nn.ModuleList(PhiDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)

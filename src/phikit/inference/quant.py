@@ -40,8 +40,10 @@ DECODE_ROWS = 16
 BLOCK_ROWS = 512
 
 MODES = ("int8", "int8-weight-only", "int4")
-# The group sizes torch's CPU int4 kernel takes (others fail on the first decoding step, not when quantizing).
+# The group sizes torch's CPU int4 kernel takes (others fail on the first decoding step, not when quantizing), and
+# those phikit's C++ kernels take.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+NATIVE_INT4_GROUP_SIZES = (32, 64)
 
 
 _local = threading.local()
@@ -67,7 +69,8 @@ def weight_scratch(shape: torch.Size, device: torch.device, dtype: torch.dtype =
 _LIB = torch.library.Library("phikit", "DEF")
 _LIB.define("float_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 _LIB.define("int8_rows(Tensor x, Tensor weight, Tensor scales, Tensor? bias) -> Tensor")
-_LIB.define("int4_rows(Tensor x, Tensor weight, Tensor scales, Tensor mins, Tensor? bias, int in_features) -> Tensor")
+_LIB.define("int4_rows(Tensor x, Tensor weight, Tensor scales, Tensor mins, Tensor? bias, int in_features, "
+            "int group_size) -> Tensor")
 _LIB.define("int8_linear_dynamic(Tensor x, int layer_id, int out_features) -> Tensor")
 
 
@@ -91,10 +94,10 @@ def int8_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
 
 
 def int4_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-              bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
+              bias: torch.Tensor | None, in_features: int, group_size: int) -> torch.Tensor:
     """The int4 product (Int4Linear's layout) with activations rounded to int8 in blocks of 32, on the C++ kernels."""
     return native.extension().linear_int4(x.float().contiguous(), weight, scales, mins, _f32(bias), in_features,
-                                          native.isa_code())
+                                          group_size, native.isa_code())
 
 
 for _name, _fn in (("float_rows", float_rows), ("int8_rows", int8_rows), ("int4_rows", int4_rows)):
@@ -112,7 +115,7 @@ def _(x, weight, scales, bias):
 
 
 @torch.library.register_fake("phikit::int4_rows", lib=_LIB)
-def _(x, weight, scales, mins, bias, in_features):
+def _(x, weight, scales, mins, bias, in_features, group_size):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
@@ -331,14 +334,15 @@ def _int4_shape_problem(in_features: int, out_features: int, group_size: int) ->
 
 class Int4Linear(nn.Module):
     """Group-wise asymmetric int4: each run of `group_size` inputs of an output channel has its own scale and
-    minimum (w = q * scale + minimum, q in 0..15, both in bf16).
+    minimum (w = q * scale + minimum, q in 0..15, both in bf16): with groups of 64, 4.5 bits per weight.
 
-    Layout (`nibbles`, uint8 [out, in rounded up to 64 / 2]): for each pair of groups, 32 bytes whose low nibbles
-    are the first group's 32 values and high nibbles the second's, so that a kernel unpacks two groups with one
-    mask and one shift; `scales` and `mins` are bf16 [out, groups rounded up to pairs]. A few rows (decoding) run on
-    the C++ kernels in this layout, with activations rounded to int8 in blocks of 32; more rows dequantize a block
-    of output channels at a time into a float GEMM. Where the C++ kernels are missing (or the group size is not
-    32), decoding runs torch's int4 kernel on its own packed copy (`int4pack`, `scales_and_zeros`)."""
+    Layout (`nibbles`, uint8 [out, in rounded up to 64 / 2]): for each run of 64 inputs, 32 bytes whose low nibbles
+    are the first 32 values and high nibbles the next 32, so that a kernel unpacks 64 codes with one mask and one
+    shift; `scales` and `mins` are bf16 [out, (in rounded up to 64) / group_size]. A few rows (decoding) run on the
+    C++ kernels in this layout (groups of 32 or 64), with activations rounded to int8 in blocks of 32; more rows
+    dequantize a block of output channels at a time into a float GEMM. Where the C++ kernels are missing (or the
+    group size is larger), decoding runs torch's int4 kernel on its own packed copy (`int4pack`,
+    `scales_and_zeros`)."""
 
     def __init__(self, linear: nn.Linear, group_size: int = 32, inner_k_tiles: int = 2) -> None:
         super().__init__()
@@ -349,7 +353,7 @@ class Int4Linear(nn.Module):
         device = linear.weight.device
         padded = -(-self.in_features // 64) * 64
         groups = padded // group_size
-        self.native = group_size == 32 and device.type == "cpu" and native.extension() is not None
+        self.native = group_size in NATIVE_INT4_GROUP_SIZES and device.type == "cpu" and native.extension() is not None
         nibbles = torch.zeros(self.out_features, padded // 2, dtype=torch.uint8, device=device)
         scales = torch.zeros(self.out_features, groups, dtype=torch.bfloat16, device=device)
         mins = torch.zeros_like(scales)
@@ -400,7 +404,7 @@ class Int4Linear(nn.Module):
         on the C++ kernels in one pass, else in fp32 in torch."""
         if self.native:
             return native.extension().dequantize_int4(self.nibbles, self.scales, self.mins, start, end,
-                                                      self.in_features, out)
+                                                      self.in_features, self.group_size, out)
         rows, nibbles = end - start, self.nibbles[start:end].view(end - start, -1, 1, 32)
         q = torch.cat((nibbles & 15, nibbles >> 4), dim=2).view(rows, -1)[:, :self.in_features]
         groups = self.in_features // self.group_size
@@ -419,7 +423,8 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.native and _on_kernels(x2):
-            y = _call("int4_rows", x2, self.nibbles, self.scales, self.mins, self.bias, self.in_features).to(x.dtype)
+            y = _call("int4_rows", x2, self.nibbles, self.scales, self.mins, self.bias, self.in_features,
+                      self.group_size).to(x.dtype)
         elif x2.shape[0] >= DECODE_ROWS or self.native:
             y = self._forward_prompt(x2).to(x.dtype)
         else:
