@@ -39,8 +39,8 @@ def layers(precision: str, weights: list[torch.Tensor]) -> list[torch.nn.Module]
 
 
 def weight_bytes(layer: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in layer.buffers() if t.dim() == 2) + \
-        sum(p.numel() * p.element_size() for p in layer.parameters() if p.dim() == 2)
+    return sum(t.numel() * t.element_size() for t in layer.buffers() if t.dim() >= 2) + \
+        sum(p.numel() * p.element_size() for p in layer.parameters() if p.dim() >= 2)
 
 
 @torch.inference_mode()

@@ -222,10 +222,10 @@ def test_quantized_linear_matches_fp32_on_decode_and_prompt_rows(mode, rows):
 
 def test_int4_dequantizes_to_its_grid_and_prompts_multiply_block_by_block():
     """Int4 keeps each weight's 4-bit code two to a byte; dequantized, every weight is at its group's nearest grid
-    point minimum + k * scale (scale (hi - lo) / 15 and minimum lo, stored in bf16), computed here from the
-    definition. Prompts multiply that matrix a block of output
-    channels at a time (more channels than one block, the last one partial) and equal the plain product with it;
-    single rows agree with it to the rounding of their activations."""
+    point minimum + k * scale (scale (hi - lo) / 15 and minimum lo, as stored: 8-bit codes of a bf16 step per
+    superblock of 8 groups on the C++ kernels, bf16 on torch's), computed here from the definition. Prompts multiply
+    that matrix a block of output channels at a time (more channels than one block, the last one partial) and equal
+    the plain product with it; single rows agree with it to the rounding of their activations."""
     from phikit.inference.quant import Int4Linear
     torch.manual_seed(0)
     layer = torch.nn.Linear(128, 2 * BLOCK_ROWS + 48)
@@ -233,10 +233,13 @@ def test_int4_dequantizes_to_its_grid_and_prompts_multiply_block_by_block():
     groups = layer.weight.detach().reshape(layer.out_features, -1, 32)
     lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
     step = (hi - lo) / 15
-    # scale and minimum are stored in bf16 (within 2^-8 of (hi - lo) / 15 and lo), and each code is the nearest
-    # point of the stored grid
-    scale, minimum = int4.scales[:, :4, None].float(), int4.mins[:, :4, None].float()
-    assert ((scale - step).abs() <= step * 2 ** -8).all() and ((minimum - lo).abs() <= lo.abs() * 2 ** -8).all()
+    scale, minimum = (t[..., None] for t in int4.group_scales_and_mins())
+    if int4.native:  # within half a code step of the superblock (whose steps are bf16: 2^-8 more)
+        scale_step, min_step = step.amax(1, keepdim=True) / 255, lo.abs().amax(1, keepdim=True) / 127
+        assert ((scale - step).abs() <= scale_step * 0.51 + step * 2 ** -7).all()
+        assert ((minimum - lo).abs() <= min_step * 0.51 + lo.abs() * 2 ** -7).all()
+    else:  # bf16: within 2^-8
+        assert ((scale - step).abs() <= step * 2 ** -8).all() and ((minimum - lo).abs() <= lo.abs() * 2 ** -8).all()
     expected = (((groups - minimum) / scale).round().clamp(0, 15) * scale + minimum).reshape(layer.weight.shape)
     dequantized = int4.dequantize()
     torch.testing.assert_close(dequantized, expected, rtol=0, atol=1e-6)

@@ -205,22 +205,40 @@ void i8_avx2(const Problem& p, const QuantizedRows& a, const int8_t* w, const fl
 }
 
 // int4 weights: per pair of blocks of 32 inputs 32 bytes, the low nibbles the first block's 32 values, the high
-// nibbles the second's (a row is padded to whole pairs); w = q * scale + minimum per group of 32 or 64 inputs (one
-// block or a pair), q in 0..15. Then x . w = sum_blocks scale * d_x * (q_x . q) + sum_groups minimum * sum(x).
-inline float int4_minimum_term(const uint16_t* mins, const float* sums, int64_t blocks) {
-  float s = 0.f;
-  for (int64_t b = 0; b < blocks; ++b) s += bf16_to_float(mins[b]) * sums[b];
-  return s;
-}
+// nibbles the second's (a row is padded to whole pairs); w = q * scale + minimum per block, q in 0..15. A block's
+// scale and minimum are 8-bit codes times a bf16 step shared by a superblock of 8 blocks (256 inputs): 4.625 bits
+// per weight in all. Then x . w = sum_blocks scale * d_x * (q_x . q) + sum_superblocks dmin * sum(min code * sum(x)).
+constexpr int kSuper = 8;
 
 struct Int4Weights {
-  const uint8_t* q;
-  const uint16_t* scales;  // bf16 [out, groups]
-  const uint16_t* mins;
-  int shift;               // log2(group size / 32): the group of block b is b >> shift
-  int64_t groups;          // per row
-  const float* group_sums; // [rows, groups]: the activations' sum over each group
+  const uint8_t* q;        // [out, padded / 2]
+  const uint8_t* scales;   // [out, blocks]: scale = d * code
+  const int8_t* mins;      // [out, blocks]: minimum = dmin * code
+  const uint16_t* steps;   // bf16 [out, superblocks, 2]: d, dmin
+  int64_t blocks, superblocks;
+
+  float scale(int64_t n, int64_t b) const {
+    return bf16_to_float(steps[(n * superblocks + b / kSuper) * 2]) * scales[n * blocks + b];
+  }
+  float minimum(int64_t n, int64_t b) const {
+    return bf16_to_float(steps[(n * superblocks + b / kSuper) * 2 + 1]) * mins[n * blocks + b];
+  }
 };
+
+// sum over blocks of minimum * sum(x), one superblock (8 blocks, one vector) at a time
+inline float int4_minimum_term(const Int4Weights& w, int64_t n, const float* sums) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + kSuper <= w.blocks; b += kSuper) {
+    __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.mins + n * w.blocks + b));
+    __m256 dmin = _mm256_set1_ps(bf16_to_float(w.steps[(n * w.superblocks + b / kSuper) * 2 + 1]));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)), dmin),
+                          _mm256_loadu_ps(sums + b), acc);
+  }
+  float s = hsum256(acc);
+  for (; b < w.blocks; ++b) s += w.minimum(n, b) * sums[b];
+  return s;
+}
 
 template <int NW, int R>
 void i4_tile_avx2(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t n, int64_t r0) {
@@ -237,7 +255,7 @@ void i4_tile_avx2(const Problem& p, const QuantizedRows& a, const Int4Weights& w
       for (int j = 0; j < NW; ++j) {
         __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + (n + j) * a.padded / 2 + pr * 32));
         q[j] = _mm256_and_si256(h ? _mm256_srli_epi16(packed, 4) : packed, low);
-        ws[j] = _mm256_set1_ps(bf16_to_float(w.scales[(n + j) * w.groups + (b >> w.shift)]));
+        ws[j] = _mm256_set1_ps(w.scale(n + j, b));
       }
       for (int r = 0; r < R; ++r) {
         const int64_t row = r0 + r;
@@ -254,8 +272,7 @@ void i4_tile_avx2(const Problem& p, const QuantizedRows& a, const Int4Weights& w
   for (int j = 0; j < NW; ++j)
     for (int r = 0; r < R; ++r)
       store(p, r0 + r, n + j,
-            hsum256(acc[j][r]) + int4_minimum_term(w.mins + (n + j) * w.groups, w.group_sums + (r0 + r) * w.groups,
-                                                   w.groups));
+            hsum256(acc[j][r]) + int4_minimum_term(w, n + j, a.sums.data() + (r0 + r) * blocks));
 }
 
 void i4_avx2(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t n0, int64_t n1) {
@@ -402,13 +419,6 @@ void i8_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const 
   });
 }
 
-inline float int4_minimum_term_avx512(const uint16_t* mins, const float* sums, int64_t blocks) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t b = 0;
-  for (; b + 16 <= blocks; b += 16) acc = _mm512_fmadd_ps(bf16x16_avx512(mins + b), _mm512_loadu_ps(sums + b), acc);
-  return _mm512_reduce_add_ps(acc) + int4_minimum_term(mins + b, sums + b, blocks - b);
-}
-
 template <int NW, int R>
 void i4_tile_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t n, int64_t r0) {
   const int64_t pairs = a.padded / 64, blocks = a.blocks;
@@ -423,9 +433,8 @@ void i4_tile_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights&
       __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + (n + j) * a.padded / 2 + pr * 32));
       q[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(packed, low)),
                                 _mm256_and_si256(_mm256_srli_epi16(packed, 4), low), 1);
-      const uint16_t* s = w.scales + (n + j) * w.groups;
-      ws[j] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(bf16_to_float(s[(2 * pr) >> w.shift]))),
-                                 _mm256_set1_ps(bf16_to_float(s[(2 * pr + 1) >> w.shift])), 1);
+      ws[j] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(w.scale(n + j, 2 * pr))),
+                                 _mm256_set1_ps(w.scale(n + j, 2 * pr + 1)), 1);
     }
     for (int r = 0; r < R; ++r) {
       const int64_t row = r0 + r;
@@ -440,8 +449,7 @@ void i4_tile_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights&
   for (int j = 0; j < NW; ++j)
     for (int r = 0; r < R; ++r)
       store(p, r0 + r, n + j, _mm512_reduce_add_ps(acc[j][r]) +
-                                  int4_minimum_term_avx512(w.mins + (n + j) * w.groups,
-                                                           w.group_sums + (r0 + r) * w.groups, w.groups));
+                                  int4_minimum_term(w, n + j, a.sums.data() + (r0 + r) * blocks));
 }
 
 void i4_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t n0, int64_t n1) {
@@ -553,29 +561,30 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scales
   return y;
 }
 
-// group_size: 32 or 64 inputs per scale and minimum.
-torch::Tensor linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor mins,
-                          c10::optional<torch::Tensor> bias, int64_t in_features, int64_t group_size, int64_t isa) {
-  const int64_t padded = (in_features + 63) / 64 * 64;
-  TORCH_CHECK(group_size == 32 || group_size == 64, "the int4 kernels take groups of 32 or 64 inputs");
-  TORCH_CHECK(in_features % group_size == 0, "int4 needs in_features divisible by its group size");
-  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.size(1) == padded / 2,
-              "int4 weights must be uint8 [out, in_features rounded up to 64 / 2]");
-  const int64_t groups = padded / group_size;
-  TORCH_CHECK(scales.scalar_type() == torch::kBFloat16 && mins.scalar_type() == torch::kBFloat16 &&
-                  scales.is_contiguous() && mins.is_contiguous() && scales.numel() == w.size(0) * groups &&
+Int4Weights int4_weights(const torch::Tensor& w, const torch::Tensor& scales, const torch::Tensor& mins,
+                         const torch::Tensor& steps, int64_t in_features) {
+  const int64_t padded = (in_features + 63) / 64 * 64, blocks = padded / kBlock;
+  const int64_t superblocks = (blocks + kSuper - 1) / kSuper, out = w.size(0);
+  TORCH_CHECK(in_features % kBlock == 0, "int4 needs in_features divisible by 32");
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.size(1) == padded / 2 && w.is_contiguous(),
+              "int4 codes must be contiguous uint8 [out, in_features rounded up to 64 / 2]");
+  TORCH_CHECK(scales.scalar_type() == torch::kUInt8 && mins.scalar_type() == torch::kInt8 &&
+                  scales.is_contiguous() && mins.is_contiguous() && scales.numel() == out * blocks &&
                   mins.numel() == scales.numel(),
-              "int4 scales and minimums must be contiguous bf16 [out, padded in_features / group_size]");
+              "int4 scale and minimum codes must be contiguous uint8 / int8 [out, padded in_features / 32]");
+  TORCH_CHECK(steps.scalar_type() == torch::kBFloat16 && steps.is_contiguous() && steps.numel() == out * superblocks * 2,
+              "int4 steps must be contiguous bf16 [out, superblocks of 256 inputs, 2]");
+  return Int4Weights{w.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), mins.data_ptr<int8_t>(),
+                     reinterpret_cast<const uint16_t*>(steps.data_ptr()), blocks, superblocks};
+}
+
+torch::Tensor linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor mins,
+                          torch::Tensor steps, c10::optional<torch::Tensor> bias, int64_t in_features, int64_t isa) {
+  Int4Weights wq = int4_weights(w, scales, mins, steps, in_features);
   check_rows(x, w, in_features);
   auto y = output(x, w.size(0));
   Problem p{x.size(0), in_features, w.size(0), y.data_ptr<float>(), bias_ptr(bias, w.size(0))};
   QuantizedRows a = quantize_rows(x.data_ptr<float>(), p.rows, p.k);
-  const int shift = group_size == 64 ? 1 : 0;
-  std::vector<float> group_sums(p.rows * groups, 0.f);
-  for (int64_t r = 0; r < p.rows; ++r)
-    for (int64_t b = 0; b < a.blocks; ++b) group_sums[r * groups + (b >> shift)] += a.sums[r * a.blocks + b];
-  Int4Weights wq{w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
-                 reinterpret_cast<const uint16_t*>(mins.data_ptr()), shift, groups, group_sums.data()};
   Isa use = pick(isa);
   over_channels(p.n, p.k / 2, [&](int64_t n0, int64_t n1) {
     use != kAvx2 ? i4_avx512(p, a, wq, n0, n1) : i4_avx2(p, a, wq, n0, n1);
@@ -585,29 +594,22 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scales
 
 // Output channels [start, end) of an int4 weight (Int4Linear's layout) as fp32 or bf16 rows of in_features, for
 // prompts: one pass, in fp32 and rounded once to bf16 (to nearest even), where the same in torch takes five.
-torch::Tensor dequantize_int4(torch::Tensor w, torch::Tensor scales, torch::Tensor mins, int64_t start, int64_t end,
-                              int64_t in_features, int64_t group_size, torch::Tensor out) {
-  TORCH_CHECK(group_size == 32 || group_size == 64, "the int4 kernels take groups of 32 or 64 inputs");
-  const int64_t padded = (in_features + 63) / 64 * 64, groups = padded / group_size, blocks = in_features / kBlock;
-  const int shift = group_size == 64 ? 1 : 0;
-  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.size(1) == padded / 2 &&
-                  scales.is_contiguous() && mins.is_contiguous() && 0 <= start && start <= end && end <= w.size(0),
-              "int4 weights, scales and minimums in Int4Linear's layout expected");
+torch::Tensor dequantize_int4(torch::Tensor w, torch::Tensor scales, torch::Tensor mins, torch::Tensor steps,
+                              int64_t start, int64_t end, int64_t in_features, torch::Tensor out) {
+  Int4Weights wq = int4_weights(w, scales, mins, steps, in_features);
+  TORCH_CHECK(0 <= start && start <= end && end <= w.size(0), "rows out of range");
   TORCH_CHECK(out.is_contiguous() && out.size(0) == end - start && out.size(1) == in_features &&
                   (out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16),
               "out must be a contiguous fp32 or bf16 [end - start, in_features] tensor");
   const bool to_bf16 = out.scalar_type() == torch::kBFloat16;
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  auto sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
-  auto mp = reinterpret_cast<const uint16_t*>(mins.data_ptr());
+  const int64_t half_row = w.size(1);
   at::parallel_for(start, end, 16, [&](int64_t n0, int64_t n1) {
-    std::vector<float> row(padded);
+    std::vector<float> row(in_features);
     for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* packed = wp + n * padded / 2 + (b / 2) * 32;
+      for (int64_t b = 0; b < in_features / kBlock; ++b) {
+        const uint8_t* packed = wq.q + n * half_row + (b / 2) * 32;
         const int nibble = (b % 2) * 4;
-        const int64_t g = n * groups + (b >> shift);
-        const float scale = bf16_to_float(sp[g]), minimum = bf16_to_float(mp[g]);
+        const float scale = wq.scale(n, b), minimum = wq.minimum(n, b);
         float* dst = row.data() + b * kBlock;
         for (int i = 0; i < kBlock; ++i) dst[i] = float((packed[i] >> nibble) & 15) * scale + minimum;
       }

@@ -40,10 +40,8 @@ DECODE_ROWS = 16
 BLOCK_ROWS = 512
 
 MODES = ("int8", "int8-weight-only", "int4")
-# The group sizes torch's CPU int4 kernel takes (others fail on the first decoding step, not when quantizing), and
-# those phikit's C++ kernels take.
+# The group sizes torch's CPU int4 kernel takes (others fail on the first decoding step, not when quantizing).
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-NATIVE_INT4_GROUP_SIZES = (32, 64)
 
 
 _local = threading.local()
@@ -69,8 +67,8 @@ def weight_scratch(shape: torch.Size, device: torch.device, dtype: torch.dtype =
 _LIB = torch.library.Library("phikit", "DEF")
 _LIB.define("float_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 _LIB.define("int8_rows(Tensor x, Tensor weight, Tensor scales, Tensor? bias) -> Tensor")
-_LIB.define("int4_rows(Tensor x, Tensor weight, Tensor scales, Tensor mins, Tensor? bias, int in_features, "
-            "int group_size) -> Tensor")
+_LIB.define("int4_rows(Tensor x, Tensor weight, Tensor scales, Tensor mins, Tensor steps, Tensor? bias, "
+            "int in_features) -> Tensor")
 _LIB.define("int8_linear_dynamic(Tensor x, int layer_id, int out_features) -> Tensor")
 
 
@@ -93,11 +91,11 @@ def int8_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
                                           native.isa_code())
 
 
-def int4_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-              bias: torch.Tensor | None, in_features: int, group_size: int) -> torch.Tensor:
+def int4_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, steps: torch.Tensor,
+              bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
     """The int4 product (Int4Linear's layout) with activations rounded to int8 in blocks of 32, on the C++ kernels."""
-    return native.extension().linear_int4(x.float().contiguous(), weight, scales, mins, _f32(bias), in_features,
-                                          group_size, native.isa_code())
+    return native.extension().linear_int4(x.float().contiguous(), weight, scales, mins, steps, _f32(bias),
+                                          in_features, native.isa_code())
 
 
 for _name, _fn in (("float_rows", float_rows), ("int8_rows", int8_rows), ("int4_rows", int4_rows)):
@@ -115,7 +113,7 @@ def _(x, weight, scales, bias):
 
 
 @torch.library.register_fake("phikit::int4_rows", lib=_LIB)
-def _(x, weight, scales, mins, bias, in_features, group_size):
+def _(x, weight, scales, mins, steps, bias, in_features):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
@@ -334,15 +332,17 @@ def _int4_shape_problem(in_features: int, out_features: int, group_size: int) ->
 
 class Int4Linear(nn.Module):
     """Group-wise asymmetric int4: each run of `group_size` inputs of an output channel has its own scale and
-    minimum (w = q * scale + minimum, q in 0..15, both in bf16): with groups of 64, 4.5 bits per weight.
+    minimum (w = q * scale + minimum, q in 0..15).
 
-    Layout (`nibbles`, uint8 [out, in rounded up to 64 / 2]): for each run of 64 inputs, 32 bytes whose low nibbles
-    are the first 32 values and high nibbles the next 32, so that a kernel unpacks 64 codes with one mask and one
-    shift; `scales` and `mins` are bf16 [out, (in rounded up to 64) / group_size]. A few rows (decoding) run on the
-    C++ kernels in this layout (groups of 32 or 64), with activations rounded to int8 in blocks of 32; more rows
-    dequantize a block of output channels at a time into a float GEMM. Where the C++ kernels are missing (or the
-    group size is larger), decoding runs torch's int4 kernel on its own packed copy (`int4pack`,
-    `scales_and_zeros`)."""
+    With groups of 32 (the default) on the CPU kernels, a group's scale and minimum are 8-bit codes (`scales`
+    uint8, `mins` int8 [out, padded in / 32]) times a bf16 step per superblock of 8 groups (`steps` [out,
+    superblocks, 2]: the scale's and the minimum's), 4.625 bits per weight in all; the codes (`nibbles`, uint8 [out,
+    in rounded up to 64 / 2]) hold for each run of 64 inputs 32 bytes, the low nibbles the first 32 values and the
+    high nibbles the next 32, so that a kernel unpacks 64 codes with one mask and one shift. A few rows (decoding)
+    run on the C++ kernels in this layout, with activations rounded to int8 in blocks of 32; more rows dequantize a
+    block of output channels at a time into a float GEMM. Where the C++ kernels are missing (or the group size is
+    not 32), the scales and minimums are bf16 and decoding runs torch's int4 kernel on its packed copy
+    (`int4pack`, `scales_and_zeros`)."""
 
     def __init__(self, linear: nn.Linear, group_size: int = 32, inner_k_tiles: int = 2) -> None:
         super().__init__()
@@ -351,39 +351,70 @@ class Int4Linear(nn.Module):
         if problem:
             raise ValueError(problem)
         device = linear.weight.device
+        self.native = group_size == 32 and device.type == "cpu" and native.extension() is not None
+        groups = self.in_features // group_size
         padded = -(-self.in_features // 64) * 64
-        groups = padded // group_size
-        self.native = group_size in NATIVE_INT4_GROUP_SIZES and device.type == "cpu" and native.extension() is not None
         nibbles = torch.zeros(self.out_features, padded // 2, dtype=torch.uint8, device=device)
-        scales = torch.zeros(self.out_features, groups, dtype=torch.bfloat16, device=device)
+        scales = torch.zeros(self.out_features, groups, device=device)  # fp32 while quantizing
         mins = torch.zeros_like(scales)
+        if self.native:
+            blocks = padded // 32
+            self.register_buffer("scales", torch.zeros(self.out_features, blocks, dtype=torch.uint8, device=device))
+            self.register_buffer("mins", torch.zeros(self.out_features, blocks, dtype=torch.int8, device=device))
+            self.register_buffer("steps", torch.zeros(self.out_features, -(-blocks // 8), 2, dtype=torch.bfloat16,
+                                                      device=device))
         torch_packed = []
         for start in range(0, self.out_features, BLOCK_ROWS):  # in blocks: no fp32 copy of a whole large matrix
             end = min(start + BLOCK_ROWS, self.out_features)
-            w = linear.weight.detach()[start:end].float().reshape(end - start, -1, group_size)
-            lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-            # rounded to bf16 first, so that q is chosen for the scale and minimum actually stored
-            scale = ((hi - lo) / 15).clamp(min=1e-6).bfloat16().float()
-            lo = lo.bfloat16().float()
-            q = ((w - lo) / scale).round().clamp(0, 15).to(torch.uint8).reshape(end - start, -1)
-            q = F.pad(q, (0, padded - self.in_features)).view(end - start, -1, 2, 32)
-            nibbles[start:end] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(end - start, -1)
-            n = w.shape[1]
-            scales[start:end, :n], mins[start:end, :n] = scale[..., 0], lo[..., 0]
+            w = linear.weight.detach()[start:end].float().reshape(end - start, groups, group_size)
+            scale, lo = self._stored((w.amax(-1) - w.amin(-1)) / 15, w.amin(-1), start, end)
+            # q is chosen for the scale and minimum actually stored
+            q = ((w - lo[..., None]) / scale.clamp(min=1e-12)[..., None]).round().clamp(0, 15).to(torch.uint8)
+            q = F.pad(q.reshape(end - start, -1), (0, padded - self.in_features))
+            halves = q.view(end - start, -1, 2, 32)
+            nibbles[start:end] = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(end - start, -1)
+            scales[start:end], mins[start:end] = scale, lo
             if not self.native:
-                torch_packed.append(q.reshape(end - start, -1)[:, :self.in_features].to(torch.int32))
+                torch_packed.append(q[:, :self.in_features].to(torch.int32))
         self.register_buffer("nibbles", nibbles)
-        self.register_buffer("scales", scales)
-        self.register_buffer("mins", mins)
-        bias = linear.bias.detach().to(torch.bfloat16, copy=True) if linear.bias is not None else None
-        self.register_buffer("bias", bias)
-        if not self.native:  # torch's kernel: its own packing, w = (q - 8) * scale + zero
+        if not self.native:  # bf16 scales and minimums, and torch's kernel with its own packing
+            self.register_buffer("scales", scales.bfloat16())
+            self.register_buffer("mins", mins.bfloat16())
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.cat(torch_packed), inner_k_tiles)
             self.register_buffer("int4pack", packed)
-            n = self.in_features // group_size
-            zero = mins[:, :n].float() + 8 * scales[:, :n].float()
-            sz = torch.stack([scales[:, :n].float(), zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            zero = mins + 8 * scales  # torch's kernel: w = (q - 8) * scale + zero
+            sz = torch.stack([scales, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
             self.register_buffer("scales_and_zeros", sz)  # [in/group, out, 2], the kernel's layout
+        bias = linear.bias.detach().to(torch.bfloat16, copy=True) if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def _stored(self, scale: torch.Tensor, lo: torch.Tensor, start: int, end: int):
+        """The scale and minimum [rows, groups] as stored, in fp32: on the C++ kernels 8-bit codes of a superblock's
+        steps (written into the layer's buffers), bf16 otherwise."""
+        if not self.native:
+            return scale.bfloat16().float(), lo.bfloat16().float()
+        rows, groups = scale.shape
+        superblocks = self.steps.shape[1]
+        pad = superblocks * 8 - groups
+        by_super = lambda t: F.pad(t, (0, pad)).view(rows, superblocks, 8)  # noqa: E731
+        step = by_super(scale).amax(-1) / 255
+        step_min = by_super(lo).abs().amax(-1) / 127
+        step, step_min = step.bfloat16().float(), step_min.bfloat16().float()
+        scale_code = (by_super(scale) / step.clamp(min=1e-30)[..., None]).round().clamp(0, 255)
+        min_code = (by_super(lo) / step_min.clamp(min=1e-30)[..., None]).round().clamp(-127, 127)
+        self.scales[start:end, :groups] = scale_code.view(rows, -1)[:, :groups].to(torch.uint8)
+        self.mins[start:end, :groups] = min_code.view(rows, -1)[:, :groups].to(torch.int8)
+        self.steps[start:end] = torch.stack([step, step_min], -1).bfloat16()
+        return ((scale_code * step[..., None]).view(rows, -1)[:, :groups],
+                (min_code * step_min[..., None]).view(rows, -1)[:, :groups])
+
+    def group_scales_and_mins(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each group's scale and minimum as fp32 [out, in / group_size], whatever the layout."""
+        groups = self.in_features // self.group_size
+        if not self.native:
+            return self.scales.float(), self.mins.float()
+        steps = self.steps.float().repeat_interleave(8, dim=1)[:, :groups]
+        return self.scales[:, :groups].float() * steps[..., 0], self.mins[:, :groups].float() * steps[..., 1]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -403,14 +434,14 @@ class Int4Linear(nn.Module):
         """Output channels start:end of the weight, written into `out` (fp32 or bf16 [end - start, in_features]):
         on the C++ kernels in one pass, else in fp32 in torch."""
         if self.native:
-            return native.extension().dequantize_int4(self.nibbles, self.scales, self.mins, start, end,
-                                                      self.in_features, self.group_size, out)
+            return native.extension().dequantize_int4(self.nibbles, self.scales, self.mins, self.steps, start, end,
+                                                      self.in_features, out)
         rows, nibbles = end - start, self.nibbles[start:end].view(end - start, -1, 1, 32)
         q = torch.cat((nibbles & 15, nibbles >> 4), dim=2).view(rows, -1)[:, :self.in_features]
         groups = self.in_features // self.group_size
         view = (out if out.dtype == torch.float32 else torch.empty(out.shape)).view(rows, groups, self.group_size)
         view.copy_(q.view(rows, groups, self.group_size))
-        view.mul_(self.scales[start:end, :groups, None].float()).add_(self.mins[start:end, :groups, None].float())
+        view.mul_(self.scales[start:end, :, None].float()).add_(self.mins[start:end, :, None].float())
         return out if view.data_ptr() == out.data_ptr() else out.copy_(view.view(rows, -1))
 
     def _forward_prompt(self, x2: torch.Tensor) -> torch.Tensor:
@@ -423,8 +454,8 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.native and _on_kernels(x2):
-            y = _call("int4_rows", x2, self.nibbles, self.scales, self.mins, self.bias, self.in_features,
-                      self.group_size).to(x.dtype)
+            y = _call("int4_rows", x2, self.nibbles, self.scales, self.mins, self.steps, self.bias,
+                      self.in_features).to(x.dtype)
         elif x2.shape[0] >= DECODE_ROWS or self.native:
             y = self._forward_prompt(x2).to(x.dtype)
         else:
