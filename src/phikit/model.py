@@ -116,6 +116,20 @@ class PhiAttention(nn.Module):
         # instead of three, which decoding notices. The checkpoint layout keeps the three.
         self.qkv_proj: nn.Module | None = None
 
+    def fuse_qkv(self, make) -> tuple[nn.Linear, ...]:
+        """Replace q, k and v by one projection, `make(fused)` of their [3d, d] nn.Linear (a quantized layer; exact
+        when its scales are per output channel or group). Returns the three projections replaced, or nothing when
+        they are not linear layers (an adapter wraps them: fusing would drop it)."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        if not all(isinstance(p, nn.Linear) for p in parts):
+            return ()
+        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), device="meta")
+        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+        self.qkv_proj = make(fused)
+        del self.q_proj, self.k_proj, self.v_proj
+        return parts
+
     def forward(self, x, cos, sin, mask, cache: KVCache | None, output_attentions: bool):
         b, t, _ = x.shape
         if self.qkv_proj is not None:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
+from ..model import PhiAttention
 
 # Inputs with fewer rows (decoding, small batches) take the matrix-vector kernels, which win as long as reading
 # the weights dominates; more rows (prompts) a GEMM.
@@ -471,23 +472,6 @@ class Int4Linear(nn.Module):
                 f"{kind}")
 
 
-def _fused_qkv(attn: nn.Module) -> nn.Linear | None:
-    """The attention's q/k/v projections as one [3d, d] nn.Linear, quantized like the others (None when it has no
-    three such projections). Exact: the scales are per output channel (int8) or per output channel and input
-    group (int4), and a row's activations are rounded the same way for all three. One kernel call instead of three
-    per layer."""
-    parts = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
-    if not hasattr(attn, "qkv_proj") or not all(isinstance(p, nn.Linear) for p in parts) \
-            or len({p.bias is None for p in parts}) > 1:
-        return None
-    fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts),
-                      bias=parts[0].bias is not None, device="meta")
-    fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
-    if fused.bias is not None:
-        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
-    return fused
-
-
 def activation_dtype(mode: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype a model quantized in `mode` keeps its other weights (embedding, LayerNorms) and activations in:
     on the CPU fp32 for int8 (its kernels take fp32 rows), bf16 for int8-weight-only and int4 (torch's weight-only
@@ -534,13 +518,9 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, release=No
                 if release is not None and tensor is not None:
                     release(tensor)
 
-    for attn in list(model.modules()):
-        fused = _fused_qkv(attn)
-        if fused is not None:
-            parts = (attn.q_proj, attn.k_proj, attn.v_proj)
-            let_go(*parts)
-            del attn.q_proj, attn.k_proj, attn.v_proj
-            attn.qkv_proj = quantized(fused)
+    for attn in list(model.modules()):  # q, k and v as one layer: one kernel call per step instead of three
+        if isinstance(attn, PhiAttention) and attn.qkv_proj is None:
+            let_go(*attn.fuse_qkv(quantized))
     replacements = [(parent, name, child) for parent in model.modules()
                     for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     for parent, name, child in replacements:
