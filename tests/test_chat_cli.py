@@ -122,9 +122,15 @@ def test_quantized_model_reports_its_parameter_count(tiny_phi_checkpoint, capsys
     assert f"({count / 1e6:,.1f}M parameters)" in capsys.readouterr().err
 
 
-def test_ctrl_c_stops_an_answer_and_ctrl_c_at_the_prompt_leaves(tiny_phi_checkpoint):
-    child = pexpect.spawn(sys.executable, ["-m", "phikit", "chat", "--model", str(tiny_phi_checkpoint),
-                                           "--max-new-tokens", "400"],
+def test_ctrl_c_stops_an_answer_and_ctrl_c_at_the_prompt_leaves(tmp_path, phi_tokenizer):
+    import phikit
+    from phikit import build_model, get_config
+    # a long context, so that the answer is still running when Ctrl-C arrives (a 512-token one can finish first)
+    config = get_config("tiny", vocab_size=51200, tokenizer_vocab_size=len(phi_tokenizer),
+                        max_position_embeddings=16384)
+    phikit.save(build_model(config, seed=0), phi_tokenizer, tmp_path / "long")
+    child = pexpect.spawn(sys.executable, ["-m", "phikit", "chat", "--model", str(tmp_path / "long"),
+                                           "--max-new-tokens", "16000"],
                           encoding="utf-8", timeout=60, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     try:
         child.expect_exact("Alice> ")
