@@ -151,3 +151,18 @@ def test_sft_mix_teaches_scope_and_follow_ups():
             assert "arithmetic, word problems and small Python functions" in c["messages"][1]["content"]
     code = [c["messages"] for c in convs if c["kind"] == "code_request"]
     assert all(run_code(m[1]["content"], timeout=10).passed for m in code[:5])  # whole functions that run
+
+
+def test_a_function_to_complete_is_answered_from_its_signature_line():
+    """Asked to complete a signature and docstring, the assistant answers with the signature line and the body, not
+    the docstring copied back; that answer passes the exercise's own tests in the sandbox."""
+    from phikit.data.conversations import complete_request, python_parts, sft_mix
+    records = procedural.generate(1500, "train", seed=2, kinds=("arithmetic", "python"))
+    exercise = {complete_request(python_parts(r["text"])[0]): r for r in records if r["kind"] == "python"}
+    asked = [c["messages"] for c in sft_mix(records, seed=2)
+             if c["kind"] == "code_request" and c["messages"][0]["content"] in exercise]
+    assert len(asked) > 10
+    for user, answer in ((m[0]["content"], m[1]["content"]) for m in asked[:5]):
+        signature, _, tests = python_parts(exercise[user]["text"])
+        assert answer.startswith(signature.split("\n")[0] + "\n    ") and '"""' not in answer
+        assert run_code(answer + "\n\n" + tests, timeout=10).passed

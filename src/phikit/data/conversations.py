@@ -145,11 +145,13 @@ def complete_request(prompt: str) -> str:
 
 
 def code_request(rng: random.Random, record: dict) -> dict:
-    """A function asked for in words (its docstring's sentence) or as a signature to complete; the answer is the
-    whole function."""
+    """A function asked for in words (its docstring's sentence), answered with the whole function, or as a
+    signature and docstring to complete, answered with the signature line and the body: a tiny model that copies
+    the docstring back garbles it (a wrong example, then a body that follows the wrong example), while the body
+    right after the signature is what pretraining taught it to write."""
     prompt, body, _ = python_parts(record["text"])
     if rng.random() < 0.5:
-        return _msgs(complete_request(prompt), prompt + body)
+        return _msgs(complete_request(prompt), prompt.split("\n")[0] + "\n" + body)
     doc = prompt.split('"""')[1].split("\n")[0].strip()
     signature = prompt.split("\n")[0][len("def "):-1]
     task = doc[:1].lower() + doc[1:].rstrip(".")

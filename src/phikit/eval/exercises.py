@@ -65,7 +65,8 @@ def answer_accuracy(model, tokenizer, records: list[dict], chat_format: bool) ->
 
 def code_pass_at_1(model, tokenizer, records: list[dict], chat_format: bool) -> float:
     """Greedy pass@1 of held-out functions: the model completes each signature and docstring (a chat model is
-    asked to, and answers with the whole function), and the result runs against the exercise's tests."""
+    asked to, and answers with the function from its signature line), and the result runs against the exercise's
+    tests."""
     from ..inference.decoding import generate
     from ..sandbox import run_many
     parts = [python_parts(r["text"]) for r in records]
