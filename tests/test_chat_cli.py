@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 import pytest
@@ -122,6 +123,13 @@ def test_quantized_model_reports_its_parameter_count(tiny_phi_checkpoint, capsys
     assert f"({count / 1e6:,.1f}M parameters)" in capsys.readouterr().err
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """In the spawned chat: Ctrl-C delivered as a user's terminal delivers it, whatever the test process had set
+    (a disposition of "ignore" or a blocked signal is inherited across exec, and Python then keeps it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_stops_an_answer_and_ctrl_c_at_the_prompt_leaves(tmp_path, phi_tokenizer):
     import phikit
     from phikit import build_model, get_config
@@ -131,7 +139,8 @@ def test_ctrl_c_stops_an_answer_and_ctrl_c_at_the_prompt_leaves(tmp_path, phi_to
     phikit.save(build_model(config, seed=0), phi_tokenizer, tmp_path / "long")
     child = pexpect.spawn(sys.executable, ["-m", "phikit", "chat", "--model", str(tmp_path / "long"),
                                            "--max-new-tokens", "16000"],
-                          encoding="utf-8", timeout=60, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                          encoding="utf-8", timeout=60, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+                          preexec_fn=_sigint_as_in_a_terminal)
     try:
         child.expect_exact("Alice> ")
         child.sendline("Tell me a long story.")

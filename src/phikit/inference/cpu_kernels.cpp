@@ -321,21 +321,28 @@ constexpr int kWeightsAvx512 = 4, kRowsAvx512 = 4;
 
 template <int NW, int R, typename W, typename LoadW>
 void float_tile_avx512(const Problem& p, const float* x, const W* w, int64_t n, int64_t r0, LoadW load) {
-  __m512 acc[NW][R];
-  for (int j = 0; j < NW; ++j)
-    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  // One or two sums: U of them per sum, over alternate vectors, so that four loads and multiply-adds are in flight
+  constexpr int U = NW * R <= 2 ? 4 : 1;
+  __m512 acc[U][NW][R];
+  for (int u = 0; u < U; ++u)
+    for (int j = 0; j < NW; ++j)
+      for (int r = 0; r < R; ++r) acc[u][j][r] = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= p.k; i += 16) {
+  auto step = [&](int u, int64_t at) {
     __m512 wv[NW];
-    for (int j = 0; j < NW; ++j) wv[j] = load(w + (n + j) * p.k + i);
+    for (int j = 0; j < NW; ++j) wv[j] = load(w + (n + j) * p.k + at);
     for (int r = 0; r < R; ++r) {
-      __m512 xv = _mm512_loadu_ps(x + (r0 + r) * p.k + i);
-      for (int j = 0; j < NW; ++j) acc[j][r] = _mm512_fmadd_ps(wv[j], xv, acc[j][r]);
+      __m512 xv = _mm512_loadu_ps(x + (r0 + r) * p.k + at);
+      for (int j = 0; j < NW; ++j) acc[u][j][r] = _mm512_fmadd_ps(wv[j], xv, acc[u][j][r]);
     }
-  }
+  };
+  for (; i + 16 * U <= p.k; i += 16 * U)
+    for (int u = 0; u < U; ++u) step(u, i + 16 * u);
+  for (; i + 16 <= p.k; i += 16) step(0, i);
   for (int j = 0; j < NW; ++j)
     for (int r = 0; r < R; ++r) {
-      float s = _mm512_reduce_add_ps(acc[j][r]);
+      for (int u = 1; u < U; ++u) acc[0][j][r] = _mm512_add_ps(acc[0][j][r], acc[u][j][r]);
+      float s = _mm512_reduce_add_ps(acc[0][j][r]);
       for (int64_t t = i; t < p.k; ++t) s += to_float(w[(n + j) * p.k + t]) * x[(r0 + r) * p.k + t];
       store(p, r0 + r, n + j, s);
     }
@@ -363,21 +370,27 @@ void bf16_avx512(const Problem& p, const float* x, const uint16_t* w, int64_t n0
 // bf16 activations (a bf16 model's activations are bf16 already), in another summation order.
 template <int NW, int R>
 void bf16_dot_tile(const Problem& p, const uint16_t* x, const uint16_t* w, int64_t n, int64_t r0) {
-  __m512 acc[NW][R];
-  for (int j = 0; j < NW; ++j)
-    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  constexpr int U = NW * R <= 2 ? 4 : 1;  // as in float_tile_avx512
+  __m512 acc[U][NW][R];
+  for (int u = 0; u < U; ++u)
+    for (int j = 0; j < NW; ++j)
+      for (int r = 0; r < R; ++r) acc[u][j][r] = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 32 <= p.k; i += 32) {
+  auto step = [&](int u, int64_t at) {
     __m512bh wv[NW];
-    for (int j = 0; j < NW; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + (n + j) * p.k + i);
+    for (int j = 0; j < NW; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + (n + j) * p.k + at);
     for (int r = 0; r < R; ++r) {
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (r0 + r) * p.k + i);
-      for (int j = 0; j < NW; ++j) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv[j], xv);
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (r0 + r) * p.k + at);
+      for (int j = 0; j < NW; ++j) acc[u][j][r] = _mm512_dpbf16_ps(acc[u][j][r], wv[j], xv);
     }
-  }
+  };
+  for (; i + 32 * U <= p.k; i += 32 * U)
+    for (int u = 0; u < U; ++u) step(u, i + 32 * u);
+  for (; i + 32 <= p.k; i += 32) step(0, i);
   for (int j = 0; j < NW; ++j)
     for (int r = 0; r < R; ++r) {
-      float s = _mm512_reduce_add_ps(acc[j][r]);
+      for (int u = 1; u < U; ++u) acc[0][j][r] = _mm512_add_ps(acc[0][j][r], acc[u][j][r]);
+      float s = _mm512_reduce_add_ps(acc[0][j][r]);
       for (int64_t t = i; t < p.k; ++t) s += bf16_to_float(w[(n + j) * p.k + t]) * bf16_to_float(x[(r0 + r) * p.k + t]);
       store(p, r0 + r, n + j, s);
     }
