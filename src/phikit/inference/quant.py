@@ -43,6 +43,7 @@ BLOCK_ROWS = 512
 MODES = ("int8", "int8-weight-only", "int4")
 # The group sizes torch's CPU int4 kernel takes (others fail on the first decoding step, not when quantizing).
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+INT4_SUPERBLOCK = 8  # groups of 32 sharing the bf16 steps of their 8-bit scale and minimum codes (kSuper in C++)
 
 
 _local = threading.local()
@@ -356,14 +357,16 @@ class Int4Linear(nn.Module):
         groups = self.in_features // group_size
         padded = -(-self.in_features // 64) * 64
         nibbles = torch.zeros(self.out_features, padded // 2, dtype=torch.uint8, device=device)
-        scales = torch.zeros(self.out_features, groups, device=device)  # fp32 while quantizing
-        mins = torch.zeros_like(scales)
-        if self.native:
+        if self.native:  # codes and steps, written by _stored as each block of channels is quantized
             blocks = padded // 32
             self.register_buffer("scales", torch.zeros(self.out_features, blocks, dtype=torch.uint8, device=device))
             self.register_buffer("mins", torch.zeros(self.out_features, blocks, dtype=torch.int8, device=device))
-            self.register_buffer("steps", torch.zeros(self.out_features, -(-blocks // 8), 2, dtype=torch.bfloat16,
+            superblocks = -(-blocks // INT4_SUPERBLOCK)
+            self.register_buffer("steps", torch.zeros(self.out_features, superblocks, 2, dtype=torch.bfloat16,
                                                       device=device))
+        else:  # fp32 while quantizing, bf16 once done
+            scales = torch.zeros(self.out_features, groups, device=device)
+            mins = torch.zeros_like(scales)
         torch_packed = []
         for start in range(0, self.out_features, BLOCK_ROWS):  # in blocks: no fp32 copy of a whole large matrix
             end = min(start + BLOCK_ROWS, self.out_features)
@@ -374,8 +377,8 @@ class Int4Linear(nn.Module):
             q = F.pad(q.reshape(end - start, -1), (0, padded - self.in_features))
             halves = q.view(end - start, -1, 2, 32)
             nibbles[start:end] = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(end - start, -1)
-            scales[start:end], mins[start:end] = scale, lo
             if not self.native:
+                scales[start:end], mins[start:end] = scale, lo
                 torch_packed.append(q[:, :self.in_features].to(torch.int32))
         self.register_buffer("nibbles", nibbles)
         if not self.native:  # bf16 scales and minimums, and torch's kernel with its own packing
@@ -396,8 +399,8 @@ class Int4Linear(nn.Module):
             return scale.bfloat16().float(), lo.bfloat16().float()
         rows, groups = scale.shape
         superblocks = self.steps.shape[1]
-        pad = superblocks * 8 - groups
-        by_super = lambda t: F.pad(t, (0, pad)).view(rows, superblocks, 8)  # noqa: E731
+        pad = superblocks * INT4_SUPERBLOCK - groups
+        by_super = lambda t: F.pad(t, (0, pad)).view(rows, superblocks, INT4_SUPERBLOCK)  # noqa: E731
         step = by_super(scale).amax(-1) / 255
         step_min = by_super(lo).abs().amax(-1) / 127
         step, step_min = step.bfloat16().float(), step_min.bfloat16().float()
@@ -414,7 +417,7 @@ class Int4Linear(nn.Module):
         groups = self.in_features // self.group_size
         if not self.native:
             return self.scales.float(), self.mins.float()
-        steps = self.steps.float().repeat_interleave(8, dim=1)[:, :groups]
+        steps = self.steps.float().repeat_interleave(INT4_SUPERBLOCK, dim=1)[:, :groups]
         return self.scales[:, :groups].float() * steps[..., 0], self.mins[:, :groups].float() * steps[..., 1]
 
     @property
