@@ -7,14 +7,16 @@ import pytest
 import torch
 
 from phikit.inference import native
-from phikit.inference.quant import CpuLinear, Int4Linear, Int8Linear, prepare_cpu_linears
+from phikit.inference.quant import DECODE_ROWS, CpuLinear, Int4Linear, Int8Linear, float_rows, prepare_cpu_linears
 
 ISAS = ["avx2",
         pytest.param("avx512", marks=pytest.mark.skipif(
             native.isa() not in ("avx512", "avx512_bf16"), reason="this CPU has no AVX512 with VNNI")),
         pytest.param("avx512_bf16", marks=pytest.mark.skipif(
             native.isa() != "avx512_bf16", reason="this CPU has no AVX512-BF16"))]
-ROWS = [1, 2, 3, 7, 16, 17]  # 3, 7: the remainders of the row tiles (4 with AVX512, 2 with AVX2)
+# 3, 7: the remainders of the row tiles (4 with AVX512, 2 with AVX2); 12, 16: one group of 16 lanes, partial and
+# whole (AVX512 from 12 rows); 17: a prompt (the GEMM path)
+ROWS = [1, 2, 3, 7, 12, 16, 17]
 WIDTHS = [40, 100, 160, 2080]  # 40, 100: not a multiple of 16 or 32; 160: 32 but not 64; 2080: a long row
 
 
@@ -67,6 +69,13 @@ def test_float_kernels_equal_float64(kernels, dtype, width):
         # the kernels)
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -5, atol=2 ** -5)
         torch.testing.assert_close(got, exact, **tol)
+    if kernels == "torch":
+        return
+    for rows in (20, 28, 33):  # the kernel itself past one group: 16 lanes + 4 tile rows, 16 + 12 lanes, 32 + 1
+        x = rows_of(rows, width, dtype)
+        got = float_rows(x, layer.weight, layer.bias).double()
+        exact = x.double() @ layer.weight.double().T + layer.bias.double()
+        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)  # fp32 output: summation order only
 
 
 @pytest.mark.parametrize("kernels", ISAS, indirect=True)
@@ -80,7 +89,7 @@ def test_int8_kernel_is_the_block_quantized_product(kernels, width):
         x = rows_of(rows, width, torch.float32)
         with torch.inference_mode():
             got = layer(x).double()
-        if rows < 16:
+        if rows < DECODE_ROWS:
             q, d = block_quantized(x)
             w = torch.nn.functional.pad(layer.weight.double(), (0, q.shape[1] * 32 - width)).view(37, -1, 32)
             per_block = torch.einsum("rbk,nbk->rnb", q.double(), w)
@@ -108,7 +117,7 @@ def test_int4_kernel_is_the_block_quantized_product(kernels, width):
         x = rows_of(rows, width, torch.bfloat16)
         with torch.inference_mode():
             got = layer(x).double()
-        if rows < 16:
+        if rows < DECODE_ROWS:
             q, d = block_quantized(x)
             per_block = torch.einsum("rbk,nbk->rnb", q.double(), codes) * d.double().view(rows, 1, -1)
             exact = (per_block * scales).sum(-1)

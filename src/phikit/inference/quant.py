@@ -33,9 +33,9 @@ from torch import nn
 from . import native
 from ..model import PhiAttention
 
-# Inputs with fewer rows (decoding, small batches) take the matrix-vector kernels, which win as long as reading
-# the weights dominates; more rows (prompts) a GEMM.
-DECODE_ROWS = 16
+# Inputs with fewer rows (decoding up to 16 sequences, prompt lookup, beams) take the C++ kernels, which win as
+# long as reading the weights dominates; more rows (prompts) a GEMM.
+DECODE_ROWS = 17
 # Prompts dequantize (or upcast) this many output channels at a time (4 MB of fp32 at phi-1.5's width): the block
 # stays in cache between dequantizing and multiplying (1024: 0.97x the time, 512: 1x, 128: 1.26x on 2 cores).
 BLOCK_ROWS = 512
@@ -185,6 +185,7 @@ def prepare_cpu_linears(model: nn.Module) -> nn.Module:
            if isinstance(m, (nn.Linear, Int8Linear, Int4Linear)) and m.weight.device.type == "cpu"]
     if cpu:
         native.extension()
+        native.keep_freed_scratch()
     for m in cpu:
         if type(m) is nn.Linear:
             m.__class__ = CpuLinear
