@@ -14,8 +14,8 @@ ISAS = ["avx2",
             native.isa() not in ("avx512", "avx512_bf16"), reason="this CPU has no AVX512 with VNNI")),
         pytest.param("avx512_bf16", marks=pytest.mark.skipif(
             native.isa() != "avx512_bf16", reason="this CPU has no AVX512-BF16"))]
-# 3, 7: the remainders of the row tiles (4 with AVX512, 2 with AVX2); 12, 16: one group of 16 lanes, partial and
-# whole (AVX512 from 12 rows); 17: a prompt (the GEMM path)
+# 3, 7: the remainders of the row tiles (4 with AVX512, 2 with AVX2), and a group of 8 rows in the lanes of the
+# AVX512 fp32/bf16 kernels; 12, 16: a group of 16 lanes, partial and whole; 17: a prompt (the GEMM path)
 ROWS = [1, 2, 3, 7, 12, 16, 17]
 WIDTHS = [40, 100, 160, 2080]  # 40, 100: not a multiple of 16 or 32; 160: 32 but not 64; 2080: a long row
 
@@ -71,7 +71,7 @@ def test_float_kernels_equal_float64(kernels, dtype, width):
         torch.testing.assert_close(got, exact, **tol)
     if kernels == "torch":
         return
-    for rows in (20, 28, 33):  # the kernel itself past one group: 16 lanes + 4 tile rows, 16 + 12 lanes, 32 + 1
+    for rows in (20, 28, 33):  # the kernel itself past one group: lane groups of 16 + 8, 16 + 16, 16 + 16 + 8
         x = rows_of(rows, width, dtype)
         got = float_rows(x, layer.weight, layer.bias).double()
         exact = x.double() @ layer.weight.double().T + layer.bias.double()

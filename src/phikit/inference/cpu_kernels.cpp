@@ -402,90 +402,97 @@ void bf16_dot_avx512(const Problem& p, const uint16_t* x, const uint16_t* w, int
   });
 }
 
-// From kLanesRows rows on, a batch is multiplied the other way round: each lane of a vector holds one activation
-// row (16 rows per vector, the rows transposed beforehand into `xt`, [k][16] per group of 16 rows), and each weight
-// is broadcast from memory into a multiply-add with every row at once. A block of 16 output channels keeps its 16
-// sums in registers over the whole input, so there is no horizontal sum per output, and each weight is read once
-// per 16 rows: at 16 rows 1.2-1.9x the dot-product tiles, 0.75-0.95x oneDNN on weights it has repacked (a copy
-// this layout does not need). bf16 weights with bf16 rows broadcast a pair of weights into vdpbf16ps (`xt` then
-// holds [k / 2][16] pairs of bf16).
+// From kLanesRows rows on, a batch is multiplied the other way round: the lanes of a vector hold the activation
+// rows side by side, and each weight is broadcast from memory into a multiply-add with every row at once. A block
+// of 16 output channels keeps its 16 sums in registers over the whole input, so each weight is read once per group
+// of rows and no horizontal sum is needed per product. A group has RPG = 8 or 16 rows; each row gets L = 16 / RPG
+// lanes: with L = 2 a row's lanes hold 2 consecutive inputs, and the broadcast repeats 2 consecutive weights (a
+// 64-bit broadcast). Groups of 4 rows (a 128-bit broadcast) measured slower than groups of 8 with empty lanes. `xg` holds a group's rows in that order,
+// [k / C][RPG][C] for C = L * E inputs per row and vector (E = 1 fp32, 2 for the bf16 pairs of vdpbf16ps); the last
+// k % C inputs are summed from x itself. One thread, phi-1.5's and the small presets' shapes: fp32 at 8 rows
+// 1.4-2.3x the dot-product tiles, at 16 rows 1.2-1.9x; 0.8-1.0x oneDNN on weights it has repacked (a copy this
+// layout does not need).
 constexpr int kLanes = 16;
 constexpr int64_t kLanesAhead = 256;  // software prefetch distance along each weight row: 16 streams outrun the
                                       // hardware prefetchers on short rows (lm_head at width 256: 1.15x)
 
-template <typename Acc>
-inline void store_lanes(const Problem& p, Acc& acc, int64_t n, int64_t r0) {
+template <int RPG>
+inline __m512 broadcast_f32(const float* w) {  // L = 16 / RPG consecutive weights, repeated RPG times
+  if constexpr (RPG == 16) return _mm512_set1_ps(*w);
+  double two;
+  std::memcpy(&two, w, 8);
+  return _mm512_castpd_ps(_mm512_set1_pd(two));
+}
+
+template <int RPG>
+inline __m512bh broadcast_bf16(const uint16_t* w) {  // L pairs of consecutive bf16 weights, repeated RPG times
+  if constexpr (RPG == 16) {
+    uint32_t pair;
+    std::memcpy(&pair, w, 4);
+    return (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+  }
+  long long two_pairs;
+  std::memcpy(&two_pairs, w, 8);
+  return (__m512bh)_mm512_set1_epi64(two_pairs);
+}
+
+// One block of 16 output channels from n for the group of rows from r0: `step(acc, xg_at, w_at)` adds one vector of
+// inputs, U of them per visit of each weight row (one pointer step per U broadcasts keeps the 16 row addresses out
+// of the registers the sums need); `tail(c, r)` sums the inputs past the last whole vector.
+template <int RPG, int C, typename T, typename Step, typename Tail>
+inline void lane_block(const Problem& p, const T* xg, const T* w, int64_t n, int64_t r0, Step step, Tail tail) {
+  constexpr int U = 4, L = kLanes / RPG;
+  constexpr int64_t kVectorT = kLanes * C / L;  // elements of T per vector of xg
+  const int64_t chunks = p.k / C;
+  __m512 acc[kLanes];
+  for (int c = 0; c < kLanes; ++c) acc[c] = _mm512_setzero_ps();
+  int64_t s = 0;
+  for (; s + U <= chunks; s += U) {
+    const T* wc = w + n * p.k + s * C;
+    const bool fetch = (s * C * sizeof(T)) % 64 == 0;  // once per cache line of each weight row
+    for (int c = 0; c < kLanes; ++c, wc += p.k) {
+      if (fetch) _mm_prefetch(reinterpret_cast<const char*>(wc + kLanesAhead), _MM_HINT_T0);
+      for (int u = 0; u < U; ++u) step(acc[c], xg + (s + u) * kVectorT, wc + u * C);
+    }
+  }
+  for (; s < chunks; ++s)
+    for (int c = 0; c < kLanes; ++c) step(acc[c], xg + s * kVectorT, w + (n + c) * p.k + s * C);
   alignas(64) float sums[kLanes][kLanes];
   for (int c = 0; c < kLanes; ++c) _mm512_store_ps(sums[c], acc[c]);
-  const int64_t rows = std::min<int64_t>(kLanes, p.rows - r0);
+  const int64_t rows = std::min<int64_t>(RPG, p.rows - r0);
   for (int64_t r = 0; r < rows; ++r)
-    for (int c = 0; c < kLanes; ++c) store(p, r0 + r, n + c, sums[c][r]);
+    for (int c = 0; c < kLanes; ++c) {
+      float v = tail(c, r0 + r, chunks * C);
+      for (int l = 0; l < L; ++l) v += sums[c][r * L + l];
+      store(p, r0 + r, n + c, v);
+    }
 }
 
-// Output channels [n0, n1) rounded down to whole blocks of 16, for the activation rows [0, rows) in groups of 16;
-// returns where the blocks end (the rest of the channels is the caller's).
-template <typename Block>
-int64_t over_lane_blocks(int64_t rows, int64_t n0, int64_t n1, Block&& block) {
-  int64_t n = n0;
-  for (; n + kLanes <= n1; n += kLanes)
-    for (int64_t r0 = 0; r0 < rows; r0 += kLanes) block(n, r0);
-  return n;
+template <int RPG>
+void f32_lanes_avx512(const Problem& p, const float* x, const float* xg, const float* w, int64_t n, int64_t r0) {
+  lane_block<RPG, kLanes / RPG>(p, xg, w, n, r0,
+      [](__m512& acc, const float* xv, const float* wv) {
+        acc = _mm512_fmadd_ps(broadcast_f32<RPG>(wv), _mm512_load_ps(xv), acc);
+      },
+      [&](int c, int64_t row, int64_t from) {
+        float v = 0.f;
+        for (int64_t i = from; i < p.k; ++i) v += w[(n + c) * p.k + i] * x[row * p.k + i];
+        return v;
+      });
 }
 
-// U inputs at a time: each weight row is then visited once per U inputs (one pointer step, U broadcasts), which
-// keeps the 16 row addresses out of the registers the sums need.
-int64_t f32_lanes_avx512(const Problem& p, int64_t rows, const float* xt, const float* w, int64_t n0,
-                         int64_t n1) {
-  constexpr int U = 4;
-  return over_lane_blocks(rows, n0, n1, [&](int64_t n, int64_t r0) {
-    const float* xg = xt + r0 * p.k;  // group r0 / 16: [k][16]
-    __m512 acc[kLanes];
-    for (int c = 0; c < kLanes; ++c) acc[c] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + U <= p.k; i += U) {
-      __m512 xv[U];
-      for (int u = 0; u < U; ++u) xv[u] = _mm512_load_ps(xg + (i + u) * kLanes);
-      const float* wc = w + n * p.k + i;
-      const bool fetch = i % 16 == 0;  // once per cache line of each of the 16 weight rows
-      for (int c = 0; c < kLanes; ++c, wc += p.k) {
-        if (fetch) _mm_prefetch(reinterpret_cast<const char*>(wc + kLanesAhead), _MM_HINT_T0);
-        for (int u = 0; u < U; ++u) acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(wc[u]), xv[u], acc[c]);
-      }
-    }
-    for (; i < p.k; ++i) {
-      __m512 xv = _mm512_load_ps(xg + i * kLanes);
-      for (int c = 0; c < kLanes; ++c) acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(w[(n + c) * p.k + i]), xv, acc[c]);
-    }
-    store_lanes(p, acc, n, r0);
-  });
-}
-
-int64_t bf16_lanes_avx512(const Problem& p, int64_t rows, const uint32_t* xt, const uint16_t* w, int64_t n0,
-                          int64_t n1) {
-  constexpr int U = 4;  // pairs
-  return over_lane_blocks(rows, n0, n1, [&](int64_t n, int64_t r0) {
-    const uint32_t* xg = xt + r0 * (p.k / 2);  // group r0 / 16: [k / 2][16] pairs
-    __m512 acc[kLanes];
-    for (int c = 0; c < kLanes; ++c) acc[c] = _mm512_setzero_ps();
-    auto pair_of = [](const uint16_t* at) {
-      uint32_t pair;
-      std::memcpy(&pair, at, 4);
-      return (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
-    };
-    int64_t i = 0;
-    for (; i + 2 * U <= p.k; i += 2 * U) {
-      __m512bh xv[U];
-      for (int u = 0; u < U; ++u) xv[u] = (__m512bh)_mm512_load_si512(xg + (i / 2 + u) * kLanes);
-      const uint16_t* wc = w + n * p.k + i;
-      for (int c = 0; c < kLanes; ++c, wc += p.k)
-        for (int u = 0; u < U; ++u) acc[c] = _mm512_dpbf16_ps(acc[c], xv[u], pair_of(wc + 2 * u));
-    }
-    for (; i < p.k; i += 2) {
-      __m512bh xv = (__m512bh)_mm512_load_si512(xg + (i / 2) * kLanes);
-      for (int c = 0; c < kLanes; ++c) acc[c] = _mm512_dpbf16_ps(acc[c], xv, pair_of(w + (n + c) * p.k + i));
-    }
-    store_lanes(p, acc, n, r0);
-  });
+template <int RPG>
+void bf16_lanes_avx512(const Problem& p, const uint16_t* x, const uint16_t* xg, const uint16_t* w, int64_t n,
+                       int64_t r0) {
+  lane_block<RPG, 2 * kLanes / RPG>(p, xg, w, n, r0,
+      [](__m512& acc, const uint16_t* xv, const uint16_t* wv) {
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_load_si512(xv), broadcast_bf16<RPG>(wv));
+      },
+      [&](int c, int64_t row, int64_t from) {
+        float v = 0.f;
+        for (int64_t i = from; i < p.k; ++i) v += bf16_to_float(w[(n + c) * p.k + i]) * bf16_to_float(x[row * p.k + i]);
+        return v;
+      });
 }
 
 // int8: VNNI multiplies unsigned x signed bytes straight into int32 lanes. The weights become unsigned by flipping
@@ -637,41 +644,62 @@ void over_channels(int64_t n, int64_t row_bytes, Fn fn) {
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) { fn(n0, n1); });
 }
 
-// Activation rows from which the AVX512 kernels put one row per vector lane (f32_lanes_avx512): a group of 16 lanes
-// costs the same for 1 or 16 rows, and beats 4-row tiles from about 12 rows at phi-1.5's widths (from 6 at width 256).
-constexpr int64_t kLanesRows = 12;
+// Activation rows from which the AVX512 kernels put rows side by side in the lanes (see lane_block).
+constexpr int64_t kLanesRows = 3;
 
-// How many of `rows` the lanes kernels take: whole groups of 16, and the last group if it has kLanesRows or more.
-int64_t lane_rows(int64_t rows) {
-  const int64_t rest = rows % kLanes;
-  return rows - rest + (rest >= kLanesRows ? rest : 0);
+// The row groups of the lanes kernels: 16 rows while more than 8 are left, then 8 (the last group may have empty
+// lanes). Empty where the rows take the dot-product tiles.
+struct LaneGroup {
+  int64_t r0;
+  int rpg;
+  int64_t offset;  // of the group's layout in the transposed activations
+};
+
+std::vector<LaneGroup> lane_groups(int64_t rows, int64_t k, int64_t elems_per_lane) {
+  std::vector<LaneGroup> groups;
+  if (rows < kLanesRows) return groups;
+  int64_t offset = 0;
+  for (int64_t r0 = 0; r0 < rows;) {
+    const int64_t left = rows - r0;
+    const int rpg = left > 8 ? 16 : 8;
+    groups.push_back({r0, rpg, offset});
+    const int64_t per_vector = kLanes / rpg * elems_per_lane;  // C: inputs of a row per vector
+    offset += k / per_vector * kLanes * elems_per_lane;
+    r0 += rpg;
+  }
+  return groups;
 }
 
-// Rows [0, rows) of x [.., k] as groups of 16 rows, each [k][16] (lanes past the last row are zero); `pairs` keeps two
-// adjacent inputs of a row together ([k / 2][16][2], for bf16 pair products). torch's allocator aligns to 64 bytes.
+// x's rows laid out for the lanes kernels, group by group: [k / C][RPG][C] (rows past the last are zero). torch's
+// allocator aligns the start to 64 bytes, and each group's size is a multiple of 64 bytes.
 template <typename T>
-torch::Tensor rows_to_lanes(const torch::Tensor& x, int64_t rows, bool pairs) {
-  const int64_t k = x.size(1), groups = (rows + kLanes - 1) / kLanes, step = pairs ? 2 : 1;
-  auto xt = torch::zeros({groups * kLanes * k}, x.options());
+torch::Tensor rows_to_lanes(const torch::Tensor& x, const std::vector<LaneGroup>& groups, int64_t elems_per_lane) {
+  const int64_t rows = x.size(0), k = x.size(1);
+  const auto& last = groups.back();
+  const int64_t last_c = kLanes / last.rpg * elems_per_lane;
+  auto xt = torch::zeros({last.offset + k / last_c * kLanes * elems_per_lane}, x.options());
   const T* src = reinterpret_cast<const T*>(x.data_ptr());
   T* dst = reinterpret_cast<T*>(xt.data_ptr());
-  for (int64_t r = 0; r < rows; ++r) {
-    T* group = dst + (r / kLanes) * kLanes * k + (r % kLanes) * step;
-    for (int64_t i = 0; i < k; ++i) group[(i / step) * kLanes * step + i % step] = src[r * k + i];
+  for (const auto& g : groups) {
+    const int64_t c = kLanes / g.rpg * elems_per_lane, chunks = k / c;
+    for (int64_t r = g.r0; r < std::min<int64_t>(rows, g.r0 + g.rpg); ++r)
+      for (int64_t s = 0; s < chunks; ++s)
+        for (int64_t j = 0; j < c; ++j) dst[g.offset + (s * g.rpg + (r - g.r0)) * c + j] = src[r * k + s * c + j];
   }
   return xt;
 }
 
-// Channels [n0, n1) of p: the first `lanes` rows on a lanes kernel (which leaves the channels past its last whole
-// block of 16), everything else on the tiles. `tiles(q, row0, n0, n1)` runs the tiles on rows row0.. of sub-problem q.
-template <typename Lanes, typename Tiles>
-void lanes_then_tiles(const Problem& p, int64_t lanes, int64_t n0, int64_t n1, Lanes&& on_lanes, Tiles&& tiles) {
-  if (lanes > 0) {
-    const int64_t done = on_lanes(n0, n1);
-    if (done < n1) tiles(Problem{lanes, p.k, p.n, p.y, p.bias}, 0, done, n1);
-  }
-  if (lanes < p.rows) tiles(Problem{p.rows - lanes, p.k, p.n, p.y + lanes * p.n, p.bias}, lanes, n0, n1);
+// Channels [n0, n1) of every row: whole blocks of 16 channels on the lanes kernel `block(rpg, group, n)`, the rest
+// (and everything when there are no groups) on the tiles `tiles(n0, n1)`.
+template <typename Block, typename Tiles>
+void lanes_or_tiles(const std::vector<LaneGroup>& groups, int64_t n0, int64_t n1, Block&& block, Tiles&& tiles) {
+  int64_t n = n0;
+  if (!groups.empty())
+    for (; n + kLanes <= n1; n += kLanes)
+      for (const auto& g : groups) block(g, n);
+  if (n < n1) tiles(n, n1);
 }
+
 
 torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t isa) {
   TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 2, "fp32 [out, in] weights expected");
@@ -680,14 +708,15 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, c10::optional<torch::
   Problem p{x.size(0), w.size(1), w.size(0), y.data_ptr<float>(), bias_ptr(bias, w.size(0))};
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   Isa use = pick(isa);
-  const int64_t lanes = use != kAvx2 ? lane_rows(p.rows) : 0;
-  torch::Tensor xt = lanes ? rows_to_lanes<float>(x, lanes, false) : torch::Tensor();
+  const auto groups = use != kAvx2 ? lane_groups(p.rows, p.k, 1) : std::vector<LaneGroup>();
+  torch::Tensor xt = groups.empty() ? torch::Tensor() : rows_to_lanes<float>(x, groups, 1);
   over_channels(p.n, p.k * 4, [&](int64_t n0, int64_t n1) {
-    lanes_then_tiles(p, lanes, n0, n1,
-        [&](int64_t m0, int64_t m1) { return f32_lanes_avx512(p, lanes, xt.data_ptr<float>(), wp, m0, m1); },
-        [&](const Problem& q, int64_t row0, int64_t m0, int64_t m1) {
-          use != kAvx2 ? f32_avx512(q, xp + row0 * p.k, wp, m0, m1) : f32_avx2(q, xp + row0 * p.k, wp, m0, m1);
-        });
+    lanes_or_tiles(groups, n0, n1,
+        [&](const LaneGroup& g, int64_t n) {
+          const float* xg = xt.data_ptr<float>() + g.offset;
+          g.rpg == 16 ? f32_lanes_avx512<16>(p, xp, xg, wp, n, g.r0) : f32_lanes_avx512<8>(p, xp, xg, wp, n, g.r0);
+        },
+        [&](int64_t m0, int64_t m1) { use != kAvx2 ? f32_avx512(p, xp, wp, m0, m1) : f32_avx2(p, xp, wp, m0, m1); });
   });
   return y;
 }
@@ -705,20 +734,22 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
   auto y = output(x, w.size(0));
   Problem p{x.size(0), w.size(1), w.size(0), y.data_ptr<float>(), bias_ptr(bias, w.size(0))};
   auto wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  const int64_t lanes = use == kAvx512Bf16 && p.k % 2 == 0 ? lane_rows(p.rows) : 0;
-  torch::Tensor xt = lanes ? rows_to_lanes<uint16_t>(x, lanes, true) : torch::Tensor();
+  const auto groups = use == kAvx512Bf16 ? lane_groups(p.rows, p.k, 2) : std::vector<LaneGroup>();
+  torch::Tensor xt = groups.empty() ? torch::Tensor() : rows_to_lanes<uint16_t>(x, groups, 2);
   over_channels(p.n, p.k * 2, [&](int64_t n0, int64_t n1) {
-    lanes_then_tiles(p, lanes, n0, n1,
-        [&](int64_t m0, int64_t m1) {
-          return bf16_lanes_avx512(p, lanes, reinterpret_cast<const uint32_t*>(xt.data_ptr()), wp, m0, m1);
+    lanes_or_tiles(groups, n0, n1,
+        [&](const LaneGroup& g, int64_t n) {
+          auto xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
+          auto xg = reinterpret_cast<const uint16_t*>(xt.data_ptr()) + g.offset;
+          g.rpg == 16 ? bf16_lanes_avx512<16>(p, xb, xg, wp, n, g.r0) : bf16_lanes_avx512<8>(p, xb, xg, wp, n, g.r0);
         },
-        [&](const Problem& q, int64_t row0, int64_t m0, int64_t m1) {
+        [&](int64_t m0, int64_t m1) {
           if (use == kAvx512Bf16)
-            bf16_dot_avx512(q, reinterpret_cast<const uint16_t*>(x.data_ptr()) + row0 * p.k, wp, m0, m1);
+            bf16_dot_avx512(p, reinterpret_cast<const uint16_t*>(x.data_ptr()), wp, m0, m1);
           else if (use == kAvx512)
-            bf16_avx512(q, x.data_ptr<float>() + row0 * p.k, wp, m0, m1);
+            bf16_avx512(p, x.data_ptr<float>(), wp, m0, m1);
           else
-            bf16_avx2(q, x.data_ptr<float>() + row0 * p.k, wp, m0, m1);
+            bf16_avx2(p, x.data_ptr<float>(), wp, m0, m1);
         });
   });
   return y;
