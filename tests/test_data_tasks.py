@@ -169,6 +169,71 @@ def test_kill_minus_nine_then_rerun_gives_the_same_output(tmp_path):
     assert Path(str(out) + ".report.json").read_bytes() == Path(str(reference) + ".report.json").read_bytes()
 
 
+def _processes() -> dict[int, tuple[int, str, str]]:
+    """Every process this machine shows: pid -> (parent pid, start time, state), from /proc."""
+    out = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # it just ended
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (name) "
+        out[int(entry)] = (int(fields[1]), fields[19], fields[0])
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_kill_minus_nine_of_the_command_alone_leaves_no_worker_behind(tmp_path):
+    """Only the command is killed (not its process group): its local workers and datatrove's manager process
+    must die with it, not wait for work forever."""
+    inputs = _write_inputs(tmp_path / "in", _corpus(seed=4, n=2000))
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd = [sys.executable, "-m", "phikit", "data", "dedup", "--threshold", "0.7", *map(str, inputs),
+           "--output", str(out), "--tasks", "8", "--workers", "2"]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: dict[int, str] = {}  # every descendant of the command: pid -> start time
+    try:
+        deadline = time.time() + 120
+        while len(seen) < 3 and time.time() < deadline and first.poll() is None:  # a manager and 2 workers
+            procs, tree = _processes(), {first.pid}
+            for _ in range(4):  # the command's children, their children, ...
+                tree |= {pid for pid, (ppid, _, _) in procs.items() if ppid in tree}
+            seen = {pid: procs[pid][1] for pid in tree - {first.pid}}
+            time.sleep(0.01)
+        assert first.poll() is None and len(seen) >= 3, "the command ended before its workers could be seen"
+        first.kill()
+        first.wait()
+
+        def left() -> list[int]:
+            """Descendants seen before the kill still running, and any process forked from the command (they
+            carry its command line, which names this test's output) since."""
+            procs = _processes()
+            return [pid for pid, (_, start, state) in procs.items() if state not in "ZX" and (
+                seen.get(pid) == start or (pid != first.pid and str(out) in _cmdline(pid)))]
+
+        deadline = time.time() + 10
+        while left() and time.time() < deadline:
+            time.sleep(0.05)
+        assert not left(), f"processes of the killed command still run: {[_cmdline(p) for p in left()]}"
+    finally:
+        if first.poll() is None:
+            first.kill()
+        for pid in seen:  # leave nothing behind when the assertion fails
+            try:
+                if _processes().get(pid, (0, None))[1] == seen[pid]:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_bad_lines_in_every_task_are_skipped_or_fatal(tmp_path, capsys):
     lines = [json.dumps({"text": f"document {i} " + " ".join(f"w{(i * j) % 97}" for j in range(30)),
                          "edu_score": 4}) for i in range(200)]

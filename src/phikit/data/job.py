@@ -8,15 +8,20 @@ a task complete only after it returned, so a rerun of the same command after a c
 tasks that had not finished. The last stage writes the output (atomically); the work folder is then removed.
 Locally and on Ray the command waits for every stage; on Slurm it submits the stages as dependent job arrays
 and returns (the output appears when the last one ends; rerunning the command then finds it done and removes
-the work folder).
+the work folder). Every process a local stage starts (datatrove's workers and its manager process) dies with the
+command, even on `kill -9` (on Linux), so a killed run leaves nothing behind to race its rerun.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import signal
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -70,7 +75,7 @@ class Executor:
             from datatrove.executor import LocalPipelineExecutor
             # forked workers share what the parent already loaded (a tokenizer, a benchmark index)
             return LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
-                                         start_method=stage.start_method)
+                                         start_method=_start_method(stage.start_method))
         if self.kind == "slurm":
             from datatrove.executor import SlurmPipelineExecutor
             return SlurmPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
@@ -155,7 +160,8 @@ class WorkFolder:
                          logging_level=logging.INFO if executor.verbose else logging.ERROR)
         for i, stage in enumerate(stages):
             ex = executor.build(stage, self.path / "logs" / f"{i}-{stage.name}")
-            ex.run()
+            with _children_die_with_us(executor.kind == "local"):
+                ex.run()
             missing = ex.get_incomplete_ranks()
             if missing:
                 raise JobIncomplete(f"{len(missing)} of {stage.tasks} {stage.name} tasks did not finish (logs in "
@@ -171,6 +177,61 @@ class WorkFolder:
         path = Path(output).with_name(Path(output).name + WORK_SUFFIX)
         if (path / "job.json").is_file():
             shutil.rmtree(path, ignore_errors=True)
+
+
+# A local stage's processes outlive a command killed with SIGKILL: datatrove's manager process waits for clients
+# forever and a busy worker finishes its task (writing into the work folder a rerun uses). On Linux the kernel
+# kills them with the command instead: forked ones get it from a fork hook, spawned pool workers (which run no
+# fork hook) from a pool initializer, set through a multiprocess context of our own.
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+_guarding = 0  # the pid of this process while what it forks must die with it
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel SIGKILL this process when `parent` (the process that started it) dies."""
+    global _guarding
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+    _guarding = os.getpid()  # and what this process forks dies with it
+
+
+def _after_fork_in_child() -> None:
+    if _guarding:
+        _die_with(_guarding)
+
+
+@contextmanager
+def _children_die_with_us(on: bool):
+    """While this runs, every process forked here (and spawned by a pool of our context) dies with this process.
+    The signal comes when the forking thread ends: datatrove forks from the thread that runs the stage."""
+    global _guarding
+    if not on or _prctl is None or _guarding:
+        yield
+        return
+    _guarding = os.getpid()
+    try:
+        yield
+    finally:
+        _guarding = 0
+
+
+if _prctl is not None:
+    import multiprocess.context
+
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+    class _SpawnDyingWithParent(multiprocess.context.SpawnContext):
+        def Pool(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None):
+            assert initializer is None, "datatrove's pool takes no initializer"
+            return super().Pool(processes, _die_with, (os.getpid(),), maxtasksperchild)
+
+    multiprocess.context._concrete_contexts["phikit-spawn"] = _SpawnDyingWithParent()
+
+
+def _start_method(method: str) -> str:
+    return "phikit-spawn" if method == "spawn" and _prctl is not None else method
 
 
 def _quiet_datatrove(verbose: bool) -> None:
