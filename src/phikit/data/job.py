@@ -227,11 +227,16 @@ if _prctl is not None:
             assert initializer is None, "datatrove's pool takes no initializer"
             return super().Pool(processes, _die_with, (os.getpid(),), maxtasksperchild)
 
-    multiprocess.context._concrete_contexts["phikit-spawn"] = _SpawnDyingWithParent()
+    # A private table of multiprocess: where a later version renames it, spawned workers just lose the guard.
+    _CONTEXTS = getattr(multiprocess.context, "_concrete_contexts", None)
+    if isinstance(_CONTEXTS, dict):
+        _CONTEXTS["phikit-spawn"] = _SpawnDyingWithParent()
 
 
 def _start_method(method: str) -> str:
-    return "phikit-spawn" if method == "spawn" and _prctl is not None else method
+    registered = _prctl is not None and "phikit-spawn" in (getattr(sys.modules.get("multiprocess.context"),
+                                                                     "_concrete_contexts", None) or {})
+    return "phikit-spawn" if method == "spawn" and registered else method
 
 
 def _quiet_datatrove(verbose: bool) -> None:
