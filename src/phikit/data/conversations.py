@@ -162,8 +162,17 @@ def code_request(rng: random.Random, record: dict) -> dict:
                        # Unnamed requests too, else "Write a Python function that ..." reads like the refused
                        # "Write a poem about ...": the chat model declined code it can write.
                        f"Write a Python function to {task}.",
-                       f"Can you write a function in Python that will {task}?"])
+                       f"Can you write a function in Python that will {task}?",
+                       # "Write a Python function that returns the square of a number." was declined too
+                       f"Write a Python function that {_third_person(task)}.",
+                       f"I need a Python function that {_third_person(task)}."])
     return _msgs(user, prompt + body)
+
+
+def _third_person(task: str) -> str:
+    """"return the sum of `xs`" -> "returns the sum of `xs`" (the tasks start with a plain verb)."""
+    verb, _, rest = task.partition(" ")
+    return verb + ("es" if verb.endswith(("s", "sh", "ch", "x")) else "s") + (" " + rest if rest else "")
 
 
 MAKERS = {"greeting": greeting, "identity": identity, "capabilities": capabilities, "refusal": refusal}
