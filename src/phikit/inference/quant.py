@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 import warnings
 import weakref
 
@@ -131,6 +132,38 @@ def _call(op: str, *args) -> torch.Tensor:
     return globals()[op](*args)
 
 
+@functools.cache
+def onednn_fp32_wins() -> bool:
+    """Whether oneDNN's fp32 product on weights as they are beats F.linear (MKL's sgemm on torch's CPU builds) for
+    prompts here. MKL takes a slow path on some CPUs (half oneDNN's speed on an AMD EPYC with AVX512); measured once
+    per process, on a 128 x 1024 x 1024 product (a few milliseconds), since it differs from CPU to CPU."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    x, w = torch.randn(128, 1024), torch.randn(1024, 1024)
+
+    def best(product) -> float:
+        product()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            product()
+            times.append(time.perf_counter() - start)
+        return min(times)
+    with torch.inference_mode():
+        try:
+            onednn = best(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+        except (RuntimeError, AttributeError):  # a build without the op
+            return False
+        return onednn < 0.9 * best(lambda: F.linear(x, w))
+
+
+def fp32_product(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for fp32 prompts on the CPU, through oneDNN where that measured faster (see onednn_fp32_wins)."""
+    if x2.device.type == "cpu" and not torch.compiler.is_compiling() and onednn_fp32_wins():
+        return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+    return F.linear(x2, weight, bias)
+
+
 def blocked_product(x2: torch.Tensor, out_features: int, weight_rows, dtype: torch.dtype) -> torch.Tensor:
     """x2 @ W.T in fp32 for a W never held whole, the product running in `dtype` (bf16 where bf16 GEMM is native):
     `weight_rows(start, end, out)` writes output channels start:end of W into `out` ([end - start, in], `dtype`) and
@@ -142,7 +175,8 @@ def blocked_product(x2: torch.Tensor, out_features: int, weight_rows, dtype: tor
     y = torch.empty(x2.shape[0], out_features, device=x2.device)
     for start in range(0, out_features, rows):
         end = min(start + rows, out_features)
-        y[:, start:end] = F.linear(x_in_dtype, weight_rows(start, end, block[:end - start]))
+        w = weight_rows(start, end, block[:end - start])
+        y[:, start:end] = fp32_product(x_in_dtype, w) if dtype == torch.float32 else F.linear(x_in_dtype, w)
     return y
 
 
@@ -172,6 +206,8 @@ class CpuLinear(nn.Linear):
         elif dtype == torch.bfloat16 and x2.shape[0] == 1:
             y = torch.mv(self.weight, x2[0])[None]
             y = y + self.bias if self.bias is not None else y
+        elif dtype == torch.float32:
+            y = fp32_product(x2.contiguous(), self.weight, self.bias)
         else:
             return super().forward(x)
         return y.reshape(*shape[:-1], self.out_features)
