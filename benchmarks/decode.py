@@ -295,9 +295,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--transformers-batches", default="1,8", help="batches for which transformers is also timed")
-    p.add_argument("--llama-types", default="f32,bf16,q8_0,q4_0",
-                   help="GGUF types llama.cpp runs (\"\" for none); each runs in the turns of the phikit mode of "
-                        "equal bits (f32: fp32, bf16: bf16, q8_0: int8, q4_0: int4) when that mode runs")
+    p.add_argument("--llama-types", default=None,
+                   help="GGUF types llama.cpp runs (\"\" for none; default: those of the --modes); each runs in the "
+                        "turns of the phikit mode of equal bits (f32: fp32, bf16: bf16, q8_0: int8, q4_0: int4) when "
+                        "that mode runs, alone otherwise")
     p.add_argument("--agreement", action="store_true", help="measure int8/int4 greedy agreement with fp32")
     p.add_argument("--check-finite", action="store_true",
                    help="check each format's logits for NaN/inf on the prompt and a decoding step (exit 1 if not)")
@@ -313,10 +314,12 @@ def main() -> None:
         p.error(f"--new-tokens must be >= 2, got {args.new_tokens}")
     if args.repeats < 1 or args.prompt_len < 1:
         p.error("--repeats and --prompt-len must be >= 1")
-    args.llama_types = [t for t in args.llama_types.split(",") if t]  # "" skips llama.cpp
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     modes = (args.modes or ("fp16,bf16,int8" if cuda else "fp32,bf16,int8,int4")).split(",")
+    if args.llama_types is None:
+        args.llama_types = ",".join(EQUAL_BITS[m] for m in modes if m in EQUAL_BITS)
+    args.llama_types = [t for t in args.llama_types.split(",") if t]  # "" skips llama.cpp
     unknown = [m for m in modes if m not in DTYPES and m not in MODES]
     if unknown:  # before the bandwidth test and the model, which take a while
         p.error(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join([*DTYPES, *MODES])}")
