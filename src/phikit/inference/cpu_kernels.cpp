@@ -503,13 +503,10 @@ void i8_tile_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, c
                     const float* offset, int64_t n, int64_t r0) {
   const int64_t whole = p.k / kBlock, chunks = p.k / 64;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  constexpr int U = NW * R <= 2 ? 4 : 1;  // as in float_tile_avx512: one or two sums keep four chains in flight
-  __m512 acc[U][NW][R];
-  for (int u = 0; u < U; ++u)
-    for (int j = 0; j < NW; ++j)
-      for (int r = 0; r < R; ++r) acc[u][j][r] = _mm512_setzero_ps();
+  __m512 acc[NW][R];
+  for (int j = 0; j < NW; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
-    const int u = c % U;
     __m512i wv[NW];
     for (int j = 0; j < NW; ++j) wv[j] = _mm512_xor_si512(_mm512_loadu_si512(w + (n + j) * p.k + c * 64), flip);
     for (int r = 0; r < R; ++r) {
@@ -517,16 +514,15 @@ void i8_tile_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, c
       __m512i xv = _mm512_loadu_si512(a.q.data() + row * a.padded + c * 64);
       __m512 d = _mm512_loadu_ps(a.scale8.data() + (row * a.blocks + 2 * c) * 8);
       for (int j = 0; j < NW; ++j)
-        acc[u][j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[j], xv)),
-                                       d, acc[u][j][r]);
+        acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[j], xv)), d,
+                                    acc[j][r]);
     }
   }
   for (int j = 0; j < NW; ++j) {
     const int8_t* wr = w + (n + j) * p.k;
     for (int r = 0; r < R; ++r) {
       const int64_t row = r0 + r;
-      for (int u = 1; u < U; ++u) acc[0][j][r] = _mm512_add_ps(acc[0][j][r], acc[u][j][r]);
-      float s = _mm512_reduce_add_ps(acc[0][j][r]);
+      float s = _mm512_reduce_add_ps(acc[j][r]);
       if (whole > 2 * chunks) {  // one whole block left after the 64-input chunks
         const int64_t b = 2 * chunks;
         __m256i wv = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * kBlock)),
@@ -563,13 +559,10 @@ void i4_tile_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights&
   const __m512i low = _mm512_set1_epi8(0x0F);
   const __m512i nibble_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
   const Int4RowSteps steps = int4_row_steps(w, n, NW);
-  constexpr int U = NW * R <= 2 ? 4 : 1;  // as in float_tile_avx512
-  __m512 acc[U][NW][R];
-  for (int u = 0; u < U; ++u)
-    for (int j = 0; j < NW; ++j)
-      for (int r = 0; r < R; ++r) acc[u][j][r] = _mm512_setzero_ps();
+  __m512 acc[NW][R];
+  for (int j = 0; j < NW; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
   for (int64_t pr = 0; pr < pairs; ++pr) {
-    const int u = pr % U;
     __m512i q[NW];
     __m512 ws[NW];
     for (int j = 0; j < NW; ++j) {
@@ -586,17 +579,15 @@ void i4_tile_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights&
       __m512 d = _mm512_loadu_ps(a.scale8.data() + (row * blocks + 2 * pr) * 8);
       for (int j = 0; j < NW; ++j) {
         __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q[j], xv));
-        acc[u][j][r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(ws[j], d), acc[u][j][r]);
+        acc[j][r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(ws[j], d), acc[j][r]);
       }
     }
   }
   for (int j = 0; j < NW; ++j)
-    for (int r = 0; r < R; ++r) {
-      for (int u = 1; u < U; ++u) acc[0][j][r] = _mm512_add_ps(acc[0][j][r], acc[u][j][r]);
-      store(p, r0 + r, n + j, _mm512_reduce_add_ps(acc[0][j][r]) +
+    for (int r = 0; r < R; ++r)
+      store(p, r0 + r, n + j, _mm512_reduce_add_ps(acc[j][r]) +
                                   int4_minimum_term(steps.minimum + j * blocks, a.sums.data() + (r0 + r) * blocks,
                                                     blocks));
-    }
 }
 
 void i4_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t n0, int64_t n1) {
