@@ -222,6 +222,8 @@ def prepare_cpu_linears(model: nn.Module) -> nn.Module:
     if cpu:
         native.extension()
         native.keep_freed_scratch()
+        if any(m.weight.dtype == torch.float32 for m in cpu):
+            onednn_fp32_wins()  # measured now rather than inside the first request's prompt
     for m in cpu:
         if type(m) is nn.Linear:
             m.__class__ = CpuLinear
