@@ -70,9 +70,12 @@ def make_corpus(folder: Path, docs: int, files: int, seed: int) -> dict[str, set
     pyrng = random.Random(seed)
     vocab = np.array([f"{w}{i}" for i, w in enumerate(["alpha", "beta", "gamma", "delta", "omega"] * 8000)])
     lengths = rng.integers(60, 100, docs)
-    words = vocab[rng.integers(0, len(vocab), int(lengths.sum()))]
-    ends = np.cumsum(lengths)
-    texts = [" ".join(words[e - n:e]) for e, n in zip(ends, lengths)]
+    texts = []
+    for start in range(0, docs, 1_000_000):  # the words of 8M documents at once would take 24 GB
+        part = lengths[start:start + 1_000_000]
+        words = vocab[rng.integers(0, len(vocab), int(part.sum()))]  # the same draws as one call for all
+        ends = np.cumsum(part)
+        texts += [" ".join(words[e - n:e]) for e, n in zip(ends, part)]
     # near_low: the near copies just above the threshold (exact Jaccard in [0.8, 0.85)), the hardest to find
     kinds = {"exact": set(), "near": set(), "near_low": set(), "nondup": set(), "bench": set()}
     plants = max(4, docs // 50)  # 2% of each kind (bench: at most 100)
