@@ -407,11 +407,11 @@ void bf16_dot_avx512(const Problem& p, const uint16_t* x, const uint16_t* w, int
 // of 16 output channels keeps its 16 sums in registers over the whole input, so each weight is read once per group
 // of rows and no horizontal sum is needed per product. A group has RPG = 8 or 16 rows; each row gets L = 16 / RPG
 // lanes: with L = 2 a row's lanes hold 2 consecutive inputs, and the broadcast repeats 2 consecutive weights (a
-// 64-bit broadcast). Groups of 4 rows (a 128-bit broadcast) measured slower than groups of 8 with empty lanes. `xg` holds a group's rows in that order,
-// [k / C][RPG][C] for C = L * E inputs per row and vector (E = 1 fp32, 2 for the bf16 pairs of vdpbf16ps); the last
-// k % C inputs are summed from x itself. One thread, phi-1.5's and the small presets' shapes: fp32 at 8 rows
-// 1.4-2.3x the dot-product tiles, at 16 rows 1.2-1.9x; 0.8-1.0x oneDNN on weights it has repacked (a copy this
-// layout does not need).
+// 64-bit broadcast). Groups of 4 rows (a 128-bit broadcast) measured slower than groups of 8 with empty lanes.
+// `xg` holds a group's rows in that order, [k / C][RPG][C] for C = L * E inputs per row and vector (E = 1 fp32, 2
+// for the bf16 pairs of vdpbf16ps); the last k % C inputs are summed from x itself. One thread, phi-1.5's and the
+// small presets' shapes: fp32 at 8 rows 1.4-2.3x the dot-product tiles, at 16 rows 1.2-1.9x; 0.8-1.0x oneDNN on
+// weights it has repacked (a copy this layout does not need).
 constexpr int kLanes = 16;
 constexpr int64_t kLanesAhead = 256;  // software prefetch distance along each weight row: 16 streams outrun the
                                       // hardware prefetchers on short rows (lm_head at width 256: 1.15x)
@@ -438,9 +438,9 @@ inline __m512bh broadcast_bf16(const uint16_t* w) {  // L pairs of consecutive b
 
 // One block of 16 output channels from n for the group of rows from r0: `step(acc, xg_at, w_at)` adds one vector of
 // inputs, U of them per visit of each weight row (one pointer step per U broadcasts keeps the 16 row addresses out
-// of the registers the sums need); `tail(c, r)` sums the inputs past the last whole vector.
-template <int RPG, int C, typename T, typename Step, typename Tail>
-inline void lane_block(const Problem& p, const T* xg, const T* w, int64_t n, int64_t r0, Step step, Tail tail) {
+// of the registers the sums need); the inputs past the last whole vector are summed from x [rows, k] itself.
+template <int RPG, int C, typename T, typename Step>
+inline void lane_block(const Problem& p, const T* x, const T* xg, const T* w, int64_t n, int64_t r0, Step step) {
   constexpr int U = 4, L = kLanes / RPG;
   constexpr int64_t kVectorT = kLanes * C / L;  // elements of T per vector of xg
   const int64_t chunks = p.k / C;
@@ -462,7 +462,8 @@ inline void lane_block(const Problem& p, const T* xg, const T* w, int64_t n, int
   const int64_t rows = std::min<int64_t>(RPG, p.rows - r0);
   for (int64_t r = 0; r < rows; ++r)
     for (int c = 0; c < kLanes; ++c) {
-      float v = tail(c, r0 + r, chunks * C);
+      float v = 0.f;
+      for (int64_t i = chunks * C; i < p.k; ++i) v += to_float(w[(n + c) * p.k + i]) * to_float(x[(r0 + r) * p.k + i]);
       for (int l = 0; l < L; ++l) v += sums[c][r * L + l];
       store(p, r0 + r, n + c, v);
     }
@@ -470,29 +471,17 @@ inline void lane_block(const Problem& p, const T* xg, const T* w, int64_t n, int
 
 template <int RPG>
 void f32_lanes_avx512(const Problem& p, const float* x, const float* xg, const float* w, int64_t n, int64_t r0) {
-  lane_block<RPG, kLanes / RPG>(p, xg, w, n, r0,
-      [](__m512& acc, const float* xv, const float* wv) {
-        acc = _mm512_fmadd_ps(broadcast_f32<RPG>(wv), _mm512_load_ps(xv), acc);
-      },
-      [&](int c, int64_t row, int64_t from) {
-        float v = 0.f;
-        for (int64_t i = from; i < p.k; ++i) v += w[(n + c) * p.k + i] * x[row * p.k + i];
-        return v;
-      });
+  lane_block<RPG, kLanes / RPG>(p, x, xg, w, n, r0, [](__m512& acc, const float* xv, const float* wv) {
+    acc = _mm512_fmadd_ps(broadcast_f32<RPG>(wv), _mm512_load_ps(xv), acc);
+  });
 }
 
 template <int RPG>
 void bf16_lanes_avx512(const Problem& p, const uint16_t* x, const uint16_t* xg, const uint16_t* w, int64_t n,
                        int64_t r0) {
-  lane_block<RPG, 2 * kLanes / RPG>(p, xg, w, n, r0,
-      [](__m512& acc, const uint16_t* xv, const uint16_t* wv) {
-        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_load_si512(xv), broadcast_bf16<RPG>(wv));
-      },
-      [&](int c, int64_t row, int64_t from) {
-        float v = 0.f;
-        for (int64_t i = from; i < p.k; ++i) v += bf16_to_float(w[(n + c) * p.k + i]) * bf16_to_float(x[row * p.k + i]);
-        return v;
-      });
+  lane_block<RPG, 2 * kLanes / RPG>(p, x, xg, w, n, r0, [](__m512& acc, const uint16_t* xv, const uint16_t* wv) {
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_load_si512(xv), broadcast_bf16<RPG>(wv));
+  });
 }
 
 // int8: VNNI multiplies unsigned x signed bytes straight into int32 lanes. The weights become unsigned by flipping
@@ -689,7 +678,7 @@ torch::Tensor rows_to_lanes(const torch::Tensor& x, const std::vector<LaneGroup>
   return xt;
 }
 
-// Channels [n0, n1) of every row: whole blocks of 16 channels on the lanes kernel `block(rpg, group, n)`, the rest
+// Channels [n0, n1) of every row: whole blocks of 16 channels on the lanes kernel `block(group, n)`, the rest
 // (and everything when there are no groups) on the tiles `tiles(n0, n1)`.
 template <typename Block, typename Tiles>
 void lanes_or_tiles(const std::vector<LaneGroup>& groups, int64_t n0, int64_t n1, Block&& block, Tiles&& tiles) {
@@ -699,7 +688,6 @@ void lanes_or_tiles(const std::vector<LaneGroup>& groups, int64_t n0, int64_t n1
       for (const auto& g : groups) block(g, n);
   if (n < n1) tiles(n, n1);
 }
-
 
 torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t isa) {
   TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 2, "fp32 [out, in] weights expected");
