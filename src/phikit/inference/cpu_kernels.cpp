@@ -30,10 +30,9 @@ inline float bf16_to_float(uint16_t v) {
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) { return bf16_to_float(v); }  // bf16 bits
 
-// Activations rounded to int8 in blocks of 32: q = round(x / d), d = max|x| / 127 per block. Rows are padded with
-// zeros to `padded` inputs (a multiple of 64) so the int4 loops read whole 64-input chunks. `scale8` repeats each
-// block's d over 8 lanes, the layout of the int32 sums the dot-product instructions leave per block; `sums` holds
-// each block's exact sum of x (the int4 minimum multiplies it).
+// Activations rounded to int8 in blocks of 32: q = round(x / d), d = max|x| / 127 per block, rows padded with zeros
+// to `padded` inputs (a multiple of 64). `scale8` repeats each block's d over 8 lanes, the layout of the int32 sums
+// the int8 dot products leave per block; `sums` holds each block's exact sum of x (the int4 minimum multiplies it).
 struct QuantizedRows {
   std::vector<int8_t> q;
   std::vector<float> scale8;
@@ -206,107 +205,110 @@ void i8_avx2(const Problem& p, const QuantizedRows& a, const int8_t* w, const fl
   });
 }
 
-// int4 weights: per pair of blocks of 32 inputs 32 bytes, the low nibbles the first block's 32 values, the high
-// nibbles the second's (a row is padded to whole pairs); w = q * scale + minimum per block, q in 0..15. A block's
-// scale and minimum are 8-bit codes times a bf16 step shared by a superblock of 8 blocks (256 inputs): 4.625 bits
-// per weight in all. Then x . w = sum_blocks scale * d_x * (q_x . q) + sum_superblocks dmin * sum(min code * sum(x)).
-constexpr int kSuper = 8;
+// int4 weights in groups of 16 output channels, interleaved so that a vector holds the 16 channels side by side
+// (one lane or half-lane each) and a channel group streams as one run of memory: per group and run of 8 inputs, 64
+// bytes, 4 per channel, byte t of channel c holding input t in its low nibble and input 4 + t in its high nibble.
+// w = q * scale + minimum per block of 32 inputs, q in 0..15; a block's scale and minimum are 8-bit codes ([group,
+// block, 16 channels]) times a bf16 step shared by a superblock of 8 blocks (256 inputs; [group, superblock, scale
+// step / minimum step, 16 channels]): 4.625 bits per weight in all. Then x . w = sum_blocks scale * d_x * (q_x . q)
+// + minimum * sum(x), each block's integer dot products done with the activations broadcast from memory, four at a
+// time, and no horizontal sum anywhere.
+constexpr int kGroup = 16, kSuper = 8;
+constexpr int64_t kInt4Ahead = 8192;  // software prefetch distance in the codes: one thread reads 1.3x faster from
+                                      // memory with it (4-16 KB measured alike), 8 rows 2x
 
 struct Int4Weights {
-  const uint8_t* q;        // [out, padded / 2]
-  const uint8_t* scales;   // [out, blocks]: scale = d * code
-  const int8_t* mins;      // [out, blocks]: minimum = dmin * code
-  const uint16_t* steps;   // bf16 [out, superblocks, 2]: d, dmin
-  int64_t blocks, superblocks;
+  const uint8_t* q;        // [groups, k / 8, 16, 4]
+  const uint8_t* scales;   // [groups, blocks, 16]
+  const int8_t* mins;      // [groups, blocks, 16]
+  const uint16_t* steps;   // bf16 [groups, superblocks, 2, 16]
+  int64_t k, blocks, superblocks;
 
-  float scale(int64_t n, int64_t b) const {
-    return bf16_to_float(steps[(n * superblocks + b / kSuper) * 2]) * scales[n * blocks + b];
-  }
-  float minimum(int64_t n, int64_t b) const {
-    return bf16_to_float(steps[(n * superblocks + b / kSuper) * 2 + 1]) * mins[n * blocks + b];
-  }
+  const uint8_t* group_q(int64_t g) const { return q + g * kGroup * k / 2; }
+  int64_t block_at(int64_t g, int64_t b) const { return (g * blocks + b) * kGroup; }
+  const uint16_t* group_steps(int64_t g, int64_t sb) const { return steps + (g * superblocks + sb) * 2 * kGroup; }
 };
 
-// The scales and minimums of weight rows n..n+NW-1 as floats ([NW][blocks] each, in a per-thread buffer): made
-// once per tile, eight blocks per instruction, so that the inner loop reads one float per block instead of
-// decoding codes and steps there.
-struct Int4RowSteps {
-  const float* scale;    // [NW][blocks]
-  const float* minimum;  // [NW][blocks]
-};
-
-inline Int4RowSteps int4_row_steps(const Int4Weights& w, int64_t n, int nw) {
-  thread_local std::vector<float> buffer;
-  buffer.resize(2 * nw * w.blocks);
-  float *scale = buffer.data(), *minimum = scale + nw * w.blocks;
-  for (int j = 0; j < nw; ++j) {
-    const int64_t row = n + j;
-    float *sr = scale + j * w.blocks, *mr = minimum + j * w.blocks;
-    int64_t b = 0;
-    for (; b + kSuper <= w.blocks; b += kSuper) {
-      const uint16_t* st = w.steps + (row * w.superblocks + b / kSuper) * 2;
-      __m128i sc = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.scales + row * w.blocks + b));
-      __m128i mc = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.mins + row * w.blocks + b));
-      _mm256_storeu_ps(sr + b, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)),
-                                             _mm256_set1_ps(bf16_to_float(st[0]))));
-      _mm256_storeu_ps(mr + b, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(mc)),
-                                             _mm256_set1_ps(bf16_to_float(st[1]))));
-    }
-    for (; b < w.blocks; ++b) sr[b] = w.scale(row, b), mr[b] = w.minimum(row, b);
-  }
-  return {scale, minimum};
+inline int32_t four_bytes(const int8_t* v) {
+  int32_t t;
+  std::memcpy(&t, v, 4);
+  return t;
 }
 
-// sum over blocks of minimum * sum(x)
-inline float int4_minimum_term(const float* minimum, const float* sums, int64_t blocks) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 8 <= blocks; b += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(minimum + b), _mm256_loadu_ps(sums + b), acc);
-  float s = hsum256(acc);
-  for (; b < blocks; ++b) s += minimum[b] * sums[b];
-  return s;
-}
-
-template <int NW, int R>
-void i4_tile_avx2(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t n, int64_t r0) {
-  const int64_t pairs = a.padded / 64, blocks = a.blocks;
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  const Int4RowSteps steps = int4_row_steps(w, n, NW);
-  __m256 acc[NW][R];
-  for (int j = 0; j < NW; ++j)
-    for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
-  for (int64_t pr = 0; pr < pairs; ++pr) {
-    for (int h = 0; h < 2; ++h) {
-      const int64_t b = 2 * pr + h;
-      __m256i q[NW];
-      __m256 ws[NW];
-      for (int j = 0; j < NW; ++j) {
-        __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + (n + j) * a.padded / 2 + pr * 32));
-        q[j] = _mm256_and_si256(h ? _mm256_srli_epi16(packed, 4) : packed, low);
-        ws[j] = _mm256_set1_ps(steps.scale[j * blocks + b]);
+// The 16 sums of channel group g for activation rows r0..r0+R-1, added to bias and stored. AVX2 has no byte dot
+// product into int32: maddubs gives int16 sums of two products (at most 2 * 15 * 127) which add up in int16 over a
+// block (16 of them at most: 30,480 < 32,767) before one madd widens them. Two halves of 8 channels.
+template <int R>
+void i4_group_avx2(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t g, int64_t r0) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const uint8_t* qg = w.group_q(g);
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < w.blocks; ++b) {
+    __m256i sums[R][2];
+    for (int r = 0; r < R; ++r) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
+    for (int64_t s = 4 * b; s < 4 * b + 4; ++s) {
+      __m256i lo[2], hi[2];
+      _mm_prefetch(reinterpret_cast<const char*>(qg + s * 64 + kInt4Ahead), _MM_HINT_T0);
+      for (int h = 0; h < 2; ++h) {
+        __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + s * 64 + h * 32));
+        lo[h] = _mm256_and_si256(packed, low);
+        hi[h] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
       }
       for (int r = 0; r < R; ++r) {
-        const int64_t row = r0 + r;
-        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + row * a.padded + b * kBlock));
-        __m256 d = _mm256_set1_ps(a.scale[row * blocks + b]);
-        for (int j = 0; j < NW; ++j) {
-          // q is 0..15: unsigned x signed needs no sign trick, and pairs stay far inside int16
-          __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q[j], xv), _mm256_set1_epi16(1));
-          acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(ws[j], d), acc[j][r]);
-        }
+        const int8_t* xr = a.q.data() + (r0 + r) * a.padded + s * 8;
+        __m256i xa = _mm256_set1_epi32(four_bytes(xr)), xb = _mm256_set1_epi32(four_bytes(xr + 4));
+        for (int h = 0; h < 2; ++h)
+          sums[r][h] = _mm256_add_epi16(sums[r][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], xa),
+                                                                     _mm256_maddubs_epi16(hi[h], xb)));
+      }
+    }
+    const uint16_t* st = w.group_steps(g, b / kSuper);
+    for (int h = 0; h < 2; ++h) {
+      const int64_t at = w.block_at(g, b) + 8 * h;
+      __m256 scale = _mm256_mul_ps(
+          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.scales + at)))),
+          bf16x8_avx2(st + 8 * h));
+      __m256 minimum = _mm256_mul_ps(
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.mins + at)))),
+          bf16x8_avx2(st + kGroup + 8 * h));
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = (r0 + r) * a.blocks + b;
+        __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r][h], ones));
+        acc[r][h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(a.scale[row])), acc[r][h]);
+        acc[r][h] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(a.sums[row]), acc[r][h]);
       }
     }
   }
-  for (int j = 0; j < NW; ++j)
-    for (int r = 0; r < R; ++r)
-      store(p, r0 + r, n + j,
-            hsum256(acc[j][r]) + int4_minimum_term(steps.minimum + j * blocks, a.sums.data() + (r0 + r) * blocks, blocks));
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) {
+      __m256 v = acc[r][h];
+      if (p.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(p.bias + g * kGroup + 8 * h));
+      _mm256_storeu_ps(p.y + (r0 + r) * p.n + g * kGroup + 8 * h, v);
+    }
 }
 
-void i4_avx2(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t n0, int64_t n1) {
-  over_tiles<kWeightsAvx2, kRowsAvx2>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
-    i4_tile_avx2<nw, r>(p, a, w, n, r0);
-  });
+// Every row for channel groups [g0, g1), in tiles of RT rows and one tile of the rest: `group(R, g, r0)`.
+template <int RT, typename Group>
+inline void over_row_tiles(int64_t rows, int64_t g0, int64_t g1, Group&& group) {
+  for (int64_t g = g0; g < g1; ++g) {
+    int64_t r0 = 0;
+    for (; r0 + RT <= rows; r0 += RT) group(Int<RT>(), g, r0);
+    switch (rows - r0) {
+      case 7: if constexpr (RT > 7) group(Int<7>(), g, r0); break;
+      case 6: if constexpr (RT > 6) group(Int<6>(), g, r0); break;
+      case 5: if constexpr (RT > 5) group(Int<5>(), g, r0); break;
+      case 4: if constexpr (RT > 4) group(Int<4>(), g, r0); break;
+      case 3: if constexpr (RT > 3) group(Int<3>(), g, r0); break;
+      case 2: if constexpr (RT > 2) group(Int<2>(), g, r0); break;
+      case 1: if constexpr (RT > 1) group(Int<1>(), g, r0); break;
+      default: break;
+    }
+  }
+}
+
+void i4_avx2(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t g0, int64_t g1) {
+  over_row_tiles<2>(p.rows, g0, g1, [&](auto r, int64_t g, int64_t r0) { i4_group_avx2<r>(p, a, w, g, r0); });
 }
 
 }  // namespace
@@ -490,12 +492,14 @@ void bf16_lanes_avx512(const Problem& p, const uint16_t* x, const uint16_t* xg, 
 template <int NW, int R>
 void i8_tile_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale,
                     const float* offset, int64_t n, int64_t r0) {
+  constexpr int U = NW * R <= 2 ? 4 : 1;  // independent sums per output where there are few (as in float_tile_avx512)
   const int64_t whole = p.k / kBlock, chunks = p.k / 64;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512 acc[NW][R];
-  for (int j = 0; j < NW; ++j)
-    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < chunks; ++c) {
+  __m512 acc[U][NW][R];
+  for (int u = 0; u < U; ++u)
+    for (int j = 0; j < NW; ++j)
+      for (int r = 0; r < R; ++r) acc[u][j][r] = _mm512_setzero_ps();
+  auto step = [&](int u, int64_t c) {
     __m512i wv[NW];
     for (int j = 0; j < NW; ++j) wv[j] = _mm512_xor_si512(_mm512_loadu_si512(w + (n + j) * p.k + c * 64), flip);
     for (int r = 0; r < R; ++r) {
@@ -503,15 +507,20 @@ void i8_tile_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, c
       __m512i xv = _mm512_loadu_si512(a.q.data() + row * a.padded + c * 64);
       __m512 d = _mm512_loadu_ps(a.scale8.data() + (row * a.blocks + 2 * c) * 8);
       for (int j = 0; j < NW; ++j)
-        acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[j], xv)), d,
-                                    acc[j][r]);
+        acc[u][j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[j], xv)),
+                                       d, acc[u][j][r]);
     }
-  }
+  };
+  int64_t c = 0;
+  for (; c + U <= chunks; c += U)
+    for (int u = 0; u < U; ++u) step(u, c + u);
+  for (; c < chunks; ++c) step(0, c);
   for (int j = 0; j < NW; ++j) {
     const int8_t* wr = w + (n + j) * p.k;
     for (int r = 0; r < R; ++r) {
       const int64_t row = r0 + r;
-      float s = _mm512_reduce_add_ps(acc[j][r]);
+      for (int u = 1; u < U; ++u) acc[0][j][r] = _mm512_add_ps(acc[0][j][r], acc[u][j][r]);
+      float s = _mm512_reduce_add_ps(acc[0][j][r]);
       if (whole > 2 * chunks) {  // one whole block left after the 64-input chunks
         const int64_t b = 2 * chunks;
         __m256i wv = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * kBlock)),
@@ -542,47 +551,53 @@ void i8_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const 
   });
 }
 
-template <int NW, int R>
-void i4_tile_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t n, int64_t r0) {
-  const int64_t pairs = a.padded / 64, blocks = a.blocks;
+// As i4_group_avx2, with VNNI: 16 channels in the 16 lanes, each int32 lane taking 4 products per instruction.
+// One or two rows keep the low and high nibbles' sums apart (shorter dependency chains).
+template <int R>
+void i4_group_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t g, int64_t r0) {
+  constexpr int U = R <= 2 ? 2 : 1;
   const __m512i low = _mm512_set1_epi8(0x0F);
-  const __m512i nibble_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-  const Int4RowSteps steps = int4_row_steps(w, n, NW);
-  __m512 acc[NW][R];
-  for (int j = 0; j < NW; ++j)
-    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
-  for (int64_t pr = 0; pr < pairs; ++pr) {
-    __m512i q[NW];
-    __m512 ws[NW];
-    for (int j = 0; j < NW; ++j) {
-      // the 32 bytes in both halves, shifted right by 0 (low nibbles) and 4 (high nibbles)
-      __m512i packed = _mm512_broadcast_i64x4(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + (n + j) * a.padded / 2 + pr * 32)));
-      q[j] = _mm512_and_si512(_mm512_srlv_epi16(packed, nibble_shift), low);
-      const float* s = steps.scale + j * blocks + 2 * pr;  // the pair's two scales, eight lanes each
-      ws[j] = _mm512_insertf32x8(_mm512_set1_ps(s[0]), _mm256_set1_ps(s[1]), 1);
-    }
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = r0 + r;
-      __m512i xv = _mm512_loadu_si512(a.q.data() + row * a.padded + pr * 64);
-      __m512 d = _mm512_loadu_ps(a.scale8.data() + (row * blocks + 2 * pr) * 8);
-      for (int j = 0; j < NW; ++j) {
-        __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q[j], xv));
-        acc[j][r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(ws[j], d), acc[j][r]);
+  const uint8_t* qg = w.group_q(g);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < w.blocks; ++b) {
+    __m512i sums[U][R];
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < R; ++r) sums[u][r] = _mm512_setzero_si512();
+    for (int64_t s = 4 * b; s < 4 * b + 4; ++s) {
+      _mm_prefetch(reinterpret_cast<const char*>(qg + s * 64 + kInt4Ahead), _MM_HINT_T0);
+      __m512i packed = _mm512_loadu_si512(qg + s * 64);
+      __m512i lo = _mm512_and_si512(packed, low), hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xr = a.q.data() + (r0 + r) * a.padded + s * 8;
+        sums[0][r] = _mm512_dpbusd_epi32(sums[0][r], lo, _mm512_set1_epi32(four_bytes(xr)));
+        sums[U - 1][r] = _mm512_dpbusd_epi32(sums[U - 1][r], hi, _mm512_set1_epi32(four_bytes(xr + 4)));
       }
     }
+    const uint16_t* st = w.group_steps(g, b / kSuper);
+    const int64_t at = w.block_at(g, b);
+    __m512 scale = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales + at)))),
+        bf16x16_avx512(st));
+    __m512 minimum = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.mins + at)))),
+        bf16x16_avx512(st + kGroup));
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = (r0 + r) * a.blocks + b;
+      if constexpr (U == 2) sums[0][r] = _mm512_add_epi32(sums[0][r], sums[1][r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[0][r]), _mm512_mul_ps(scale, _mm512_set1_ps(a.scale[row])),
+                               acc[r]);
+      acc[r] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(a.sums[row]), acc[r]);
+    }
   }
-  for (int j = 0; j < NW; ++j)
-    for (int r = 0; r < R; ++r)
-      store(p, r0 + r, n + j, _mm512_reduce_add_ps(acc[j][r]) +
-                                  int4_minimum_term(steps.minimum + j * blocks, a.sums.data() + (r0 + r) * blocks,
-                                                    blocks));
+  for (int r = 0; r < R; ++r) {
+    __m512 v = p.bias ? _mm512_add_ps(acc[r], _mm512_loadu_ps(p.bias + g * kGroup)) : acc[r];
+    _mm512_storeu_ps(p.y + (r0 + r) * p.n + g * kGroup, v);
+  }
 }
 
-void i4_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t n0, int64_t n1) {
-  over_tiles<kWeightsAvx512, kRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
-    i4_tile_avx512<nw, r>(p, a, w, n, r0);
-  });
+void i4_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t g0, int64_t g1) {
+  over_row_tiles<8>(p.rows, g0, g1, [&](auto r, int64_t g, int64_t r0) { i4_group_avx512<r>(p, a, w, g, r0); });
 }
 
 }  // namespace
@@ -763,19 +778,19 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scales
 
 Int4Weights int4_weights(const torch::Tensor& w, const torch::Tensor& scales, const torch::Tensor& mins,
                          const torch::Tensor& steps, int64_t in_features) {
-  const int64_t padded = (in_features + 63) / 64 * 64, blocks = padded / kBlock;
-  const int64_t superblocks = (blocks + kSuper - 1) / kSuper, out = w.size(0);
   TORCH_CHECK(in_features % kBlock == 0, "int4 needs in_features divisible by 32");
-  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.size(1) == padded / 2 && w.is_contiguous(),
-              "int4 codes must be contiguous uint8 [out, in_features rounded up to 64 / 2]");
+  const int64_t out = w.size(0), blocks = in_features / kBlock, superblocks = (blocks + kSuper - 1) / kSuper;
+  TORCH_CHECK(out % kGroup == 0, "int4 needs out_features divisible by 16");
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.size(1) == in_features / 2 && w.is_contiguous(),
+              "int4 codes must be contiguous uint8 [out, in_features / 2]");
   TORCH_CHECK(scales.scalar_type() == torch::kUInt8 && mins.scalar_type() == torch::kInt8 &&
                   scales.is_contiguous() && mins.is_contiguous() && scales.numel() == out * blocks &&
                   mins.numel() == scales.numel(),
-              "int4 scale and minimum codes must be contiguous uint8 / int8 [out, padded in_features / 32]");
+              "int4 scale and minimum codes must be contiguous uint8 / int8 [out / 16, in_features / 32, 16]");
   TORCH_CHECK(steps.scalar_type() == torch::kBFloat16 && steps.is_contiguous() && steps.numel() == out * superblocks * 2,
-              "int4 steps must be contiguous bf16 [out, superblocks of 256 inputs, 2]");
+              "int4 steps must be contiguous bf16 [out / 16, superblocks of 256 inputs, 2, 16]");
   return Int4Weights{w.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), mins.data_ptr<int8_t>(),
-                     reinterpret_cast<const uint16_t*>(steps.data_ptr()), blocks, superblocks};
+                     reinterpret_cast<const uint16_t*>(steps.data_ptr()), in_features, blocks, superblocks};
 }
 
 torch::Tensor linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor mins,
@@ -786,8 +801,9 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scales
   Problem p{x.size(0), in_features, w.size(0), y.data_ptr<float>(), bias_ptr(bias, w.size(0))};
   QuantizedRows a = quantize_rows(x.data_ptr<float>(), p.rows, p.k);
   Isa use = pick(isa);
-  over_channels(p.n, p.k / 2, [&](int64_t n0, int64_t n1) {
-    use != kAvx2 ? i4_avx512(p, a, wq, n0, n1) : i4_avx2(p, a, wq, n0, n1);
+  const int64_t group_bytes = kGroup * p.k / 2;  // threads share the groups, 256 KB of weights at least
+  at::parallel_for(0, p.n / kGroup, std::max<int64_t>(1, (256 << 10) / group_bytes), [&](int64_t g0, int64_t g1) {
+    use != kAvx2 ? i4_avx512(p, a, wq, g0, g1) : i4_avx2(p, a, wq, g0, g1);
   });
   return y;
 }
@@ -802,26 +818,35 @@ torch::Tensor dequantize_int4(torch::Tensor w, torch::Tensor scales, torch::Tens
                   (out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16),
               "out must be a contiguous fp32 or bf16 [end - start, in_features] tensor");
   const bool to_bf16 = out.scalar_type() == torch::kBFloat16;
-  const int64_t half_row = w.size(1);
-  at::parallel_for(start, end, 16, [&](int64_t n0, int64_t n1) {
-    std::vector<float> row(in_features);
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t b = 0; b < in_features / kBlock; ++b) {
-        const uint8_t* packed = wq.q + n * half_row + (b / 2) * 32;
-        const int nibble = (b % 2) * 4;
-        const float scale = wq.scale(n, b), minimum = wq.minimum(n, b);
-        float* dst = row.data() + b * kBlock;
-        for (int i = 0; i < kBlock; ++i) dst[i] = float((packed[i] >> nibble) & 15) * scale + minimum;
-      }
-      if (to_bf16) {
-        auto dst = reinterpret_cast<uint16_t*>(out.data_ptr()) + (n - start) * in_features;
-        for (int64_t i = 0; i < in_features; ++i) {
-          uint32_t bits;
-          std::memcpy(&bits, &row[i], 4);
-          dst[i] = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+  float* out_f32 = to_bf16 ? nullptr : out.data_ptr<float>();
+  uint16_t* out_bf16 = to_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr()) : nullptr;
+  // A group at a time, reading its codes in order: each run of 8 inputs of a channel is 8 values of its output row
+  at::parallel_for(start / kGroup, (end + kGroup - 1) / kGroup, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t c0 = std::max<int64_t>(start - g * kGroup, 0), c1 = std::min<int64_t>(end - g * kGroup, kGroup);
+      const uint8_t* qg = wq.group_q(g);
+      for (int64_t b = 0; b < wq.blocks; ++b) {
+        const uint16_t* st = wq.group_steps(g, b / kSuper);
+        for (int64_t c = c0; c < c1; ++c) {
+          const __m256 scale = _mm256_set1_ps(bf16_to_float(st[c]) * wq.scales[wq.block_at(g, b) + c]);
+          const __m256 minimum = _mm256_set1_ps(bf16_to_float(st[kGroup + c]) * wq.mins[wq.block_at(g, b) + c]);
+          const int64_t row = g * kGroup + c - start;
+          for (int64_t s = 4 * b; s < 4 * b + 4; ++s) {
+            __m128i bytes = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(four_bytes(reinterpret_cast<const int8_t*>(qg + s * 64 + c * 4))));
+            __m256i codes = _mm256_set_m128i(_mm_srli_epi32(bytes, 4), _mm_and_si128(bytes, _mm_set1_epi32(15)));
+            __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(codes), scale, minimum);
+            if (to_bf16) {  // round to nearest even
+              __m256i bits = _mm256_castps_si256(v);
+              bits = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                                                             _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1))));
+              bits = _mm256_srli_epi32(bits, 16);
+              __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+              _mm_storeu_si128(reinterpret_cast<__m128i*>(out_bf16 + row * in_features + s * 8), packed);
+            } else {
+              _mm256_storeu_ps(out_f32 + row * in_features + s * 8, v);
+            }
+          }
         }
-      } else {
-        std::memcpy(out.data_ptr<float>() + (n - start) * in_features, row.data(), in_features * 4);
       }
     }
   });

@@ -45,6 +45,7 @@ MODES = ("int8", "int8-weight-only", "int4")
 # The group sizes torch's CPU int4 kernel takes (others fail on the first decoding step, not when quantizing).
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_SUPERBLOCK = 8  # groups of 32 sharing the bf16 steps of their 8-bit scale and minimum codes (kSuper in C++)
+INT4_CHANNELS = 16  # output channels stored side by side (kGroup in C++)
 
 
 _local = threading.local()
@@ -375,15 +376,16 @@ class Int4Linear(nn.Module):
     """Group-wise asymmetric int4: each run of `group_size` inputs of an output channel has its own scale and
     minimum (w = q * scale + minimum, q in 0..15).
 
-    With groups of 32 (the default) on the CPU kernels, a group's scale and minimum are 8-bit codes (`scales`
-    uint8, `mins` int8 [out, padded in / 32]) times a bf16 step per superblock of 8 groups (`steps` [out,
-    superblocks, 2]: the scale's and the minimum's), 4.625 bits per weight in all; the codes (`nibbles`, uint8 [out,
-    in rounded up to 64 / 2]) hold for each run of 64 inputs 32 bytes, the low nibbles the first 32 values and the
-    high nibbles the next 32, so that a kernel unpacks 64 codes with one mask and one shift. A few rows (decoding)
-    run on the C++ kernels in this layout, with activations rounded to int8 in blocks of 32; more rows dequantize a
-    block of output channels at a time into a float GEMM. Where the C++ kernels are missing (or the group size is
-    not 32), the scales and minimums are bf16 and decoding runs torch's int4 kernel on its packed copy
-    (`int4pack`, `scales_and_zeros`)."""
+    The codes (`nibbles`, uint8 [out, in / 2]) are stored for the CPU kernels in groups of 16 output channels: per
+    group and run of 8 inputs 64 bytes, 4 per channel, byte t holding input t in its low nibble and input 4 + t in
+    its high nibble, so that a vector holds the 16 channels side by side and a group is one run of memory. With groups
+    of 32 (the default) on the CPU kernels, a group's scale and minimum are 8-bit codes (`scales` uint8, `mins` int8
+    [out / 16, in / 32, 16]) times a bf16 step per superblock of 8 groups (`steps` [out / 16, superblocks, 2, 16]:
+    the scale's and the minimum's), 4.625 bits per weight in all. A few rows (decoding) run on the C++ kernels, with
+    activations rounded to int8 in blocks of 32; more rows dequantize a block of output channels at a time into a
+    float GEMM. Where the C++ kernels are missing (or the group size is not 32), the scales and minimums are bf16
+    [out, in / group_size] and decoding runs torch's int4 kernel on its packed copy (`int4pack`,
+    `scales_and_zeros`)."""
 
     def __init__(self, linear: nn.Linear, group_size: int = 32, inner_k_tiles: int = 2) -> None:
         super().__init__()
@@ -393,16 +395,15 @@ class Int4Linear(nn.Module):
             raise ValueError(problem)
         device = linear.weight.device
         self.native = group_size == 32 and device.type == "cpu" and native.extension() is not None
-        groups = self.in_features // group_size
-        padded = -(-self.in_features // 64) * 64
-        nibbles = torch.zeros(self.out_features, padded // 2, dtype=torch.uint8, device=device)
+        groups, channel_groups = self.in_features // group_size, self.out_features // INT4_CHANNELS
+        nibbles = torch.zeros(self.out_features, self.in_features // 2, dtype=torch.uint8, device=device)
         if self.native:  # codes and steps, written by _stored as each block of channels is quantized
-            blocks = padded // 32
-            self.register_buffer("scales", torch.zeros(self.out_features, blocks, dtype=torch.uint8, device=device))
-            self.register_buffer("mins", torch.zeros(self.out_features, blocks, dtype=torch.int8, device=device))
-            superblocks = -(-blocks // INT4_SUPERBLOCK)
-            self.register_buffer("steps", torch.zeros(self.out_features, superblocks, 2, dtype=torch.bfloat16,
-                                                      device=device))
+            blocks, superblocks = groups, -(-groups // INT4_SUPERBLOCK)
+            self.register_buffer("scales", torch.zeros(channel_groups, blocks, INT4_CHANNELS, dtype=torch.uint8,
+                                                       device=device))
+            self.register_buffer("mins", torch.zeros_like(self.scales, dtype=torch.int8))
+            self.register_buffer("steps", torch.zeros(channel_groups, superblocks, 2, INT4_CHANNELS,
+                                                      dtype=torch.bfloat16, device=device))
         else:  # fp32 while quantizing, bf16 once done
             scales = torch.zeros(self.out_features, groups, device=device)
             mins = torch.zeros_like(scales)
@@ -413,12 +414,11 @@ class Int4Linear(nn.Module):
             scale, lo = self._stored((w.amax(-1) - w.amin(-1)) / 15, w.amin(-1), start, end)
             # q is chosen for the scale and minimum actually stored
             q = ((w - lo[..., None]) / scale.clamp(min=1e-12)[..., None]).round().clamp(0, 15).to(torch.uint8)
-            q = F.pad(q.reshape(end - start, -1), (0, padded - self.in_features))
-            halves = q.view(end - start, -1, 2, 32)
-            nibbles[start:end] = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(end - start, -1)
+            runs = q.view(-1, INT4_CHANNELS, self.in_features // 8, 2, 4)  # [group, channel, run, half, input]
+            nibbles[start:end] = (runs[..., 0, :] | (runs[..., 1, :] << 4)).transpose(1, 2).reshape(end - start, -1)
             if not self.native:
                 scales[start:end], mins[start:end] = scale, lo
-                torch_packed.append(q[:, :self.in_features].to(torch.int32))
+                torch_packed.append(q.view(end - start, -1).to(torch.int32))
         self.register_buffer("nibbles", nibbles)
         if not self.native:  # bf16 scales and minimums, and torch's kernel with its own packing
             self.register_buffer("scales", scales.bfloat16())
@@ -440,24 +440,26 @@ class Int4Linear(nn.Module):
         superblocks = self.steps.shape[1]
         pad = superblocks * INT4_SUPERBLOCK - groups
         by_super = lambda t: F.pad(t, (0, pad)).view(rows, superblocks, INT4_SUPERBLOCK)  # noqa: E731
+        by_group = lambda t: t.view(-1, INT4_CHANNELS, *t.shape[1:]).movedim(1, -1)  # noqa: E731  [group, ..., 16]
         step = by_super(scale).amax(-1) / 255
         step_min = by_super(lo).abs().amax(-1) / 127
         step, step_min = step.bfloat16().float(), step_min.bfloat16().float()
         scale_code = (by_super(scale) / step.clamp(min=1e-30)[..., None]).round().clamp(0, 255)
         min_code = (by_super(lo) / step_min.clamp(min=1e-30)[..., None]).round().clamp(-127, 127)
-        self.scales[start:end, :groups] = scale_code.view(rows, -1)[:, :groups].to(torch.uint8)
-        self.mins[start:end, :groups] = min_code.view(rows, -1)[:, :groups].to(torch.int8)
-        self.steps[start:end] = torch.stack([step, step_min], -1).bfloat16()
+        channel_groups = slice(start // INT4_CHANNELS, end // INT4_CHANNELS)
+        self.scales[channel_groups] = by_group(scale_code.view(rows, -1)[:, :groups].to(torch.uint8))
+        self.mins[channel_groups] = by_group(min_code.view(rows, -1)[:, :groups].to(torch.int8))
+        self.steps[channel_groups] = by_group(torch.stack([step, step_min], -1).bfloat16())
         return ((scale_code * step[..., None]).view(rows, -1)[:, :groups],
                 (min_code * step_min[..., None]).view(rows, -1)[:, :groups])
 
     def group_scales_and_mins(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each group's scale and minimum as fp32 [out, in / group_size], whatever the layout."""
-        groups = self.in_features // self.group_size
         if not self.native:
             return self.scales.float(), self.mins.float()
-        steps = self.steps.float().repeat_interleave(INT4_SUPERBLOCK, dim=1)[:, :groups]
-        return self.scales[:, :groups].float() * steps[..., 0], self.mins[:, :groups].float() * steps[..., 1]
+        by_channel = lambda t: t.movedim(-1, 1).reshape(self.out_features, *t.shape[1:-1])  # noqa: E731
+        steps = by_channel(self.steps.float()).repeat_interleave(INT4_SUPERBLOCK, dim=1)[:, :self.scales.shape[1]]
+        return by_channel(self.scales.float()) * steps[..., 0], by_channel(self.mins.float()) * steps[..., 1]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -479,8 +481,8 @@ class Int4Linear(nn.Module):
         if self.native:
             return native.extension().dequantize_int4(self.nibbles, self.scales, self.mins, self.steps, start, end,
                                                       self.in_features, out)
-        rows, nibbles = end - start, self.nibbles[start:end].view(end - start, -1, 1, 32)
-        q = torch.cat((nibbles & 15, nibbles >> 4), dim=2).view(rows, -1)[:, :self.in_features]
+        rows, runs = end - start, self.nibbles[start:end].view(-1, self.in_features // 8, INT4_CHANNELS, 1, 4)
+        q = torch.cat((runs & 15, runs >> 4), dim=3).transpose(1, 2).reshape(rows, self.in_features)
         groups = self.in_features // self.group_size
         view = (out if out.dtype == torch.float32 else torch.empty(out.shape)).view(rows, groups, self.group_size)
         view.copy_(q.view(rows, groups, self.group_size))
