@@ -204,3 +204,28 @@ def test_the_built_extension_is_cached_per_machine():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "compiling" not in done.stderr
+
+
+@pytest.mark.parametrize("kernels", ["avx2", "torch"], indirect=True)  # the attention kernels are AVX2 only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [20, 32, 64, 80])  # 20: not a multiple of 8; 80: phi-2's
+def test_decoding_attention_reads_the_cache_where_it_lies(kernels, dtype, head_dim):
+    """One query against a cache's strided view (the first `length` rows of a larger buffer), on the kernels and on
+    torch's path alike: the float64 attention of the cached values, to fp32 summation order."""
+    from phikit.model import single_query_attention
+    torch.manual_seed(head_dim)
+    for length in (1, 3, 5, 130):
+        buffers = torch.randn(2, 2, 3, 160, head_dim).to(dtype)  # [k/v, batch, heads, capacity, head_dim]
+        k, v = buffers[0, :, :, :length], buffers[1, :, :, :length]
+        q = torch.randn(2, 3, 1, head_dim).to(dtype)
+        mask = torch.rand(2, 1, 1, length) < 0.7
+        mask[..., -1] = True
+        for m in (mask, None):
+            scores = (q.double() @ k.double().transpose(-1, -2)) / 8
+            if m is not None:
+                scores = scores.masked_fill(~m, float("-inf"))
+            exact = scores.softmax(-1) @ v.double()
+            got = single_query_attention(q, k, v, m, 1 / 8)
+            tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # bf16: the output's rounding
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)

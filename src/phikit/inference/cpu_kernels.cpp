@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -853,6 +854,128 @@ torch::Tensor dequantize_int4(torch::Tensor w, torch::Tensor scales, torch::Tens
   return out;
 }
 
+// ----------------------------------------------------------------------------------------- decoding attention
+// One query per sequence and head (a decoding step) against its cache: scores[b, h, l] = scale * q[b, h] . k[b, h, l]
+// and out[b, h] = sum_l p[b, h, l] * v[b, h, l], in fp32, reading a bf16 or fp32 cache where it lies (a strided
+// view of the cache's buffers) instead of copying it: an upcast copy of a bf16 cache cost more than the attention.
+// AVX2 + FMA only: the cache is small beside the weights.
+struct CacheView {
+  const void* data;
+  bool bf16;
+  int64_t batch_stride, head_stride, length, dim;
+
+  template <typename T>
+  const T* row(int64_t b, int64_t h, int64_t l) const {
+    return static_cast<const T*>(data) + b * batch_stride + h * head_stride + l * dim;
+  }
+};
+
+CacheView cache_view(const torch::Tensor& t, int64_t batch, int64_t heads, int64_t dim) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == batch && t.size(1) == heads && t.size(3) == dim,
+              "the cache must be [batch, heads, length, head_dim] like the query");
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16, "the cache must be fp32 or bf16");
+  TORCH_CHECK(t.stride(3) == 1 && (t.size(2) <= 1 || t.stride(2) == dim), "each cached row must be contiguous");
+  return {t.data_ptr(), t.scalar_type() == torch::kBFloat16, t.stride(0), t.stride(1), t.size(2), dim};
+}
+
+template <typename T>
+inline __m256 load8(const T* v) {
+  if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(v);
+  else return bf16x8_avx2(v);
+}
+
+// Four keys at a time: four sums over the head's dimensions, reduced together by three horizontal adds.
+template <typename T>
+void scores_of_head(const CacheView& k, int64_t b, int64_t h, const float* q, float scale, float* out) {
+  const int64_t dim = k.dim, whole = dim / 8 * 8;
+  auto tail = [&](const T* row) {
+    float s = 0.f;
+    for (int64_t d = whole; d < dim; ++d) s += to_float(row[d]) * q[d];
+    return s;
+  };
+  int64_t l = 0;
+  for (; l + 4 <= k.length; l += 4) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t d = 0; d < whole; d += 8) {
+      __m256 qv = _mm256_loadu_ps(q + d);
+      for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(load8(k.row<T>(b, h, l + j) + d), qv, acc[j]);
+    }
+    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    __m128 four = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, four);
+    for (int j = 0; j < 4; ++j) out[l + j] = (sums[j] + tail(k.row<T>(b, h, l + j))) * scale;
+  }
+  for (; l < k.length; ++l) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < whole; d += 8) acc = _mm256_fmadd_ps(load8(k.row<T>(b, h, l) + d), _mm256_loadu_ps(q + d), acc);
+    out[l] = (hsum256(acc) + tail(k.row<T>(b, h, l))) * scale;
+  }
+}
+
+// Up to 64 dimensions per pass over the values, their sums in registers.
+template <typename T>
+void values_of_head(const CacheView& v, int64_t b, int64_t h, const float* p, float* out) {
+  const int64_t dim = v.dim;
+  for (int64_t d0 = 0; d0 < dim / 8 * 8; d0 += 64) {
+    const int vectors = static_cast<int>(std::min<int64_t>(8, (dim / 8 * 8 - d0) / 8));
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t l = 0; l < v.length; ++l) {
+      const T* row = v.row<T>(b, h, l) + d0;
+      __m256 weight = _mm256_set1_ps(p[l]);
+      for (int j = 0; j < 8; ++j)
+        if (j < vectors) acc[j] = _mm256_fmadd_ps(load8(row + 8 * j), weight, acc[j]);
+    }
+    for (int j = 0; j < vectors; ++j) _mm256_storeu_ps(out + d0 + 8 * j, acc[j]);
+  }
+  for (int64_t d = dim / 8 * 8; d < dim; ++d) {
+    float s = 0.f;
+    for (int64_t l = 0; l < v.length; ++l) s += p[l] * to_float(v.row<T>(b, h, l)[d]);
+    out[d] = s;
+  }
+}
+
+// Sequences x heads shared among the threads, 32K multiply-adds at least per share.
+template <typename Fn>
+void over_heads(int64_t batch, int64_t heads, int64_t work_per_head, Fn fn) {
+  at::parallel_for(0, batch * heads, std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(work_per_head, 1)),
+                   [&](int64_t i0, int64_t i1) {
+                     for (int64_t i = i0; i < i1; ++i) fn(i / heads, i % heads, i);
+                   });
+}
+
+torch::Tensor attention_scores(torch::Tensor q, torch::Tensor k, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(),
+              "q must be a contiguous fp32 [batch, heads, 1, head_dim] tensor");
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(3);
+  CacheView kv = cache_view(k, batch, heads, dim);
+  auto out = torch::empty({batch, heads, 1, kv.length}, q.options());
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  over_heads(batch, heads, kv.length * dim, [&](int64_t b, int64_t h, int64_t i) {
+    kv.bf16 ? scores_of_head<uint16_t>(kv, b, h, qp + i * dim, float(scale), op + i * kv.length)
+            : scores_of_head<float>(kv, b, h, qp + i * dim, float(scale), op + i * kv.length);
+  });
+  return out;
+}
+
+torch::Tensor attention_values(torch::Tensor p, torch::Tensor v) {
+  TORCH_CHECK(p.dim() == 4 && p.size(2) == 1 && p.scalar_type() == torch::kFloat32 && p.is_contiguous(),
+              "p must be a contiguous fp32 [batch, heads, 1, length] tensor");
+  const int64_t batch = p.size(0), heads = p.size(1), dim = v.size(3);
+  CacheView vv = cache_view(v, batch, heads, dim);
+  TORCH_CHECK(p.size(3) == vv.length, "p has ", p.size(3), " weights for ", vv.length, " cached values");
+  auto out = torch::empty({batch, heads, 1, dim}, p.options());
+  const float* pp = p.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  over_heads(batch, heads, vv.length * dim, [&](int64_t b, int64_t h, int64_t i) {
+    vv.bf16 ? values_of_head<uint16_t>(vv, b, h, pp + i * vv.length, op + i * dim)
+            : values_of_head<float>(vv, b, h, pp + i * vv.length, op + i * dim);
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -861,6 +984,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8", &linear_int8);
   m.def("linear_int4", &linear_int4);
   m.def("dequantize_int4", &dequantize_int4);
+  m.def("attention_scores", &attention_scores);
+  m.def("attention_values", &attention_values);
   m.def("has_avx512", &cpu_has_avx512);
   m.def("has_avx512_bf16", &cpu_has_avx512_bf16);
 }
