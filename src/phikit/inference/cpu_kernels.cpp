@@ -623,23 +623,26 @@ Isa pick(int64_t wanted) {
   return wanted >= kAvx512 && cpu_has_avx512() ? kAvx512 : kAvx2;
 }
 
-void check_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t k) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
-              "x must be a contiguous fp32 [rows, in_features] tensor");
+// x as the kernels take it: contiguous fp32 [rows, k] (converted here, cheaper than a call from Python).
+torch::Tensor fp32_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x must be a floating-point [rows, in_features] tensor");
   TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " inputs, the weights ", k);
   TORCH_CHECK(w.is_contiguous(), "weights must be contiguous");
+  return x.to(torch::kFloat32).contiguous();
 }
 
 torch::Tensor output(const torch::Tensor& x, int64_t n) {
   return torch::empty({x.size(0), n}, x.options().dtype(torch::kFloat32));
 }
 
-const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t n) {
-  if (!bias.has_value()) return nullptr;
-  TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == n,
-              "bias must be a contiguous fp32 vector of out_features");
-  return bias->data_ptr<float>();
+// The bias in fp32 (a bf16 one converted here), undefined where there is none; `bias_ptr` gives its data or null.
+torch::Tensor fp32_bias(const c10::optional<torch::Tensor>& bias, int64_t n) {
+  if (!bias.has_value()) return {};
+  TORCH_CHECK(bias->numel() == n, "bias must be a vector of out_features");
+  return bias->to(torch::kFloat32).contiguous();
 }
+
+const float* bias_ptr(const torch::Tensor& bias) { return bias.defined() ? bias.data_ptr<float>() : nullptr; }
 
 // Threads share the output channels in contiguous ranges of at least 256 KB of weights each: a small matrix stays
 // on one thread, where waking another costs more than it saves (much more on a busy machine).
@@ -707,9 +710,10 @@ void lanes_or_tiles(const std::vector<LaneGroup>& groups, int64_t n0, int64_t n1
 
 torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t isa) {
   TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 2, "fp32 [out, in] weights expected");
-  check_rows(x, w, w.size(1));
+  x = fp32_rows(x, w, w.size(1));
   auto y = output(x, w.size(0));
-  Problem p{x.size(0), w.size(1), w.size(0), y.data_ptr<float>(), bias_ptr(bias, w.size(0))};
+  auto b = fp32_bias(bias, w.size(0));
+  Problem p{x.size(0), w.size(1), w.size(0), y.data_ptr<float>(), bias_ptr(b)};
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   Isa use = pick(isa);
   const auto groups = use != kAvx2 ? lane_groups(p.rows, p.k, 1) : std::vector<LaneGroup>();
@@ -736,7 +740,8 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "x must be [rows, ", w.size(1), "]");
   TORCH_CHECK(w.is_contiguous(), "weights must be contiguous");
   auto y = output(x, w.size(0));
-  Problem p{x.size(0), w.size(1), w.size(0), y.data_ptr<float>(), bias_ptr(bias, w.size(0))};
+  auto b = fp32_bias(bias, w.size(0));
+  Problem p{x.size(0), w.size(1), w.size(0), y.data_ptr<float>(), bias_ptr(b)};
   auto wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const auto groups = use == kAvx512Bf16 ? lane_groups(p.rows, p.k, 2) : std::vector<LaneGroup>();
   torch::Tensor xt = groups.empty() ? torch::Tensor() : rows_to_lanes<uint16_t>(x, groups, 2);
@@ -764,9 +769,10 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scales
   TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.dim() == 2, "int8 [out, in] weights expected");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.numel() == w.size(0) && scales.is_contiguous(),
               "int8 scales must be a contiguous fp32 vector of out_features");
-  check_rows(x, w, w.size(1));
+  x = fp32_rows(x, w, w.size(1));
   auto y = output(x, w.size(0));
-  Problem p{x.size(0), w.size(1), w.size(0), y.data_ptr<float>(), bias_ptr(bias, w.size(0))};
+  auto b = fp32_bias(bias, w.size(0));
+  Problem p{x.size(0), w.size(1), w.size(0), y.data_ptr<float>(), bias_ptr(b)};
   QuantizedRows a = quantize_rows(x.data_ptr<float>(), p.rows, p.k);
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
@@ -797,9 +803,10 @@ Int4Weights int4_weights(const torch::Tensor& w, const torch::Tensor& scales, co
 torch::Tensor linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor mins,
                           torch::Tensor steps, c10::optional<torch::Tensor> bias, int64_t in_features, int64_t isa) {
   Int4Weights wq = int4_weights(w, scales, mins, steps, in_features);
-  check_rows(x, w, in_features);
+  x = fp32_rows(x, w, in_features);
   auto y = output(x, w.size(0));
-  Problem p{x.size(0), in_features, w.size(0), y.data_ptr<float>(), bias_ptr(bias, w.size(0))};
+  auto b = fp32_bias(bias, w.size(0));
+  Problem p{x.size(0), in_features, w.size(0), y.data_ptr<float>(), bias_ptr(b)};
   QuantizedRows a = quantize_rows(x.data_ptr<float>(), p.rows, p.k);
   Isa use = pick(isa);
   const int64_t group_bytes = kGroup * p.k / 2;  // threads share the groups, 256 KB of weights at least

@@ -54,14 +54,18 @@ def isa() -> str | None:
     """The kernels' instruction set here: "avx512_bf16" (AVX512 with VNNI and bf16 dot products), "avx512" (with
     VNNI), "avx2" (AVX2 + FMA), or None (none of them: torch's kernels). PHIKIT_CPU_ISA names a lower one to force
     it; asking for more than the CPU has gives what it has."""
-    flags = cpu_flags()
+    best = _best_isa(cpu_flags())
+    wanted = os.environ.get("PHIKIT_CPU_ISA")
+    return wanted if best and wanted in ISAS and ISAS[wanted] < ISAS[best] else best
+
+
+@functools.cache  # every kernel call asks: answered once per set of flags
+def _best_isa(flags: frozenset[str]) -> str | None:
     if not {"avx2", "fma", "f16c"} <= flags or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         return None
-    best = "avx2"
     if set(AVX512_FLAGS) <= flags:
-        best = "avx512_bf16" if "avx512_bf16" in flags else "avx512"
-    wanted = os.environ.get("PHIKIT_CPU_ISA")
-    return wanted if wanted in ISAS and ISAS[wanted] < ISAS[best] else best
+        return "avx512_bf16" if "avx512_bf16" in flags else "avx512"
+    return "avx2"
 
 
 def cache_dir() -> Path:

@@ -85,21 +85,19 @@ def float_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     bf16 rows as they are)."""
     ext = native.extension()
     if weight.dtype == torch.bfloat16:
-        return ext.linear_bf16(x.contiguous(), weight.contiguous(), _f32(bias), native.isa_code())
-    return ext.linear_f32(x.float().contiguous(), weight.contiguous(), _f32(bias), native.isa_code())
+        return ext.linear_bf16(x, weight.contiguous(), bias, native.isa_code())
+    return ext.linear_f32(x, weight.contiguous(), bias, native.isa_code())
 
 
 def int8_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The int8 product with activations rounded to int8 in blocks of 32, in fp32, on the C++ kernels."""
-    return native.extension().linear_int8(x.float().contiguous(), weight, _f32(scales), _f32(bias),
-                                          native.isa_code())
+    return native.extension().linear_int8(x, weight, _f32(scales), bias, native.isa_code())
 
 
 def int4_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, steps: torch.Tensor,
               bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
     """The int4 product (Int4Linear's layout) with activations rounded to int8 in blocks of 32, on the C++ kernels."""
-    return native.extension().linear_int4(x.float().contiguous(), weight, scales, mins, steps, _f32(bias),
-                                          in_features, native.isa_code())
+    return native.extension().linear_int4(x, weight, scales, mins, steps, bias, in_features, native.isa_code())
 
 
 for _name, _fn in (("float_rows", float_rows), ("int8_rows", int8_rows), ("int4_rows", int4_rows)):
