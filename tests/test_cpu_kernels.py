@@ -91,7 +91,7 @@ def test_int8_kernel_is_the_block_quantized_product(kernels, width):
             got = layer(x).double()
         if rows < DECODE_ROWS:
             q, d = block_quantized(x)
-            w = torch.nn.functional.pad(layer.weight.double(), (0, q.shape[1] * 32 - width)).view(37, -1, 32)
+            w = torch.nn.functional.pad(layer.plain_weight().double(), (0, q.shape[1] * 32 - width)).view(37, -1, 32)
             per_block = torch.einsum("rbk,nbk->rnb", q.double(), w)
             exact = (per_block * d.double().view(rows, 1, -1)).sum(-1) * layer.scales.double()
             exact += layer.bias.double()

@@ -312,6 +312,55 @@ void i4_avx2(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int
   over_row_tiles<2>(p.rows, g0, g1, [&](auto r, int64_t g, int64_t r0) { i4_group_avx2<r>(p, a, w, g, r0); });
 }
 
+// int8 weights in groups of 16 output channels side by side (Int8Linear's layout on the kernels; the out % 16 last
+// channels stay one row each, for the tiles above): per group and run of 4 inputs, 64 bytes, 4 per channel. Each
+// run's 4 activations are broadcast from memory and multiplied with all 16 channels at once; a block's int32 sums
+// take its activation scale in fp32, and the channel scales multiply the output: no horizontal sums.
+constexpr int64_t kInt8Ahead = 4096;  // software prefetch distance in the weights (as kInt4Ahead)
+
+// AVX2: the sign of the activation moves onto the weight (see dot_i8_avx2), two halves of 8 channels.
+template <int R>
+void i8_group_avx2(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale, int64_t g,
+                   int64_t r0) {
+  const int8_t* wg = w + g * kGroup * p.k;
+  const int64_t runs = p.k / 4;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b * 8 < runs; ++b) {
+    __m256i sums[R][2];
+    for (int r = 0; r < R; ++r) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
+    for (int64_t s = 8 * b; s < std::min<int64_t>(8 * b + 8, runs); ++s) {
+      _mm_prefetch(reinterpret_cast<const char*>(wg + s * 64 + kInt8Ahead), _MM_HINT_T0);
+      __m256i wv[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + s * 64)),
+                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + s * 64 + 32))};
+      for (int r = 0; r < R; ++r) {
+        __m256i xv = _mm256_set1_epi32(four_bytes(a.q.data() + (r0 + r) * a.padded + 4 * s));
+        __m256i magnitude = _mm256_sign_epi8(xv, xv);
+        for (int h = 0; h < 2; ++h)
+          sums[r][h] = _mm256_add_epi32(
+              sums[r][h], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(wv[h], xv)), ones));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      __m256 d = _mm256_set1_ps(a.scale[(r0 + r) * a.blocks + b]);
+      for (int h = 0; h < 2; ++h) acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][h]), d, acc[r][h]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = g * kGroup + 8 * h;
+      __m256 v = _mm256_mul_ps(acc[r][h], _mm256_loadu_ps(wscale + n));
+      if (p.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(p.bias + n));
+      _mm256_storeu_ps(p.y + (r0 + r) * p.n + n, v);
+    }
+}
+
+void i8_groups_avx2(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale, int64_t g0,
+                    int64_t g1) {
+  over_row_tiles<2>(p.rows, g0, g1, [&](auto r, int64_t g, int64_t r0) { i8_group_avx2<r>(p, a, w, wscale, g, r0); });
+}
+
 }  // namespace
 
 // -------------------------------------------------------------------------------------------------------- AVX512
@@ -552,6 +601,56 @@ void i8_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const 
   });
 }
 
+// As i8_group_avx2, with VNNI: the weights made unsigned (w + 128, see i8_tile_avx512), whose extra 128 * sum(q_x)
+// per block is `offset` (all blocks, the partial last one too). One or two rows alternate two sums per block.
+template <int R>
+void i8_group_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale,
+                     const float* offset, int64_t g, int64_t r0) {
+  constexpr int U = R <= 2 ? 2 : 1;
+  const int8_t* wg = w + g * kGroup * p.k;
+  const int64_t runs = p.k / 4;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b * 8 < runs; ++b) {
+    __m512i sums[U][R];
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < R; ++r) sums[u][r] = _mm512_setzero_si512();
+    for (int64_t s = 8 * b; s < std::min<int64_t>(8 * b + 8, runs); ++s) {
+      _mm_prefetch(reinterpret_cast<const char*>(wg + s * 64 + kInt8Ahead), _MM_HINT_T0);
+      __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(wg + s * 64), flip);
+      for (int r = 0; r < R; ++r) {
+        __m512i& sum = sums[s % U][r];
+        sum = _mm512_dpbusd_epi32(sum, wv, _mm512_set1_epi32(four_bytes(a.q.data() + (r0 + r) * a.padded + 4 * s)));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      if constexpr (U == 2) sums[0][r] = _mm512_add_epi32(sums[0][r], sums[1][r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[0][r]), _mm512_set1_ps(a.scale[(r0 + r) * a.blocks + b]), acc[r]);
+    }
+  }
+  const int64_t n = g * kGroup;
+  for (int r = 0; r < R; ++r) {
+    __m512 v = _mm512_mul_ps(_mm512_sub_ps(acc[r], _mm512_set1_ps(offset[r0 + r])), _mm512_loadu_ps(wscale + n));
+    if (p.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(p.bias + n));
+    _mm512_storeu_ps(p.y + (r0 + r) * p.n + n, v);
+  }
+}
+
+void i8_groups_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale, int64_t g0,
+                      int64_t g1) {
+  std::vector<float> offset(p.rows, 0.f);  // sum over blocks of d_x * 128 * sum(q_x)
+  for (int64_t r = 0; r < p.rows; ++r)
+    for (int64_t b = 0; b < a.blocks; ++b) {
+      int32_t t = 0;
+      for (int i = 0; i < kBlock; ++i) t += a.q[r * a.padded + b * kBlock + i];  // zeros past k
+      offset[r] += 128.f * t * a.scale[r * a.blocks + b];
+    }
+  over_row_tiles<8>(p.rows, g0, g1, [&](auto r, int64_t g, int64_t r0) {
+    i8_group_avx512<r>(p, a, w, wscale, offset.data(), g, r0);
+  });
+}
+
 // As i4_group_avx2, with VNNI: 16 channels in the 16 lanes, each int32 lane taking 4 products per instruction.
 // One or two rows keep the low and high nibbles' sums apart (shorter dependency chains).
 template <int R>
@@ -773,13 +872,17 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scales
   auto y = output(x, w.size(0));
   auto b = fp32_bias(bias, w.size(0));
   Problem p{x.size(0), w.size(1), w.size(0), y.data_ptr<float>(), bias_ptr(b)};
+  TORCH_CHECK(p.k % 4 == 0, "int8 kernels need in_features divisible by 4");
   QuantizedRows a = quantize_rows(x.data_ptr<float>(), p.rows, p.k);
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   Isa use = pick(isa);
-  over_channels(p.n, p.k, [&](int64_t n0, int64_t n1) {
-    use != kAvx2 ? i8_avx512(p, a, wp, sp, n0, n1) : i8_avx2(p, a, wp, sp, n0, n1);
+  const int64_t groups = p.n / kGroup;  // then the last n % 16 channels, one row each
+  at::parallel_for(0, groups, std::max<int64_t>(1, (256 << 10) / (kGroup * p.k)), [&](int64_t g0, int64_t g1) {
+    use != kAvx2 ? i8_groups_avx512(p, a, wp, sp, g0, g1) : i8_groups_avx2(p, a, wp, sp, g0, g1);
   });
+  if (groups * kGroup < p.n)
+    use != kAvx2 ? i8_avx512(p, a, wp, sp, groups * kGroup, p.n) : i8_avx2(p, a, wp, sp, groups * kGroup, p.n);
   return y;
 }
 

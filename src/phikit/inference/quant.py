@@ -45,7 +45,7 @@ MODES = ("int8", "int8-weight-only", "int4")
 # The group sizes torch's CPU int4 kernel takes (others fail on the first decoding step, not when quantizing).
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_SUPERBLOCK = 8  # groups of 32 sharing the bf16 steps of their 8-bit scale and minimum codes (kSuper in C++)
-INT4_CHANNELS = 16  # output channels stored side by side (kGroup in C++)
+INT4_CHANNELS = INT8_CHANNELS = 16  # output channels stored side by side for the C++ kernels (kGroup there)
 
 
 _local = threading.local()
@@ -257,7 +257,9 @@ class Int8Linear(nn.Module):
 
     With `dynamic` (mode "int8"), CPU inputs of fewer than DECODE_ROWS rows round their activations to int8 in
     blocks of 32 (one scale per block) and multiply in integers on the C++ kernels (VNNI's dot products where the
-    CPU has them). Without the kernels they take fbgemm's int8 GEMM on a packed copy of the weights (one scale per
+    CPU has them). For them `weight` keeps each group of 16 output channels side by side (`grouped`): per run of 4
+    inputs 64 bytes, 4 per channel (the last out % 16 channels stay rows); `plain_weight` gives [out, in]. Without
+    the kernels they take fbgemm's int8 GEMM on a packed copy of the weights (one scale per
     call; 7-bit activations where fbgemm's sums could overflow, see int8_full_range). The weight-only form (mode
     "int8-weight-only") keeps bf16 activations in torch's _weight_int8pack_mm. More rows (prompts) multiply the
     integer weights block by block in a float GEMM, exact."""
@@ -265,13 +267,21 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, act_dtype: torch.dtype, dynamic: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features, self.dynamic = linear.in_features, linear.out_features, dynamic
-        weight = torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=linear.weight.device)
-        scales = torch.empty(self.out_features, device=linear.weight.device)
+        device = linear.weight.device
+        self.grouped = (dynamic and device.type == "cpu" and self.in_features % 4 == 0
+                        and native.extension() is not None)
+        weight = torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=device)
+        scales = torch.empty(self.out_features, device=device)
         for start in range(0, self.out_features, BLOCK_ROWS):  # in blocks: no fp32 copy of a whole large matrix
             w = linear.weight.detach()[start:start + BLOCK_ROWS].float()
             scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
-            weight[start:start + BLOCK_ROWS] = (w / scale[:, None]).round().clamp(-127, 127)
-            scales[start:start + BLOCK_ROWS] = scale
+            q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            end = start + q.shape[0]
+            grouped_end = min(end, self._grouped_rows()) if self.grouped else start
+            weight[start:grouped_end] = q[:grouped_end - start].view(-1, INT8_CHANNELS, self.in_features // 4, 4) \
+                .transpose(1, 2).reshape(grouped_end - start, self.in_features)
+            weight[grouped_end:end] = q[grouped_end - start:]
+            scales[start:end] = scale
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales.to(act_dtype))
         # a copy, never a view of the caller's tensor (the loader's file mapping, given back after this)
@@ -289,15 +299,29 @@ class Int8Linear(nn.Module):
         self._key = id(self)
         _LIVE_INT8[self._key] = self
 
+    def _grouped_rows(self) -> int:
+        return self.out_features // INT8_CHANNELS * INT8_CHANNELS
+
+    def plain_weight(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """The integer weights of output channels start:end as [end - start, in] rows (start a multiple of 16 where
+        `grouped`; a copy then)."""
+        end = self.out_features if end is None else end
+        if not self.grouped:
+            return self.weight[start:end]
+        grouped_end = max(start, min(end, self._grouped_rows()))
+        groups = self.weight[start:grouped_end].view(-1, self.in_features // 4, INT8_CHANNELS, 4)
+        return torch.cat((groups.transpose(1, 2).reshape(grouped_end - start, self.in_features),
+                          self.weight[grouped_end:end]))
+
     def dequantize(self) -> torch.Tensor:
-        return self.weight.float() * self.scales.float()[:, None]
+        return self.plain_weight().float() * self.scales.float()[:, None]
 
     def _fbgemm_weights(self) -> torch.ScriptObject:
         if self._packed is None:
             with warnings.catch_warnings():  # quantized-tensor constructors warn about their future in torch
                 warnings.simplefilter("ignore")
                 qweight = torch._make_per_channel_quantized_tensor(
-                    self.weight, self.scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
+                    self.plain_weight(), self.scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
                 bias = self.bias.float() if self.bias is not None else None
                 self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
         return self._packed
@@ -305,7 +329,8 @@ class Int8Linear(nn.Module):
     def _forward_prompt(self, x2: torch.Tensor) -> torch.Tensor:
         """The integer weights block by block in a float GEMM (int8 values are exact in bf16 and fp32), then the
         per-channel scale on the output (it factors out)."""
-        y = blocked_product(x2, self.out_features, lambda s, e, out: out.copy_(self.weight[s:e]), _prompt_dtype())
+        y = blocked_product(x2, self.out_features, lambda s, e, out: out.copy_(self.plain_weight(s, e)),
+                            _prompt_dtype())
         y = y * self.scales.float()
         return y + self.bias.float() if self.bias is not None else y
 
@@ -313,7 +338,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         cpu, few = x.device.type == "cpu", x2.shape[0] < DECODE_ROWS
-        if cpu and self.dynamic and _on_kernels(x2):
+        if cpu and self.grouped and _on_kernels(x2):
             y = _call("int8_rows", x2, self.weight, self.scales, self.bias).to(x.dtype)
         # torch's weight-only kernel reads 16 inputs at a time with no tail (AVX512): other widths read past each
         # row, giving garbage or a crash, so they take the exact prompt path
@@ -336,7 +361,7 @@ class Int8Linear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         else:  # GPU: the dequantized matrix is cheap to form; the read of int8 weights is what saves bandwidth
-            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+            y = F.linear(x2, self.plain_weight().to(x.dtype)) * self.scales.to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
