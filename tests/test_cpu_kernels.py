@@ -229,3 +229,25 @@ def test_decoding_attention_reads_the_cache_where_it_lies(kernels, dtype, head_d
             tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # bf16: the output's rounding
             assert got.dtype == dtype
             torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
+
+
+def test_int8_layers_keep_16_channels_side_by_side_only_for_the_kernels():
+    """On the kernels an int8 layer stores each group of 16 output channels side by side (the last out % 16 as
+    rows); `plain_weight` gives back exactly the row-by-row codes. Inputs not a multiple of 4 keep plain rows and
+    take fbgemm's product, within the quantization error of the float64 one."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(40, 37)
+    w = linear.weight.detach()
+    codes = (w / (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-8)).round().clamp(-127, 127).to(torch.int8)
+    layer = Int8Linear(linear, torch.float32, dynamic=True)
+    assert layer.grouped == (native.extension() is not None)
+    if layer.grouped:
+        assert not torch.equal(layer.weight, codes)  # the stored order differs
+    assert torch.equal(layer.plain_weight(), codes) and torch.equal(layer.plain_weight(16, 37), codes[16:])
+    odd = Int8Linear(torch.nn.Linear(38, 37), torch.float32, dynamic=True)
+    assert not odd.grouped
+    x = torch.randn(3, 38)
+    with torch.inference_mode():
+        got = odd(x).double()
+    exact = x.double() @ odd.dequantize().double().T + odd.bias.double()
+    assert float((got - exact).norm() / exact.norm()) < 0.03
