@@ -208,13 +208,13 @@ def test_the_built_extension_is_cached_per_machine():
 
 @pytest.mark.parametrize("kernels", ["avx2", "torch"], indirect=True)  # the attention kernels are AVX2 only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [20, 32, 64, 80])  # 20: not a multiple of 8; 80: phi-2's
+@pytest.mark.parametrize("head_dim", [20, 32, 64, 80, 136])  # 20: not a multiple of 8; 80: phi-2's; 136: 3 passes
 def test_decoding_attention_reads_the_cache_where_it_lies(kernels, dtype, head_dim):
     """One query against a cache's strided view (the first `length` rows of a larger buffer), on the kernels and on
     torch's path alike: the float64 attention of the cached values, to fp32 summation order."""
     from phikit.model import single_query_attention
     torch.manual_seed(head_dim)
-    for length in (1, 3, 5, 130):
+    for length in (1, 3, 5, 17, 130):  # keys 4 at a time, and the rest
         buffers = torch.randn(2, 2, 3, 160, head_dim).to(dtype)  # [k/v, batch, heads, capacity, head_dim]
         k, v = buffers[0, :, :, :length], buffers[1, :, :, :length]
         q = torch.randn(2, 3, 1, head_dim).to(dtype)
