@@ -1,9 +1,10 @@
 // Matrix-vector products for decoding on the CPU: y[r, n] = sum_k x[r, k] * W[n, k] (+ bias[n]) for a few rows of
 // activations x (1-16: one token per sequence) and weights W stored as fp32, bf16, int8 (one scale per output
 // channel) or int4 (blocks of 32 inputs with a scale and a minimum). One decoding step reads every weight once, so
-// these kernels are built to stream W at the memory's speed: threads share the output channels, each weight row is
-// read from memory once and multiplied with every activation row while it is in L1, and int8/int4 rows are
-// multiplied in integers against activations rounded to int8 in blocks of 32 (one scale per block).
+// these kernels are built to stream W at the memory's speed: threads share the output channels, each weight is read
+// from memory once and multiplied with every activation row while it is in registers or L1, and int8/int4 weights
+// (stored 16 output channels side by side) are multiplied in integers against activations rounded to int8 in blocks
+// of 32 (one scale per block). The two products of a decoding step's attention read the KV cache where it lies.
 //
 // Two instruction sets: AVX2 + FMA (the base this file is compiled for) and AVX512 F/BW/VL with VNNI (integer dot
 // products) and, where present, AVX512-BF16. Python chooses one from the CPU's flags; the AVX512 code is compiled
