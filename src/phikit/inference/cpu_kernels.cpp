@@ -587,16 +587,21 @@ void i8_tile_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, c
   }
 }
 
-void i8_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale, int64_t n0,
-               int64_t n1) {
-  const int64_t whole = p.k / kBlock;
-  std::vector<float> offset(p.rows, 0.f);  // sum over whole blocks of d_x * 128 * sum(q_x)
-  for (int64_t r = 0; r < p.rows; ++r)
-    for (int64_t b = 0; b < whole; ++b) {
+// What flipping the weights' top bit adds per row: sum over the first `blocks` blocks of d_x * 128 * sum(q_x).
+std::vector<float> flip_offsets(const QuantizedRows& a, int64_t rows, int64_t blocks) {
+  std::vector<float> offset(rows, 0.f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < blocks; ++b) {
       int32_t t = 0;
-      for (int i = 0; i < kBlock; ++i) t += a.q[r * a.padded + b * kBlock + i];
+      for (int i = 0; i < kBlock; ++i) t += a.q[r * a.padded + b * kBlock + i];  // zeros past k
       offset[r] += 128.f * t * a.scale[r * a.blocks + b];
     }
+  return offset;
+}
+
+void i8_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale, int64_t n0,
+               int64_t n1) {
+  const std::vector<float> offset = flip_offsets(a, p.rows, p.k / kBlock);  // whole blocks: the tail is exact
   over_tiles<kWeightsAvx512, kRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
     i8_tile_avx512<nw, r>(p, a, w, wscale, offset.data(), n, r0);
   });
@@ -640,13 +645,7 @@ void i8_group_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, 
 
 void i8_groups_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale, int64_t g0,
                       int64_t g1) {
-  std::vector<float> offset(p.rows, 0.f);  // sum over blocks of d_x * 128 * sum(q_x)
-  for (int64_t r = 0; r < p.rows; ++r)
-    for (int64_t b = 0; b < a.blocks; ++b) {
-      int32_t t = 0;
-      for (int i = 0; i < kBlock; ++i) t += a.q[r * a.padded + b * kBlock + i];  // zeros past k
-      offset[r] += 128.f * t * a.scale[r * a.blocks + b];
-    }
+  const std::vector<float> offset = flip_offsets(a, p.rows, a.blocks);
   over_row_tiles<8>(p.rows, g0, g1, [&](auto r, int64_t g, int64_t r0) {
     i8_group_avx512<r>(p, a, w, wscale, offset.data(), g, r0);
   });

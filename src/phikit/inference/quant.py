@@ -45,7 +45,7 @@ MODES = ("int8", "int8-weight-only", "int4")
 # The group sizes torch's CPU int4 kernel takes (others fail on the first decoding step, not when quantizing).
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_SUPERBLOCK = 8  # groups of 32 sharing the bf16 steps of their 8-bit scale and minimum codes (kSuper in C++)
-INT4_CHANNELS = INT8_CHANNELS = 16  # output channels stored side by side for the C++ kernels (kGroup there)
+KERNEL_CHANNELS = 16  # output channels the C++ kernels take side by side (kGroup there)
 
 
 _local = threading.local()
@@ -252,6 +252,19 @@ def int8_full_range() -> bool:
     return bool(torch.allclose(got, F.linear(x, weight), atol=0.01))
 
 
+def side_by_side(rows: torch.Tensor) -> torch.Tensor:
+    """Rows [out, n] of bytes (out a multiple of 16, n of 4) in the order the int8/int4 kernels read: per group of 16
+    rows and run of 4 bytes, the 16 rows' runs one after another (a 64-byte vector)."""
+    out, n = rows.shape
+    return rows.reshape(-1, KERNEL_CHANNELS, n // 4, 4).transpose(1, 2).reshape(out, n)
+
+
+def rows_of(stored: torch.Tensor) -> torch.Tensor:
+    """The inverse of side_by_side: [out, n] rows again (a copy)."""
+    out, n = stored.shape
+    return stored.reshape(-1, n // 4, KERNEL_CHANNELS, 4).transpose(1, 2).reshape(out, n)
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T + b with q int8 [out, in] and one scale per output channel (symmetric).
 
@@ -278,8 +291,7 @@ class Int8Linear(nn.Module):
             q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
             end = start + q.shape[0]
             grouped_end = min(end, self._grouped_rows()) if self.grouped else start
-            weight[start:grouped_end] = q[:grouped_end - start].view(-1, INT8_CHANNELS, self.in_features // 4, 4) \
-                .transpose(1, 2).reshape(grouped_end - start, self.in_features)
+            weight[start:grouped_end] = side_by_side(q[:grouped_end - start])
             weight[grouped_end:end] = q[grouped_end - start:]
             scales[start:end] = scale
         self.register_buffer("weight", weight)
@@ -300,7 +312,7 @@ class Int8Linear(nn.Module):
         _LIVE_INT8[self._key] = self
 
     def _grouped_rows(self) -> int:
-        return self.out_features // INT8_CHANNELS * INT8_CHANNELS
+        return self.out_features // KERNEL_CHANNELS * KERNEL_CHANNELS
 
     def plain_weight(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         """The integer weights of output channels start:end as [end - start, in] rows (start a multiple of 16 where
@@ -309,9 +321,7 @@ class Int8Linear(nn.Module):
         if not self.grouped:
             return self.weight[start:end]
         grouped_end = max(start, min(end, self._grouped_rows()))
-        groups = self.weight[start:grouped_end].view(-1, self.in_features // 4, INT8_CHANNELS, 4)
-        return torch.cat((groups.transpose(1, 2).reshape(grouped_end - start, self.in_features),
-                          self.weight[grouped_end:end]))
+        return torch.cat((rows_of(self.weight[start:grouped_end]), self.weight[grouped_end:end]))
 
     def dequantize(self) -> torch.Tensor:
         return self.plain_weight().float() * self.scales.float()[:, None]
@@ -418,14 +428,14 @@ class Int4Linear(nn.Module):
             raise ValueError(problem)
         device = linear.weight.device
         self.native = group_size == 32 and device.type == "cpu" and native.extension() is not None
-        groups, channel_groups = self.in_features // group_size, self.out_features // INT4_CHANNELS
+        groups, channel_groups = self.in_features // group_size, self.out_features // KERNEL_CHANNELS
         nibbles = torch.zeros(self.out_features, self.in_features // 2, dtype=torch.uint8, device=device)
         if self.native:  # codes and steps, written by _stored as each block of channels is quantized
             blocks, superblocks = groups, -(-groups // INT4_SUPERBLOCK)
-            self.register_buffer("scales", torch.zeros(channel_groups, blocks, INT4_CHANNELS, dtype=torch.uint8,
+            self.register_buffer("scales", torch.zeros(channel_groups, blocks, KERNEL_CHANNELS, dtype=torch.uint8,
                                                        device=device))
             self.register_buffer("mins", torch.zeros_like(self.scales, dtype=torch.int8))
-            self.register_buffer("steps", torch.zeros(channel_groups, superblocks, 2, INT4_CHANNELS,
+            self.register_buffer("steps", torch.zeros(channel_groups, superblocks, 2, KERNEL_CHANNELS,
                                                       dtype=torch.bfloat16, device=device))
         else:  # fp32 while quantizing, bf16 once done
             scales = torch.zeros(self.out_features, groups, device=device)
@@ -437,8 +447,8 @@ class Int4Linear(nn.Module):
             scale, lo = self._stored((w.amax(-1) - w.amin(-1)) / 15, w.amin(-1), start, end)
             # q is chosen for the scale and minimum actually stored
             q = ((w - lo[..., None]) / scale.clamp(min=1e-12)[..., None]).round().clamp(0, 15).to(torch.uint8)
-            runs = q.view(-1, INT4_CHANNELS, self.in_features // 8, 2, 4)  # [group, channel, run, half, input]
-            nibbles[start:end] = (runs[..., 0, :] | (runs[..., 1, :] << 4)).transpose(1, 2).reshape(end - start, -1)
+            halves = q.view(end - start, -1, 2, 4)  # per run of 8 inputs, byte t: input t | input 4 + t << 4
+            nibbles[start:end] = side_by_side((halves[:, :, 0] | (halves[:, :, 1] << 4)).view(end - start, -1))
             if not self.native:
                 scales[start:end], mins[start:end] = scale, lo
                 torch_packed.append(q.view(end - start, -1).to(torch.int32))
@@ -463,13 +473,13 @@ class Int4Linear(nn.Module):
         superblocks = self.steps.shape[1]
         pad = superblocks * INT4_SUPERBLOCK - groups
         by_super = lambda t: F.pad(t, (0, pad)).view(rows, superblocks, INT4_SUPERBLOCK)  # noqa: E731
-        by_group = lambda t: t.view(-1, INT4_CHANNELS, *t.shape[1:]).movedim(1, -1)  # noqa: E731  [group, ..., 16]
+        by_group = lambda t: t.view(-1, KERNEL_CHANNELS, *t.shape[1:]).movedim(1, -1)  # noqa: E731  [group, ..., 16]
         step = by_super(scale).amax(-1) / 255
         step_min = by_super(lo).abs().amax(-1) / 127
         step, step_min = step.bfloat16().float(), step_min.bfloat16().float()
         scale_code = (by_super(scale) / step.clamp(min=1e-30)[..., None]).round().clamp(0, 255)
         min_code = (by_super(lo) / step_min.clamp(min=1e-30)[..., None]).round().clamp(-127, 127)
-        channel_groups = slice(start // INT4_CHANNELS, end // INT4_CHANNELS)
+        channel_groups = slice(start // KERNEL_CHANNELS, end // KERNEL_CHANNELS)
         self.scales[channel_groups] = by_group(scale_code.view(rows, -1)[:, :groups].to(torch.uint8))
         self.mins[channel_groups] = by_group(min_code.view(rows, -1)[:, :groups].to(torch.int8))
         self.steps[channel_groups] = by_group(torch.stack([step, step_min], -1).bfloat16())
@@ -504,8 +514,8 @@ class Int4Linear(nn.Module):
         if self.native:
             return native.extension().dequantize_int4(self.nibbles, self.scales, self.mins, self.steps, start, end,
                                                       self.in_features, out)
-        rows, runs = end - start, self.nibbles[start:end].view(-1, self.in_features // 8, INT4_CHANNELS, 1, 4)
-        q = torch.cat((runs & 15, runs >> 4), dim=3).transpose(1, 2).reshape(rows, self.in_features)
+        rows, packed = end - start, rows_of(self.nibbles[start:end]).view(end - start, -1, 1, 4)
+        q = torch.cat((packed & 15, packed >> 4), dim=2).view(rows, self.in_features)
         groups = self.in_features // self.group_size
         view = (out if out.dtype == torch.float32 else torch.empty(out.shape)).view(rows, groups, self.group_size)
         view.copy_(q.view(rows, groups, self.group_size))
