@@ -71,6 +71,18 @@ QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
   return out;
 }
 
+// What flipping the int8 weights' top bit adds per row: sum over blocks of d_x * 128 * sum(q_x).
+std::vector<float> flip_offsets(const QuantizedRows& a, int64_t rows) {
+  std::vector<float> offset(rows, 0.f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < a.blocks; ++b) {
+      int32_t t = 0;
+      for (int i = 0; i < kBlock; ++i) t += a.q[r * a.padded + b * kBlock + i];  // zeros past k
+      offset[r] += 128.f * t * a.scale[r * a.blocks + b];
+    }
+  return offset;
+}
+
 // Every kernel below computes output channels [n0, n1) for all rows; `y` is [rows, n] row-major.
 struct Problem {
   int64_t rows, k, n;
@@ -537,78 +549,10 @@ void bf16_lanes_avx512(const Problem& p, const uint16_t* x, const uint16_t* xg, 
   });
 }
 
-// int8: VNNI multiplies unsigned x signed bytes straight into int32 lanes. The weights become unsigned by flipping
-// their top bit (w + 128, shared by all rows); the extra 128 * sum(q_x) per block is taken off once per row
-// (`offset`): sum_blocks d_x * 128 * sum(q_x) does not depend on the weight row.
-template <int NW, int R>
-void i8_tile_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale,
-                    const float* offset, int64_t n, int64_t r0) {
-  constexpr int U = NW * R <= 2 ? 4 : 1;  // independent sums per output where there are few (as in float_tile_avx512)
-  const int64_t whole = p.k / kBlock, chunks = p.k / 64;
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512 acc[U][NW][R];
-  for (int u = 0; u < U; ++u)
-    for (int j = 0; j < NW; ++j)
-      for (int r = 0; r < R; ++r) acc[u][j][r] = _mm512_setzero_ps();
-  auto step = [&](int u, int64_t c) {
-    __m512i wv[NW];
-    for (int j = 0; j < NW; ++j) wv[j] = _mm512_xor_si512(_mm512_loadu_si512(w + (n + j) * p.k + c * 64), flip);
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = r0 + r;
-      __m512i xv = _mm512_loadu_si512(a.q.data() + row * a.padded + c * 64);
-      __m512 d = _mm512_loadu_ps(a.scale8.data() + (row * a.blocks + 2 * c) * 8);
-      for (int j = 0; j < NW; ++j)
-        acc[u][j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[j], xv)),
-                                       d, acc[u][j][r]);
-    }
-  };
-  int64_t c = 0;
-  for (; c + U <= chunks; c += U)
-    for (int u = 0; u < U; ++u) step(u, c + u);
-  for (; c < chunks; ++c) step(0, c);
-  for (int j = 0; j < NW; ++j) {
-    const int8_t* wr = w + (n + j) * p.k;
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = r0 + r;
-      for (int u = 1; u < U; ++u) acc[0][j][r] = _mm512_add_ps(acc[0][j][r], acc[u][j][r]);
-      float s = _mm512_reduce_add_ps(acc[0][j][r]);
-      if (whole > 2 * chunks) {  // one whole block left after the 64-input chunks
-        const int64_t b = 2 * chunks;
-        __m256i wv = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * kBlock)),
-                                      _mm256_set1_epi8(static_cast<char>(0x80)));
-        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + row * a.padded + b * kBlock));
-        __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
-        s += hsum256(_mm256_cvtepi32_ps(dot)) * a.scale[row * a.blocks + b];
-      }
-      s -= offset[row];
-      if (whole * kBlock < p.k) s += int8_tail(a, wr, row, p.k);
-      store(p, row, n + j, s * wscale[n + j]);
-    }
-  }
-}
-
-// What flipping the weights' top bit adds per row: sum over the first `blocks` blocks of d_x * 128 * sum(q_x).
-std::vector<float> flip_offsets(const QuantizedRows& a, int64_t rows, int64_t blocks) {
-  std::vector<float> offset(rows, 0.f);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t b = 0; b < blocks; ++b) {
-      int32_t t = 0;
-      for (int i = 0; i < kBlock; ++i) t += a.q[r * a.padded + b * kBlock + i];  // zeros past k
-      offset[r] += 128.f * t * a.scale[r * a.blocks + b];
-    }
-  return offset;
-}
-
-void i8_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale, int64_t n0,
-               int64_t n1) {
-  const std::vector<float> offset = flip_offsets(a, p.rows, p.k / kBlock);  // whole blocks: the tail is exact
-  over_tiles<kWeightsAvx512, kRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
-    i8_tile_avx512<nw, r>(p, a, w, wscale, offset.data(), n, r0);
-  });
-}
-
-// As i8_group_avx2, with VNNI: the weights made unsigned (w + 128, see i8_tile_avx512), whose extra 128 * sum(q_x)
-// per block is `offset` (all blocks, the partial last one too). One or two rows alternate two sums per block.
+// As i8_group_avx2, with VNNI, which multiplies unsigned x signed bytes straight into int32 lanes: the weights are
+// made unsigned by flipping their top bit (w + 128, once per 64 weights, shared by all rows), and the extra
+// 128 * sum(q_x) per block, which does not depend on the weight, is taken off once per row (`offset`, flip_offsets).
+// One or two rows alternate two sums per block.
 template <int R>
 void i8_group_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale,
                      const float* offset, int64_t g, int64_t r0) {
@@ -643,11 +587,10 @@ void i8_group_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, 
   }
 }
 
-void i8_groups_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale, int64_t g0,
-                      int64_t g1) {
-  const std::vector<float> offset = flip_offsets(a, p.rows, a.blocks);
+void i8_groups_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale,
+                      const float* offset, int64_t g0, int64_t g1) {
   over_row_tiles<8>(p.rows, g0, g1, [&](auto r, int64_t g, int64_t r0) {
-    i8_group_avx512<r>(p, a, w, wscale, offset.data(), g, r0);
+    i8_group_avx512<r>(p, a, w, wscale, offset, g, r0);
   });
 }
 
@@ -877,12 +820,12 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scales
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   Isa use = pick(isa);
-  const int64_t groups = p.n / kGroup;  // then the last n % 16 channels, one row each
+  const std::vector<float> offset = use != kAvx2 ? flip_offsets(a, p.rows) : std::vector<float>();
+  const int64_t groups = p.n / kGroup;
   at::parallel_for(0, groups, std::max<int64_t>(1, (256 << 10) / (kGroup * p.k)), [&](int64_t g0, int64_t g1) {
-    use != kAvx2 ? i8_groups_avx512(p, a, wp, sp, g0, g1) : i8_groups_avx2(p, a, wp, sp, g0, g1);
+    use != kAvx2 ? i8_groups_avx512(p, a, wp, sp, offset.data(), g0, g1) : i8_groups_avx2(p, a, wp, sp, g0, g1);
   });
-  if (groups * kGroup < p.n)
-    use != kAvx2 ? i8_avx512(p, a, wp, sp, groups * kGroup, p.n) : i8_avx2(p, a, wp, sp, groups * kGroup, p.n);
+  if (groups * kGroup < p.n) i8_avx2(p, a, wp, sp, groups * kGroup, p.n);  // the last n % 16 channels, one row each
   return y;
 }
 
