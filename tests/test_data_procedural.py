@@ -151,6 +151,15 @@ def test_sft_mix_teaches_scope_and_follow_ups():
             assert "arithmetic, word problems and small Python functions" in c["messages"][1]["content"]
     code = [c["messages"] for c in convs if c["kind"] == "code_request"]
     assert all(run_code(m[1]["content"], timeout=10).passed for m in code[:5])  # whole functions that run
+    # one-event word problems (the exercises have 2-4 events): a start, one event, the total, all from training
+    one_event = [c["messages"] for c in convs if c["kind"] == "one_event_problem"]
+    assert len(one_event) > 20
+    for user, answer in ((m[0]["content"], m[1]["content"]) for m in one_event):
+        assert answer.count("Step ") == 3 and procedural.split_of(f"word:{user}") == "train"
+        *_, last = re.findall(r"= (-?\d+) ", answer)
+        assert int(last) == procedural.parse_answer(answer)
+    squares = [m for m in code if "square of" in m[0]["content"]]
+    assert squares and all(m[1]["content"].startswith("def power_of_2(x):") for m in squares)
 
 
 def test_a_function_to_complete_is_answered_from_its_signature_line():

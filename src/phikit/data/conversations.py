@@ -13,11 +13,12 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from .procedural import NAMES
+from .procedural import NAMES, TRAIN_PHRASINGS, split_of, word_problem
 
 IDENTITY = "a small phi-style model, trained from scratch in minutes by phikit's speedrun"
 SKILLS = "arithmetic, word problems and small Python functions"
-CONVERSATION_KINDS = ("greeting", "identity", "capabilities", "refusal", "follow_up", "code_request")
+CONVERSATION_KINDS = ("greeting", "identity", "capabilities", "refusal", "follow_up", "code_request",
+                      "one_event_problem")
 
 
 def _msgs(*turns: str) -> dict:
@@ -89,13 +90,24 @@ OUT_OF_SCOPE: list[Callable[[random.Random], str]] = [
 
 def refusal(rng: random.Random) -> dict:
     user = rng.choice(OUT_OF_SCOPE)(rng)
+    # No refusal starts like "I can do ...": a model that has begun "I can" would decline a greeting.
     answer = _pick(rng, "Sorry, I can't help with that.", "I'm sorry, that is beyond what I can do.",
-                   "I can't do that well, so I'd rather not try.", "That's outside what I know, sorry.")
+                   "Sorry, I would not do that well, so I'd rather not try.", "That's outside what I know, sorry.")
     because = _pick(rng, f" I only know {SKILLS}.", f" I was only trained on {SKILLS}.")
     return _msgs(user, answer + because)
 
 
 # --- follow-ups that refer to the turn before ----------------------------------------------------------------
+
+def one_event_problem(rng: random.Random) -> dict:
+    """A word problem with a single event. The exercises always have 2-4, and a chat model tuned on those alone
+    answers "Maya has 7 apples. Maya buys 5 more apples. How many ...?" with a second purchase it made up. Only
+    the training side of the split: held-out word problems never have one event, but no held-out key may train."""
+    while True:
+        r = word_problem(rng, TRAIN_PHRASINGS, events=(1, 1))
+        if split_of(r["key"]) == "train":
+            return dict(r, kind="word_problem", solution=r["text"][len(r["prompt"]):].strip())
+
 
 def word_problem_follow_up(rng: random.Random, record: dict) -> dict:
     """A word problem, its solution, then one more event asked as a follow-up and solved from the last count."""
@@ -111,8 +123,10 @@ def word_problem_follow_up(rng: random.Random, record: dict) -> dict:
         event = rng.choice([f"{hero} loses {k} {item}", f"{hero} gives {k} {item} to {other}",
                             f"{hero} gives away {k} {item}"])
         result, math = count - k, f"{count} - {k} = {count - k}"
+    short = event[:-len(item) - 1] if event.endswith(f"more {item}") else event  # "Maya buys 3 more"
     ask = rng.choice([f"And if {event} after that?", f"What if {event} then?", f"Then {event}. How many now?",
-                      f"Now {event}. How many {item} does {hero} have?", f"And if {event}?"])
+                      f"Now {event}. How many {item} does {hero} have?", f"And if {event}?", f"And if {short}?",
+                      f"What if {short}?"])
     answer = (f"Step 1: Before that, {hero} had {count} {item}.\nStep 2: {event[:1].upper() + event[1:]}, so "
               f"{hero} now has {math} {item}.\nAnswer: {hero} has {result} {item} now.")
     return _msgs(record["question"], record["solution"], ask, answer)
@@ -131,6 +145,17 @@ def arithmetic_follow_up(rng: random.Random, record: dict) -> dict:
 
 
 # --- code requests in words ----------------------------------------------------------------------------------
+
+# Everyday words for some of the generated functions: a user asks for "the square of a number", not for "x raised
+# to the power 2", and a model trained in minutes only knows the words it was tuned on.
+EVERYDAY_REQUESTS = {
+    "power_of_2": ("returns the square of a number", "squares a number", "computes the square of x"),
+    "power_of_3": ("returns the cube of a number", "cubes a number", "computes the cube of x"),
+    "multiply_by_2": ("doubles a number", "returns twice a number", "returns double the number"),
+    "multiply_by_3": ("triples a number", "returns three times a number"),
+    "is_divisible_by_2": ("checks whether a number is even", "tells if a number is even"),
+}
+
 
 def python_parts(text: str) -> tuple[str, str, str]:
     """A generated Python exercise -> (signature + docstring, body, tests)."""
@@ -152,6 +177,12 @@ def code_request(rng: random.Random, record: dict) -> dict:
     prompt, body, _ = python_parts(record["text"])
     if rng.random() < 0.5:
         return _msgs(complete_request(prompt), prompt.split("\n")[0] + "\n" + body)
+    everyday = EVERYDAY_REQUESTS.get(record["entry_point"])
+    if everyday and rng.random() < 0.5:
+        what = rng.choice(everyday)
+        user = rng.choice([f"Write a Python function that {what}.", f"I need a Python function that {what}.",
+                           f"Can you write a function that {what}?", f"Write a function which {what}."])
+        return _msgs(user, prompt + body)
     doc = prompt.split('"""')[1].split("\n")[0].strip()
     signature = prompt.split("\n")[0][len("def "):-1]
     task = doc[:1].lower() + doc[1:].rstrip(".")
@@ -178,8 +209,8 @@ def _third_person(task: str) -> str:
 MAKERS = {"greeting": greeting, "identity": identity, "capabilities": capabilities, "refusal": refusal}
 # Shares of the instruction-tuning set (the exercises fill the rest): enough chat for the model to learn its scope,
 # and enough code that tuning keeps what pretraining taught about functions.
-SHARES = {"greeting": 0.02, "identity": 0.02, "capabilities": 0.015, "refusal": 0.04, "follow_up": 0.06,
-          "code_request": 0.12}
+SHARES = {"greeting": 0.03, "identity": 0.02, "capabilities": 0.02, "refusal": 0.04, "one_event_problem": 0.03,
+          "follow_up": 0.06, "code_request": 0.12}  # one-event problems first: follow-ups continue them too
 
 
 def sft_mix(records: list[dict], seed: int = 0, total: int | None = None) -> list[dict]:
@@ -208,10 +239,15 @@ def sft_mix(records: list[dict], seed: int = 0, total: int | None = None) -> lis
         exercises += one_step * max(0, round((arithmetic - len(one_step)) / (2 * len(one_step))) - 1)
     n = total or round(len(exercises) / (1 - sum(SHARES.values())))
     convs = list(exercises)
+    tells_stories = any(c["kind"] == "word_problem" for c in exercises)
     for kind, share in SHARES.items():
         for _ in range(round(n * share)):
             if kind in MAKERS:
                 conv = MAKERS[kind](rng)
+            elif kind == "one_event_problem" and tells_stories:
+                r = one_event_problem(rng)
+                solved.append(r)  # follow-ups continue these too
+                conv = _msgs(r["question"], r["solution"])
             elif kind == "follow_up" and solved:
                 r = rng.choice(solved)
                 conv = (word_problem_follow_up if r["kind"] == "word_problem" else arithmetic_follow_up)(rng, r)

@@ -245,15 +245,16 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def word_problem(rng: random.Random, phrasings: tuple[Phrasing, ...] = TRAIN_PHRASINGS) -> dict:
-    """A person's count of items changes through 2-4 events, told in one of `phrasings`; the solution restates
-    each event and tracks the count step by step."""
+def word_problem(rng: random.Random, phrasings: tuple[Phrasing, ...] = TRAIN_PHRASINGS,
+                 events: tuple[int, int] = (2, 4)) -> dict:
+    """A person's count of items changes through `events` (least, most) events, told in one of `phrasings`; the
+    solution restates each event and tracks the count step by step."""
     phrasing = rng.choices(phrasings, [p.weight for p in phrasings])[0]
     hero, *others = rng.sample(NAMES, 4)
     item = rng.choice(ITEMS)
     start = count = rng.randint(2, 20)
-    events, maths, program = [], [], [f"count = {count}"]
-    for _ in range(rng.randint(2, 4)):
+    told, maths, program = [], [], [f"count = {count}"]
+    for _ in range(rng.randint(*events)):
         kind = rng.choice(["get", "get", "give", "times", "half"])
         other = rng.choice(others)
         if kind == "give" and count < 2:
@@ -286,8 +287,8 @@ def word_problem(rng: random.Random, phrasings: tuple[Phrasing, ...] = TRAIN_PHR
                          f"{count - half} {item}.")
             count -= half
             program.append("count -= count // 2")
-        events.append((other, k if kind != "half" else 0, template))
-    question, clauses = _tell(phrasing, rng, hero, item, start, events)
+        told.append((other, k if kind != "half" else 0, template))
+    question, clauses = _tell(phrasing, rng, hero, item, start, told)
     steps = [_cap(clauses[0]) + "."] + [_cap(c) + (": " if m.startswith("half") else ", ") + m
                                         for c, m in zip(clauses[1:], maths)]
     steps.append(f"Therefore, {hero} now has {count} {item}.")
