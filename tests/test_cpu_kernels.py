@@ -231,6 +231,27 @@ def test_decoding_attention_reads_the_cache_where_it_lies(kernels, dtype, head_d
             torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 32, 64, 32, 1), (8, 32, 80, 32, 8), (3, 4, 20, 10, 1), (2, 2, 16, 16, 2)])
+def test_rotary_in_place_is_torch_to_the_bit(dtype, shape):
+    """A decoding step's rotary embedding on the kernels equals apply_partial_rotary exactly (every product and sum
+    rounded as torch rounds them), on q and k as views of a projection's output, with one row of angles for every
+    sequence or one per sequence; the channels past rotary_dim are left alone."""
+    from phikit.model import RotaryEmbedding, apply_partial_rotary, rotate_query_and_key
+    if native.extension() is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    batch, heads, head_dim, rotary_dim, angle_rows = shape
+    torch.manual_seed(head_dim)
+    cos, sin = RotaryEmbedding(rotary_dim, 10000.0)(torch.randint(0, 2048, (angle_rows, 1)))
+    qk = (torch.randn(batch, 1, 2, heads, head_dim) * 4).to(dtype)
+    q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # [batch, heads, 1, head_dim] strided views, as a fused projection
+    expected = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+    with torch.inference_mode():
+        got = rotate_query_and_key(*qk.clone().permute(2, 0, 3, 1, 4).unbind(0), cos, sin)
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and torch.equal(g, e)
+
+
 def test_int8_layers_keep_16_channels_side_by_side_only_for_the_kernels():
     """On the kernels an int8 layer stores each group of 16 output channels side by side (the last out % 16 as
     rows); `plain_weight` gives back exactly the row-by-row codes. Inputs not a multiple of 4 keep plain rows and

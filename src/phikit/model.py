@@ -65,6 +65,19 @@ def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return torch.cat((x_rot, x_pass), dim=-1)
 
 
+def rotate_query_and_key(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_partial_rotary on q and k. A CPU decoding step outside autograd rotates them in place on phikit's C++
+    kernels, to the bit as torch would: one call where torch takes eight small operations per tensor and layer."""
+    if (q.device.type == "cpu" and q.shape[2] == 1 and not torch.is_grad_enabled() and q.dtype == k.dtype
+            and q.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()):
+        ext = native.extension()
+        if ext is not None:
+            ext.rotary_(q, k, cos, sin)
+            return q, k
+    return apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+
+
 # How many compiled graphs of forward_static a process may hold (batch sizes x cache lengths x models).
 STATIC_STEP_GRAPHS = 64
 
@@ -149,7 +162,7 @@ class PhiAttention(nn.Module):
             q = self.q_proj(x).view(shape).transpose(1, 2)
             k = self.k_proj(x).view(shape).transpose(1, 2)
             v = self.v_proj(x).view(shape).transpose(1, 2)
-        q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+        q, k = rotate_query_and_key(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         scale = 1.0 / math.sqrt(self.head_dim)
@@ -200,7 +213,10 @@ class PhiDecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache, output_attentions):
         h = self.input_layernorm(x)
         attn_out, probs = self.self_attn(h, cos, sin, mask, cache, output_attentions)
-        return x + self.resid_dropout(attn_out) + self.resid_dropout(self.mlp(h)), probs
+        mlp_out = self.mlp(h)
+        if self.training:  # two module calls a layer that inference does not need
+            attn_out, mlp_out = self.resid_dropout(attn_out), self.resid_dropout(mlp_out)
+        return x + attn_out + mlp_out, probs
 
 
 class PhiModel(nn.Module):

@@ -665,11 +665,11 @@ Isa pick(int64_t wanted) {
   return wanted >= kAvx512 && cpu_has_avx512() ? kAvx512 : kAvx2;
 }
 
-// x as the kernels take it: contiguous fp32 [rows, k] (converted here, cheaper than a call from Python).
+// x as the kernels take it: contiguous fp32 [rows, k] (converted here, cheaper than a call from Python), for
+// contiguous weights w.
 torch::Tensor fp32_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t k) {
   TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x must be a floating-point [rows, in_features] tensor");
   TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " inputs, the weights ", k);
-  TORCH_CHECK(w.is_contiguous(), "weights must be contiguous");
   return x.to(torch::kFloat32).contiguous();
 }
 
@@ -752,6 +752,7 @@ void lanes_or_tiles(const std::vector<LaneGroup>& groups, int64_t n0, int64_t n1
 
 torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t isa) {
   TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 2, "fp32 [out, in] weights expected");
+  w = w.contiguous();
   x = fp32_rows(x, w, w.size(1));
   auto y = output(x, w.size(0));
   auto b = fp32_bias(bias, w.size(0));
@@ -780,7 +781,7 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
   Isa use = pick(isa);
   x = (use == kAvx512Bf16 ? x.to(torch::kBFloat16) : x.to(torch::kFloat32)).contiguous();
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "x must be [rows, ", w.size(1), "]");
-  TORCH_CHECK(w.is_contiguous(), "weights must be contiguous");
+  w = w.contiguous();
   auto y = output(x, w.size(0));
   auto b = fp32_bias(bias, w.size(0));
   Problem p{x.size(0), w.size(1), w.size(0), y.data_ptr<float>(), bias_ptr(b)};
@@ -808,7 +809,8 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
 
 torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scales, c10::optional<torch::Tensor> bias,
                           int64_t isa) {
-  TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.dim() == 2, "int8 [out, in] weights expected");
+  TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.dim() == 2 && w.is_contiguous(),
+              "contiguous int8 [out, in] weights expected");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.numel() == w.size(0) && scales.is_contiguous(),
               "int8 scales must be a contiguous fp32 vector of out_features");
   x = fp32_rows(x, w, w.size(1));
@@ -1029,6 +1031,48 @@ torch::Tensor attention_values(torch::Tensor p, torch::Tensor v) {
   return out;
 }
 
+// ----------------------------------------------------------------------------------------- rotary embedding
+// A decoding step's rotary embedding (NeoX rotate-half on the first rd channels of each head) of q and k in place:
+// out1 = x1 * cos - x2 * sin, out2 = x2 * cos + x1 * sin. Done in torch it is eight small operations per tensor and
+// layer; here one call. Each product and the sum are rounded as torch's operations round them (bf16: cos and sin to
+// bf16, then every result), so the result is torch's to the bit; fp-contract off keeps products out of FMAs.
+template <typename T>
+__attribute__((optimize("fp-contract=off")))
+void rotate_heads(const torch::Tensor& x, const float* cos, const float* sin, int64_t cos_batch, int64_t rd) {
+  const int64_t batch = x.size(0), heads = x.size(1), tokens = x.size(2), half = rd / 2;
+  T* base = reinterpret_cast<T*>(x.data_ptr());
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t t = 0; t < tokens; ++t) {
+        T* v = base + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
+        const int64_t row = ((cos_batch == 1 ? 0 : b) * tokens + t) * rd;  // one row of angles may serve all
+        const float *c = cos + row, *s = sin + row;
+        for (int64_t i = 0; i < half; ++i) {
+          const T x1 = v[i], x2 = v[i + half];
+          const T c1 = T(c[i]), s1 = T(s[i]), c2 = T(c[i + half]), s2 = T(s[i + half]);
+          const T a = T(x1 * c1), b1 = T(-x2 * s1), a2 = T(x2 * c2), b2 = T(x1 * s2);
+          v[i] = T(a + b1);
+          v[i + half] = T(a2 + b2);
+        }
+      }
+}
+
+void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
+              sin.is_contiguous() && cos.dim() == 3 && cos.sizes() == sin.sizes(),
+              "cos and sin must be contiguous fp32 [batch, tokens, rotary_dim] tensors");
+  const int64_t rd = cos.size(2);
+  for (const auto& x : {q, k}) {
+    TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && (cos.size(0) == 1 || x.size(0) == cos.size(0)) &&
+                x.size(2) == cos.size(1) &&
+                rd % 2 == 0 && rd <= x.size(3), "q and k must be [batch, heads, tokens, head_dim] with rows "
+                "contiguous, and rotary_dim even and at most head_dim");
+    if (x.scalar_type() == torch::kBFloat16) rotate_heads<c10::BFloat16>(x, cos.data_ptr<float>(), sin.data_ptr<float>(), cos.size(0), rd);
+    else if (x.scalar_type() == torch::kFloat32) rotate_heads<float>(x, cos.data_ptr<float>(), sin.data_ptr<float>(), cos.size(0), rd);
+    else TORCH_CHECK(false, "q and k must be fp32 or bf16");
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1039,6 +1083,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_int4", &dequantize_int4);
   m.def("attention_scores", &attention_scores);
   m.def("attention_values", &attention_values);
+  m.def("rotary_", &rotary_);
   m.def("has_avx512", &cpu_has_avx512);
   m.def("has_avx512_bf16", &cpu_has_avx512_bf16);
 }

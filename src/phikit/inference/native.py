@@ -169,5 +169,14 @@ def _load() -> ModuleType | None:
         return None
 
 
+_isa_codes: dict[str | None, int] = {}
+
+
 def isa_code() -> int:
-    return ISAS[isa() or "avx2"]
+    """isa() as the kernels number it (AVX2's where there is none), remembered per value of PHIKIT_CPU_ISA: every
+    kernel call asks."""
+    wanted = os.environ.get("PHIKIT_CPU_ISA")
+    code = _isa_codes.get(wanted)
+    if code is None:
+        code = _isa_codes[wanted] = ISAS[isa() or "avx2"]
+    return code

@@ -84,9 +84,8 @@ def float_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     """x [rows, in] @ weight.T + bias for fp32 or bf16 weights, in fp32, on the C++ kernels (bf16 weights take
     bf16 rows as they are)."""
     ext = native.extension()
-    if weight.dtype == torch.bfloat16:
-        return ext.linear_bf16(x, weight.contiguous(), bias, native.isa_code())
-    return ext.linear_f32(x, weight.contiguous(), bias, native.isa_code())
+    kernel = ext.linear_bf16 if weight.dtype == torch.bfloat16 else ext.linear_f32
+    return kernel(x, weight, bias, native.isa_code())
 
 
 def int8_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -192,13 +191,14 @@ class CpuLinear(nn.Linear):
     The class is swapped in place (same parameters, same state_dict), see prepare_cpu_linears."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.weight.dtype
+        weight = self.weight  # a module attribute costs a lookup each time: decoding calls this 100+ times a step
+        dtype = weight.dtype
         if (x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != dtype
                 or dtype not in (torch.float32, torch.bfloat16)):
             return super().forward(x)
         shape, x2 = x.shape, x.reshape(-1, self.in_features)
         if _on_kernels(x2):
-            y = _call("float_rows", x2, self.weight, self.bias).to(dtype)
+            y = _call("float_rows", x2, weight, self.bias).to(dtype)
         elif dtype == torch.bfloat16 and x2.shape[0] >= DECODE_ROWS and not native.native_bf16():
             y = blocked_product(x2, self.out_features, lambda s, e, out: out.copy_(self.weight[s:e]), torch.float32)
             y = (y + self.bias if self.bias is not None else y).to(dtype)
