@@ -158,7 +158,9 @@ def test_sft_mix_teaches_scope_and_follow_ups():
         assert answer.count("Step ") == 3 and procedural.split_of(f"word:{user}") == "train"
         *_, last = re.findall(r"= (-?\d+) ", answer)
         assert int(last) == procedural.parse_answer(answer)
-    squares = [m for m in code if "square of" in m[0]["content"]]
+    # everyday words for a few functions ("the square of a number" is power_of_2)
+    everyday = [c["messages"] for c in convs if c["kind"] == "everyday_code"]
+    squares = [m for m in everyday if "square of" in m[0]["content"]]
     assert squares and all(m[1]["content"].startswith("def power_of_2(x):") for m in squares)
 
 

@@ -18,7 +18,7 @@ from .procedural import NAMES, TRAIN_PHRASINGS, split_of, word_problem
 IDENTITY = "a small phi-style model, trained from scratch in minutes by phikit's speedrun"
 SKILLS = "arithmetic, word problems and small Python functions"
 CONVERSATION_KINDS = ("greeting", "identity", "capabilities", "refusal", "follow_up", "code_request",
-                      "one_event_problem")
+                      "one_event_problem", "everyday_code")
 
 
 def _msgs(*turns: str) -> dict:
@@ -177,12 +177,6 @@ def code_request(rng: random.Random, record: dict) -> dict:
     prompt, body, _ = python_parts(record["text"])
     if rng.random() < 0.5:
         return _msgs(complete_request(prompt), prompt.split("\n")[0] + "\n" + body)
-    everyday = EVERYDAY_REQUESTS.get(record["entry_point"])
-    if everyday and rng.random() < 0.5:
-        what = rng.choice(everyday)
-        user = rng.choice([f"Write a Python function that {what}.", f"I need a Python function that {what}.",
-                           f"Can you write a function that {what}?", f"Write a function which {what}."])
-        return _msgs(user, prompt + body)
     doc = prompt.split('"""')[1].split("\n")[0].strip()
     signature = prompt.split("\n")[0][len("def "):-1]
     task = doc[:1].lower() + doc[1:].rstrip(".")
@@ -200,6 +194,15 @@ def code_request(rng: random.Random, record: dict) -> dict:
     return _msgs(user, prompt + body)
 
 
+def everyday_request(rng: random.Random, record: dict) -> dict:
+    """One of EVERYDAY_REQUESTS' functions asked for in everyday words, answered with the whole function."""
+    prompt, body, _ = python_parts(record["text"])
+    what = rng.choice(EVERYDAY_REQUESTS[record["entry_point"]])
+    user = rng.choice([f"Write a Python function that {what}.", f"I need a Python function that {what}.",
+                       f"Can you write a function that {what}?", f"Write a function which {what}."])
+    return _msgs(user, prompt + body)
+
+
 def _third_person(task: str) -> str:
     """"return the sum of `xs`" -> "returns the sum of `xs`" (the tasks start with a plain verb)."""
     verb, _, rest = task.partition(" ")
@@ -210,7 +213,7 @@ MAKERS = {"greeting": greeting, "identity": identity, "capabilities": capabiliti
 # Shares of the instruction-tuning set (the exercises fill the rest): enough chat for the model to learn its scope,
 # and enough code that tuning keeps what pretraining taught about functions.
 SHARES = {"greeting": 0.03, "identity": 0.02, "capabilities": 0.02, "refusal": 0.04, "one_event_problem": 0.03,
-          "follow_up": 0.06, "code_request": 0.12}  # one-event problems first: follow-ups continue them too
+          "follow_up": 0.06, "code_request": 0.12, "everyday_code": 0.01}  # one-event problems first: follow-ups continue them too
 
 
 def sft_mix(records: list[dict], seed: int = 0, total: int | None = None) -> list[dict]:
@@ -240,6 +243,7 @@ def sft_mix(records: list[dict], seed: int = 0, total: int | None = None) -> lis
     n = total or round(len(exercises) / (1 - sum(SHARES.values())))
     convs = list(exercises)
     tells_stories = any(c["kind"] == "word_problem" for c in exercises)
+    everyday = [r for r in code if r["entry_point"] in EVERYDAY_REQUESTS]
     for kind, share in SHARES.items():
         for _ in range(round(n * share)):
             if kind in MAKERS:
@@ -253,6 +257,8 @@ def sft_mix(records: list[dict], seed: int = 0, total: int | None = None) -> lis
                 conv = (word_problem_follow_up if r["kind"] == "word_problem" else arithmetic_follow_up)(rng, r)
             elif kind == "code_request" and code:
                 conv = code_request(rng, rng.choice(code))
+            elif kind == "everyday_code" and everyday:
+                conv = everyday_request(rng, rng.choice(everyday))
             else:
                 continue
             convs.append(dict(conv, kind=kind))
