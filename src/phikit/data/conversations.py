@@ -6,7 +6,8 @@ anything else, and multi-turn follow-ups that refer to the turn before ("and if 
 written procedurally from phrase lists, deterministic by seed, in OpenAI message shape.
 
 `sft_mix(records, seed)` turns exercise records (see procedural.py) into the instruction-tuning set: each exercise
-as a single-turn chat, code requests in natural words, these conversations, and follow-ups, in fixed shares.
+as a single-turn chat, code requests in natural words (and a few functions in everyday words), these conversations,
+word problems of a single event, and follow-ups, in fixed shares.
 """
 from __future__ import annotations
 
