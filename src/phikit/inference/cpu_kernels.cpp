@@ -37,6 +37,7 @@ inline float to_float(uint16_t v) { return bf16_to_float(v); }  // bf16 bits
 // the int8 dot products leave per block; `sums` holds each block's exact sum of x (the int4 minimum multiplies it).
 struct QuantizedRows {
   std::vector<int8_t> q;
+  std::vector<int8_t> tiled;  // q with the rows of each tile interleaved, see tile_rows
   std::vector<float> scale8;
   std::vector<float> scale;
   std::vector<float> sums;
@@ -69,6 +70,23 @@ QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
     }
   }
   return out;
+}
+
+// The AVX512 kernels take rows in tiles of up to `tile` and read a run of 4 codes of every row of the tile for each
+// step along the input: with the tile's rows interleaved run by run ([runs][rows in tile][4], tile after tile,
+// each tile where its first row starts in q), the runs of one step lie at fixed offsets from one pointer, where
+// rows apart need an address computed per row and step (two instructions per product in the 8-row kernels).
+constexpr int kRowTile = 8;  // rows per tile of the AVX512 int8/int4 kernels
+
+void tile_rows(QuantizedRows& a, int64_t rows, int64_t tile = kRowTile) {
+  a.tiled.resize(a.q.size());
+  const int64_t runs = a.padded / 4;
+  for (int64_t r0 = 0; r0 < rows; r0 += tile) {
+    const int64_t in_tile = std::min(tile, rows - r0);
+    int8_t* dst = a.tiled.data() + r0 * a.padded;
+    for (int64_t u = 0; u < runs; ++u)
+      for (int64_t r = 0; r < in_tile; ++r) std::memcpy(dst + (u * in_tile + r) * 4, a.q.data() + (r0 + r) * a.padded + u * 4, 4);
+  }
 }
 
 // What flipping the int8 weights' top bit adds per row: sum over blocks of d_x * 128 * sum(q_x).
@@ -567,6 +585,7 @@ void i8_group_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, 
                      const float* offset, int64_t g, int64_t r0) {
   constexpr int U = R <= 2 ? 2 : 1;
   const int8_t* wg = w + g * kGroup * p.k;
+  const int8_t* xt = a.tiled.data() + r0 * a.padded;
   const int64_t runs = p.k / 4;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[R];
@@ -578,9 +597,10 @@ void i8_group_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, 
     for (int64_t s = 8 * b; s < std::min<int64_t>(8 * b + 8, runs); ++s) {
       _mm_prefetch(reinterpret_cast<const char*>(wg + s * 64 + kInt8Ahead), _MM_HINT_T0);
       __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(wg + s * 64), flip);
+      const int8_t* xs = xt + s * R * 4;  // run s of the tile's rows (tile_rows)
       for (int r = 0; r < R; ++r) {
         __m512i& sum = sums[s % U][r];
-        sum = dpbusd_broadcast(sum, wv, a.q.data() + (r0 + r) * a.padded + 4 * s);
+        sum = dpbusd_broadcast(sum, wv, xs + 4 * r);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -598,7 +618,7 @@ void i8_group_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, 
 
 void i8_groups_avx512(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale,
                       const float* offset, int64_t g0, int64_t g1) {
-  over_row_tiles<8>(p.rows, g0, g1, [&](auto r, int64_t g, int64_t r0) {
+  over_row_tiles<kRowTile>(p.rows, g0, g1, [&](auto r, int64_t g, int64_t r0) {
     i8_group_avx512<r>(p, a, w, wscale, offset, g, r0);
   });
 }
@@ -610,6 +630,7 @@ void i4_group_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights
   constexpr int U = R <= 2 ? 2 : 1;
   const __m512i low = _mm512_set1_epi8(0x0F);
   const uint8_t* qg = w.group_q(g);
+  const int8_t* xt = a.tiled.data() + r0 * a.padded;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < w.blocks; ++b) {
@@ -620,10 +641,10 @@ void i4_group_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights
       _mm_prefetch(reinterpret_cast<const char*>(qg + s * 64 + kInt4Ahead), _MM_HINT_T0);
       __m512i packed = _mm512_loadu_si512(qg + s * 64);
       __m512i lo = _mm512_and_si512(packed, low), hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+      const int8_t* xs = xt + s * 2 * R * 4;  // runs 2s and 2s + 1 of the tile's rows (tile_rows)
       for (int r = 0; r < R; ++r) {
-        const int8_t* xr = a.q.data() + (r0 + r) * a.padded + s * 8;
-        sums[0][r] = dpbusd_broadcast(sums[0][r], lo, xr);
-        sums[U - 1][r] = dpbusd_broadcast(sums[U - 1][r], hi, xr + 4);
+        sums[0][r] = dpbusd_broadcast(sums[0][r], lo, xs + 4 * r);
+        sums[U - 1][r] = dpbusd_broadcast(sums[U - 1][r], hi, xs + 4 * (R + r));
       }
     }
     const uint16_t* st = w.group_steps(g, b / kSuper);
@@ -649,7 +670,7 @@ void i4_group_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights
 }
 
 void i4_avx512(const Problem& p, const QuantizedRows& a, const Int4Weights& w, int64_t g0, int64_t g1) {
-  over_row_tiles<8>(p.rows, g0, g1, [&](auto r, int64_t g, int64_t r0) { i4_group_avx512<r>(p, a, w, g, r0); });
+  over_row_tiles<kRowTile>(p.rows, g0, g1, [&](auto r, int64_t g, int64_t r0) { i4_group_avx512<r>(p, a, w, g, r0); });
 }
 
 }  // namespace
@@ -832,6 +853,7 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scales
   const float* sp = scales.data_ptr<float>();
   Isa use = pick(isa);
   const std::vector<float> offset = use != kAvx2 ? flip_offsets(a, p.rows) : std::vector<float>();
+  if (use != kAvx2) tile_rows(a, p.rows);
   const int64_t groups = p.n / kGroup;
   at::parallel_for(0, groups, std::max<int64_t>(1, (256 << 10) / (kGroup * p.k)), [&](int64_t g0, int64_t g1) {
     use != kAvx2 ? i8_groups_avx512(p, a, wp, sp, offset.data(), g0, g1) : i8_groups_avx2(p, a, wp, sp, g0, g1);
@@ -866,6 +888,7 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scales
   Problem p{x.size(0), in_features, w.size(0), y.data_ptr<float>(), bias_ptr(b)};
   QuantizedRows a = quantize_rows(x.data_ptr<float>(), p.rows, p.k);
   Isa use = pick(isa);
+  if (use != kAvx2) tile_rows(a, p.rows);
   const int64_t group_bytes = kGroup * p.k / 2;  // threads share the groups, 256 KB of weights at least
   at::parallel_for(0, p.n / kGroup, std::max<int64_t>(1, (256 << 10) / group_bytes), [&](int64_t g0, int64_t g1) {
     use != kAvx2 ? i4_avx512(p, a, wq, g0, g1) : i4_avx2(p, a, wq, g0, g1);
