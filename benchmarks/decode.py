@@ -9,7 +9,9 @@ is compared with transformers fp32 timed in its own turns (row transformers-fp32
 with batch 1 timed again in batch 8's turns (row phikit-MODE-batch1-beside-batch8), since the host's speed
 drifts. llama.cpp, when llama-cpp-python is installed, runs our GGUF export in the turns of the phikit format of
 equal bits (row llama.cpp-TYPE, on the same prompt). The memory-bandwidth floor is the time to read the weights
-once per step at the read bandwidth measured at start; `floor_fraction` = floor time / step time.
+once per step at the read bandwidth measured before each round of the engines' turns (their median, in each row's
+`bandwidth_gbs`: a host's memory speed can drift by a third within minutes); `floor_fraction` = floor time / step
+time.
 The int8/int4 agreement rate (greedy tokens equal to fp32 for the first 32 tokens, on a tiny model trained here
 in a few seconds) is measured with --agreement.
 
@@ -40,10 +42,10 @@ from phikit.tokenizer import build_phi_tokenizer
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def read_bandwidth_gbs(device: str) -> float:
+def read_bandwidth_gbs(device: str, x: torch.Tensor | None = None) -> float:
     """Sustained read bandwidth: the faster of summing a 1 GiB tensor and a 1 GiB matrix-vector product (what a
-    decoding step does), best of 3 each."""
-    x = torch.ones(2**28, dtype=torch.float32, device=device)
+    decoding step does), best of 3 each. `x`: the 2**28 fp32 values to read, to reuse one allocation."""
+    x = torch.ones(2**28, dtype=torch.float32, device=device) if x is None else x
     vec = torch.ones(2**14, dtype=torch.float32, device=device)
     best = float("inf")
     for fn in (x.sum, lambda: torch.mv(x.view(2**14, 2**14), vec)):
@@ -53,7 +55,6 @@ def read_bandwidth_gbs(device: str) -> float:
             fn()
             _sync(device)
             best = min(best, time.perf_counter() - start)
-    del x
     return 2**30 / best / 1e9
 
 
@@ -144,13 +145,18 @@ class Timed:
             self.times.setdefault(n, []).append(time.perf_counter() - start)
 
 
-def time_interleaved(engines: list[Timed], new_tokens: int, repeats: int) -> None:
+def time_interleaved(engines: list[Timed], new_tokens: int, repeats: int, device: str) -> float:
+    """Rounds of the engines' turns; returns the median read bandwidth, measured before each round."""
     for engine in engines:
         if engine.extra is None:
             engine.warm_up()
+    values = torch.ones(2**28, dtype=torch.float32, device=device)
+    bandwidths = []
     for _ in range(repeats):
+        bandwidths.append(read_bandwidth_gbs(device, values))
         for engine in engines:
             engine.run_round(new_tokens)
+    return statistics.median(bandwidths)
 
 
 def result_row(engine: Timed, model, batch: int, prompt_len: int, new_tokens: int, bandwidth: float) -> dict:
@@ -171,7 +177,7 @@ def timing_row(engine: Timed, batch: int, prompt_len: int, new_tokens: int, wbyt
         print(f"{engine.name}: {new_tokens} new tokens are too few to time a step apart from the prompt's pass; "
               "use more --new-tokens or --repeats", file=sys.stderr)
     timed = decode_s > 0
-    row = {"engine": engine.name, "batch": batch,
+    row = {"engine": engine.name, "batch": batch, "bandwidth_gbs": round(bandwidth, 1),
            "prefill_tok_s": round(batch * prompt_len / engine.t1, 2),
            "decode_tok_s": round(batch / decode_s, 2) if timed else None,
            "ms_per_step": round(decode_s * 1000, 2) if timed else None, "end_to_end_s": round(engine.tn, 2),
@@ -386,12 +392,13 @@ def main() -> None:
                 # ratio does not depend on how fast the host was when the fp32 rows ran.
                 base_ref = to_transformers(base)
                 engines.append(Timed(f"transformers-fp32-beside-{mode}", transformers_fn(base_ref, ids), args.device))
-            time_interleaved(engines, args.new_tokens, args.repeats)
+            turns_bandwidth = time_interleaved(engines, args.new_tokens, args.repeats, args.device)
             rows += [result_row(e, base if e.name.startswith("transformers-fp32") else model,
-                                1 if "batch1-beside" in e.name else b, args.prompt_len, args.new_tokens, bandwidth)
+                                1 if "batch1-beside" in e.name else b, args.prompt_len, args.new_tokens,
+                                turns_bandwidth)
                      for e in engines if llama is None or e is not llama.timed]
             if llama:
-                rows.append(llama.row(args, bandwidth))
+                rows.append(llama.row(args, turns_bandwidth))
                 llama.close()
             del ref, base_ref, engines, llama
         if model is not base:
@@ -400,8 +407,7 @@ def main() -> None:
     for gguf_type in args.llama_types if llama_cpp else []:  # types without a phikit mode of equal bits: alone
         if not any(EQUAL_BITS.get(m) == gguf_type for m in modes):
             llama = LlamaCpp(llama_cpp, base, tokenizer, gguf_type, ids[0].tolist(), args)
-            time_interleaved([llama.timed], args.new_tokens, args.repeats)
-            rows.append(llama.row(args, bandwidth))
+            rows.append(llama.row(args, time_interleaved([llama.timed], args.new_tokens, args.repeats, args.device)))
             llama.close()
     results["rows"] = rows
 
