@@ -70,7 +70,8 @@ def rotate_query_and_key(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     """apply_partial_rotary on q and k. A CPU decoding step outside autograd rotates them in place on phikit's C++
     kernels, to the bit as torch would: one call where torch takes eight small operations per tensor and layer."""
     if (q.device.type == "cpu" and q.shape[2] == 1 and not torch.is_grad_enabled() and q.dtype == k.dtype
-            and q.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()):
+            and q.dtype in (torch.float32, torch.bfloat16) and cos.dtype == torch.float32
+            and not torch.compiler.is_compiling()):
         ext = native.extension()
         if ext is not None:
             ext.rotary_(q, k, cos, sin)

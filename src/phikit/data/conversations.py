@@ -91,7 +91,8 @@ OUT_OF_SCOPE: list[Callable[[random.Random], str]] = [
 
 def refusal(rng: random.Random) -> dict:
     user = rng.choice(OUT_OF_SCOPE)(rng)
-    # No refusal starts like "I can do ...": a model that has begun "I can" would decline a greeting.
+    # No refusal starts like the capabilities answer ("I can do ..."): one that did ("I can't do that well") was
+    # what a tuned model gave "Hello! What can you do?".
     answer = _pick(rng, "Sorry, I can't help with that.", "I'm sorry, that is beyond what I can do.",
                    "Sorry, I would not do that well, so I'd rather not try.", "That's outside what I know, sorry.")
     because = _pick(rng, f" I only know {SKILLS}.", f" I was only trained on {SKILLS}.")
@@ -213,8 +214,9 @@ def _third_person(task: str) -> str:
 MAKERS = {"greeting": greeting, "identity": identity, "capabilities": capabilities, "refusal": refusal}
 # Shares of the instruction-tuning set (the exercises fill the rest): enough chat for the model to learn its scope,
 # and enough code that tuning keeps what pretraining taught about functions.
+# One-event problems come before follow-ups, which continue them too.
 SHARES = {"greeting": 0.03, "identity": 0.02, "capabilities": 0.02, "refusal": 0.04, "one_event_problem": 0.03,
-          "follow_up": 0.06, "code_request": 0.12, "everyday_code": 0.01}  # one-event problems first: follow-ups continue them too
+          "follow_up": 0.06, "code_request": 0.12, "everyday_code": 0.01}
 
 
 def sft_mix(records: list[dict], seed: int = 0, total: int | None = None) -> list[dict]:

@@ -72,20 +72,21 @@ QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
   return out;
 }
 
-// The AVX512 kernels take rows in tiles of up to `tile` and read a run of 4 codes of every row of the tile for each
+// The AVX512 kernels take rows in tiles of up to kRowTile and read a run of 4 codes of every row of the tile for each
 // step along the input: with the tile's rows interleaved run by run ([runs][rows in tile][4], tile after tile,
 // each tile where its first row starts in q), the runs of one step lie at fixed offsets from one pointer, where
 // rows apart need an address computed per row and step (two instructions per product in the 8-row kernels).
 constexpr int kRowTile = 8;  // rows per tile of the AVX512 int8/int4 kernels
 
-void tile_rows(QuantizedRows& a, int64_t rows, int64_t tile = kRowTile) {
+void tile_rows(QuantizedRows& a, int64_t rows) {
   a.tiled.resize(a.q.size());
   const int64_t runs = a.padded / 4;
-  for (int64_t r0 = 0; r0 < rows; r0 += tile) {
-    const int64_t in_tile = std::min(tile, rows - r0);
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
+    const int64_t in_tile = std::min<int64_t>(kRowTile, rows - r0);
+    const int8_t* src = a.q.data() + r0 * a.padded;
     int8_t* dst = a.tiled.data() + r0 * a.padded;
     for (int64_t u = 0; u < runs; ++u)
-      for (int64_t r = 0; r < in_tile; ++r) std::memcpy(dst + (u * in_tile + r) * 4, a.q.data() + (r0 + r) * a.padded + u * 4, 4);
+      for (int64_t r = 0; r < in_tile; ++r) std::memcpy(dst + (u * in_tile + r) * 4, src + r * a.padded + u * 4, 4);
   }
 }
 
@@ -1072,11 +1073,12 @@ template <typename T>
 __attribute__((optimize("fp-contract=off")))
 void rotate_heads(const torch::Tensor& x, const float* cos, const float* sin, int64_t cos_batch, int64_t rd) {
   const int64_t batch = x.size(0), heads = x.size(1), tokens = x.size(2), half = rd / 2;
+  const int64_t batch_stride = x.stride(0), head_stride = x.stride(1), token_stride = x.stride(2);
   T* base = reinterpret_cast<T*>(x.data_ptr());
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t t = 0; t < tokens; ++t) {
-        T* v = base + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
+        T* v = base + b * batch_stride + h * head_stride + t * token_stride;
         const int64_t row = ((cos_batch == 1 ? 0 : b) * tokens + t) * rd;  // one row of angles may serve all
         const float *c = cos + row, *s = sin + row;
         for (int64_t i = 0; i < half; ++i) {
@@ -1093,14 +1095,15 @@ void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor 
   TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
               sin.is_contiguous() && cos.dim() == 3 && cos.sizes() == sin.sizes(),
               "cos and sin must be contiguous fp32 [batch, tokens, rotary_dim] tensors");
-  const int64_t rd = cos.size(2);
+  const int64_t rd = cos.size(2), angle_rows = cos.size(0);
+  const float *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
   for (const auto& x : {q, k}) {
-    TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && (cos.size(0) == 1 || x.size(0) == cos.size(0)) &&
-                x.size(2) == cos.size(1) &&
-                rd % 2 == 0 && rd <= x.size(3), "q and k must be [batch, heads, tokens, head_dim] with rows "
-                "contiguous, and rotary_dim even and at most head_dim");
-    if (x.scalar_type() == torch::kBFloat16) rotate_heads<c10::BFloat16>(x, cos.data_ptr<float>(), sin.data_ptr<float>(), cos.size(0), rd);
-    else if (x.scalar_type() == torch::kFloat32) rotate_heads<float>(x, cos.data_ptr<float>(), sin.data_ptr<float>(), cos.size(0), rd);
+    TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && (angle_rows == 1 || x.size(0) == angle_rows) &&
+                    x.size(2) == cos.size(1) && rd % 2 == 0 && rd <= x.size(3),
+                "q and k must be [batch, heads, tokens, head_dim] with rows contiguous, and rotary_dim even and at "
+                "most head_dim");
+    if (x.scalar_type() == torch::kBFloat16) rotate_heads<c10::BFloat16>(x, c, s, angle_rows, rd);
+    else if (x.scalar_type() == torch::kFloat32) rotate_heads<float>(x, c, s, angle_rows, rd);
     else TORCH_CHECK(false, "q and k must be fp32 or bf16");
   }
 }
