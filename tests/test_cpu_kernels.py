@@ -206,9 +206,11 @@ def test_the_built_extension_is_cached_per_machine():
     assert "compiling" not in done.stderr
 
 
-@pytest.mark.parametrize("kernels", ["avx2", "torch"], indirect=True)  # the attention kernels are AVX2 only
+@pytest.mark.parametrize("kernels", ISAS[:2] + ["torch"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [20, 32, 64, 80, 136])  # 20: not a multiple of 8; 80: phi-2's; 136: 3 passes
+# 20: not a multiple of 8; 80: phi-2's, a masked last vector with AVX512; 136: 3 passes of the AVX2 values, 5
+# vectors of bf16 with AVX512; 264: past the AVX512 kernels' 8 vectors a row (fp32 and bf16), so AVX2 there
+@pytest.mark.parametrize("head_dim", [20, 32, 64, 80, 136, 264])
 def test_decoding_attention_reads_the_cache_where_it_lies(kernels, dtype, head_dim):
     """One query against a cache's strided view (the first `length` rows of a larger buffer), on the kernels and on
     torch's path alike: the float64 attention of the cached values, to fp32 summation order."""

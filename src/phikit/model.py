@@ -113,14 +113,14 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     on_kernels = (ext is not None and k.dtype == v.dtype and k.dtype in (torch.float32, torch.bfloat16)
                   and all(t.stride(3) == 1 and (t.shape[2] <= 1 or t.stride(2) == t.shape[3]) for t in (k, v)))
     if on_kernels:
-        scores = ext.attention_scores(q.float().contiguous(), k, scale)
+        scores = ext.attention_scores(q.float().contiguous(), k, scale, native.isa_code())
     else:
         k, v = _as_fp32(k, 0), _as_fp32(v, 1)
         scores = torch.matmul(k, q.float().transpose(-1, -2)).transpose(-1, -2) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = scores.softmax(-1)
-    return (ext.attention_values(probs, v) if on_kernels else torch.matmul(probs, v)).to(q.dtype)
+    return (ext.attention_values(probs, v, native.isa_code()) if on_kernels else torch.matmul(probs, v)).to(q.dtype)
 
 
 class PhiAttention(nn.Module):
