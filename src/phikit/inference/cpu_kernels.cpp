@@ -41,8 +41,16 @@ struct QuantizedRows {
   std::vector<float> scale8;
   std::vector<float> scale;
   std::vector<float> sums;
+  std::vector<int32_t> code_sums;  // each block's sum of q
   int64_t padded = 0, blocks = 0;
 };
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
 
 QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
   QuantizedRows out;
@@ -52,18 +60,47 @@ QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
   out.scale8.assign(rows * out.blocks * 8, 0.f);
   out.scale.assign(rows * out.blocks, 0.f);
   out.sums.assign(rows * out.blocks, 0.f);
+  out.code_sums.assign(rows * out.blocks, 0);
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * k;
     for (int64_t b = 0; b * kBlock < k; ++b) {
       int64_t start = b * kBlock, end = std::min<int64_t>(start + kBlock, k);
+      int8_t* qr = out.q.data() + r * out.padded;
+      if (end - start == kBlock) {  // a whole block in 8 lanes: the same d and codes as below, the sum in another order
+        __m256 v[4], amax8 = _mm256_setzero_ps(), sum8 = _mm256_setzero_ps();
+        for (int j = 0; j < 4; ++j) {
+          v[j] = _mm256_loadu_ps(xr + start + 8 * j);
+          amax8 = _mm256_max_ps(amax8, _mm256_and_ps(v[j], magnitude));
+          sum8 = _mm256_add_ps(sum8, v[j]);
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        __m256i q32[4];  // x * inv rounded to nearest even (the default rounding, as nearbyint), within +-127
+        for (int j = 0; j < 4; ++j) q32[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv)));
+        __m256i q16 = _mm256_packs_epi32(q32[0], q32[1]), q16b = _mm256_packs_epi32(q32[2], q32[3]);
+        __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16, q16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + start), q8);
+        out.scale[r * out.blocks + b] = d;
+        out.sums[r * out.blocks + b] = hsum256(sum8);
+        __m256i qsum = _mm256_add_epi32(_mm256_add_epi32(q32[0], q32[1]), _mm256_add_epi32(q32[2], q32[3]));
+        __m128i qsum4 = _mm_add_epi32(_mm256_castsi256_si128(qsum), _mm256_extracti128_si256(qsum, 1));
+        qsum4 = _mm_hadd_epi32(qsum4, qsum4);
+        out.code_sums[r * out.blocks + b] = _mm_cvtsi128_si32(_mm_hadd_epi32(qsum4, qsum4));
+        for (int j = 0; j < 8; ++j) out.scale8[(r * out.blocks + b) * 8 + j] = d;
+        continue;
+      }
       float amax = 0.f, sum = 0.f;
       for (int64_t i = start; i < end; ++i) {
         amax = std::max(amax, std::fabs(xr[i]));
         sum += xr[i];
       }
       float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      int8_t* qr = out.q.data() + r * out.padded;
-      for (int64_t i = start; i < end; ++i) qr[i] = static_cast<int8_t>(std::nearbyint(xr[i] * inv));
+      int32_t code_sum = 0;
+      for (int64_t i = start; i < end; ++i) code_sum += qr[i] = static_cast<int8_t>(std::nearbyint(xr[i] * inv));
+      out.code_sums[r * out.blocks + b] = code_sum;
       out.scale[r * out.blocks + b] = d;
       out.sums[r * out.blocks + b] = sum;
       for (int j = 0; j < 8; ++j) out.scale8[(r * out.blocks + b) * 8 + j] = d;
@@ -85,7 +122,30 @@ void tile_rows(QuantizedRows& a, int64_t rows) {
     const int64_t in_tile = std::min<int64_t>(kRowTile, rows - r0);
     const int8_t* src = a.q.data() + r0 * a.padded;
     int8_t* dst = a.tiled.data() + r0 * a.padded;
-    for (int64_t u = 0; u < runs; ++u)
+    int64_t u = 0;
+    if (in_tile == 8)  // 8 runs of the 8 rows at a time: an 8 x 8 transpose of 4-byte runs in registers
+      for (; u + 8 <= runs; u += 8) {
+        __m256i t[8], m[8];
+        for (int r = 0; r < 8; ++r) t[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * a.padded + u * 4));
+        for (int r = 0; r < 8; r += 2) {
+          m[r] = _mm256_unpacklo_epi32(t[r], t[r + 1]);
+          m[r + 1] = _mm256_unpackhi_epi32(t[r], t[r + 1]);
+        }
+        for (int r = 0; r < 8; r += 4)
+          for (int j = 0; j < 2; ++j) {
+            t[r + j] = _mm256_unpacklo_epi64(m[r + j], m[r + 2 + j]);
+            t[r + 2 + j] = _mm256_unpackhi_epi64(m[r + j], m[r + 2 + j]);
+          }
+        // t[0..3] hold runs (0, 4), (2, 6), (1, 5), (3, 7) of rows 0-3 in their two halves; t[4..7] those of rows 4-7
+        const int order[4] = {0, 2, 1, 3};
+        for (int j = 0; j < 4; ++j) {
+          __m256i low = _mm256_permute2x128_si256(t[order[j]], t[4 + order[j]], 0x20);
+          __m256i high = _mm256_permute2x128_si256(t[order[j]], t[4 + order[j]], 0x31);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (u + j) * 32), low);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (u + 4 + j) * 32), high);
+        }
+      }
+    for (; u < runs; ++u)
       for (int64_t r = 0; r < in_tile; ++r) std::memcpy(dst + (u * in_tile + r) * 4, src + r * a.padded + u * 4, 4);
   }
 }
@@ -94,11 +154,7 @@ void tile_rows(QuantizedRows& a, int64_t rows) {
 std::vector<float> flip_offsets(const QuantizedRows& a, int64_t rows) {
   std::vector<float> offset(rows, 0.f);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t b = 0; b < a.blocks; ++b) {
-      int32_t t = 0;
-      for (int i = 0; i < kBlock; ++i) t += a.q[r * a.padded + b * kBlock + i];  // zeros past k
-      offset[r] += 128.f * t * a.scale[r * a.blocks + b];
-    }
+    for (int64_t b = 0; b < a.blocks; ++b) offset[r] += 128.f * a.code_sums[r * a.blocks + b] * a.scale[r * a.blocks + b];
   return offset;
 }
 
@@ -156,12 +212,6 @@ inline void over_tiles(int64_t rows, int64_t n0, int64_t n1, Body&& body) {
 // 16 vector registers: groups of 4 weight rows with tiles of 2 activation rows (8 sums, 4 weights, 1 activation).
 constexpr int kWeightsAvx2 = 4, kRowsAvx2 = 2;
 
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
 
 // Floating-point weights (fp32 or bf16) against fp32 activations. LoadW(ptr) gives 8 weights as fp32.
 template <int NW, int R, typename W, typename LoadW>
