@@ -81,7 +81,8 @@ QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
         __m256i q32[4];  // x * inv rounded to nearest even (the default rounding, as nearbyint), within +-127
         for (int j = 0; j < 4; ++j) q32[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv)));
         __m256i q16 = _mm256_packs_epi32(q32[0], q32[1]), q16b = _mm256_packs_epi32(q32[2], q32[3]);
-        __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16, q16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16, q16b),  // packs work per 128-bit lane
+                                                 _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + start), q8);
         out.scale[r * out.blocks + b] = d;
         out.sums[r * out.blocks + b] = hsum256(sum8);
@@ -126,7 +127,8 @@ void tile_rows(QuantizedRows& a, int64_t rows) {
     if (in_tile == 8)  // 8 runs of the 8 rows at a time: an 8 x 8 transpose of 4-byte runs in registers
       for (; u + 8 <= runs; u += 8) {
         __m256i t[8], m[8];
-        for (int r = 0; r < 8; ++r) t[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * a.padded + u * 4));
+        for (int r = 0; r < 8; ++r)
+          t[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * a.padded + u * 4));
         for (int r = 0; r < 8; r += 2) {
           m[r] = _mm256_unpacklo_epi32(t[r], t[r + 1]);
           m[r + 1] = _mm256_unpackhi_epi32(t[r], t[r + 1]);
@@ -154,7 +156,8 @@ void tile_rows(QuantizedRows& a, int64_t rows) {
 std::vector<float> flip_offsets(const QuantizedRows& a, int64_t rows) {
   std::vector<float> offset(rows, 0.f);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t b = 0; b < a.blocks; ++b) offset[r] += 128.f * a.code_sums[r * a.blocks + b] * a.scale[r * a.blocks + b];
+    for (int64_t b = 0; b < a.blocks; ++b)
+      offset[r] += 128.f * a.code_sums[r * a.blocks + b] * a.scale[r * a.blocks + b];
   return offset;
 }
 
@@ -175,7 +178,19 @@ struct CacheView {
   const T* row(int64_t b, int64_t h, int64_t l) const {
     return static_cast<const T*>(data) + b * batch_stride + h * head_stride + l * dim;
   }
+
+  // The first rows (2 KB at most) of the head that comes `index`-th in [batch, heads] order, into the cache ahead of
+  // its turn: a head's rows are short runs of memory, too short for the hardware's prefetchers to get ahead.
+  void prefetch_head(int64_t index, int64_t heads) const {
+    const int64_t element = bf16 ? 2 : 4, bytes = std::min<int64_t>(length * dim * element, 2048);
+    const char* start = static_cast<const char*>(data) + (index / heads * batch_stride + index % heads * head_stride) * element;
+    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(start + i, _MM_HINT_T0);
+  }
 };
+
+inline void prefetch_bytes(const void* from, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(from) + i, _MM_HINT_T0);
+}
 
 inline void store(const Problem& p, int64_t r, int64_t n, float v) {
   p.y[r * p.n + n] = v + (p.bias ? p.bias[n] : 0.f);
@@ -745,12 +760,9 @@ constexpr int64_t kPerVector = std::is_same_v<T, float> ? 16 : 32;  // cache val
 constexpr int kMaxHeadVectors = 8;  // head_dim up to 128 (fp32 cache) or 256 (bf16); larger heads take AVX2
 
 // The heads' rows are short runs of memory (160 rows of 128 bytes: 20 KB) far apart, too short for the hardware's
-// prefetchers to get ahead: the kernels read ahead by hand within a head and, at its start, into the next one.
+// prefetchers to get ahead: the kernels read ahead by hand within a head, and at its start into the next one
+// (CacheView::prefetch_head).
 constexpr int64_t kAttentionAhead = 2048;
-
-inline void prefetch_bytes(const void* from, int64_t bytes) {
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(from) + i, _MM_HINT_T0);
-}
 
 // Row vectors of one head: vector c of a row as fp32, even and odd values (fp32 rows: all in `even`).
 template <typename T, int V>
@@ -1239,11 +1251,7 @@ torch::Tensor attention_scores(torch::Tensor q, torch::Tensor k, double scale, i
   over_heads(batch, heads, kv.length * dim, [&](int64_t b, int64_t h, int64_t i) {
     const float* qh = qp + i * dim;
     float* oh = op + i * kv.length;
-    if (wide && i + 1 < batch * heads) {
-      const int64_t nb = (i + 1) / heads, nh = (i + 1) % heads, es = kv.bf16 ? 2 : 4;
-      prefetch_bytes(static_cast<const char*>(kv.data) + (nb * kv.batch_stride + nh * kv.head_stride) * es,
-                         std::min<int64_t>(kv.length * dim * es, 2048));
-    }
+    if (wide && i + 1 < batch * heads) kv.prefetch_head(i + 1, heads);
     auto run = [&](auto t) {
       using T = decltype(t);
       if (!wide || !with_head_vectors<T>(dim, [&](auto v) { scores_of_head_avx512<T, v>(kv, b, h, qh, float(scale), oh); }))
@@ -1267,11 +1275,7 @@ torch::Tensor attention_values(torch::Tensor p, torch::Tensor v, int64_t isa) {
   over_heads(batch, heads, vv.length * dim, [&](int64_t b, int64_t h, int64_t i) {
     const float* ph = pp + i * vv.length;
     float* oh = op + i * dim;
-    if (wide && i + 1 < batch * heads) {
-      const int64_t nb = (i + 1) / heads, nh = (i + 1) % heads, es = vv.bf16 ? 2 : 4;
-      prefetch_bytes(static_cast<const char*>(vv.data) + (nb * vv.batch_stride + nh * vv.head_stride) * es,
-                         std::min<int64_t>(vv.length * dim * es, 2048));
-    }
+    if (wide && i + 1 < batch * heads) vv.prefetch_head(i + 1, heads);
     auto run = [&](auto t) {
       using T = decltype(t);
       if (!wide || !with_head_vectors<T>(dim, [&](auto n) { values_of_head_avx512<T, n>(vv, b, h, ph, oh); }))
