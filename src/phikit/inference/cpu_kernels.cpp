@@ -124,6 +124,7 @@ void tile_rows(QuantizedRows& a, int64_t rows) {
     const int8_t* src = a.q.data() + r0 * a.padded;
     int8_t* dst = a.tiled.data() + r0 * a.padded;
     int64_t u = 0;
+    static_assert(kRowTile == 8, "the transpose below is 8 x 8");
     if (in_tile == 8)  // 8 runs of the 8 rows at a time: an 8 x 8 transpose of 4-byte runs in registers
       for (; u + 8 <= runs; u += 8) {
         __m256i t[8], m[8];
@@ -168,6 +169,10 @@ struct Problem {
   const float* bias;  // nullptr: none
 };
 
+inline void prefetch_bytes(const void* from, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(from) + i, _MM_HINT_T0);
+}
+
 // A KV cache's keys or values for the decoding attention: [batch, heads, length, dim], each row contiguous.
 struct CacheView {
   const void* data;
@@ -183,14 +188,10 @@ struct CacheView {
   // its turn: a head's rows are short runs of memory, too short for the hardware's prefetchers to get ahead.
   void prefetch_head(int64_t index, int64_t heads) const {
     const int64_t element = bf16 ? 2 : 4, bytes = std::min<int64_t>(length * dim * element, 2048);
-    const char* start = static_cast<const char*>(data) + (index / heads * batch_stride + index % heads * head_stride) * element;
-    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(start + i, _MM_HINT_T0);
+    const int64_t at = index / heads * batch_stride + index % heads * head_stride;
+    prefetch_bytes(static_cast<const char*>(data) + at * element, bytes);
   }
 };
-
-inline void prefetch_bytes(const void* from, int64_t bytes) {
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(from) + i, _MM_HINT_T0);
-}
 
 inline void store(const Problem& p, int64_t r, int64_t n, float v) {
   p.y[r * p.n + n] = v + (p.bias ? p.bias[n] : 0.f);
@@ -226,7 +227,6 @@ inline void over_tiles(int64_t rows, int64_t n0, int64_t n1, Body&& body) {
 // ---------------------------------------------------------------------------------------------------------- AVX2
 // 16 vector registers: groups of 4 weight rows with tiles of 2 activation rows (8 sums, 4 weights, 1 activation).
 constexpr int kWeightsAvx2 = 4, kRowsAvx2 = 2;
-
 
 // Floating-point weights (fp32 or bf16) against fp32 activations. LoadW(ptr) gives 8 weights as fp32.
 template <int NW, int R, typename W, typename LoadW>
@@ -877,6 +877,7 @@ void values_of_head_avx512(const CacheView& v, int64_t b, int64_t h, const float
 // Calls fn(Int<V>()) for the head's vector count V, or returns false where it is past kMaxHeadVectors.
 template <typename T, typename Fn>
 bool with_head_vectors(int64_t dim, Fn&& fn) {
+  static_assert(kMaxHeadVectors == 8, "one case per vector count");
   switch ((dim + kPerVector<T> - 1) / kPerVector<T>) {
     case 1: fn(Int<1>()); return true;
     case 2: fn(Int<2>()); return true;
@@ -1254,8 +1255,8 @@ torch::Tensor attention_scores(torch::Tensor q, torch::Tensor k, double scale, i
     if (wide && i + 1 < batch * heads) kv.prefetch_head(i + 1, heads);
     auto run = [&](auto t) {
       using T = decltype(t);
-      if (!wide || !with_head_vectors<T>(dim, [&](auto v) { scores_of_head_avx512<T, v>(kv, b, h, qh, float(scale), oh); }))
-        scores_of_head<T>(kv, b, h, qh, float(scale), oh);
+      auto wide_kernel = [&](auto v) { scores_of_head_avx512<T, v>(kv, b, h, qh, float(scale), oh); };
+      if (!wide || !with_head_vectors<T>(dim, wide_kernel)) scores_of_head<T>(kv, b, h, qh, float(scale), oh);
     };
     kv.bf16 ? run(uint16_t()) : run(float());
   });
@@ -1278,8 +1279,8 @@ torch::Tensor attention_values(torch::Tensor p, torch::Tensor v, int64_t isa) {
     if (wide && i + 1 < batch * heads) vv.prefetch_head(i + 1, heads);
     auto run = [&](auto t) {
       using T = decltype(t);
-      if (!wide || !with_head_vectors<T>(dim, [&](auto n) { values_of_head_avx512<T, n>(vv, b, h, ph, oh); }))
-        values_of_head<T>(vv, b, h, ph, oh);
+      auto wide_kernel = [&](auto n) { values_of_head_avx512<T, n>(vv, b, h, ph, oh); };
+      if (!wide || !with_head_vectors<T>(dim, wide_kernel)) values_of_head<T>(vv, b, h, ph, oh);
     };
     vv.bf16 ? run(uint16_t()) : run(float());
   });
