@@ -584,9 +584,10 @@ void bf16_dot_avx512(const Problem& p, const uint16_t* x, const uint16_t* w, int
 // weights it has repacked (a copy this layout does not need).
 constexpr int kLanes = 16;
 // Software prefetch: kLanesAhead weights along each row into L1 (16 streams outrun the hardware prefetchers on
-// short rows: lm_head at width 256 1.15x), and the same place in the next block's rows into L2, a block ahead, so
-// that a block starts with its 16 new streams under way (8 rows, 2 threads, 3 matrices of 8192 x 2048: fp32
-// 28 -> 38 GB/s, bf16 26 -> 39; at width 8192 fp32 the same, bf16 1.1x).
+// short rows: lm_head at width 256 1.15x), and with groups of 8 rows the same place in the next block's rows into
+// L2, a block ahead, so that a block starts with its 16 new streams under way (8 rows, 2 threads, 3 matrices of
+// 8192 x 2048: fp32 28 -> 38 GB/s, bf16 26 -> 39 at ~50 GB/s of host bandwidth; 1.1x at 80 GB/s; at width 8192
+// fp32 the same, bf16 1.1x). Groups of 16 rows, bound by their multiply-adds, lost 5-15% with it.
 constexpr int64_t kLanesAhead = 256;
 
 template <int RPG>
@@ -626,7 +627,7 @@ inline void lane_block(const Problem& p, const T* x, const T* xg, const T* w, in
     for (int c = 0; c < kLanes; ++c, wc += p.k) {
       if (fetch) {
         _mm_prefetch(reinterpret_cast<const char*>(wc + kLanesAhead), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(wc + kLanes * p.k), _MM_HINT_T1);
+        if constexpr (RPG == 8) _mm_prefetch(reinterpret_cast<const char*>(wc + kLanes * p.k), _MM_HINT_T1);
       }
       for (int u = 0; u < U; ++u) step(acc[c], xg + (s + u) * kVectorT, wc + u * C);
     }
