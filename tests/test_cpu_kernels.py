@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from phikit.inference import native
 from phikit.inference.quant import DECODE_ROWS, CpuLinear, Int4Linear, Int8Linear, float_rows, prepare_cpu_linears
@@ -252,6 +253,35 @@ def test_rotary_in_place_is_torch_to_the_bit(dtype, shape):
         got = rotate_query_and_key(*qk.clone().permute(2, 0, 3, 1, 4).unbind(0), cos, sin)
     for g, e in zip(got, expected):
         assert g.dtype == dtype and torch.equal(g, e)
+
+
+@pytest.mark.parametrize("kernels", ["avx2", "torch"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 2050, 3 * 2**14 + 5])  # tails; several threads' chunks
+def test_gelu_at_inference_equals_the_float64_function(kernels, dtype, count):
+    """The MLP's activation at inference (gelu_tanh: the C++ kernel once loaded, else torch's) is the tanh GELU of
+    float64 within fp32 rounding, on a non-contiguous input with NaN and infinities in it; a bf16 result equals
+    torch's bf16 GELU but below x = -3, where both lose digits to cancellation (within 4e-6). With autograd on it is
+    torch's own, so training differentiates it."""
+    from phikit.model import gelu_tanh
+    torch.manual_seed(count)
+    wide = torch.randn(count, 2) * 4
+    wide[:3, 0] = torch.tensor([float("nan"), float("inf"), -30.0])[:min(count, 3)]
+    x = wide[:, 0].to(dtype)  # every other value of a wider tensor
+    with torch.inference_mode():
+        got = gelu_tanh(x)
+    expected = F.gelu(x.double(), approximate="tanh")
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    bound = 1e-6 * (1 + expected.abs()) if dtype == torch.float32 else 8e-3 * expected.abs() + 1e-6
+    assert ((got.double() - expected).abs() <= bound)[finite].all()
+    if dtype == torch.bfloat16:
+        same = got == F.gelu(x, approximate="tanh")
+        assert (same | (x < -3) | x.isnan())[finite | x.isnan()].all()
+    y = x.float().requires_grad_()
+    gelu_tanh(y).sum().backward()
+    assert y.grad is not None and y.grad[finite & x.isfinite()].isfinite().all()
 
 
 def test_int8_layers_keep_16_channels_side_by_side_only_for_the_kernels():

@@ -1349,6 +1349,81 @@ void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor 
   }
 }
 
+// ---------------------------------------------------------------------------------------------- GELU (tanh)
+// gelu(x) = 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3), phi's activation, with 1 + tanh(u) formed
+// as 2 - 2 / (1 + exp(2u)), 8 lanes at a time: one call per layer where torch's took 11 us at one row of 8192
+// (threads woken for 32 KB) and 40 us at 8 rows. Formed so as to round like torch's formula (1 + tanh(u) is 0 from
+// x below about -5): fp32 results within 5e-7 of torch's, bf16 ones equal but below x = -3, where both lose digits
+// to 1 + tanh(u)'s cancellation (0.008% of unit-normal inputs, by 4e-6 at most). exp: 2^n times a degree-6
+// polynomial of the remainder (Cephes' coefficients, about 1 ulp), the argument clamped to [-87, 88].
+inline __m256 exp8(__m256 t) {
+  t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(t, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), t);  // t - n ln 2, ln 2 in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 poly = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
+  poly = _mm256_fmadd_ps(poly, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(poly, _mm256_castsi256_ps(two_n));
+}
+
+inline __m256 gelu8(__m256 x) {
+  const __m256 inner = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), x), _mm256_mul_ps(x, x), x);
+  const __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(2.f * 0.79788456080286536f), inner));  // exp(2u)
+  const __m256 two = _mm256_set1_ps(2.f);
+  const __m256 one_plus_tanh = _mm256_sub_ps(two, _mm256_div_ps(two, _mm256_add_ps(_mm256_set1_ps(1.f), e)));
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), one_plus_tanh);
+}
+
+// 8 fp32 values to bf16, rounded to nearest even as torch rounds them (NaN stays a quiet NaN).
+inline __m128i bf16x8_from_float(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+  return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+
+template <typename T>
+void gelu_run(const T* x, T* y, int64_t n) {  // n <= 8 values when the run is a tail
+  auto load = [](const T* v) {
+    if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(v);
+    else return bf16x8_avx2(v);
+  };
+  auto save = [](T* v, __m256 g) {
+    if constexpr (std::is_same_v<T, float>) _mm256_storeu_ps(v, g);
+    else _mm_storeu_si128(reinterpret_cast<__m128i*>(v), bf16x8_from_float(g));
+  };
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) save(y + i, gelu8(load(x + i)));
+  if (i < n) {  // the last n % 8 values through a zero-padded vector
+    T in[8] = {}, out[8];
+    std::memcpy(in, x + i, (n - i) * sizeof(T));
+    save(out, gelu8(load(in)));
+    std::memcpy(y + i, out, (n - i) * sizeof(T));
+  }
+}
+
+torch::Tensor gelu_tanh(torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16, "x must be fp32 or bf16");
+  x = x.contiguous();
+  auto y = torch::empty_like(x);
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {  // one thread up to 16 K values
+    if (bf16) {
+      gelu_run(reinterpret_cast<const uint16_t*>(x.data_ptr()) + i0, reinterpret_cast<uint16_t*>(y.data_ptr()) + i0,
+               i1 - i0);
+    } else {
+      gelu_run(x.data_ptr<float>() + i0, y.data_ptr<float>() + i0, i1 - i0);
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1360,6 +1435,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_scores", &attention_scores);
   m.def("attention_values", &attention_values);
   m.def("rotary_", &rotary_);
+  m.def("gelu_tanh", &gelu_tanh);
   m.def("has_avx512", &cpu_has_avx512);
   m.def("has_avx512_bf16", &cpu_has_avx512_bf16);
 }

@@ -149,6 +149,12 @@ def extension() -> ModuleType | None:
     return _extension
 
 
+def loaded() -> ModuleType | None:
+    """The kernels where this process has already looked for them (extension()), else None: for paths every
+    forward takes, which should not start a build of their own."""
+    return extension() if _tried else None
+
+
 def forget() -> None:
     """Look for the extension again on next use (tests that change the cache directory or the compiler)."""
     global _tried, _extension
