@@ -125,8 +125,9 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """phi's activation, GELU with the tanh approximation. At inference on the CPU, on phikit's C++ kernels once the
-    process has them (generation, the server and eval load them): one call where torch's takes several times as
-    long at a decoding step's few rows, equal to torch's within a few fp32 ulps. Elsewhere torch's."""
+    process has them (generation, the server and eval load them): one call, 2-3x faster than torch's at a decoding
+    step's few rows and at prompts, within 5e-7 of torch's in fp32 (cpu_kernels.cpp says how). Elsewhere, and with
+    autograd on, torch's."""
     if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         ext = native.loaded()
         if ext is not None and x.dtype in (torch.float32, torch.bfloat16):
