@@ -213,16 +213,19 @@ def test_the_built_extension_is_cached_per_machine():
 # vectors of bf16 with AVX512; 264: past the AVX512 kernels' 8 vectors a row (fp32 and bf16), so AVX2 there
 @pytest.mark.parametrize("head_dim", [20, 32, 64, 80, 136, 264])
 def test_decoding_attention_reads_the_cache_where_it_lies(kernels, dtype, head_dim):
-    """One query against a cache's strided view (the first `length` rows of a larger buffer), on the kernels and on
-    torch's path alike: the float64 attention of the cached values, to fp32 summation order."""
+    """One query (a strided view) against a cache's strided view (the first `length` rows of a larger buffer), with
+    and without a mask, on the kernels and on torch's path alike: the float64 attention of the cached values, to fp32
+    summation order; a row that may see no key averages the values, as torch's softmax of equal scores does."""
     from phikit.model import single_query_attention
     torch.manual_seed(head_dim)
     for length in (1, 3, 5, 17, 130):  # keys 4 at a time, and the rest
         buffers = torch.randn(2, 2, 3, 160, head_dim).to(dtype)  # [k/v, batch, heads, capacity, head_dim]
         k, v = buffers[0, :, :, :length], buffers[1, :, :, :length]
-        q = torch.randn(2, 3, 1, head_dim).to(dtype)
+        q = torch.randn(2, 3, 1, 2 * head_dim).to(dtype)[..., ::2]  # a strided view, as of a joined projection
         mask = torch.rand(2, 1, 1, length) < 0.7
         mask[..., -1] = True
+        hidden = single_query_attention(q, k, v, torch.zeros_like(mask), 1 / 8)  # no key to see: the plain mean
+        torch.testing.assert_close(hidden.double(), v.double().mean(2, keepdim=True), rtol=2 ** -7, atol=2 ** -7)
         for m in (mask, None):
             scores = (q.double() @ k.double().transpose(-1, -2)) / 8
             if m is not None:

@@ -106,21 +106,21 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     """Attention of one query per row (a decoding step) in fp32: q [B, H, 1, D], k/v [B, H, L, D].
 
     On the CPU torch's fused attention kernel is built for long queries; at one query it takes 1.2x (fp32) to 3x
-    (bf16) the time of these two small products and a softmax, and decoding calls it in every layer. The products
-    run on phikit's C++ kernels where they are built, reading the cache where it lies; otherwise in torch, scores
-    taken as k @ q (each key row a contiguous dot product), 1.2x faster than q @ k^T over a cache's strided view."""
+    (bf16) the time of these two small products and a softmax, and decoding calls it in every layer. Where phikit's
+    C++ kernels are built, the whole of it is one call (`attention_step`) reading the cache where it lies;
+    otherwise torch's products, scores taken as k @ q (each key row a contiguous dot product), 1.2x faster than
+    q @ k^T over a cache's strided view."""
     ext = native.extension() if not torch.compiler.is_compiling() else None
-    on_kernels = (ext is not None and k.dtype == v.dtype and k.dtype in (torch.float32, torch.bfloat16)
-                  and all(t.stride(3) == 1 and (t.shape[2] <= 1 or t.stride(2) == t.shape[3]) for t in (k, v)))
-    if on_kernels:
-        scores = ext.attention_scores(q.float().contiguous(), k, scale, native.isa_code())
-    else:
-        k, v = _as_fp32(k, 0), _as_fp32(v, 1)
-        scores = torch.matmul(k, q.float().transpose(-1, -2)).transpose(-1, -2) * scale
+    if (ext is not None and q.dtype in (torch.float32, torch.bfloat16) and k.dtype == v.dtype
+            and k.dtype in (torch.float32, torch.bfloat16)
+            and all(t.stride(3) == 1 and (t.shape[2] <= 1 or t.stride(2) == t.shape[3]) for t in (k, v))
+            and (mask is None or mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[2:] == (1, k.shape[2]))):
+        return ext.attention_step(q, k, v, mask, scale, native.isa_code())
+    k, v = _as_fp32(k, 0), _as_fp32(v, 1)
+    scores = torch.matmul(k, q.float().transpose(-1, -2)).transpose(-1, -2) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = scores.softmax(-1)
-    return (ext.attention_values(probs, v, native.isa_code()) if on_kernels else torch.matmul(probs, v)).to(q.dtype)
+    return torch.matmul(scores.softmax(-1), v).to(q.dtype)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

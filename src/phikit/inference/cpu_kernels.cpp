@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -1258,51 +1259,24 @@ void over_heads(int64_t batch, int64_t heads, int64_t work_per_head, Fn fn) {
                    });
 }
 
-torch::Tensor attention_scores(torch::Tensor q, torch::Tensor k, double scale, int64_t isa) {
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(),
-              "q must be a contiguous fp32 [batch, heads, 1, head_dim] tensor");
-  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(3);
-  CacheView kv = cache_view(k, batch, heads, dim);
-  auto out = torch::empty({batch, heads, 1, kv.length}, q.options());
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const bool wide = pick(isa) != kAvx2;
-  over_heads(batch, heads, kv.length * dim, [&](int64_t b, int64_t h, int64_t i) {
-    const float* qh = qp + i * dim;
-    float* oh = op + i * kv.length;
-    if (wide && i + 1 < batch * heads) kv.prefetch_head(i + 1, heads);
-    auto run = [&](auto t) {
-      using T = decltype(t);
-      auto wide_kernel = [&](auto v) { scores_of_head_avx512<T, v>(kv, b, h, qh, float(scale), oh); };
-      if (!wide || !with_head_vectors<T>(dim, wide_kernel)) scores_of_head<T>(kv, b, h, qh, float(scale), oh);
-    };
-    kv.bf16 ? run(uint16_t()) : run(float());
-  });
-  return out;
+// One head's scores (k . q * scale, `length` of them) and one head's probability-weighted values, on the AVX512
+// kernels where the CPU has them and the head fits, else AVX2.
+void scores_for_head(const CacheView& kv, int64_t b, int64_t h, const float* q, float scale, float* out, bool wide) {
+  auto run = [&](auto t) {
+    using T = decltype(t);
+    auto wide_kernel = [&](auto n) { scores_of_head_avx512<T, n>(kv, b, h, q, scale, out); };
+    if (!wide || !with_head_vectors<T>(kv.dim, wide_kernel)) scores_of_head<T>(kv, b, h, q, scale, out);
+  };
+  kv.bf16 ? run(uint16_t()) : run(float());
 }
 
-torch::Tensor attention_values(torch::Tensor p, torch::Tensor v, int64_t isa) {
-  TORCH_CHECK(p.dim() == 4 && p.size(2) == 1 && p.scalar_type() == torch::kFloat32 && p.is_contiguous(),
-              "p must be a contiguous fp32 [batch, heads, 1, length] tensor");
-  const int64_t batch = p.size(0), heads = p.size(1), dim = v.size(3);
-  CacheView vv = cache_view(v, batch, heads, dim);
-  TORCH_CHECK(p.size(3) == vv.length, "p has ", p.size(3), " weights for ", vv.length, " cached values");
-  auto out = torch::empty({batch, heads, 1, dim}, p.options());
-  const float* pp = p.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const bool wide = pick(isa) != kAvx2;
-  over_heads(batch, heads, vv.length * dim, [&](int64_t b, int64_t h, int64_t i) {
-    const float* ph = pp + i * vv.length;
-    float* oh = op + i * dim;
-    if (wide && i + 1 < batch * heads) vv.prefetch_head(i + 1, heads);
-    auto run = [&](auto t) {
-      using T = decltype(t);
-      auto wide_kernel = [&](auto n) { values_of_head_avx512<T, n>(vv, b, h, ph, oh); };
-      if (!wide || !with_head_vectors<T>(dim, wide_kernel)) values_of_head<T>(vv, b, h, ph, oh);
-    };
-    vv.bf16 ? run(uint16_t()) : run(float());
-  });
-  return out;
+void values_for_head(const CacheView& vv, int64_t b, int64_t h, const float* p, float* out, bool wide) {
+  auto run = [&](auto t) {
+    using T = decltype(t);
+    auto wide_kernel = [&](auto n) { values_of_head_avx512<T, n>(vv, b, h, p, out); };
+    if (!wide || !with_head_vectors<T>(vv.dim, wide_kernel)) values_of_head<T>(vv, b, h, p, out);
+  };
+  vv.bf16 ? run(uint16_t()) : run(float());
 }
 
 // ----------------------------------------------------------------------------------------- rotary embedding
@@ -1424,6 +1398,77 @@ torch::Tensor gelu_tanh(torch::Tensor x) {
   return y;
 }
 
+// ------------------------------------------------------------------------------------- decoding attention
+// A decoding step's attention, one query per sequence and head: softmax(k . q * scale, masked) . v, all of it in
+// one call, with q and the result in the model's dtype (fp32 or bf16; the products and the softmax in fp32). k and v
+// are the cache's [batch, heads, length, head_dim] views, read where they lie; `mask` (bool, [batch or 1, heads or
+// 1, 1, length]) hides keys, which get probability 0. One call per layer where the same in torch took six
+// operations around the two products; the softmax is torch's to a few ulps (exp8's).
+torch::Tensor attention_step(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
+                             double scale, int64_t isa) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 &&
+                  (q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16),
+              "q must be an fp32 or bf16 [batch, heads, 1, head_dim] tensor");
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(3);
+  const CacheView kv = cache_view(k, batch, heads, dim), vv = cache_view(v, batch, heads, dim);
+  const int64_t length = kv.length;
+  TORCH_CHECK(vv.length == length, "k and v must hold as many tokens");
+  TORCH_CHECK(length > 0, "the cache is empty");
+  const bool* keep = nullptr;
+  int64_t mask_batch = 0, mask_head = 0, mask_key = 0;
+  torch::Tensor m;
+  if (mask.has_value() && mask->defined()) {
+    m = *mask;
+    TORCH_CHECK(m.scalar_type() == torch::kBool && m.dim() == 4 && (m.size(0) == 1 || m.size(0) == batch) &&
+                    (m.size(1) == 1 || m.size(1) == heads) && m.size(2) == 1 && m.size(3) == length,
+                "mask must be bool [batch or 1, heads or 1, 1, length]");
+    keep = m.data_ptr<bool>();
+    mask_batch = m.size(0) == 1 ? 0 : m.stride(0);
+    mask_head = m.size(1) == 1 ? 0 : m.stride(1);
+    mask_key = m.stride(3);
+  }
+  auto out = torch::empty({batch, heads, 1, dim}, q.options());
+  const bool bf16 = q.scalar_type() == torch::kBFloat16, wide = pick(isa) != kAvx2;
+  const char* q_base = static_cast<const char*>(q.data_ptr());
+  char* out_base = static_cast<char*>(out.data_ptr());
+  const int64_t element = bf16 ? 2 : 4;
+  over_heads(batch, heads, 2 * length * dim, [&](int64_t b, int64_t h, int64_t i) {
+    thread_local std::vector<float> qf, probs, of;
+    qf.resize(dim);
+    probs.assign((length + 7) / 8 * 8, 0.f);
+    of.resize(dim);
+    const char* qh = q_base + (b * q.stride(0) + h * q.stride(1)) * element;
+    for (int64_t d = 0; d < dim; ++d) {
+      const char* at = qh + d * q.stride(3) * element;
+      qf[d] = bf16 ? to_float(*reinterpret_cast<const uint16_t*>(at)) : *reinterpret_cast<const float*>(at);
+    }
+    if (wide && i + 1 < batch * heads) kv.prefetch_head(i + 1, heads);
+    scores_for_head(kv, b, h, qf.data(), float(scale), probs.data(), wide);
+    const bool* keep_h = keep ? keep + b * mask_batch + h * mask_head : nullptr;
+    auto kept = [&](int64_t l) { return !keep_h || keep_h[l * mask_key]; };
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t l = 0; l < length; ++l)
+      if (kept(l)) top = std::max(top, probs[l]);
+    if (top == -std::numeric_limits<float>::infinity()) {  // no key to see: evenly over all, as torch's softmax of
+      for (int64_t l = 0; l < length; ++l) probs[l] = 1.f / length;  // equally masked scores gives
+    } else {
+      for (int64_t l = 0; l < length; l += 8)  // the padding past `length` is computed and left unread
+        _mm256_storeu_ps(&probs[l], exp8(_mm256_sub_ps(_mm256_loadu_ps(&probs[l]), _mm256_set1_ps(top))));
+      float sum = 0.f;
+      for (int64_t l = 0; l < length; ++l) sum += probs[l] = kept(l) ? probs[l] : 0.f;
+      for (int64_t l = 0; l < length; ++l) probs[l] /= sum;
+    }
+    if (wide && i + 1 < batch * heads) vv.prefetch_head(i + 1, heads);
+    values_for_head(vv, b, h, probs.data(), of.data(), wide);
+    char* oh = out_base + i * dim * element;
+    for (int64_t d = 0; d < dim; ++d) {
+      if (bf16) *reinterpret_cast<c10::BFloat16*>(oh + d * 2) = c10::BFloat16(of[d]);
+      else reinterpret_cast<float*>(oh)[d] = of[d];
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1432,8 +1477,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8", &linear_int8);
   m.def("linear_int4", &linear_int4);
   m.def("dequantize_int4", &dequantize_int4);
-  m.def("attention_scores", &attention_scores);
-  m.def("attention_values", &attention_values);
+  m.def("attention_step", &attention_step);
   m.def("rotary_", &rotary_);
   m.def("gelu_tanh", &gelu_tanh);
   m.def("has_avx512", &cpu_has_avx512);
