@@ -1416,9 +1416,8 @@ torch::Tensor attention_step(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   TORCH_CHECK(length > 0, "the cache is empty");
   const bool* keep = nullptr;
   int64_t mask_batch = 0, mask_head = 0, mask_key = 0;
-  torch::Tensor m;
   if (mask.has_value() && mask->defined()) {
-    m = *mask;
+    const torch::Tensor& m = *mask;
     TORCH_CHECK(m.scalar_type() == torch::kBool && m.dim() == 4 && (m.size(0) == 1 || m.size(0) == batch) &&
                     (m.size(1) == 1 || m.size(1) == heads) && m.size(2) == 1 && m.size(3) == length,
                 "mask must be bool [batch or 1, heads or 1, 1, length]");
@@ -1449,8 +1448,9 @@ torch::Tensor attention_step(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
     float top = -std::numeric_limits<float>::infinity();
     for (int64_t l = 0; l < length; ++l)
       if (kept(l)) top = std::max(top, probs[l]);
-    if (top == -std::numeric_limits<float>::infinity()) {  // no key to see: evenly over all, as torch's softmax of
-      for (int64_t l = 0; l < length; ++l) probs[l] = 1.f / length;  // equally masked scores gives
+    if (top == -std::numeric_limits<float>::infinity()) {
+      // no key to see: evenly over all of them, as torch's softmax of equally masked scores gives
+      for (int64_t l = 0; l < length; ++l) probs[l] = 1.f / length;
     } else {
       for (int64_t l = 0; l < length; l += 8)  // the padding past `length` is computed and left unread
         _mm256_storeu_ps(&probs[l], exp8(_mm256_sub_ps(_mm256_loadu_ps(&probs[l]), _mm256_set1_ps(top))));
