@@ -345,7 +345,7 @@ def main() -> None:
     rows = []
     results = {"benchmark": "decode", "preset": args.preset, "device": args.device, "threads": args.threads,
                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "bandwidth_gbs": round(bandwidth, 1),
-               "cpu_kernels": kernels}
+               "cpu_kernels": kernels, "few_row_streams": native.few_row_streams() if kernels != "torch" else None}
     for mode in modes:
         if mode in DTYPES:
             model = base if mode == "fp32" else build_model(config, seed=None, meta=True)

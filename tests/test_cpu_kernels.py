@@ -35,6 +35,15 @@ def kernels(request, monkeypatch):
     return mode
 
 
+@pytest.fixture(params=["one", "many"])
+def streams(request):
+    """How one or two activation rows read the weights (one weight row at a time or several), restored after."""
+    before = native.few_row_streams()
+    native.set_few_row_streams(request.param)
+    yield request.param
+    native.set_few_row_streams(before)
+
+
 def rows_of(rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
     """Input rows as a non-contiguous view (every other column of a wider tensor)."""
     wide = torch.randn(rows, 2 * width, dtype=torch.float32).to(dtype)
@@ -57,7 +66,7 @@ def block_quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("kernels", ISAS + ["torch"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", WIDTHS)
-def test_float_kernels_equal_float64(kernels, dtype, width):
+def test_float_kernels_equal_float64(kernels, streams, dtype, width):
     torch.manual_seed(width)
     layer = prepare_cpu_linears(torch.nn.Linear(width, 37).to(dtype))
     assert type(layer) is CpuLinear
@@ -191,6 +200,28 @@ def test_a_missing_compiler_falls_back_with_one_line(monkeypatch, tmp_path, capf
                                        + layer.bias.double(), rtol=1e-5, atol=1e-5)
     finally:
         native.forget()
+
+
+def test_few_row_streams_are_measured_unless_named(monkeypatch, capfd):
+    """Each process measures how one or two rows read the weights fastest; PHIKIT_CPU_STREAMS names it instead, and
+    a value that is neither way is said in one line and measured."""
+    if native.extension() is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    before = native.few_row_streams()
+    try:
+        for forced in ("one", "many"):
+            monkeypatch.setenv("PHIKIT_CPU_STREAMS", forced)
+            native.forget()
+            assert native.extension() is not None and native.few_row_streams() == forced
+        monkeypatch.setenv("PHIKIT_CPU_STREAMS", "eight")
+        native.forget()
+        native.extension()
+        assert native.few_row_streams() in ("one", "many")
+        assert "PHIKIT_CPU_STREAMS='eight' is neither 'one' nor 'many'" in capfd.readouterr().err
+        with pytest.raises(ValueError, match="'one' or 'many'"):
+            native.set_few_row_streams("8")
+    finally:
+        native.set_few_row_streams(before)
 
 
 def test_the_built_extension_is_cached_per_machine():

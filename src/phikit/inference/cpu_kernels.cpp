@@ -205,9 +205,13 @@ using Int = std::integral_constant<int, V>;
 // r0..r0+R-1, all accumulators in registers. Each weight vector loaded serves R activation rows and each activation
 // vector NW weight rows, so a batch costs little more than one row (the weights are read from memory once, the
 // activations from L1). Weight rows come in groups of NW (the last few one by one), activation rows in tiles of RT
-// (then 3, 2 or 1). One or two activation rows stream the weights one row at a time instead: measured faster there
-// (up to 1.4x; the memory's prefetchers follow one stream best), while from 3 rows on groups win (up to 2x at 16).
-template <int NW, int RT, typename Body>
+// (then 3, 2 or 1); from 3 rows on, groups win (up to 2x at 16). One or two activation rows stream either one weight
+// row at a time or NF at once (`few_rows_many_streams`). Which reads faster depends on the host's memory rather than
+// on the CPU: on one host of a 2-core EPYC one row at a time was up to 1.4x faster than four, on another with the
+// same CPU eight rows at once are 1.03-1.08x faster than one. Each process measures it (native.py).
+bool few_rows_many_streams = false;
+
+template <int NW, int RT, int NF = NW, typename Body>
 inline void over_tiles(int64_t rows, int64_t n0, int64_t n1, Body&& body) {
   auto group = [&](auto nw, int64_t n) {
     int64_t r0 = 0;
@@ -222,6 +226,8 @@ inline void over_tiles(int64_t rows, int64_t n0, int64_t n1, Body&& body) {
   int64_t n = n0;
   if (rows > 2)
     for (; n + NW <= n1; n += NW) group(Int<NW>(), n);
+  else if (few_rows_many_streams)
+    for (; n + NF <= n1; n += NF) rows == 2 ? body(Int<NF>(), Int<2>(), n, int64_t{0}) : body(Int<NF>(), Int<1>(), n, int64_t{0});
   for (; n < n1; ++n) group(Int<1>(), n);
 }
 
@@ -487,8 +493,9 @@ inline __m512i dpbusd_broadcast(__m512i sum, __m512i u, const int8_t* x) {
   return sum;
 }
 
-// 32 vector registers: groups of 4 weight rows with tiles of 4 activation rows (16 sums, 4 weights, 1 activation).
-constexpr int kWeightsAvx512 = 4, kRowsAvx512 = 4;
+// 32 vector registers: groups of 4 weight rows with tiles of 4 activation rows (16 sums, 4 weights, 1 activation);
+// one or two activation rows with several streams: 8 weight rows (at most 16 sums, 8 weights, 1 activation).
+constexpr int kWeightsAvx512 = 4, kRowsAvx512 = 4, kFewRowsAvx512 = 8;
 
 template <int NW, int R, typename W, typename LoadW>
 void float_tile_avx512(const Problem& p, const float* x, const W* w, int64_t n, int64_t r0, LoadW load) {
@@ -520,7 +527,7 @@ void float_tile_avx512(const Problem& p, const float* x, const W* w, int64_t n, 
 }
 
 void f32_avx512(const Problem& p, const float* x, const float* w, int64_t n0, int64_t n1) {
-  over_tiles<kWeightsAvx512, kRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
+  over_tiles<kWeightsAvx512, kRowsAvx512, kFewRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, auto n, auto r0) {
     float_tile_avx512<nw, r>(p, x, w, n, r0, [](const float* v) { return _mm512_loadu_ps(v); });
   });
 }
@@ -531,7 +538,7 @@ inline __m512 bf16x16_avx512(const uint16_t* v) {
 }
 
 void bf16_avx512(const Problem& p, const float* x, const uint16_t* w, int64_t n0, int64_t n1) {
-  over_tiles<kWeightsAvx512, kRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
+  over_tiles<kWeightsAvx512, kRowsAvx512, kFewRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, auto n, auto r0) {
     float_tile_avx512<nw, r>(p, x, w, n, r0, bf16x16_avx512);
   });
 }
@@ -568,7 +575,7 @@ void bf16_dot_tile(const Problem& p, const uint16_t* x, const uint16_t* w, int64
 }
 
 void bf16_dot_avx512(const Problem& p, const uint16_t* x, const uint16_t* w, int64_t n0, int64_t n1) {
-  over_tiles<kWeightsAvx512, kRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
+  over_tiles<kWeightsAvx512, kRowsAvx512, kFewRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, auto n, auto r0) {
     bf16_dot_tile<nw, r>(p, x, w, n, r0);
   });
 }
@@ -1480,6 +1487,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_step", &attention_step);
   m.def("rotary_", &rotary_);
   m.def("gelu_tanh", &gelu_tanh);
+  m.def("set_few_rows_many_streams", [](bool many) { few_rows_many_streams = many; });
   m.def("has_avx512", &cpu_has_avx512);
   m.def("has_avx512_bf16", &cpu_has_avx512_bf16);
 }
