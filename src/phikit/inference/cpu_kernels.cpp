@@ -206,9 +206,9 @@ using Int = std::integral_constant<int, V>;
 // vector NW weight rows, so a batch costs little more than one row (the weights are read from memory once, the
 // activations from L1). Weight rows come in groups of NW (the last few one by one), activation rows in tiles of RT
 // (then 3, 2 or 1); from 3 rows on, groups win (up to 2x at 16). One or two activation rows stream either one weight
-// row at a time or NF at once (`few_rows_many_streams`). Which reads faster depends on the host's memory rather than
-// on the CPU: on one host of a 2-core EPYC one row at a time was up to 1.4x faster than four, on another with the
-// same CPU eight rows at once are 1.03-1.08x faster than one. Each process measures it (native.py).
+// row at a time or NF at once (`few_rows_many_streams`). Which reads faster differs between machines whose CPUs have
+// the same flags: on the 2-core EPYC the kernels were first tuned on, one row at a time was up to 1.4x faster than
+// four; on a 2-core Zen 4 EPYC eight rows at once are 1.03-1.08x faster than one. Each process measures it.
 bool few_rows_many_streams = false;
 
 template <int NW, int RT, int NF = NW, typename Body>
@@ -227,7 +227,10 @@ inline void over_tiles(int64_t rows, int64_t n0, int64_t n1, Body&& body) {
   if (rows > 2)
     for (; n + NW <= n1; n += NW) group(Int<NW>(), n);
   else if (few_rows_many_streams)
-    for (; n + NF <= n1; n += NF) rows == 2 ? body(Int<NF>(), Int<2>(), n, int64_t{0}) : body(Int<NF>(), Int<1>(), n, int64_t{0});
+    for (; n + NF <= n1; n += NF) {
+      if (rows == 2) body(Int<NF>(), Int<2>(), n, int64_t{0});
+      else body(Int<NF>(), Int<1>(), n, int64_t{0});
+    }
   for (; n < n1; ++n) group(Int<1>(), n);
 }
 

@@ -5,7 +5,7 @@ the library lands in the user's cache directory under a key made of the source, 
 version, and is moved there only once complete, so later processes (and other processes racing the first) load
 it in milliseconds. The instruction set comes from the CPU's flags. One thing is measured when a process loads the
 kernels (about 30 ms): whether one or two activation rows read the weights faster one row at a time or several rows
-at once, which depends on the host's memory rather than on the CPU (`few_row_streams`).
+at once, which differs between machines whose CPUs have the same flags (`few_row_streams`).
 
     PHIKIT_CPU_ISA=avx2       use the AVX2 + FMA kernels even where AVX512 is present (tests, comparisons);
                               =avx512: AVX512 with VNNI but without its bf16 dot products
@@ -166,6 +166,7 @@ def few_row_streams() -> str:
 
 
 def set_few_row_streams(streams: str) -> None:
+    """Make the kernels read "one" weight row at a time or "many" at once for one or two rows (tests, comparisons)."""
     global _few_row_streams
     if streams not in ("one", "many"):
         raise ValueError(f"few-row streams must be 'one' or 'many', got {streams!r}")
@@ -176,9 +177,9 @@ def set_few_row_streams(streams: str) -> None:
 
 def _faster_few_row_streams(module: ModuleType) -> str:
     """The faster way on this host, or PHIKIT_CPU_STREAMS where set: one row of activations against 48 MB of fp32
-    weights (beyond a 32 MB last-level cache) each way, best of 5 calls in turns, about 30 ms. Hosts of one CPU
-    model differ here: on one, one weight row at a time read up to 1.4x faster than four; on another, eight at once
-    read 1.03-1.08x faster than one."""
+    weights (beyond a 32 MB last-level cache) each way, best of 5 calls in turns, about 30 ms. Machines with the
+    same CPU flags differ here: on one 2-core EPYC one weight row at a time read up to 1.4x faster than four; on a
+    2-core Zen 4 EPYC eight at once read 1.03-1.08x faster than one."""
     forced = os.environ.get("PHIKIT_CPU_STREAMS")
     if forced in ("one", "many"):
         return forced
