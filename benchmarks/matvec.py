@@ -85,7 +85,8 @@ def main() -> None:
             print(f"{precision:>5} {rows:>3} rows {row['gb_s']:7.2f} GB/s  floor fraction {row['floor_fraction']:.2f}")
     print(json.dumps({"benchmark": "matvec", "threads": torch.get_num_threads(), "torch": torch.__version__,
                       "isa": native.isa() if native.extension() is not None else "torch",
-                      "few_row_streams": native.few_row_streams(), "shape": list(shape), "results": results}))
+                      "few_row_streams": native.few_row_streams() if native.extension() is not None else None,
+                      "shape": list(shape), "results": results}))
 
 
 if __name__ == "__main__":
