@@ -338,3 +338,86 @@ def test_int8_layers_keep_16_channels_side_by_side_only_for_the_kernels():
         got = odd(x).double()
     exact = x.double() @ odd.dequantize().double().T + odd.bias.double()
     assert float((got - exact).norm() / exact.norm()) < 0.03
+
+
+def _small_model(mode: str):
+    """A 3-layer phi with awkward widths (hidden 96 over 6 heads of 16, rotary on 8 of them) in `mode`, prepared
+    for CPU decoding as generation prepares it."""
+    from phikit.config import PhiConfig
+    from phikit.inference.quant import quantize_model
+    from phikit.model import build_model
+    cfg = PhiConfig(vocab_size=304, hidden_size=96, intermediate_size=384, num_hidden_layers=3,
+                    num_attention_heads=6, max_position_embeddings=64)
+    model = build_model(cfg, seed=0)
+    if mode == "bf16":
+        model = model.bfloat16()
+    elif mode in ("int8", "int4"):
+        quantize_model(model, mode)
+    return prepare_cpu_linears(model.eval())
+
+
+@pytest.mark.parametrize("kernels", ISAS, indirect=True)
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("batch,padded", [(1, False), (3, True), (9, False)])
+def test_a_decoding_layer_in_one_call_equals_the_modules(kernels, mode, batch, padded, monkeypatch):
+    """A decoding step's decoder layer as one call of the kernels (model.native_layer_step) gives the output and
+    writes the cache columns that the modules one by one give (torch's LayerNorm, adds, cache writes, the kernels'
+    products): fp32 to rounding, bf16 within its precision (the LayerNorm sums in another order), with padding
+    masked, at batch sizes that take the lanes kernels. Then six greedy steps of the whole model agree."""
+    import phikit.model as M
+    model = _small_model(mode)
+    dtype = model.dtype
+    ids = torch.randint(0, 304, (batch, 7), generator=torch.Generator().manual_seed(1))
+    attention = torch.ones(batch, 7, dtype=torch.long)
+    if padded:
+        attention[0, :3] = 0
+    with torch.inference_mode():
+        prompt = model(ids, attention_mask=attention, use_cache=True)
+        cache = prompt.past_key_values
+        attention = torch.cat([attention, torch.ones(batch, 1, dtype=torch.long)], 1)
+        x = (torch.randn(batch, 1, 96) * 3).to(dtype)
+        positions = (attention.cumsum(-1) - 1)[:, -1:]
+        cos, sin = model.model.rotary_emb(positions)
+        mask = M.build_attention_mask(attention, batch, 1, 7, x.device) if padded else None
+        layer = model.model.layers[1]
+        fused = M.native_layer_step(layer, x, cos, sin, mask, cache)
+        assert fused is not None, "the layer should run as one call"
+        fused_keys, fused_values = cache.keys[1][:, :, 7].clone(), cache.values[1][:, :, 7].clone()
+        monkeypatch.setattr(M, "NATIVE_LAYER_STEPS", False)
+        expected, _ = layer(x, cos, sin, mask, cache, False)
+    tolerance = {"fp32": 1e-5, "int8": 1e-4}.get(mode, 1e-2)
+    for got, want in ((fused, expected), (fused_keys, cache.keys[1][:, :, 7]), (fused_values, cache.values[1][:, :, 7])):
+        assert got.dtype == want.dtype
+        assert float((got.double() - want.double()).norm() / want.double().norm()) < tolerance
+    tokens = {}
+    for native_steps in (True, False):
+        monkeypatch.setattr(M, "NATIVE_LAYER_STEPS", native_steps)
+        with torch.inference_mode():
+            state = model(ids, use_cache=True)
+            token, cache, picked = state.logits[:, -1:].argmax(-1), state.past_key_values, []
+            for _ in range(6):
+                state = model(token, past_key_values=cache, use_cache=True)
+                token = state.logits[:, -1:].argmax(-1)
+                picked.append(token)
+        tokens[native_steps] = torch.cat(picked, 1)
+    assert torch.equal(tokens[True], tokens[False])
+
+
+def test_a_decoding_layer_with_hooks_runs_module_by_module():
+    """A forward hook on a module inside a layer (interpretability, adapters) sees its call: the layer then runs
+    module by module instead of as one call of the kernels."""
+    import phikit.model as M
+    if native.extension() is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    model = _small_model("fp32")
+    seen = []
+    model.model.layers[2].mlp.fc1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.inference_mode():
+        state = model(torch.tensor([[5, 6, 7]]), use_cache=True)
+        model(torch.tensor([[8]]), past_key_values=state.past_key_values, use_cache=True)
+    assert seen == [torch.Size([1, 3, 384]), torch.Size([1, 1, 384])]
+    x = torch.randn(1, 1, 96)
+    cos, sin = model.model.rotary_emb(torch.tensor([[4]]))
+    with torch.inference_mode():
+        assert M.native_layer_step(model.model.layers[2], x, cos, sin, None, state.past_key_values) is None
+        assert M.native_layer_step(model.model.layers[0], x, cos, sin, None, state.past_key_values) is not None

@@ -55,15 +55,22 @@ class KVCache:
             self.keys[layer].index_copy_(2, self.write_index, k)
             self.values[layer].index_copy_(2, self.write_index, v)
             return self.keys[layer], self.values[layer]
-        start, t = self._length, k.shape[2]
-        if self.keys[layer] is None:  # a cache the model made: shaped like the first keys, grown below
-            self.keys[layer] = self.values[layer] = k.new_zeros(*k.shape[:2], 0, k.shape[3])
-        if self.keys[layer].shape[2] < start + t:
-            self._grow_layer(layer, max(start + t, 2 * self.keys[layer].shape[2]))
-        buf_k, buf_v = self.keys[layer], self.values[layer]
+        buf_k, buf_v, start = self.reserve(layer, k)
+        t = k.shape[2]
         buf_k[:, :, start:start + t] = k
         buf_v[:, :, start:start + t] = v
         return buf_k[:, :, :start + t], buf_v[:, :, :start + t]
+
+    def reserve(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room in one layer for new keys shaped like `like` [B, H, T, D] (made or grown as needed): the layer's
+        whole key and value buffers and the column the new ones go to. `update` writes them; a decoding layer step on
+        the C++ kernels writes them itself."""
+        start, t = self._length, like.shape[2]
+        if self.keys[layer] is None:  # a cache the model made: shaped like the first keys, grown below
+            self.keys[layer] = self.values[layer] = like.new_zeros(*like.shape[:2], 0, like.shape[3])
+        if self.keys[layer].shape[2] < start + t:
+            self._grow_layer(layer, max(start + t, 2 * self.keys[layer].shape[2]))
+        return self.keys[layer], self.values[layer], start
 
     def advance(self, tokens: int) -> None:
         """A forward pass stored `tokens` new columns in every layer."""

@@ -211,6 +211,14 @@ class CpuLinear(nn.Linear):
             return super().forward(x)
         return y.reshape(*shape[:-1], self.out_features)
 
+    def kernel_operands(self, dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """[weight, bias] as a decoding layer step passes this layer to the C++ kernels (model.native_layer_step),
+        or None where it cannot take them (another dtype, no bias)."""
+        weight, bias = self.weight, self.bias
+        if weight.dtype != dtype or bias is None or dtype not in (torch.float32, torch.bfloat16):
+            return None
+        return [weight, bias]
+
 
 def prepare_cpu_linears(model: nn.Module) -> nn.Module:
     """Give every CPU nn.Linear its fast inference path (CpuLinear; idempotent, same parameters and state_dict), and
@@ -375,6 +383,12 @@ class Int8Linear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def kernel_operands(self, dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """[weight, scales, bias] for a decoding layer step on the C++ kernels, or None off them."""
+        if not self.grouped or self.bias is None or self.scales.dtype != torch.float32:
+            return None
+        return [self.weight, self.scales, self.bias]
 
     def extra_repr(self) -> str:
         kind = "activations int8 per block of 32" if self.dynamic else "weight-only"
@@ -542,6 +556,12 @@ class Int4Linear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def kernel_operands(self, dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """[codes, scales, mins, steps, bias] for a decoding layer step on the C++ kernels, or None off them."""
+        if not self.native or self.bias is None:
+            return None
+        return [self.nibbles, self.scales, self.mins, self.steps, self.bias]
 
     def extra_repr(self) -> str:
         kind = "C++ kernels" if self.native else "torch's int4 kernel"
