@@ -421,3 +421,19 @@ def test_a_decoding_layer_with_hooks_runs_module_by_module():
     with torch.inference_mode():
         assert M.native_layer_step(model.model.layers[2], x, cos, sin, None, state.past_key_values) is None
         assert M.native_layer_step(model.model.layers[0], x, cos, sin, None, state.past_key_values) is not None
+
+
+def test_large_weights_move_to_memory_advised_for_huge_pages():
+    """move_to_huge_pages copies each CPU parameter and buffer of 2 MB or more into memory advised for 2 MB pages
+    (the same parameter objects, equal values, 2 MB-aligned) and leaves smaller ones where they are."""
+    from test_foundation_checkpoint import vm_flags
+    layer = torch.nn.Linear(1024, 1024)  # 4 MB of weights, 4 KB of bias
+    layer.register_buffer("table", torch.arange(2**20, dtype=torch.int64))  # 8 MB
+    weight, bias, values = layer.weight, layer.bias, layer.weight.detach().clone()
+    bias_at = bias.data_ptr()
+    native.move_to_huge_pages(layer)
+    assert layer.weight is weight and torch.equal(layer.weight, values) and layer.bias.data_ptr() == bias_at
+    assert torch.equal(layer.table, torch.arange(2**20))
+    for t in (layer.weight, layer.table):
+        assert t.data_ptr() % native.HUGE_PAGE == 0 and "hg" in vm_flags(t.data_ptr())
+    assert "hg" not in vm_flags(bias_at)

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 import phikit
 from phikit.checkpoint import CheckpointError
+from phikit.inference import native
 from phikit.cli import main as cli_main
 
 
@@ -21,6 +22,21 @@ def hf_reference(head_dim=64, prf=0.5, layers=2, vocab=51200):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return model
+
+
+def vm_flags(address: int) -> list[str]:
+    """The flags of this process's memory mapping that holds `address` (/proc/self/smaps; "hg": advised for huge
+    pages)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(part, 16) for part in head.split("-"))
+                inside = low <= address < high
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return []
 
 
 IDS = torch.tensor([[1212, 318, 257, 1332, 13, 198, 50284, 7783]])
@@ -363,6 +379,11 @@ def test_load_converts_tensor_by_tensor_and_keeps_no_file_mapping(tmp_path, phi_
     gc.collect()
     assert len(checkpoint._MAPS) == 0
     assert len(released) >= len(model.state_dict()) - 1  # every tensor given back after its conversion
+    large = [(name, t) for name, t in [*loaded.named_parameters(), *loaded.named_buffers()]
+             if t.numel() * t.element_size() >= native.HUGE_PAGE]
+    assert large  # the embedding and lm_head at least: each in memory advised for 2 MB pages
+    for name, t in large:
+        assert "hg" in vm_flags(t.data_ptr()), name
     dtype = torch.float32 if quantize != "int4" else torch.bfloat16
     reference = model
     with torch.no_grad():

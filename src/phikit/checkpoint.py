@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from .config import PhiConfig
 from .files import check_output, staged_dir
+from .inference.native import empty_weights
 from .model import PhiForCausalLM
 from .tokenizer import Tokenizer, build_phi_tokenizer
 
@@ -364,7 +365,7 @@ def load(path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
     for key in list(state):
         if key not in to_quantize:
             tensor = state[key]
-            state[key] = tensor.to(device=device, dtype=torch_dtype, copy=True)
+            state[key] = empty_weights(tensor.shape, torch_dtype, device).copy_(tensor)
             release_mapped(tensor)
             del tensor
     model.load_state_dict(state, strict=False, assign=True)

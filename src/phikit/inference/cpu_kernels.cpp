@@ -1589,10 +1589,32 @@ inline float widen(T v) {
   return static_cast<float>(v);
 }
 
-// n values of T rounded from fp32 (to nearest even for bf16, as torch's .to rounds).
+inline __m256 widen8(__m128i bf16) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bf16), 16)); }
+
+// n values of T rounded from fp32 (to nearest even for bf16, as torch's .to rounds), 8 at a time.
 template <typename T>
 void round_into(const float* src, T* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = T(src[i]);
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), bf16x8_from_float(_mm256_loadu_ps(src + i)));
+  for (; i < n; ++i) dst[i] = T(src[i]);
+}
+
+// out = (x + attention) + mlp, each sum rounded to T as torch's two adds round it, the mlp's fp32 output first
+// rounded to T as its module rounds it.
+template <typename T>
+void residual_into(const T* x, const T* attention, const float* mlp, T* out, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    auto load = [](const T* v) { return widen8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v))); };
+    for (; i + 8 <= n; i += 8) {
+      const __m256 first = widen8(bf16x8_from_float(_mm256_add_ps(load(x + i), load(attention + i))));
+      const __m256 m = widen8(bf16x8_from_float(_mm256_loadu_ps(mlp + i)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), bf16x8_from_float(_mm256_add_ps(first, m)));
+    }
+  }
+  for (; i < n; ++i) out[i] = T(widen(T(widen(x[i]) + widen(attention[i]))) + widen(T(mlp[i])));
 }
 
 // The rows a product reads, from the model's T: fp32 always, and bf16 (the bits of T) where T is bf16.
@@ -1682,8 +1704,7 @@ torch::Tensor layer_step_typed(const torch::Tensor& x, const torch::Tensor& ln_w
 
   // x + attention + mlp, rounded after each add as torch's two adds round
   auto out = torch::empty_like(x);
-  T* o = reinterpret_cast<T*>(out.data_ptr());
-  for (int64_t i = 0; i < rows * d; ++i) o[i] = T(widen(T(widen(xs[i]) + widen(mixed[i]))) + widen(T(y32[i])));
+  residual_into(xs, mixed, y32, reinterpret_cast<T*>(out.data_ptr()), rows * d);
   return out;
 }
 

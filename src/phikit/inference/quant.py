@@ -291,7 +291,7 @@ class Int8Linear(nn.Module):
         device = linear.weight.device
         self.grouped = (dynamic and device.type == "cpu" and self.in_features % 4 == 0
                         and native.extension() is not None)
-        weight = torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=device)
+        weight = native.empty_weights((self.out_features, self.in_features), torch.int8, device)
         scales = torch.empty(self.out_features, device=device)
         for start in range(0, self.out_features, BLOCK_ROWS):  # in blocks: no fp32 copy of a whole large matrix
             w = linear.weight.detach()[start:start + BLOCK_ROWS].float()
@@ -443,7 +443,7 @@ class Int4Linear(nn.Module):
         device = linear.weight.device
         self.native = group_size == 32 and device.type == "cpu" and native.extension() is not None
         groups, channel_groups = self.in_features // group_size, self.out_features // KERNEL_CHANNELS
-        nibbles = torch.zeros(self.out_features, self.in_features // 2, dtype=torch.uint8, device=device)
+        nibbles = native.empty_weights((self.out_features, self.in_features // 2), torch.uint8, device)  # all written below
         if self.native:  # codes and steps, written by _stored as each block of channels is quantized
             blocks, superblocks = groups, -(-groups // INT4_SUPERBLOCK)
             self.register_buffer("scales", torch.zeros(channel_groups, blocks, KERNEL_CHANNELS, dtype=torch.uint8,
