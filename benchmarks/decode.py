@@ -4,7 +4,8 @@ Random phi-1.5-shaped weights (the speed of a matrix product does not depend on 
 64 new tokens, greedy, batch 1 and 8. For each engine and weight format:
   prefill tok/s = batch * prompt_len / time(generate 1 token)
   decode  tok/s = batch * (new_tokens - 1) / (time(generate new_tokens) - time(generate 1 token))
-Both engines are timed the same way, after a warm-up, the median of --repeats rounds taken in turns. Every format
+Both engines are timed the same way, after a warm-up, the median of --repeats rounds taken in turns (each round
+starting with the next engine). Every format
 is compared with transformers fp32 timed in its own turns (row transformers-fp32-beside-MODE), and batch 8
 with batch 1 timed again in batch 8's turns (row phikit-MODE-batch1-beside-batch8), since the host's speed
 drifts. llama.cpp, when llama-cpp-python is installed, runs our GGUF export in the turns of the phikit format of

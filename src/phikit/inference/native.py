@@ -151,16 +151,16 @@ HUGE_PAGE = 2 << 20
 def empty_weights(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: str | torch.device = "cpu"
                   ) -> torch.Tensor:
     """An uninitialized tensor for weights: on the CPU, where it takes 2 MB or more, in memory the kernel is asked to
-    back with 2 MB pages (madvise MADV_HUGEPAGE, aligned to 2 MB; it reads as zeros until written); elsewhere, or
-    where the system has no such advice, torch.empty."""
+    back with 2 MB pages (madvise MADV_HUGEPAGE on its whole 2 MB pages, aligned to 2 MB; it reads as zeros until
+    written); elsewhere, or where the system has no such advice, torch.empty."""
     nbytes = math.prod(shape) * dtype.itemsize
     if torch.device(device).type != "cpu" or nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype, device=device)
     mapped = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # the tensor keeps it
     start = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
     offset = -start % HUGE_PAGE
-    try:
-        mapped.madvise(mmap.MADV_HUGEPAGE, offset, nbytes)
+    try:  # whole 2 MB pages only: a last partial one would be resident in full
+        mapped.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
     except OSError:  # transparent huge pages disabled: 4 KB pages, as torch's
         pass
     return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset).view(dtype).view(shape)
