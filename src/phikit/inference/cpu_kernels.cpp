@@ -1662,7 +1662,6 @@ torch::Tensor layer_step_typed(const torch::Tensor& x, const torch::Tensor& ln_w
     for (int64_t r = 0; r < rows; ++r) round_into(y32 + r * l.n, qkv + r * 3 * d + column, l.n);
     column += l.n;
   }
-  TORCH_CHECK(column == 3 * d, "q, k and v must give 3 x hidden_size outputs");
 
   // rotary on q and k, then k and v into the cache's column `start`
   for (int64_t r = 0; r < rows; ++r) {
@@ -1742,6 +1741,10 @@ torch::Tensor layer_step(torch::Tensor x, torch::Tensor ln_w, torch::Tensor ln_b
   const LayerLinear fc1 = layer_linear(linears[linears.size() - 2], d);
   const LayerLinear fc2 = layer_linear(linears.back(), fc1.n);
   TORCH_CHECK(dense.n == d && fc2.n == d, "dense and fc2 must give hidden_size outputs");
+  int64_t qkv_outputs = 0;
+  for (const auto& l : attn_in) qkv_outputs += l.n;
+  TORCH_CHECK(qkv_outputs == 3 * d && (attn_in.size() == 1 || attn_in[0].n == d),
+              "q, k and v must give hidden_size outputs each");
   const Isa use = pick(isa);
   if (x.scalar_type() == torch::kBFloat16)
     return layer_step_typed<c10::BFloat16>(x, ln_w, ln_b, eps, attn_in, dense, fc1, fc2, keys, values, start, cos,
