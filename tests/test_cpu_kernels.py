@@ -386,7 +386,8 @@ def test_a_decoding_layer_in_one_call_equals_the_modules(kernels, mode, batch, p
         monkeypatch.setattr(M, "NATIVE_LAYER_STEPS", False)
         expected, _ = layer(x, cos, sin, mask, cache, False)
     tolerance = {"fp32": 1e-5, "int8": 1e-4}.get(mode, 1e-2)
-    for got, want in ((fused, expected), (fused_keys, cache.keys[1][:, :, 7]), (fused_values, cache.values[1][:, :, 7])):
+    written = (cache.keys[1][:, :, 7], cache.values[1][:, :, 7])
+    for got, want in ((fused, expected), (fused_keys, written[0]), (fused_values, written[1])):
         assert got.dtype == want.dtype
         assert float((got.double() - want.double()).norm() / want.double().norm()) < tolerance
     tokens = {}

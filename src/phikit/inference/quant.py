@@ -443,7 +443,8 @@ class Int4Linear(nn.Module):
         device = linear.weight.device
         self.native = group_size == 32 and device.type == "cpu" and native.extension() is not None
         groups, channel_groups = self.in_features // group_size, self.out_features // KERNEL_CHANNELS
-        nibbles = native.empty_weights((self.out_features, self.in_features // 2), torch.uint8, device)  # all written below
+        # every row is written below
+        nibbles = native.empty_weights((self.out_features, self.in_features // 2), torch.uint8, device)
         if self.native:  # codes and steps, written by _stored as each block of channels is quantized
             blocks, superblocks = groups, -(-groups // INT4_SUPERBLOCK)
             self.register_buffer("scales", torch.zeros(channel_groups, blocks, KERNEL_CHANNELS, dtype=torch.uint8,
