@@ -1537,6 +1537,7 @@ torch::Tensor attention_step(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 struct LayerLinear {
   const std::vector<torch::Tensor>* parts;
   int64_t n, k;
+  Int4Weights int4;  // int4 layers: their layout, checked once per call
 };
 
 LayerLinear layer_linear(const std::vector<torch::Tensor>& parts, int64_t k) {
@@ -1553,8 +1554,8 @@ LayerLinear layer_linear(const std::vector<torch::Tensor>& parts, int64_t k) {
     TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.dim() == 2 && w.size(1) == k && k % 4 == 0 &&
                     parts[1].scalar_type() == torch::kFloat32 && parts[1].numel() == n,
                 "int8 weights must be [out, ", k, "] with fp32 scales per output channel");
-  if (parts.size() == 5) int4_weights(w, parts[1], parts[2], parts[3], k);  // checks the layout
-  return {&parts, n, k};
+  const Int4Weights int4 = parts.size() == 5 ? int4_weights(w, parts[1], parts[2], parts[3], k) : Int4Weights{};
+  return {&parts, n, k, int4};
 }
 
 // y [rows, n] (fp32) = rows @ W^T + bias. x32: the rows in fp32; x16: the same rows in bf16, or null (fp32 model).
@@ -1572,7 +1573,7 @@ void layer_product(const LayerLinear& l, const float* x32, const uint16_t* x16, 
   Problem p{rows, l.k, l.n, y, b};
   const torch::Tensor& w = parts[0];
   if (parts.size() == 5) {
-    int4_product(p, x32, int4_weights(w, parts[1], parts[2], parts[3], l.k), use);
+    int4_product(p, x32, l.int4, use);
   } else if (parts.size() == 3) {
     int8_product(p, x32, w.data_ptr<int8_t>(), parts[1].data_ptr<float>(), use);
   } else if (w.scalar_type() == torch::kFloat32) {
