@@ -404,6 +404,33 @@ def test_a_decoding_layer_in_one_call_equals_the_modules(kernels, mode, batch, p
     assert torch.equal(tokens[True], tokens[False])
 
 
+def test_an_int8_model_keeps_its_cache_in_bf16():
+    """An int8 model on the CPU computes in fp32 and keeps its keys and values in bf16 (half the bytes a batch's
+    decoding step reads from its cache). Over a prompt, its next chunk (torch's attention on the cache, upcast) and a
+    decoding step (the cache read as it lies), its logits stay as close to the unquantized fp32 model's as with an
+    fp32 cache: the rounding of the cache is small beside int8's own."""
+    ids = torch.randint(0, 304, (2, 9), generator=torch.Generator().manual_seed(3))
+
+    def logits_of(model, cache_dtype):
+        with torch.inference_mode():
+            cache = model(ids[:, :5], use_cache=True).past_key_values
+            assert cache.keys[0].dtype == cache_dtype
+            chunk = model(ids[:, 5:8], past_key_values=cache, use_cache=True).logits
+            step = model(ids[:, 8:], past_key_values=cache, use_cache=True).logits
+        return torch.cat((chunk, step), 1)
+
+    reference = logits_of(_small_model("fp32"), torch.float32)
+    model = _small_model("int8")
+    assert model.dtype == torch.float32 and model.cache_dtype == torch.bfloat16
+    error = {}
+    for cache_dtype in (torch.bfloat16, torch.float32):
+        model.kv_cache_dtype = cache_dtype
+        got = logits_of(model, cache_dtype)
+        assert got.dtype == torch.float32
+        error[cache_dtype] = float((got - reference).norm() / reference.norm())
+    assert 0 < error[torch.bfloat16] < 1.25 * error[torch.float32] < 0.05, error
+
+
 def test_a_decoding_layer_with_hooks_runs_module_by_module():
     """A forward hook on a module inside a layer (interpretability, adapters) sees its call: the layer then runs
     module by module instead of as one call of the kernels."""

@@ -181,6 +181,9 @@ class PhiAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         scale = 1.0 / math.sqrt(self.head_dim)
         dropout = self.dropout if self.training else 0.0
+        one_query = q.device.type == "cpu" and q.shape[2] == 1 and dropout == 0.0 and not output_attentions
+        if k.dtype != q.dtype and not one_query:  # a cache kept in another dtype; one query reads it as it lies
+            k, v = k.to(q.dtype), v.to(q.dtype)
         # mask None means plain causal attention; with a single new token it sees every cached key.
         causal = mask is None and q.shape[2] > 1
         if output_attentions:
@@ -192,7 +195,7 @@ class PhiAttention(nn.Module):
             out = torch.matmul(probs.to(v.dtype), v)
         else:
             probs = None
-            if q.device.type == "cpu" and q.shape[2] == 1 and dropout == 0.0:
+            if one_query:
                 out = single_query_attention(q, k, v, mask, scale)
             elif q.dtype == torch.float16 and q.device.type != "cuda":
                 # CPU fp16 SDPA runs the math kernel in fp16: upcast so scores cannot overflow.
@@ -253,7 +256,7 @@ def native_layer_step(layer: "PhiDecoderLayer", x: torch.Tensor, cos: torch.Tens
     keys, values = cache.keys[i], cache.values[i]
     if keys is None or keys.shape[2] <= start:
         keys, values, start = cache.reserve(i, x.new_empty(x.shape[0], attn.num_heads, 1, attn.head_dim))
-    if (keys.dtype != x.dtype or not (keys.is_contiguous() and values.is_contiguous() and cos.is_contiguous())
+    if (keys.dtype not in (torch.float32, torch.bfloat16) or not (keys.is_contiguous() and values.is_contiguous() and cos.is_contiguous())
             or cos.dim() != 3 or cos.shape[1] != 1 or (mask is not None and (
                 mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:] != (1, 1, start + 1)))):
         return None
@@ -341,6 +344,12 @@ class PhiForCausalLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype of the keys and values a KV cache keeps: the model's, except where quantization says otherwise
+        (an int8 model on the CPU computes in fp32 and caches in bf16, see quant.quantize_model)."""
+        return getattr(self, "kv_cache_dtype", None) or self.dtype
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -471,7 +480,7 @@ class PhiForCausalLM(nn.Module):
         b, t, _ = inputs_embeds.shape
         cache = past_key_values
         if cache is None and use_cache:
-            cache = KVCache(self.config.num_hidden_layers)
+            cache = KVCache(self.config.num_hidden_layers, self.cache_dtype)
         past = cache.length if cache is not None else 0
         if past + t > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {past + t} tokens exceeds the context of "

@@ -1626,6 +1626,63 @@ const uint16_t* as_rows(const T* x, int64_t count, float* x32) {
   else return nullptr;
 }
 
+// One row of LayerNorm: the mean and variance summed in double (4 lanes), the row normalized in fp32 and rounded
+// to T.
+template <typename T>
+void layer_norm_row(const T* x, const T* gamma, const T* beta, float eps, int64_t d, T* out) {
+  auto load = [](const T* v) {
+    if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(v);
+    else return widen8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+  };
+  auto sum8 = [](__m256d& acc, __m256 v) {  // the 8 values of v added to 4 double lanes
+    acc = _mm256_add_pd(acc, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                                           _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
+  };
+  auto total = [](__m256d acc) {
+    alignas(32) double lanes[4];
+    _mm256_store_pd(lanes, acc);
+    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  };
+  const int64_t whole = d / 8 * 8;
+  __m256d acc = _mm256_setzero_pd();
+  for (int64_t i = 0; i < whole; i += 8) sum8(acc, load(x + i));
+  double sum = total(acc);
+  for (int64_t i = whole; i < d; ++i) sum += widen(x[i]);
+  const double mean = sum / d;
+  const __m256d mean4 = _mm256_set1_pd(mean);
+  acc = _mm256_setzero_pd();
+  for (int64_t i = 0; i < whole; i += 8) {
+    const __m256 v = load(x + i);
+    const __m256d a = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), mean4);
+    const __m256d b = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), mean4);
+    acc = _mm256_add_pd(acc, _mm256_add_pd(_mm256_mul_pd(a, a), _mm256_mul_pd(b, b)));
+  }
+  double squares = total(acc);
+  for (int64_t i = whole; i < d; ++i) squares += (widen(x[i]) - mean) * (widen(x[i]) - mean);
+  const float m = float(mean), rstd = float(1.0 / std::sqrt(squares / d + eps));
+  int64_t i = 0;
+  for (; i < whole; i += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(load(x + i), _mm256_set1_ps(m)), _mm256_set1_ps(rstd)),
+                                   load(gamma + i));
+    const __m256 y = _mm256_add_ps(v, load(beta + i));
+    if constexpr (std::is_same_v<T, float>) _mm256_storeu_ps(out + i, y);
+    else _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), bf16x8_from_float(y));
+  }
+  for (; i < d; ++i) out[i] = T((widen(x[i]) - m) * rstd * widen(gamma[i]) + widen(beta[i]));
+}
+
+// A row of T into a cache row of fp32 or bf16 (rounded to nearest even).
+template <typename T>
+void to_cache(const T* src, char* dst, bool bf16, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (bf16) round_into(src, reinterpret_cast<c10::BFloat16*>(dst), n);
+    else std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    if (bf16) std::memcpy(dst, src, n * sizeof(T));
+    else for (int64_t i = 0; i < n; ++i) reinterpret_cast<float*>(dst)[i] = widen(src[i]);
+  }
+}
+
 template <typename T>
 torch::Tensor layer_step_typed(const torch::Tensor& x, const torch::Tensor& ln_w, const torch::Tensor& ln_b,
                                double eps, const std::vector<LayerLinear>& attn_in, const LayerLinear& dense,
@@ -1644,16 +1701,10 @@ torch::Tensor layer_step_typed(const torch::Tensor& x, const torch::Tensor& ln_w
   float* x32 = scratch<float>(6, rows * std::max(d, ff));
   float* y32 = scratch<float>(7, rows * std::max(3 * d, ff));
 
-  // LayerNorm in fp32 (the mean and variance in double), rounded to T
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = xs + r * d;
-    double sum = 0, squares = 0;
-    for (int64_t i = 0; i < d; ++i) sum += widen(xr[i]);
-    const double mean = sum / d;
-    for (int64_t i = 0; i < d; ++i) squares += (widen(xr[i]) - mean) * (widen(xr[i]) - mean);
-    const float m = float(mean), rstd = float(1.0 / std::sqrt(squares / d + eps));
-    for (int64_t i = 0; i < d; ++i) h[r * d + i] = T((widen(xr[i]) - m) * rstd * widen(gamma[i]) + widen(beta[i]));
-  }
+  // LayerNorm, the rows on the threads
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) layer_norm_row(xs + r * d, gamma, beta, float(eps), d, h + r * d);
+  });
   const uint16_t* h16 = as_rows(h, rows * d, x32);
 
   // q, k and v: one fused product or three, rows of [q | k | v] in T
@@ -1664,28 +1715,23 @@ torch::Tensor layer_step_typed(const torch::Tensor& x, const torch::Tensor& ln_w
     column += l.n;
   }
 
-  // rotary on q and k, then k and v into the cache's column `start`
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t angle = (cos.size(0) == 1 ? 0 : r) * rd;
-    for (int64_t hd = 0; hd < heads; ++hd) {
-      T* q = qkv + r * 3 * d + hd * dim;
-      rotate_row(q, cos.data_ptr<float>() + angle, sin.data_ptr<float>() + angle, rd / 2);
-      rotate_row(q + d, cos.data_ptr<float>() + angle, sin.data_ptr<float>() + angle, rd / 2);
-      const int64_t at = ((r * heads + hd) * capacity + start) * dim;
-      std::memcpy(reinterpret_cast<T*>(keys.data_ptr()) + at, q + d, dim * sizeof(T));
-      std::memcpy(reinterpret_cast<T*>(values.data_ptr()) + at, q + 2 * d, dim * sizeof(T));
-    }
-  }
-
-  // attention over the columns 0..start
-  const bool bf16 = std::is_same_v<T, c10::BFloat16>, wide = use != kAvx2;
-  const CacheView kv{keys.data_ptr(), bf16, heads * capacity * dim, capacity * dim, start + 1, dim};
-  const CacheView vv{values.data_ptr(), bf16, heads * capacity * dim, capacity * dim, start + 1, dim};
+  // per sequence and head, on the threads: rotary on q and k, k and v into the cache's column `start`, then
+  // attention over the columns 0..start (the rows just written are read back from L1)
+  const bool wide = use != kAvx2, cache_bf16 = keys.scalar_type() == torch::kBFloat16;
+  const int64_t element = cache_bf16 ? 2 : 4;
+  const CacheView kv{keys.data_ptr(), cache_bf16, heads * capacity * dim, capacity * dim, start + 1, dim};
+  const CacheView vv{values.data_ptr(), cache_bf16, heads * capacity * dim, capacity * dim, start + 1, dim};
+  const float *cos_at = cos.data_ptr<float>(), *sin_at = sin.data_ptr<float>();
   over_heads(rows, heads, 2 * (start + 1) * dim, [&](int64_t b, int64_t hd, int64_t) {
+    T* q = qkv + b * 3 * d + hd * dim;
+    const int64_t angle = (cos.size(0) == 1 ? 0 : b) * rd, at = ((b * heads + hd) * capacity + start) * dim * element;
+    rotate_row(q, cos_at + angle, sin_at + angle, rd / 2);
+    rotate_row(q + d, cos_at + angle, sin_at + angle, rd / 2);
+    to_cache(q + d, static_cast<char*>(keys.data_ptr()) + at, cache_bf16, dim);
+    to_cache(q + 2 * d, static_cast<char*>(values.data_ptr()) + at, cache_bf16, dim);
     thread_local std::vector<float> qf, of;
     qf.resize(dim);
     of.resize(dim);
-    const T* q = qkv + b * 3 * d + hd * dim;
     for (int64_t i = 0; i < dim; ++i) qf[i] = widen(q[i]);
     attend_head(kv, vv, b, hd, rows, heads, qf.data(), float(1.0 / std::sqrt(double(dim))), mask, wide, of.data());
     round_into(of.data(), attended + b * d + hd * dim, dim);
@@ -1697,9 +1743,11 @@ torch::Tensor layer_step_typed(const torch::Tensor& x, const torch::Tensor& ln_w
   round_into(y32, mixed, rows * d);
   as_rows(h, rows * d, x32);
   layer_product(fc1, x32, h16, rows, y32, use);
-  round_into(y32, hidden, rows * ff);
-  if constexpr (std::is_same_v<T, float>) gelu_run(hidden, hidden, rows * ff);
-  else gelu_run(reinterpret_cast<uint16_t*>(hidden), reinterpret_cast<uint16_t*>(hidden), rows * ff);
+  at::parallel_for(0, rows * ff, 1 << 14, [&](int64_t i0, int64_t i1) {  // as gelu_tanh: threads from 16 K values
+    round_into(y32 + i0, hidden + i0, i1 - i0);
+    if constexpr (std::is_same_v<T, float>) gelu_run(hidden + i0, hidden + i0, i1 - i0);
+    else gelu_run(reinterpret_cast<uint16_t*>(hidden + i0), reinterpret_cast<uint16_t*>(hidden + i0), i1 - i0);
+  });
   layer_product(fc2, x32, as_rows(hidden, rows * ff, x32), rows, y32, use);
 
   // x + attention + mlp, rounded after each add as torch's two adds round
@@ -1716,9 +1764,11 @@ torch::Tensor layer_step(torch::Tensor x, torch::Tensor ln_w, torch::Tensor ln_b
                   (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
               "x must be a contiguous fp32 or bf16 [batch, 1, hidden] tensor (one new token per sequence)");
   const int64_t rows = x.size(0), d = x.size(2);
-  for (const auto& t : {ln_w, ln_b, keys, values})
-    TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.is_contiguous(),
-                "LayerNorm and cache tensors must be contiguous and of x's dtype");
+  for (const auto& t : {ln_w, ln_b})
+    TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.is_contiguous(), "LayerNorm weights must be contiguous and of x's dtype");
+  TORCH_CHECK(keys.scalar_type() == values.scalar_type() && keys.is_contiguous() && values.is_contiguous() &&
+                  (keys.scalar_type() == torch::kFloat32 || keys.scalar_type() == torch::kBFloat16),
+              "the cache's keys and values must be contiguous, both fp32 or both bf16");
   TORCH_CHECK(ln_w.numel() == d && ln_b.numel() == d, "LayerNorm weights must have hidden_size values");
   TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes() && keys.size(0) == rows &&
                   keys.size(1) * keys.size(3) == d && 0 <= start && start < keys.size(2),

@@ -227,7 +227,7 @@ def _decode_tokens(model: PhiForCausalLM, rows: list[list[int]], params: Samplin
         capacity = _cache_capacity(total, model.config.max_position_embeddings)
         cache_scope = _static_cache(model, b, capacity)
     else:
-        cache_scope = contextlib.nullcontext(KVCache.allocate(model.config, b, total, device, model.dtype))
+        cache_scope = contextlib.nullcontext(KVCache.allocate(model.config, b, total, device, model.cache_dtype))
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -328,7 +328,7 @@ def _decode_prompt_lookup(model: PhiForCausalLM, row: list[int], params: Samplin
     passes when the guesses are right; DraftSize sets how many to guess.
     Yields (token, logprob); stops after a stop token or when stop_now()."""
     steps = min(params.max_new_tokens, model.config.max_position_embeddings - len(row))
-    cache = KVCache.allocate(model.config, 1, len(row) + steps + draft_tokens, model.device, model.dtype)
+    cache = KVCache.allocate(model.config, 1, len(row) + steps + draft_tokens, model.device, model.cache_dtype)
     ids, end = list(row), len(row) + steps
     logits = model(torch.tensor([row], device=model.device), past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[0]
@@ -415,7 +415,7 @@ def _beam_search(model: PhiForCausalLM, tokenizer: Tokenizer, prompt: list[int],
     stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     first_n = torch.arange(keep, device=device) < n
 
-    cache = KVCache.allocate(model.config, 1, len(prompt) + steps, device, model.dtype)
+    cache = KVCache.allocate(model.config, 1, len(prompt) + steps, device, model.cache_dtype)
     prompt_ids = torch.tensor([prompt], device=device)
     logits = model(prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     cache = cache.select_rows(torch.zeros(n, dtype=torch.long, device=device))

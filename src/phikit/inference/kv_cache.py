@@ -16,7 +16,8 @@ class KVCache:
     Preallocate with `KVCache.allocate(...)` for decoding (no copies per step), or let the model create one.
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype  # of the buffers this cache makes; None: that of the first keys stored
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self._length = 0  # tokens stored (same for all layers once a forward pass is complete)
@@ -26,7 +27,7 @@ class KVCache:
 
     @classmethod
     def allocate(cls, config: PhiConfig, batch_size: int, capacity: int, device=None, dtype=None) -> KVCache:
-        cache = cls(config.num_hidden_layers)
+        cache = cls(config.num_hidden_layers, dtype)
         shape = (batch_size, config.num_attention_heads, capacity, config.head_dim)
         for i in range(config.num_hidden_layers):
             cache.keys[i] = torch.zeros(shape, device=device, dtype=dtype)
@@ -36,7 +37,7 @@ class KVCache:
     def _split(self, buffers: list[torch.Tensor], length: int) -> KVCache:
         """A new cache from this one's layout: the keys of every layer, then the values, `length` columns used."""
         n = len(self.keys)
-        out = KVCache(n)
+        out = KVCache(n, self.dtype)
         out.keys, out.values, out._length = buffers[:n], buffers[n:], length
         return out
 
@@ -67,7 +68,8 @@ class KVCache:
         the C++ kernels writes them itself."""
         start, t = self._length, like.shape[2]
         if self.keys[layer] is None:  # a cache the model made: shaped like the first keys, grown below
-            self.keys[layer] = self.values[layer] = like.new_zeros(*like.shape[:2], 0, like.shape[3])
+            self.keys[layer] = self.values[layer] = like.new_zeros(*like.shape[:2], 0, like.shape[3],
+                                                                   dtype=self.dtype or like.dtype)
         if self.keys[layer].shape[2] < start + t:
             self._grow_layer(layer, max(start + t, 2 * self.keys[layer].shape[2]))
         return self.keys[layer], self.values[layer], start
