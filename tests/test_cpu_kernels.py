@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from phikit.inference import native
-from phikit.inference.quant import DECODE_ROWS, CpuLinear, Int4Linear, Int8Linear, float_rows, prepare_cpu_linears
+from phikit.inference.quant import CpuLinear, Int4Linear, Int8Linear, float_rows, prepare_cpu_linears
 
 ISAS = ["avx2",
         pytest.param("avx512", marks=pytest.mark.skipif(
@@ -16,7 +16,7 @@ ISAS = ["avx2",
         pytest.param("avx512_bf16", marks=pytest.mark.skipif(
             native.isa() != "avx512_bf16", reason="this CPU has no AVX512-BF16"))]
 # 3, 7: the remainders of the row tiles (4 with AVX512, 2 with AVX2), and a group of 8 rows in the lanes of the
-# AVX512 fp32/bf16 kernels; 12, 16: a group of 16 lanes, partial and whole; 17: a prompt (the GEMM path)
+# AVX512 fp32/bf16 kernels; 12, 16: a group of 16 lanes, partial and whole; 17: a prompt (float weights: the GEMM path)
 ROWS = [1, 2, 3, 7, 12, 16, 17]
 WIDTHS = [40, 100, 160, 2080]  # 40, 100: not a multiple of 16 or 32; 160: 32 but not 64; 2080: a long row
 
@@ -91,31 +91,27 @@ def test_float_kernels_equal_float64(kernels, streams, dtype, width):
 @pytest.mark.parametrize("kernels", ISAS, indirect=True)
 @pytest.mark.parametrize("width", WIDTHS)
 def test_int8_kernel_is_the_block_quantized_product(kernels, width):
-    """A few rows: exactly (to fp32 summation) sum over blocks of d_x * (q_x . q_w), times the channel's scale;
-    prompts (17 rows) the exact product with the int8 weights."""
+    """Decoding steps and prompts alike (33 rows: four tiles of 8 and one row): exactly (to fp32 summation) sum over
+    blocks of d_x * (q_x . q_w), times the channel's scale."""
     torch.manual_seed(width)
     layer = Int8Linear(torch.nn.Linear(width, 37), torch.float32, dynamic=True)
-    for rows in ROWS:
+    for rows in ROWS + [33]:
         x = rows_of(rows, width, torch.float32)
         with torch.inference_mode():
             got = layer(x).double()
-        if rows < DECODE_ROWS:
-            q, d = block_quantized(x)
-            w = torch.nn.functional.pad(layer.plain_weight().double(), (0, q.shape[1] * 32 - width)).view(37, -1, 32)
-            per_block = torch.einsum("rbk,nbk->rnb", q.double(), w)
-            exact = (per_block * d.double().view(rows, 1, -1)).sum(-1) * layer.scales.double()
-            exact += layer.bias.double()
-            torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
-        else:
-            exact = x.double() @ layer.dequantize().double().T + layer.bias.double()
-            torch.testing.assert_close(got, exact, rtol=1e-2, atol=1e-2)  # bf16 GEMM where native
+        q, d = block_quantized(x)
+        w = torch.nn.functional.pad(layer.plain_weight().double(), (0, q.shape[1] * 32 - width)).view(37, -1, 32)
+        per_block = torch.einsum("rbk,nbk->rnb", q.double(), w)
+        exact = (per_block * d.double().view(rows, 1, -1)).sum(-1) * layer.scales.double()
+        exact += layer.bias.double()
+        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kernels", ISAS, indirect=True)
 @pytest.mark.parametrize("width", [96, 160, 2080])  # int4 takes widths divisible by its group (32); 2080: 8 + 1 superblocks
 def test_int4_kernel_is_the_block_quantized_product(kernels, width):
-    """A few rows: sum over blocks of 32 of scale * d_x * (q_x . q) + minimum * sum(x), the int4 weight being
-    q * scale + minimum per group of 32 inputs; prompts the product with the dequantized weights."""
+    """Decoding steps and prompts alike: sum over blocks of 32 of scale * d_x * (q_x . q) + minimum * sum(x), the
+    int4 weight being q * scale + minimum per group of 32 inputs."""
     torch.manual_seed(width)
     layer = Int4Linear(torch.nn.Linear(width, 48))
     assert layer.native
@@ -123,20 +119,16 @@ def test_int4_kernel_is_the_block_quantized_product(kernels, width):
     groups = width // 32
     scales, mins = (t.double() for t in layer.group_scales_and_mins())
     codes = ((dequantized.view(48, groups, 32) - mins[..., None]) / scales[..., None]).round()
-    for rows in ROWS:
+    for rows in ROWS + [33]:
         x = rows_of(rows, width, torch.bfloat16)
         with torch.inference_mode():
             got = layer(x).double()
-        if rows < DECODE_ROWS:
-            q, d = block_quantized(x)
-            per_block = torch.einsum("rbk,nbk->rnb", q.double(), codes) * d.double().view(rows, 1, -1)
-            exact = (per_block * scales).sum(-1)
-            exact += x.double().view(rows, groups, 32).sum(-1) @ mins.T
-            exact += layer.bias.double()
-            torch.testing.assert_close(got, exact, rtol=1e-2, atol=2e-2)  # the output is bf16
-        else:
-            exact = x.double() @ dequantized.T + layer.bias.double()
-            torch.testing.assert_close(got, exact, rtol=2e-2, atol=2e-2)
+        q, d = block_quantized(x)
+        per_block = torch.einsum("rbk,nbk->rnb", q.double(), codes) * d.double().view(rows, 1, -1)
+        exact = (per_block * scales).sum(-1)
+        exact += x.double().view(rows, groups, 32).sum(-1) @ mins.T
+        exact += layer.bias.double()
+        torch.testing.assert_close(got, exact, rtol=1e-2, atol=2e-2)  # the output is bf16
 
 
 @pytest.mark.parametrize("kernels", ISAS + ["torch"], indirect=True)

@@ -223,9 +223,10 @@ def test_quantized_linear_matches_fp32_on_decode_and_prompt_rows(mode, rows):
 def test_int4_dequantizes_to_its_grid_and_prompts_multiply_block_by_block():
     """Int4 keeps each weight's 4-bit code two to a byte; dequantized, every weight is at its group's nearest grid
     point minimum + k * scale (scale (hi - lo) / 15 and minimum lo, as stored: 8-bit codes of a bf16 step per
-    superblock of 8 groups on the C++ kernels, bf16 on torch's), computed here from the definition. Prompts multiply
-    that matrix a block of output channels at a time (more channels than one block, the last one partial) and equal
-    the plain product with it; single rows agree with it to the rounding of their activations."""
+    superblock of 8 groups on the C++ kernels, bf16 on torch's), computed here from the definition. Prompts off the
+    C++ kernels multiply that matrix a block of output channels at a time (more channels than one block, the last
+    one partial) and equal the plain product with it; rows on the kernels, single or a whole prompt, agree with it to
+    the rounding of their activations."""
     from phikit.inference.quant import Int4Linear
     torch.manual_seed(0)
     layer = torch.nn.Linear(128, 2 * BLOCK_ROWS + 48)
@@ -246,14 +247,14 @@ def test_int4_dequantizes_to_its_grid_and_prompts_multiply_block_by_block():
     assert int4.nibbles.numel() == layer.weight.numel() // 2
     x = torch.randn(40, 128, dtype=torch.bfloat16)
     with torch.no_grad():
-        prompt = int4(x).float()
-        rows = torch.cat([int4(x[i:i + 1]) for i in range(8)]).float()
+        prompt = int4._forward_prompt(x).float()
+        rows = torch.cat([int4(x[i:i + 1]) for i in range(8)] + [int4(x)]).float()
     exact = torch.nn.functional.linear(x.double(), dequantized.double(), layer.bias.detach().double()).float()
     if native.native_bf16():  # the weights are rounded to bf16 for the GEMM, the output to bf16 at the end
         torch.testing.assert_close(prompt, exact, rtol=2e-2, atol=2e-2)
     else:
         torch.testing.assert_close(prompt, exact.bfloat16().float(), rtol=1e-2, atol=1e-3)
-    torch.testing.assert_close(rows, exact[:8], rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(rows, torch.cat((exact[:8], exact)), rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("kw,message", [
