@@ -256,7 +256,8 @@ def native_layer_step(layer: "PhiDecoderLayer", x: torch.Tensor, cos: torch.Tens
     keys, values = cache.keys[i], cache.values[i]
     if keys is None or keys.shape[2] <= start:
         keys, values, start = cache.reserve(i, x.new_empty(x.shape[0], attn.num_heads, 1, attn.head_dim))
-    if (keys.dtype not in (torch.float32, torch.bfloat16) or not (keys.is_contiguous() and values.is_contiguous() and cos.is_contiguous())
+    if (keys.dtype not in (torch.float32, torch.bfloat16)
+            or not (keys.is_contiguous() and values.is_contiguous() and cos.is_contiguous())
             or cos.dim() != 3 or cos.shape[1] != 1 or (mask is not None and (
                 mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:] != (1, 1, start + 1)))):
         return None

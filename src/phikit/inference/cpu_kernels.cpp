@@ -1765,7 +1765,8 @@ torch::Tensor layer_step(torch::Tensor x, torch::Tensor ln_w, torch::Tensor ln_b
               "x must be a contiguous fp32 or bf16 [batch, 1, hidden] tensor (one new token per sequence)");
   const int64_t rows = x.size(0), d = x.size(2);
   for (const auto& t : {ln_w, ln_b})
-    TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.is_contiguous(), "LayerNorm weights must be contiguous and of x's dtype");
+    TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.is_contiguous(),
+                "LayerNorm weights must be contiguous and of x's dtype");
   TORCH_CHECK(keys.scalar_type() == values.scalar_type() && keys.is_contiguous() && values.is_contiguous() &&
                   (keys.scalar_type() == torch::kFloat32 || keys.scalar_type() == torch::kBFloat16),
               "the cache's keys and values must be contiguous, both fp32 or both bf16");

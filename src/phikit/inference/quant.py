@@ -434,8 +434,8 @@ class Int4Linear(nn.Module):
     of 32 (the default) on the CPU kernels, a group's scale and minimum are 8-bit codes (`scales` uint8, `mins` int8
     [out / 16, in / 32, 16]) times a bf16 step per superblock of 8 groups (`steps` [out / 16, superblocks, 2, 16]:
     the scale's and the minimum's), 4.625 bits per weight in all. Rows run on the C++ kernels, with activations
-    rounded to int8 in blocks of 32 (prompts too); without them more rows dequantize a block of output channels at a
-    time into a float GEMM. Where the C++ kernels are missing (or the group size is not 32), the scales and minimums are bf16
+    rounded to int8 in blocks of 32 (prompts too). Where the C++ kernels are missing (or the group size is not 32),
+    more rows dequantize a block of output channels at a time into a float GEMM, and the scales and minimums are bf16
     [out, in / group_size] and decoding runs torch's int4 kernel on its packed copy (`int4pack`,
     `scales_and_zeros`)."""
 
