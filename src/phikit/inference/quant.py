@@ -34,8 +34,9 @@ from torch import nn
 from . import native
 from ..model import PhiAttention
 
-# Inputs with fewer rows (decoding up to 16 sequences, prompt lookup, beams) take the C++ kernels, which win as
-# long as reading the weights dominates; more rows (prompts) a GEMM.
+# Inputs with fewer rows (decoding up to 16 sequences, prompt lookup, beams) take the C++ kernels for float weights,
+# which win as long as reading the weights dominates; more rows (prompts) a GEMM. int8 and int4 rows take the
+# kernels at any count (_on_kernels).
 DECODE_ROWS = 17
 # Prompts dequantize (or upcast) this many output channels at a time (4 MB of fp32 at phi-1.5's width): the block
 # stays in cache between dequantizing and multiplying (1024: 0.97x the time, 512: 1x, 128: 1.26x on 2 cores).
@@ -280,15 +281,14 @@ def rows_of(stored: torch.Tensor) -> torch.Tensor:
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T + b with q int8 [out, in] and one scale per output channel (symmetric).
 
-    With `dynamic` (mode "int8"), CPU inputs round their activations to int8 in
+    With `dynamic` (mode "int8"), CPU inputs, decoding steps and prompts alike, round their activations to int8 in
     blocks of 32 (one scale per block) and multiply in integers on the C++ kernels (VNNI's dot products where the
     CPU has them). For them `weight` keeps each group of 16 output channels side by side (`grouped`): per run of 4
     inputs 64 bytes, 4 per channel (the last out % 16 channels stay rows); `plain_weight` gives [out, in]. Without
-    the kernels they take fbgemm's int8 GEMM on a packed copy of the weights (one scale per
-    call; 7-bit activations where fbgemm's sums could overflow, see int8_full_range). The weight-only form (mode
-    "int8-weight-only") keeps bf16 activations in torch's _weight_int8pack_mm. Prompts take the C++ kernels too
-    where they are built (their activations rounded as a decoding step's); elsewhere more rows multiply the integer
-    weights block by block in a float GEMM, exact."""
+    the kernels a few rows take fbgemm's int8 GEMM on a packed copy of the weights (one scale per call; 7-bit
+    activations where fbgemm's sums could overflow, see int8_full_range). The weight-only form (mode
+    "int8-weight-only") keeps bf16 activations in torch's _weight_int8pack_mm. Off the kernels, more rows (prompts)
+    multiply the integer weights block by block in a float GEMM, exact."""
 
     def __init__(self, linear: nn.Linear, act_dtype: torch.dtype, dynamic: bool = False) -> None:
         super().__init__()
