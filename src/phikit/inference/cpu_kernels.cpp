@@ -586,89 +586,81 @@ void bf16_dot_avx512(const Problem& p, const uint16_t* x, const uint16_t* w, int
 // From kLanesRows rows on, a batch is multiplied the other way round: the lanes of a vector hold the activation
 // rows side by side, and each weight is broadcast from memory into a multiply-add with every row at once. A block
 // of 16 output channels keeps its 16 sums in registers over the whole input, so each weight is read once per group
-// of rows and no horizontal sum is needed per product. A group has RPG = 8 or 16 rows; each row gets L = 16 / RPG
-// lanes: with L = 2 a row's lanes hold 2 consecutive inputs, and the broadcast repeats 2 consecutive weights (a
-// 64-bit broadcast). Groups of 4 rows (a 128-bit broadcast) measured slower than groups of 8 with empty lanes.
-// `xg` holds a group's rows in that order, [k / C][RPG][C] for C = L * E inputs per row and vector (E = 1 fp32, 2
-// for the bf16 pairs of vdpbf16ps); the last k % C inputs are summed from x itself. One thread, phi-1.5's and the
-// small presets' shapes: fp32 at 8 rows 1.4-2.3x the dot-product tiles, at 16 rows 1.2-1.9x; 0.8-1.0x oneDNN on
-// weights it has repacked (a copy this layout does not need).
-constexpr int kLanes = 16;
-// Software prefetch: kLanesAhead weights along each row into L1 (16 streams outrun the hardware prefetchers on
-// short rows: lm_head at width 256 1.15x), and with groups of 8 rows the same place in the next block's rows into
-// L2, a block ahead, so that a block starts with its 16 new streams under way (8 rows, 2 threads, 3 matrices of
-// 8192 x 2048: fp32 28 -> 38 GB/s, bf16 26 -> 39 at ~50 GB/s of host bandwidth; 1.1x at 80 GB/s; at width 8192
-// fp32 the same, bf16 1.1x). Groups of 16 rows, bound by their multiply-adds, lost 5-15% with it.
+// of rows and no horizontal sum is needed per product. A group has 8 rows (the last may have empty lanes) with two
+// lanes each: a row's lanes hold 2 consecutive inputs (fp32) or 2 pairs (bf16, for vdpbf16ps), and the broadcast
+// repeats 2 consecutive weights or pairs (64 bits). `xg` holds a group's rows in that order, [k / C][8][C] for C = 2
+// or 4 inputs per row and vector; the last k % C inputs are summed from x itself. Measured against the other ways
+// (one thread): groups of 4 rows (a 128-bit broadcast) were slower than 8 with empty lanes, and groups of 16 rows
+// (one input per lane, a 32-bit broadcast) slower than two groups of 8 in turn over each block, the second reading
+// the block's weights from L2 (16 rows: fp32 24-28 -> 34 GMAC/s, bf16 47-53 -> 79-81).
+//
+// A visit of a weight row takes one whole cache line (8 broadcasts of 8 bytes). The 16 rows of a block lie a power
+// of two apart in every phi shape, so their lines fall in the same set of L1's 8 ways: a line read in two visits was
+// evicted by the other rows' between them, and lines prefetched into L1 evicted each other the same way. So the
+// software prefetch goes to L2 only, kLanesAhead weights ahead. 8 rows, weights in L2 or L3: fp32 25-28 -> 33-36
+// GMAC/s, bf16 47-51 -> 72-82 against 4 broadcasts per visit and L1 prefetch (with the sums in registers: GCC kept
+// them in memory until told to unroll the loop over the block's rows).
+constexpr int kLanes = 16, kLaneRows = 8;
 constexpr int64_t kLanesAhead = 256;
 
-template <int RPG>
-inline __m512 broadcast_f32(const float* w) {  // L = 16 / RPG consecutive weights, repeated RPG times
-  if constexpr (RPG == 16) return _mm512_set1_ps(*w);
+inline __m512 broadcast_f32(const float* w) {  // 2 consecutive weights, repeated 8 times
   double two;
   std::memcpy(&two, w, 8);
   return _mm512_castpd_ps(_mm512_set1_pd(two));
 }
 
-template <int RPG>
-inline __m512bh broadcast_bf16(const uint16_t* w) {  // L pairs of consecutive bf16 weights, repeated RPG times
-  if constexpr (RPG == 16) {
-    uint32_t pair;
-    std::memcpy(&pair, w, 4);
-    return (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
-  }
+inline __m512bh broadcast_bf16(const uint16_t* w) {  // 2 pairs of consecutive bf16 weights, repeated 8 times
   long long two_pairs;
   std::memcpy(&two_pairs, w, 8);
   return (__m512bh)_mm512_set1_epi64(two_pairs);
 }
 
 // One block of 16 output channels from n for the group of rows from r0: `step(acc, xg_at, w_at)` adds one vector of
-// inputs, U of them per visit of each weight row (one pointer step per U broadcasts keeps the 16 row addresses out
-// of the registers the sums need); the inputs past the last whole vector are summed from x [rows, k] itself.
-template <int RPG, int C, typename T, typename Step>
+// inputs (C of each row), U of them per visit of a weight row; the inputs past the last whole vector are summed
+// from x [rows, k] itself.
+template <int C, typename T, typename Step>
 inline void lane_block(const Problem& p, const T* x, const T* xg, const T* w, int64_t n, int64_t r0, Step step) {
-  constexpr int U = 4, L = kLanes / RPG;
-  constexpr int64_t kVectorT = kLanes * C / L;  // elements of T per vector of xg
+  constexpr int U = 64 / (C * sizeof(T));  // vectors per cache line of a weight row
   const int64_t chunks = p.k / C;
   __m512 acc[kLanes];
+#pragma GCC unroll 16
   for (int c = 0; c < kLanes; ++c) acc[c] = _mm512_setzero_ps();
   int64_t s = 0;
   for (; s + U <= chunks; s += U) {
-    const T* wc = w + n * p.k + s * C;
-    const bool fetch = (s * C * sizeof(T)) % 64 == 0;  // once per cache line of each weight row
-    for (int c = 0; c < kLanes; ++c, wc += p.k) {
-      if (fetch) {
-        _mm_prefetch(reinterpret_cast<const char*>(wc + kLanesAhead), _MM_HINT_T0);
-        if constexpr (RPG == 8) _mm_prefetch(reinterpret_cast<const char*>(wc + kLanes * p.k), _MM_HINT_T1);
-      }
-      for (int u = 0; u < U; ++u) step(acc[c], xg + (s + u) * kVectorT, wc + u * C);
+    const T* ws = w + n * p.k + s * C;
+#pragma GCC unroll 16
+    for (int c = 0; c < kLanes; ++c) {
+      const T* wc = ws + c * p.k;
+      _mm_prefetch(reinterpret_cast<const char*>(wc + kLanesAhead), _MM_HINT_T1);
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) step(acc[c], xg + (s + u) * kLanes * C / 2, wc + u * C);
     }
   }
   for (; s < chunks; ++s)
-    for (int c = 0; c < kLanes; ++c) step(acc[c], xg + s * kVectorT, w + (n + c) * p.k + s * C);
+#pragma GCC unroll 16
+    for (int c = 0; c < kLanes; ++c) step(acc[c], xg + s * kLanes * C / 2, w + (n + c) * p.k + s * C);
   alignas(64) float sums[kLanes][kLanes];
+#pragma GCC unroll 16
   for (int c = 0; c < kLanes; ++c) _mm512_store_ps(sums[c], acc[c]);
-  const int64_t rows = std::min<int64_t>(RPG, p.rows - r0);
+  const int64_t rows = std::min<int64_t>(kLaneRows, p.rows - r0);
   for (int64_t r = 0; r < rows; ++r)
     for (int c = 0; c < kLanes; ++c) {
-      float v = 0.f;
+      float v = sums[c][2 * r] + sums[c][2 * r + 1];
       for (int64_t i = chunks * C; i < p.k; ++i) v += to_float(w[(n + c) * p.k + i]) * to_float(x[(r0 + r) * p.k + i]);
-      for (int l = 0; l < L; ++l) v += sums[c][r * L + l];
       store(p, r0 + r, n + c, v);
     }
 }
 
-template <int RPG>
 void f32_lanes_avx512(const Problem& p, const float* x, const float* xg, const float* w, int64_t n, int64_t r0) {
-  lane_block<RPG, kLanes / RPG>(p, x, xg, w, n, r0, [](__m512& acc, const float* xv, const float* wv) {
-    acc = _mm512_fmadd_ps(broadcast_f32<RPG>(wv), _mm512_load_ps(xv), acc);
+  lane_block<2>(p, x, xg, w, n, r0, [](__m512& acc, const float* xv, const float* wv) {
+    acc = _mm512_fmadd_ps(broadcast_f32(wv), _mm512_load_ps(xv), acc);
   });
 }
 
-template <int RPG>
 void bf16_lanes_avx512(const Problem& p, const uint16_t* x, const uint16_t* xg, const uint16_t* w, int64_t n,
                        int64_t r0) {
-  lane_block<RPG, 2 * kLanes / RPG>(p, x, xg, w, n, r0, [](__m512& acc, const uint16_t* xv, const uint16_t* wv) {
-    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_load_si512(xv), broadcast_bf16<RPG>(wv));
+  lane_block<4>(p, x, xg, w, n, r0, [](__m512& acc, const uint16_t* xv, const uint16_t* wv) {
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_load_si512(xv), broadcast_bf16(wv));
   });
 }
 
@@ -963,41 +955,6 @@ void over_channels(int64_t n, int64_t row_bytes, Fn fn) {
 // Activation rows from which the AVX512 kernels put rows side by side in the lanes (see lane_block).
 constexpr int64_t kLanesRows = 3;
 
-// The row groups of the lanes kernels: 16 rows while more than 8 are left, then 8 (the last group may have empty
-// lanes). Empty where the rows take the dot-product tiles.
-struct LaneGroup {
-  int64_t r0;
-  int rpg;
-  int64_t offset;  // of the group's layout in the transposed activations
-};
-
-std::vector<LaneGroup> lane_groups(int64_t rows, int64_t k, int64_t elems_per_lane) {
-  std::vector<LaneGroup> groups;
-  if (rows < kLanesRows) return groups;
-  int64_t offset = 0;
-  for (int64_t r0 = 0; r0 < rows;) {
-    const int64_t left = rows - r0;
-    const int rpg = left > 8 ? 16 : 8;
-    groups.push_back({r0, rpg, offset});
-    const int64_t per_vector = kLanes / rpg * elems_per_lane;  // C: inputs of a row per vector
-    offset += k / per_vector * kLanes * elems_per_lane;
-    r0 += rpg;
-  }
-  return groups;
-}
-
-// One group's rows (`rows` <= RPG of them, `row_bytes` apart) laid out for the lanes kernels, [k / C][RPG][C]: a
-// row's C inputs per vector are one unit of 64 / RPG bytes, copied as one; lanes past the last row are zero.
-template <int RPG>
-void group_to_lanes(const char* src, int64_t row_bytes, int64_t units, int64_t rows, char* dst) {
-  using Unit = std::conditional_t<RPG == 8, uint64_t, uint32_t>;
-  static_assert(sizeof(Unit) * RPG == 64, "a vector holds one unit of each row");
-  if (rows < RPG) std::memset(dst, 0, units * 64);
-  for (int64_t s = 0; s < units; ++s, dst += 64)
-    for (int64_t r = 0; r < rows; ++r)
-      std::memcpy(dst + r * sizeof(Unit), src + r * row_bytes + s * sizeof(Unit), sizeof(Unit));
-}
-
 // A buffer the calling thread keeps for `slot` and reuses, grown as needed, 64-byte aligned: a decoding step's
 // scratch without an allocation per call (a fresh one page-faults on its first writes).
 template <typename T>
@@ -1009,62 +966,54 @@ T* scratch(int slot, int64_t count) {
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(b.data()) + 63) & ~uintptr_t{63});
 }
 
-// x's rows [rows, k] laid out for the lanes kernels, group by group, in scratch slot 0 (aligned to 64 bytes; each
-// group's size is a multiple of 64 bytes).
+// x's rows [rows, k] laid out for the lanes kernels in scratch slot 0, group after group of 8 rows, each
+// [k / C][8][C] for C inputs in 8 bytes (a row's share of a vector, copied as one); lanes past the last row are zero.
 template <typename T>
-const T* rows_to_lanes(const T* x, int64_t rows, int64_t k, const std::vector<LaneGroup>& groups,
-                       int64_t elems_per_lane) {
-  const int64_t row_bytes = k * sizeof(T);
-  const auto& last = groups.back();
-  const int64_t last_c = kLanes / last.rpg * elems_per_lane;
-  T* xt = scratch<T>(0, last.offset + k / last_c * kLanes * elems_per_lane);
+const T* rows_to_lanes(const T* x, int64_t rows, int64_t k) {
+  const int64_t units = k * sizeof(T) / 8, group_bytes = units * 64, groups = (rows + kLaneRows - 1) / kLaneRows;
+  char* xt = scratch<char>(0, groups * group_bytes);
   const char* src = reinterpret_cast<const char*>(x);
-  char* dst = reinterpret_cast<char*>(xt);
-  for (const auto& g : groups) {
-    const int64_t units = k / (kLanes / g.rpg * elems_per_lane), in_group = std::min<int64_t>(g.rpg, rows - g.r0);
-    (g.rpg == 8 ? group_to_lanes<8> : group_to_lanes<16>)(src + g.r0 * row_bytes, row_bytes, units, in_group,
-                                                          dst + g.offset * sizeof(T));
+  for (int64_t g = 0; g < groups; ++g) {
+    char* dst = xt + g * group_bytes;
+    const int64_t first = g * kLaneRows, in_group = std::min<int64_t>(kLaneRows, rows - first);
+    if (in_group < kLaneRows) std::memset(dst, 0, group_bytes);
+    for (int64_t s = 0; s < units; ++s, dst += 64)
+      for (int64_t r = 0; r < in_group; ++r) std::memcpy(dst + r * 8, src + ((first + r) * k * sizeof(T) + s * 8), 8);
   }
-  return xt;
+  return reinterpret_cast<const T*>(xt);
 }
 
-// Channels [n0, n1) of every row: whole blocks of 16 channels on the lanes kernel `block(group, n)`, the rest
-// (and everything when there are no groups) on the tiles `tiles(n0, n1)`.
-template <typename Block, typename Tiles>
-void lanes_or_tiles(const std::vector<LaneGroup>& groups, int64_t n0, int64_t n1, Block&& block, Tiles&& tiles) {
+// Channels [n0, n1) of every row: whole blocks of 16 channels on the lanes kernel `block(xg, n, r0)`, one group of
+// rows after another (the later groups find the block's weights in L2), where `xt` holds the rows in lanes
+// (rows_to_lanes); the rest, and everything without `xt`, on the tiles `tiles(n0, n1)`.
+template <typename T, typename Block, typename Tiles>
+void lanes_or_tiles(const T* xt, int64_t rows, int64_t k, int64_t n0, int64_t n1, Block&& block, Tiles&& tiles) {
+  const int64_t group = k * sizeof(T) / 8 * 64 / sizeof(T);  // elements per group in xt
   int64_t n = n0;
-  if (!groups.empty())
+  if (xt)
     for (; n + kLanes <= n1; n += kLanes)
-      for (const auto& g : groups) block(g, n);
+      for (int64_t r0 = 0; r0 < rows; r0 += kLaneRows) block(xt + r0 / kLaneRows * group, n, r0);
   if (n < n1) tiles(n, n1);
 }
 
 // The products on raw rows, every output channel: x [rows, k] contiguous, y as Problem says.
 void f32_product(const Problem& p, const float* x, const float* w, Isa use) {
-  const auto groups = use != kAvx2 ? lane_groups(p.rows, p.k, 1) : std::vector<LaneGroup>();
-  const float* xt = groups.empty() ? nullptr : rows_to_lanes(x, p.rows, p.k, groups, 1);
+  const float* xt = use != kAvx2 && p.rows >= kLanesRows ? rows_to_lanes(x, p.rows, p.k) : nullptr;
   over_channels(p.n, p.k * 4, [&](int64_t n0, int64_t n1) {
-    lanes_or_tiles(groups, n0, n1,
-        [&](const LaneGroup& g, int64_t n) {
-          const float* xg = xt + g.offset;
-          g.rpg == 16 ? f32_lanes_avx512<16>(p, x, xg, w, n, g.r0) : f32_lanes_avx512<8>(p, x, xg, w, n, g.r0);
-        },
+    lanes_or_tiles(xt, p.rows, p.k, n0, n1,
+        [&](const float* xg, int64_t n, int64_t r0) { f32_lanes_avx512(p, x, xg, w, n, r0); },
         [&](int64_t m0, int64_t m1) { use != kAvx2 ? f32_avx512(p, x, w, m0, m1) : f32_avx2(p, x, w, m0, m1); });
   });
 }
 
 // bf16 weights: x is bf16 rows where `use` has AVX512-BF16 (multiplied as they are), fp32 rows otherwise.
 void bf16_product(const Problem& p, const void* x, const uint16_t* w, Isa use) {
-  const auto groups = use == kAvx512Bf16 ? lane_groups(p.rows, p.k, 2) : std::vector<LaneGroup>();
   auto xb = static_cast<const uint16_t*>(x);
   auto xf = static_cast<const float*>(x);
-  const uint16_t* xt = groups.empty() ? nullptr : rows_to_lanes(xb, p.rows, p.k, groups, 2);
+  const uint16_t* xt = use == kAvx512Bf16 && p.rows >= kLanesRows ? rows_to_lanes(xb, p.rows, p.k) : nullptr;
   over_channels(p.n, p.k * 2, [&](int64_t n0, int64_t n1) {
-    lanes_or_tiles(groups, n0, n1,
-        [&](const LaneGroup& g, int64_t n) {
-          const uint16_t* xg = xt + g.offset;
-          g.rpg == 16 ? bf16_lanes_avx512<16>(p, xb, xg, w, n, g.r0) : bf16_lanes_avx512<8>(p, xb, xg, w, n, g.r0);
-        },
+    lanes_or_tiles(xt, p.rows, p.k, n0, n1,
+        [&](const uint16_t* xg, int64_t n, int64_t r0) { bf16_lanes_avx512(p, xb, xg, w, n, r0); },
         [&](int64_t m0, int64_t m1) {
           if (use == kAvx512Bf16) bf16_dot_avx512(p, xb, w, m0, m1);
           else if (use == kAvx512) bf16_avx512(p, xf, w, m0, m1);
