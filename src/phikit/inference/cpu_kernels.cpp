@@ -633,12 +633,12 @@ inline void lane_block(const Problem& p, const T* x, const T* xg, const T* w, in
       const T* wc = ws + c * p.k;
       _mm_prefetch(reinterpret_cast<const char*>(wc + kLanesAhead), _MM_HINT_T1);
 #pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) step(acc[c], xg + (s + u) * kLanes * C / 2, wc + u * C);
+      for (int u = 0; u < U; ++u) step(acc[c], xg + (s + u) * kLaneRows * C, wc + u * C);
     }
   }
   for (; s < chunks; ++s)
 #pragma GCC unroll 16
-    for (int c = 0; c < kLanes; ++c) step(acc[c], xg + s * kLanes * C / 2, w + (n + c) * p.k + s * C);
+    for (int c = 0; c < kLanes; ++c) step(acc[c], xg + s * kLaneRows * C, w + (n + c) * p.k + s * C);
   alignas(64) float sums[kLanes][kLanes];
 #pragma GCC unroll 16
   for (int c = 0; c < kLanes; ++c) _mm512_store_ps(sums[c], acc[c]);
@@ -966,11 +966,18 @@ T* scratch(int slot, int64_t count) {
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(b.data()) + 63) & ~uintptr_t{63});
 }
 
+// Bytes of one group of 8 rows laid out for the lanes kernels: a 64-byte vector per 8 bytes of a row's inputs.
+template <typename T>
+constexpr int64_t lane_group_bytes(int64_t k) {
+  return k * static_cast<int64_t>(sizeof(T)) / 8 * 64;
+}
+
 // x's rows [rows, k] laid out for the lanes kernels in scratch slot 0, group after group of 8 rows, each
 // [k / C][8][C] for C inputs in 8 bytes (a row's share of a vector, copied as one); lanes past the last row are zero.
 template <typename T>
 const T* rows_to_lanes(const T* x, int64_t rows, int64_t k) {
-  const int64_t units = k * sizeof(T) / 8, group_bytes = units * 64, groups = (rows + kLaneRows - 1) / kLaneRows;
+  const int64_t units = k * sizeof(T) / 8, group_bytes = lane_group_bytes<T>(k);
+  const int64_t groups = (rows + kLaneRows - 1) / kLaneRows;
   char* xt = scratch<char>(0, groups * group_bytes);
   const char* src = reinterpret_cast<const char*>(x);
   for (int64_t g = 0; g < groups; ++g) {
@@ -988,7 +995,7 @@ const T* rows_to_lanes(const T* x, int64_t rows, int64_t k) {
 // (rows_to_lanes); the rest, and everything without `xt`, on the tiles `tiles(n0, n1)`.
 template <typename T, typename Block, typename Tiles>
 void lanes_or_tiles(const T* xt, int64_t rows, int64_t k, int64_t n0, int64_t n1, Block&& block, Tiles&& tiles) {
-  const int64_t group = k * sizeof(T) / 8 * 64 / sizeof(T);  // elements per group in xt
+  const int64_t group = lane_group_bytes<T>(k) / sizeof(T);  // elements per group in xt
   int64_t n = n0;
   if (xt)
     for (; n + kLanes <= n1; n += kLanes)
