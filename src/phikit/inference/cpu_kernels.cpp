@@ -583,7 +583,7 @@ void bf16_dot_avx512(const Problem& p, const uint16_t* x, const uint16_t* w, int
   });
 }
 
-// From kLanesRows rows on, a batch is multiplied the other way round: the lanes of a vector hold the activation
+// From kLanesFromRows rows on, a batch is multiplied the other way round: the lanes of a vector hold the activation
 // rows side by side, and each weight is broadcast from memory into a multiply-add with every row at once. A block
 // of 16 output channels keeps its 16 sums in registers over the whole input, so each weight is read once per group
 // of rows and no horizontal sum is needed per product. A group has 8 rows (the last may have empty lanes) with two
@@ -600,7 +600,7 @@ void bf16_dot_avx512(const Problem& p, const uint16_t* x, const uint16_t* w, int
 // software prefetch goes to L2 only, kLanesAhead weights ahead. 8 rows, weights in L2 or L3: fp32 25-28 -> 33-36
 // GMAC/s, bf16 47-51 -> 72-82 against 4 broadcasts per visit and L1 prefetch (with the sums in registers: GCC kept
 // them in memory until told to unroll the loop over the block's rows).
-constexpr int kLanes = 16, kLaneRows = 8;
+constexpr int kLanes = 16, kGroupRows = 8;
 constexpr int64_t kLanesAhead = 256;
 
 inline __m512 broadcast_f32(const float* w) {  // 2 consecutive weights, repeated 8 times
@@ -633,16 +633,16 @@ inline void lane_block(const Problem& p, const T* x, const T* xg, const T* w, in
       const T* wc = ws + c * p.k;
       _mm_prefetch(reinterpret_cast<const char*>(wc + kLanesAhead), _MM_HINT_T1);
 #pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) step(acc[c], xg + (s + u) * kLaneRows * C, wc + u * C);
+      for (int u = 0; u < U; ++u) step(acc[c], xg + (s + u) * kGroupRows * C, wc + u * C);
     }
   }
   for (; s < chunks; ++s)
 #pragma GCC unroll 16
-    for (int c = 0; c < kLanes; ++c) step(acc[c], xg + s * kLaneRows * C, w + (n + c) * p.k + s * C);
+    for (int c = 0; c < kLanes; ++c) step(acc[c], xg + s * kGroupRows * C, w + (n + c) * p.k + s * C);
   alignas(64) float sums[kLanes][kLanes];
 #pragma GCC unroll 16
   for (int c = 0; c < kLanes; ++c) _mm512_store_ps(sums[c], acc[c]);
-  const int64_t rows = std::min<int64_t>(kLaneRows, p.rows - r0);
+  const int64_t rows = std::min<int64_t>(kGroupRows, p.rows - r0);
   for (int64_t r = 0; r < rows; ++r)
     for (int c = 0; c < kLanes; ++c) {
       float v = sums[c][2 * r] + sums[c][2 * r + 1];
@@ -953,7 +953,7 @@ void over_channels(int64_t n, int64_t row_bytes, Fn fn) {
 }
 
 // Activation rows from which the AVX512 kernels put rows side by side in the lanes (see lane_block).
-constexpr int64_t kLanesRows = 3;
+constexpr int64_t kLanesFromRows = 3;
 
 // A buffer the calling thread keeps for `slot` and reuses, grown as needed, 64-byte aligned: a decoding step's
 // scratch without an allocation per call (a fresh one page-faults on its first writes).
@@ -977,13 +977,13 @@ constexpr int64_t lane_group_bytes(int64_t k) {
 template <typename T>
 const T* rows_to_lanes(const T* x, int64_t rows, int64_t k) {
   const int64_t units = k * sizeof(T) / 8, group_bytes = lane_group_bytes<T>(k);
-  const int64_t groups = (rows + kLaneRows - 1) / kLaneRows;
+  const int64_t groups = (rows + kGroupRows - 1) / kGroupRows;
   char* xt = scratch<char>(0, groups * group_bytes);
   const char* src = reinterpret_cast<const char*>(x);
   for (int64_t g = 0; g < groups; ++g) {
     char* dst = xt + g * group_bytes;
-    const int64_t first = g * kLaneRows, in_group = std::min<int64_t>(kLaneRows, rows - first);
-    if (in_group < kLaneRows) std::memset(dst, 0, group_bytes);
+    const int64_t first = g * kGroupRows, in_group = std::min<int64_t>(kGroupRows, rows - first);
+    if (in_group < kGroupRows) std::memset(dst, 0, group_bytes);
     for (int64_t s = 0; s < units; ++s, dst += 64)
       for (int64_t r = 0; r < in_group; ++r) std::memcpy(dst + r * 8, src + ((first + r) * k * sizeof(T) + s * 8), 8);
   }
@@ -999,13 +999,13 @@ void lanes_or_tiles(const T* xt, int64_t rows, int64_t k, int64_t n0, int64_t n1
   int64_t n = n0;
   if (xt)
     for (; n + kLanes <= n1; n += kLanes)
-      for (int64_t r0 = 0; r0 < rows; r0 += kLaneRows) block(xt + r0 / kLaneRows * group, n, r0);
+      for (int64_t r0 = 0; r0 < rows; r0 += kGroupRows) block(xt + r0 / kGroupRows * group, n, r0);
   if (n < n1) tiles(n, n1);
 }
 
 // The products on raw rows, every output channel: x [rows, k] contiguous, y as Problem says.
 void f32_product(const Problem& p, const float* x, const float* w, Isa use) {
-  const float* xt = use != kAvx2 && p.rows >= kLanesRows ? rows_to_lanes(x, p.rows, p.k) : nullptr;
+  const float* xt = use != kAvx2 && p.rows >= kLanesFromRows ? rows_to_lanes(x, p.rows, p.k) : nullptr;
   over_channels(p.n, p.k * 4, [&](int64_t n0, int64_t n1) {
     lanes_or_tiles(xt, p.rows, p.k, n0, n1,
         [&](const float* xg, int64_t n, int64_t r0) { f32_lanes_avx512(p, x, xg, w, n, r0); },
@@ -1017,7 +1017,7 @@ void f32_product(const Problem& p, const float* x, const float* w, Isa use) {
 void bf16_product(const Problem& p, const void* x, const uint16_t* w, Isa use) {
   auto xb = static_cast<const uint16_t*>(x);
   auto xf = static_cast<const float*>(x);
-  const uint16_t* xt = use == kAvx512Bf16 && p.rows >= kLanesRows ? rows_to_lanes(xb, p.rows, p.k) : nullptr;
+  const uint16_t* xt = use == kAvx512Bf16 && p.rows >= kLanesFromRows ? rows_to_lanes(xb, p.rows, p.k) : nullptr;
   over_channels(p.n, p.k * 2, [&](int64_t n0, int64_t n1) {
     lanes_or_tiles(xt, p.rows, p.k, n0, n1,
         [&](const uint16_t* xg, int64_t n, int64_t r0) { bf16_lanes_avx512(p, xb, xg, w, n, r0); },
