@@ -41,7 +41,8 @@ def streams(request):
     before = native.few_row_streams()
     native.set_few_row_streams(request.param)
     yield request.param
-    native.set_few_row_streams(before)
+    for weights, streams in before.items():
+        native.set_few_row_streams(streams, weights)
 
 
 def rows_of(rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -204,16 +205,24 @@ def test_few_row_streams_are_measured_unless_named(monkeypatch, capfd):
         for forced in ("one", "many"):
             monkeypatch.setenv("PHIKIT_CPU_STREAMS", forced)
             native.forget()
-            assert native.extension() is not None and native.few_row_streams() == forced
+            assert native.extension() is not None
+            assert native.few_row_streams() == {"fp32": forced, "bf16": forced}
         monkeypatch.setenv("PHIKIT_CPU_STREAMS", "eight")
         native.forget()
         native.extension()
-        assert native.few_row_streams() in ("one", "many")
+        assert set(native.few_row_streams()) == {"fp32", "bf16"}
+        assert set(native.few_row_streams().values()) <= {"one", "many"}
         assert "PHIKIT_CPU_STREAMS='eight' is neither 'one' nor 'many'" in capfd.readouterr().err
         with pytest.raises(ValueError, match="'one' or 'many'"):
             native.set_few_row_streams("8")
+        with pytest.raises(ValueError, match="fp32 or bf16"):
+            native.set_few_row_streams("one", "int8")
+        native.set_few_row_streams("one")
+        native.set_few_row_streams("many", "bf16")
+        assert native.few_row_streams() == {"fp32": "one", "bf16": "many"}
     finally:
-        native.set_few_row_streams(before)
+        for weights, streams in before.items():
+            native.set_few_row_streams(streams, weights)
 
 
 def test_the_built_extension_is_cached_per_machine():

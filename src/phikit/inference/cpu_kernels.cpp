@@ -206,12 +206,14 @@ using Int = std::integral_constant<int, V>;
 // vector NW weight rows, so a batch costs little more than one row (the weights are read from memory once, the
 // activations from L1). Weight rows come in groups of NW (the last few one by one), activation rows in tiles of RT
 // (then 3, 2 or 1); from 3 rows on, groups win (up to 2x at 16). One or two activation rows stream either one weight
-// row at a time or NF at once (`few_rows_many_streams`). Which reads faster differs between machines whose CPUs have
-// the same flags: on the 2-core EPYC the kernels were first tuned on, one row at a time was up to 1.4x faster than
-// four; on a 2-core Zen 4 EPYC eight rows at once are 1.03-1.08x faster than one. Each process measures it.
-bool few_rows_many_streams = false;
+// row at a time or NF at once (`few_rows_many_streams`, for 4-byte and for 2-byte weights). Which reads faster
+// differs between machines whose CPUs have the same flags, and between the weights' types: on the 2-core EPYC the
+// kernels were first tuned on, one fp32 row at a time was up to 1.4x faster than four; on a 2-core Zen 4 EPYC eight
+// fp32 rows at once read 1.03-1.08x faster than one, and one bf16 row 1.04-1.08x faster than eight. Each process
+// measures it.
+bool few_rows_many_streams[2] = {false, false};  // [weights of 4 bytes (and int8's last channels), of 2 bytes]
 
-template <int NW, int RT, int NF = NW, typename Body>
+template <typename W, int NW, int RT, int NF = NW, typename Body>
 inline void over_tiles(int64_t rows, int64_t n0, int64_t n1, Body&& body) {
   auto group = [&](auto nw, int64_t n) {
     int64_t r0 = 0;
@@ -226,7 +228,7 @@ inline void over_tiles(int64_t rows, int64_t n0, int64_t n1, Body&& body) {
   int64_t n = n0;
   if (rows > 2)
     for (; n + NW <= n1; n += NW) group(Int<NW>(), n);
-  else if (few_rows_many_streams)
+  else if (few_rows_many_streams[sizeof(W) == 2])
     for (; n + NF <= n1; n += NF) {
       if (rows == 2) body(Int<NF>(), Int<2>(), n, int64_t{0});
       else body(Int<NF>(), Int<1>(), n, int64_t{0});
@@ -262,7 +264,7 @@ void float_tile_avx2(const Problem& p, const float* x, const W* w, int64_t n, in
 }
 
 void f32_avx2(const Problem& p, const float* x, const float* w, int64_t n0, int64_t n1) {
-  over_tiles<kWeightsAvx2, kRowsAvx2>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
+  over_tiles<float, kWeightsAvx2, kRowsAvx2>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
     float_tile_avx2<nw, r>(p, x, w, n, r0, [](const float* v) { return _mm256_loadu_ps(v); });
   });
 }
@@ -273,7 +275,7 @@ inline __m256 bf16x8_avx2(const uint16_t* v) {
 }
 
 void bf16_avx2(const Problem& p, const float* x, const uint16_t* w, int64_t n0, int64_t n1) {
-  over_tiles<kWeightsAvx2, kRowsAvx2>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
+  over_tiles<uint16_t, kWeightsAvx2, kRowsAvx2>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
     float_tile_avx2<nw, r>(p, x, w, n, r0, bf16x8_avx2);
   });
 }
@@ -320,7 +322,7 @@ void i8_tile_avx2(const Problem& p, const QuantizedRows& a, const int8_t* w, con
 }
 
 void i8_avx2(const Problem& p, const QuantizedRows& a, const int8_t* w, const float* wscale, int64_t n0, int64_t n1) {
-  over_tiles<kWeightsAvx2, kRowsAvx2>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
+  over_tiles<int8_t, kWeightsAvx2, kRowsAvx2>(p.rows, n0, n1, [&](auto nw, auto r, int64_t n, int64_t r0) {
     i8_tile_avx2<nw, r>(p, a, w, wscale, n, r0);
   });
 }
@@ -530,9 +532,10 @@ void float_tile_avx512(const Problem& p, const float* x, const W* w, int64_t n, 
 }
 
 void f32_avx512(const Problem& p, const float* x, const float* w, int64_t n0, int64_t n1) {
-  over_tiles<kWeightsAvx512, kRowsAvx512, kFewRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, auto n, auto r0) {
-    float_tile_avx512<nw, r>(p, x, w, n, r0, [](const float* v) { return _mm512_loadu_ps(v); });
-  });
+  over_tiles<float, kWeightsAvx512, kRowsAvx512, kFewRowsAvx512>(
+      p.rows, n0, n1, [&](auto nw, auto r, auto n, auto r0) {
+        float_tile_avx512<nw, r>(p, x, w, n, r0, [](const float* v) { return _mm512_loadu_ps(v); });
+      });
 }
 
 inline __m512 bf16x16_avx512(const uint16_t* v) {
@@ -541,9 +544,10 @@ inline __m512 bf16x16_avx512(const uint16_t* v) {
 }
 
 void bf16_avx512(const Problem& p, const float* x, const uint16_t* w, int64_t n0, int64_t n1) {
-  over_tiles<kWeightsAvx512, kRowsAvx512, kFewRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, auto n, auto r0) {
-    float_tile_avx512<nw, r>(p, x, w, n, r0, bf16x16_avx512);
-  });
+  over_tiles<uint16_t, kWeightsAvx512, kRowsAvx512, kFewRowsAvx512>(
+      p.rows, n0, n1, [&](auto nw, auto r, auto n, auto r0) {
+        float_tile_avx512<nw, r>(p, x, w, n, r0, bf16x16_avx512);
+      });
 }
 
 // bf16 weights against bf16 activations with AVX512-BF16: one instruction multiplies 32 pairs and adds them in
@@ -551,7 +555,10 @@ void bf16_avx512(const Problem& p, const float* x, const uint16_t* w, int64_t n0
 // bf16 activations (a bf16 model's activations are bf16 already), in another summation order.
 template <int NW, int R>
 void bf16_dot_tile(const Problem& p, const uint16_t* x, const uint16_t* w, int64_t n, int64_t r0) {
-  constexpr int U = NW * R <= 2 ? 4 : 1;  // as in float_tile_avx512
+  // One or two sums: U of them per sum, over alternate vectors. One row of bf16 weights streams from memory faster
+  // with two than with four (a decoding step's products 1.05-1.18x, 2 threads, Zen 4; as fast as a loop that only
+  // loads); fp32 weights read the same either way.
+  constexpr int U = NW * R <= 2 ? 2 : 1;
   __m512 acc[U][NW][R];
   for (int u = 0; u < U; ++u)
     for (int j = 0; j < NW; ++j)
@@ -578,9 +585,10 @@ void bf16_dot_tile(const Problem& p, const uint16_t* x, const uint16_t* w, int64
 }
 
 void bf16_dot_avx512(const Problem& p, const uint16_t* x, const uint16_t* w, int64_t n0, int64_t n1) {
-  over_tiles<kWeightsAvx512, kRowsAvx512, kFewRowsAvx512>(p.rows, n0, n1, [&](auto nw, auto r, auto n, auto r0) {
-    bf16_dot_tile<nw, r>(p, x, w, n, r0);
-  });
+  over_tiles<uint16_t, kWeightsAvx512, kRowsAvx512, kFewRowsAvx512>(
+      p.rows, n0, n1, [&](auto nw, auto r, auto n, auto r0) {
+        bf16_dot_tile<nw, r>(p, x, w, n, r0);
+      });
 }
 
 // From kLanesFromRows rows on, a batch is multiplied the other way round: the lanes of a vector hold the activation
@@ -1773,7 +1781,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_);
   m.def("gelu_tanh", &gelu_tanh);
   m.def("layer_step", &layer_step);
-  m.def("set_few_rows_many_streams", [](bool many) { few_rows_many_streams = many; });
+  m.def("set_few_rows_many_streams",
+        [](bool many, int64_t weight_bytes) { few_rows_many_streams[weight_bytes == 2] = many; });
   m.def("has_avx512", &cpu_has_avx512);
   m.def("has_avx512_bf16", &cpu_has_avx512_bf16);
 }

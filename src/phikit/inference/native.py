@@ -4,15 +4,15 @@ The build (torch.utils.cpp_extension with ninja, ~1 minute) happens the first ti
 the library lands in the user's cache directory under a key made of the source, the CPU's flags and torch's
 version, and is moved there only once complete, so later processes (and other processes racing the first) load
 it in milliseconds. The instruction set comes from the CPU's flags. One thing is measured when a process loads the
-kernels (about 30 ms): whether one or two activation rows read the weights faster one row at a time or several rows
-at once, which differs between machines whose CPUs have the same flags (`few_row_streams`).
+kernels (about 60 ms): whether one or two activation rows read fp32 and bf16 weights faster one row at a time or
+several rows at once, which differs between machines whose CPUs have the same flags (`few_row_streams`).
 
     PHIKIT_CPU_ISA=avx2       use the AVX2 + FMA kernels even where AVX512 is present (tests, comparisons);
                               =avx512: AVX512 with VNNI but without its bf16 dot products
     PHIKIT_CPU_KERNELS=torch  do not build or load the extension: torch's own kernels, as on a machine without a
                               compiler
     PHIKIT_CPU_STREAMS=one    one or two activation rows read one weight row at a time (=many: several at once),
-                              instead of measuring which is faster
+                              fp32 and bf16 weights both, instead of measuring which is faster
 """
 from __future__ import annotations
 
@@ -199,48 +199,60 @@ def extension() -> ModuleType | None:
     if not _tried:
         _extension, _tried = _load(), True
         if _extension is not None:
-            set_few_row_streams(_faster_few_row_streams(_extension))
+            for weights, streams in _faster_few_row_streams(_extension).items():
+                set_few_row_streams(streams, weights)
     return _extension
 
 
-_few_row_streams = "one"
+# The way one or two activation rows read each type of floating-point weights (the kernels' fp32 way also serves the
+# last few channels of int8 weights).
+STREAM_TYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_few_row_streams = {name: "one" for name in STREAM_TYPES}
 
 
-def few_row_streams() -> str:
-    """How the kernels stream the weights for one or two activation rows (decoding one or two sequences): "one"
-    weight row at a time or "many" at once (8 with AVX512, 4 with AVX2)."""
-    return _few_row_streams
+def few_row_streams() -> dict[str, str]:
+    """How the kernels stream fp32 and bf16 weights for one or two activation rows (decoding one or two sequences):
+    "one" weight row at a time or "many" at once (8 with AVX512, 4 with AVX2), e.g. {"fp32": "many", "bf16": "one"}."""
+    return dict(_few_row_streams)
 
 
-def set_few_row_streams(streams: str) -> None:
-    """Make the kernels read "one" weight row at a time or "many" at once for one or two rows (tests, comparisons)."""
-    global _few_row_streams
+def set_few_row_streams(streams: str, weights: str | None = None) -> None:
+    """Make the kernels read "one" weight row at a time or "many" at once for one or two rows, for `weights` ("fp32"
+    or "bf16") or both (tests, comparisons)."""
     if streams not in ("one", "many"):
         raise ValueError(f"few-row streams must be 'one' or 'many', got {streams!r}")
-    _few_row_streams = streams
-    if _extension is not None:
-        _extension.set_few_rows_many_streams(streams == "many")
+    if weights is not None and weights not in STREAM_TYPES:
+        raise ValueError(f"few-row streams are set for fp32 or bf16 weights, got {weights!r}")
+    for name in (weights,) if weights else STREAM_TYPES:
+        _few_row_streams[name] = streams
+        if _extension is not None:
+            _extension.set_few_rows_many_streams(streams == "many", STREAM_TYPES[name].itemsize)
 
 
-def _faster_few_row_streams(module: ModuleType) -> str:
-    """The faster way on this host, or PHIKIT_CPU_STREAMS where set: one row of activations against 48 MB of fp32
-    weights (beyond a 32 MB last-level cache) each way, best of 5 calls in turns, about 30 ms. Machines with the
-    same CPU flags differ here: on one 2-core EPYC one weight row at a time read up to 1.4x faster than four; on a
-    2-core Zen 4 EPYC eight at once read 1.03-1.08x faster than one."""
+def _faster_few_row_streams(module: ModuleType) -> dict[str, str]:
+    """The faster way for each weight type on this host, or PHIKIT_CPU_STREAMS (both) where set: one row of
+    activations against 48 MB of weights (beyond a 32 MB last-level cache) each way, best of 5 calls in turns, about
+    30 ms per type. Machines with the same CPU flags differ here, and types too: on one 2-core EPYC one fp32 weight
+    row at a time read up to 1.4x faster than four; on a 2-core Zen 4 EPYC eight fp32 rows at once read 1.03-1.08x
+    faster than one, and one bf16 row 1.04-1.08x faster than eight."""
     forced = os.environ.get("PHIKIT_CPU_STREAMS")
     if forced in ("one", "many"):
-        return forced
+        return {name: forced for name in STREAM_TYPES}
     if forced:
         print(f"phikit: PHIKIT_CPU_STREAMS={forced!r} is neither 'one' nor 'many': measuring instead", file=sys.stderr)
-    weight, x, code = torch.ones(6144, 2048), torch.ones(1, 2048), isa_code()
-    best = {"one": float("inf"), "many": float("inf")}
-    for _ in range(5):
-        for streams in best:
-            module.set_few_rows_many_streams(streams == "many")
-            start = time.perf_counter()
-            module.linear_f32(x, weight, None, code)
-            best[streams] = min(best[streams], time.perf_counter() - start)
-    return min(best, key=best.get)
+    code, chosen = isa_code(), {}
+    for name, dtype in STREAM_TYPES.items():
+        weight = torch.ones((48 << 20) // (2048 * dtype.itemsize), 2048, dtype=dtype)
+        x, kernel = torch.ones(1, 2048, dtype=dtype), module.linear_bf16 if name == "bf16" else module.linear_f32
+        best = {"one": float("inf"), "many": float("inf")}
+        for _ in range(5):
+            for streams in best:
+                module.set_few_rows_many_streams(streams == "many", dtype.itemsize)
+                start = time.perf_counter()
+                kernel(x, weight, None, code)
+                best[streams] = min(best[streams], time.perf_counter() - start)
+        chosen[name] = min(best, key=best.get)
+    return chosen
 
 
 def loaded() -> ModuleType | None:
