@@ -3,6 +3,8 @@
 torch's fallback path, and when the extension cannot be built at all."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,23 +197,39 @@ def test_a_missing_compiler_falls_back_with_one_line(monkeypatch, tmp_path, capf
         native.forget()
 
 
-def test_few_row_streams_are_measured_unless_named(monkeypatch, capfd):
-    """Each process measures how one or two rows read the weights fastest; PHIKIT_CPU_STREAMS names it instead, and
-    a value that is neither way is said in one line and measured."""
+def test_few_row_streams_are_measured_once_per_machine_unless_named(monkeypatch, capfd):
+    """How one or two rows read fp32 and bf16 weights fastest is measured once per machine and kept beside the
+    library (a later process reads it); PHIKIT_CPU_STREAMS names it instead, and a value that is neither way is said
+    in one line."""
     if native.extension() is None:
         pytest.skip("the C++ kernels cannot be built here")
     before = native.few_row_streams()
+    kept = native.cache_dir() / native.build_key() / native.STREAMS_FILE
+    saved = kept.read_text() if kept.exists() else None
     try:
+        kept.write_text(json.dumps({"fp32": "one", "bf16": "many"}))
+        native.forget()
+        assert native.extension() is not None
+        assert native.few_row_streams() == {"fp32": "one", "bf16": "many"}, "read from the file"
+        kept.unlink()
+        native.forget()
+        native.extension()
+        measured = json.loads(kept.read_text())
+        assert set(measured) == {"fp32", "bf16"} and set(measured.values()) <= {"one", "many"}
+        assert native.few_row_streams() == measured
+        kept.write_text("{not json")
+        native.forget()
+        native.extension()
+        assert native.few_row_streams() == json.loads(kept.read_text()), "a spoiled file is measured anew"
         for forced in ("one", "many"):
             monkeypatch.setenv("PHIKIT_CPU_STREAMS", forced)
             native.forget()
-            assert native.extension() is not None
+            native.extension()
             assert native.few_row_streams() == {"fp32": forced, "bf16": forced}
         monkeypatch.setenv("PHIKIT_CPU_STREAMS", "eight")
         native.forget()
         native.extension()
-        assert set(native.few_row_streams()) == {"fp32", "bf16"}
-        assert set(native.few_row_streams().values()) <= {"one", "many"}
+        assert native.few_row_streams() == json.loads(kept.read_text())
         assert "PHIKIT_CPU_STREAMS='eight' is neither 'one' nor 'many'" in capfd.readouterr().err
         with pytest.raises(ValueError, match="'one' or 'many'"):
             native.set_few_row_streams("8")
@@ -221,6 +239,8 @@ def test_few_row_streams_are_measured_unless_named(monkeypatch, capfd):
         native.set_few_row_streams("many", "bf16")
         assert native.few_row_streams() == {"fp32": "one", "bf16": "many"}
     finally:
+        if saved is not None:
+            kept.write_text(saved)
         for weights, streams in before.items():
             native.set_few_row_streams(streams, weights)
 

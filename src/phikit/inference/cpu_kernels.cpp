@@ -209,8 +209,8 @@ using Int = std::integral_constant<int, V>;
 // row at a time or NF at once (`few_rows_many_streams`, for 4-byte and for 2-byte weights). Which reads faster
 // differs between machines whose CPUs have the same flags, and between the weights' types: on the 2-core EPYC the
 // kernels were first tuned on, one fp32 row at a time was up to 1.4x faster than four; on a 2-core Zen 4 EPYC eight
-// fp32 rows at once read 1.03-1.08x faster than one, and one bf16 row 1.04-1.08x faster than eight. Each process
-// measures it.
+// fp32 rows at once read 1.03-1.08x faster than one, and one bf16 row 1.04-1.08x faster than eight. Each machine
+// measures it once (native.py).
 bool few_rows_many_streams[2] = {false, false};  // [weights of 4 bytes (and int8's last channels), of 2 bytes]
 
 template <typename W, int NW, int RT, int NF = NW, typename Body>

@@ -3,9 +3,10 @@
 The build (torch.utils.cpp_extension with ninja, ~1 minute) happens the first time a process needs the kernels;
 the library lands in the user's cache directory under a key made of the source, the CPU's flags and torch's
 version, and is moved there only once complete, so later processes (and other processes racing the first) load
-it in milliseconds. The instruction set comes from the CPU's flags. One thing is measured when a process loads the
-kernels (about 60 ms): whether one or two activation rows read fp32 and bf16 weights faster one row at a time or
-several rows at once, which differs between machines whose CPUs have the same flags (`few_row_streams`).
+it in milliseconds. The instruction set comes from the CPU's flags. One thing is measured once per machine, after
+the build (about 0.4 s), and kept beside the library: whether one or two activation rows read fp32 and bf16 weights
+faster one row at a time or several rows at once, which differs between machines whose CPUs have the same flags
+(`few_row_streams`).
 
     PHIKIT_CPU_ISA=avx2       use the AVX2 + FMA kernels even where AVX512 is present (tests, comparisons);
                               =avx512: AVX512 with VNNI but without its bf16 dot products
@@ -20,10 +21,12 @@ import ctypes
 import functools
 import hashlib
 import importlib.util
+import json
 import math
 import mmap
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -199,7 +202,7 @@ def extension() -> ModuleType | None:
     if not _tried:
         _extension, _tried = _load(), True
         if _extension is not None:
-            for weights, streams in _faster_few_row_streams(_extension).items():
+            for weights, streams in _few_row_streams_here(_extension).items():
                 set_few_row_streams(streams, weights)
     return _extension
 
@@ -229,29 +232,59 @@ def set_few_row_streams(streams: str, weights: str | None = None) -> None:
             _extension.set_few_rows_many_streams(streams == "many", STREAM_TYPES[name].itemsize)
 
 
-def _faster_few_row_streams(module: ModuleType) -> dict[str, str]:
-    """The faster way for each weight type on this host, or PHIKIT_CPU_STREAMS (both) where set: one row of
-    activations against 48 MB of weights (beyond a 32 MB last-level cache) each way, best of 5 calls in turns, about
-    30 ms per type. Machines with the same CPU flags differ here, and types too: on one 2-core EPYC one fp32 weight
-    row at a time read up to 1.4x faster than four; on a 2-core Zen 4 EPYC eight fp32 rows at once read 1.03-1.08x
-    faster than one, and one bf16 row 1.04-1.08x faster than eight."""
+STREAMS_FILE = "few_row_streams.json"  # beside the library: what this machine measured
+
+
+def _few_row_streams_here(module: ModuleType) -> dict[str, str]:
+    """PHIKIT_CPU_STREAMS (for both types) where set, else what this machine measured before (kept beside the
+    library, under the same key), else measured now and kept."""
     forced = os.environ.get("PHIKIT_CPU_STREAMS")
     if forced in ("one", "many"):
         return {name: forced for name in STREAM_TYPES}
     if forced:
-        print(f"phikit: PHIKIT_CPU_STREAMS={forced!r} is neither 'one' nor 'many': measuring instead", file=sys.stderr)
+        print(f"phikit: PHIKIT_CPU_STREAMS={forced!r} is neither 'one' nor 'many': using what this machine "
+              "measured", file=sys.stderr)
+    path = cache_dir() / build_key() / STREAMS_FILE
+    try:
+        kept = json.loads(path.read_text())
+        if set(kept) == set(STREAM_TYPES) and set(kept.values()) <= {"one", "many"}:
+            return kept
+    except (OSError, ValueError):
+        pass
+    chosen = _faster_few_row_streams(module)
+    try:  # written whole, then moved into place: a reader never sees half a file
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".streams-", delete=False) as f:
+            json.dump(chosen, f)
+        os.replace(f.name, path)
+    except OSError:
+        pass  # a read-only cache: measured again next time
+    return chosen
+
+
+def _faster_few_row_streams(module: ModuleType) -> dict[str, str]:
+    """The faster way for each weight type on this host: one row of activations against the matrices of phi-1.5's
+    layers (one layer in fp32, two in bf16: 192 MB, 6x a 32 MB last-level cache) on 2 MB pages as a model's weights
+    lie, each way, 7 rounds in turns, medians compared; about 0.4 s in all. Machines with the same CPU flags differ
+    here, and types too: on one 2-core EPYC one fp32 weight row at a time read up to 1.4x faster than four; on a
+    2-core Zen 4 EPYC eight fp32 rows at once read 1.03-1.08x faster than one, and one bf16 row 1.04-1.08x faster
+    than eight. On 4 KB pages eight bf16 rows read faster there, and one 48 MB matrix, best of 5 calls, chose
+    differently from run to run."""
     code, chosen = isa_code(), {}
+    layer = [(2048, 2048)] * 4 + [(8192, 2048), (2048, 8192)]  # q, k, v, dense, fc1, fc2
     for name, dtype in STREAM_TYPES.items():
-        weight = torch.ones((48 << 20) // (2048 * dtype.itemsize), 2048, dtype=dtype)
+        weights = [empty_weights(shape, dtype).fill_(1) for shape in layer * (4 // dtype.itemsize)]
+        inputs = {k: torch.ones(1, k, dtype=dtype) for k in (2048, 8192)}
+        kernel = module.linear_bf16 if name == "bf16" else module.linear_f32
         x, kernel = torch.ones(1, 2048, dtype=dtype), module.linear_bf16 if name == "bf16" else module.linear_f32
-        best = {"one": float("inf"), "many": float("inf")}
-        for _ in range(5):
-            for streams in best:
+        times: dict[str, list[float]] = {"one": [], "many": []}
+        for turn in range(7):
+            for streams in ("one", "many") if turn % 2 else ("many", "one"):
                 module.set_few_rows_many_streams(streams == "many", dtype.itemsize)
                 start = time.perf_counter()
-                kernel(x, weight, None, code)
-                best[streams] = min(best[streams], time.perf_counter() - start)
-        chosen[name] = min(best, key=best.get)
+                for weight in weights:
+                    kernel(inputs[weight.shape[1]], weight, None, code)
+                times[streams].append(time.perf_counter() - start)
+        chosen[name] = min(times, key=lambda streams: statistics.median(times[streams]))
     return chosen
 
 
