@@ -285,6 +285,7 @@ def _faster_few_row_streams(module: ModuleType) -> dict[str, str]:
                     kernel(inputs[weight.shape[1]], weight, None, code)
                 times[streams].append(time.perf_counter() - start)
         chosen[name] = min(times, key=lambda streams: statistics.median(times[streams]))
+        weights.clear()  # one type's 192 MB at a time
     return chosen
 
 
