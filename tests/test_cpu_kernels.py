@@ -198,15 +198,22 @@ def test_a_missing_compiler_falls_back_with_one_line(monkeypatch, tmp_path, capf
 
 
 def test_few_row_streams_are_measured_once_per_machine_unless_named(monkeypatch, capfd):
-    """How one or two rows read fp32 and bf16 weights fastest is measured once per machine and kept beside the
-    library (a later process reads it); PHIKIT_CPU_STREAMS names it instead, and a value that is neither way is said
-    in one line."""
+    """How one or two rows read fp32 and bf16 weights fastest is measured once per machine (not by the process that
+    built the library) and kept beside the library (a later process reads it); PHIKIT_CPU_STREAMS names it instead,
+    and a value that is neither way is said in one line."""
     if native.extension() is None:
         pytest.skip("the C++ kernels cannot be built here")
     before = native.few_row_streams()
     kept = native.cache_dir() / native.build_key() / native.STREAMS_FILE
     saved = kept.read_text() if kept.exists() else None
     try:
+        kept.unlink(missing_ok=True)
+        monkeypatch.setattr(native, "_built_here", True)
+        native.forget()
+        native.extension()
+        assert native.few_row_streams() == {"fp32": "one", "bf16": "one"} and not kept.exists(), \
+            "the process that built the library measures nothing"
+        monkeypatch.setattr(native, "_built_here", False)
         kept.write_text(json.dumps({"fp32": "one", "bf16": "many"}))
         native.forget()
         assert native.extension() is not None

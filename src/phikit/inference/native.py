@@ -3,8 +3,8 @@
 The build (torch.utils.cpp_extension with ninja, ~1 minute) happens the first time a process needs the kernels;
 the library lands in the user's cache directory under a key made of the source, the CPU's flags and torch's
 version, and is moved there only once complete, so later processes (and other processes racing the first) load
-it in milliseconds. The instruction set comes from the CPU's flags. One thing is measured once per machine, after
-the build (about 0.4 s), and kept beside the library: whether one or two activation rows read fp32 and bf16 weights
+it in milliseconds. The instruction set comes from the CPU's flags. One thing is measured once per machine, by the
+first process that loads the built library (about 0.5 s), and kept beside it: whether one or two activation rows read fp32 and bf16 weights
 faster one row at a time or several rows at once, which differs between machines whose CPUs have the same flags
 (`few_row_streams`).
 
@@ -102,6 +102,7 @@ def _import(path: Path) -> ModuleType:
 def _build(target: Path) -> ModuleType:
     """Compile into a fresh directory beside `target`, then move it into place (another process may have won the
     race meanwhile: its copy is as good)."""
+    global _built_here
     from torch.utils import cpp_extension
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
@@ -109,9 +110,15 @@ def _build(target: Path) -> ModuleType:
         print("phikit: compiling the CPU decoding kernels (once per machine, about a minute)", file=sys.stderr)
         # -fopenmp: at::parallel_for is OpenMP in torch's headers; without it the kernels run on one thread. The
         # library then shares torch's own libgomp (same soname, already loaded), so one thread pool serves both.
+        # torch numbers a second build of one name in a process (its build directory differs: a fresh one each
+        # time) as MODULE_v1, a library that cannot be imported as MODULE: each build here is a first one.
+        cpp_extension.JIT_EXTENSION_VERSIONER.entries.pop(MODULE, None)
         cpp_extension.load(name=MODULE, sources=[str(SOURCE)], build_directory=str(work),
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)
+        _built_here = True
+        if target.exists() and not (target / f"{MODULE}.so").exists():
+            shutil.rmtree(target, ignore_errors=True)  # a build of ours left without its library
         try:
             os.rename(work, target)
         except OSError:  # already there (a concurrent build finished first)
@@ -193,6 +200,7 @@ def move_to_huge_pages(module: torch.nn.Module) -> torch.nn.Module:
 # function reading /proc could not be traced).
 _tried = False
 _extension: ModuleType | None = None
+_built_here = False  # whether this process compiled the library
 
 
 def extension() -> ModuleType | None:
@@ -237,7 +245,10 @@ STREAMS_FILE = "few_row_streams.json"  # beside the library: what this machine m
 
 def _few_row_streams_here(module: ModuleType) -> dict[str, str]:
     """PHIKIT_CPU_STREAMS (for both types) where set, else what this machine measured before (kept beside the
-    library, under the same key), else measured now and kept."""
+    library, under the same key), else measured now and kept; but not in the process that built the library, which
+    takes one weight row at a time: there the two ways measured alike (192 MB of bf16 weights, 9 rounds: 6.15-6.27
+    against 6.17-6.33 ms, when a process loading the same library read one row 1.03-1.10x faster), a cause not
+    found."""
     forced = os.environ.get("PHIKIT_CPU_STREAMS")
     if forced in ("one", "many"):
         return {name: forced for name in STREAM_TYPES}
@@ -251,39 +262,41 @@ def _few_row_streams_here(module: ModuleType) -> dict[str, str]:
             return kept
     except (OSError, ValueError):
         pass
+    if _built_here:
+        return {name: "one" for name in STREAM_TYPES}
     chosen = _faster_few_row_streams(module)
+    written = path.with_name(f".{STREAMS_FILE}.{os.getpid()}")
     try:  # written whole, then moved into place: a reader never sees half a file
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".streams-", delete=False) as f:
-            json.dump(chosen, f)
-        os.replace(f.name, path)
+        written.write_text(json.dumps(chosen))
+        os.replace(written, path)
     except OSError:
-        pass  # a read-only cache: measured again next time
+        written.unlink(missing_ok=True)  # a read-only cache: measured again next time
     return chosen
 
 
 def _faster_few_row_streams(module: ModuleType) -> dict[str, str]:
     """The faster way for each weight type on this host: one row of activations against the matrices of phi-1.5's
     layers (one layer in fp32, two in bf16: 192 MB, 6x a 32 MB last-level cache) on 2 MB pages as a model's weights
-    lie, each way, 7 rounds in turns, medians compared; about 0.4 s in all. Machines with the same CPU flags differ
-    here, and types too: on one 2-core EPYC one fp32 weight row at a time read up to 1.4x faster than four; on a
-    2-core Zen 4 EPYC eight fp32 rows at once read 1.03-1.08x faster than one, and one bf16 row 1.04-1.08x faster
-    than eight. On 4 KB pages eight bf16 rows read faster there, and one 48 MB matrix, best of 5 calls, chose
-    differently from run to run."""
+    lie, each way, 9 rounds in turns after one to warm up, medians compared; about 0.5 s in all. Machines with the
+    same CPU flags differ here, and types too: on one 2-core EPYC one fp32 weight row at a time read up to 1.4x
+    faster than four; on a 2-core Zen 4 EPYC eight fp32 rows at once read 1.03-1.08x faster than one, and one bf16
+    row 1.04-1.08x faster than eight. On 4 KB pages eight bf16 rows read faster there, and one 48 MB matrix, best of
+    5 calls, chose differently from run to run."""
     code, chosen = isa_code(), {}
     layer = [(2048, 2048)] * 4 + [(8192, 2048), (2048, 8192)]  # q, k, v, dense, fc1, fc2
     for name, dtype in STREAM_TYPES.items():
         weights = [empty_weights(shape, dtype).fill_(1) for shape in layer * (4 // dtype.itemsize)]
         inputs = {k: torch.ones(1, k, dtype=dtype) for k in (2048, 8192)}
         kernel = module.linear_bf16 if name == "bf16" else module.linear_f32
-        x, kernel = torch.ones(1, 2048, dtype=dtype), module.linear_bf16 if name == "bf16" else module.linear_f32
         times: dict[str, list[float]] = {"one": [], "many": []}
-        for turn in range(7):
+        for turn in range(-1, 9):  # turn -1 warms up (first touch of the weights, the threads)
             for streams in ("one", "many") if turn % 2 else ("many", "one"):
                 module.set_few_rows_many_streams(streams == "many", dtype.itemsize)
                 start = time.perf_counter()
                 for weight in weights:
                     kernel(inputs[weight.shape[1]], weight, None, code)
-                times[streams].append(time.perf_counter() - start)
+                if turn >= 0:
+                    times[streams].append(time.perf_counter() - start)
         chosen[name] = min(times, key=lambda streams: statistics.median(times[streams]))
         weights.clear()  # one type's 192 MB at a time
     return chosen
