@@ -4,9 +4,9 @@ The build (torch.utils.cpp_extension with ninja, ~1 minute) happens the first ti
 the library lands in the user's cache directory under a key made of the source, the CPU's flags and torch's
 version, and is moved there only once complete, so later processes (and other processes racing the first) load
 it in milliseconds. The instruction set comes from the CPU's flags. One thing is measured once per machine, by the
-first process that loads the built library (about 0.5 s), and kept beside it: whether one or two activation rows read fp32 and bf16 weights
-faster one row at a time or several rows at once, which differs between machines whose CPUs have the same flags
-(`few_row_streams`).
+first process that loads the built library (about 0.5 s), and kept beside it: whether one or two activation rows
+read fp32 and bf16 weights faster one row at a time or several rows at once, which differs between machines whose
+CPUs have the same flags (`few_row_streams`).
 
     PHIKIT_CPU_ISA=avx2       use the AVX2 + FMA kernels even where AVX512 is present (tests, comparisons);
                               =avx512: AVX512 with VNNI but without its bf16 dot products
