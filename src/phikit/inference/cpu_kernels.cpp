@@ -781,9 +781,10 @@ constexpr int kMaxHeadVectors = 8;  // head_dim up to 128 (fp32 cache) or 256 (b
 // prefetchers to get ahead, and between a head's keys and its values the softmax reads no memory at all. So the
 // kernels read ahead by hand within a head (into L1), and each pass over a head fetches the run that comes next into
 // L2 alongside, row for row: the keys' pass the same head's values, the values' pass the next head's keys (`next`,
-// null for none). At 8 sequences a step's attention read the cache 1.2-1.4x faster so (20-23 -> 24-32 GB/s, 24 layers
-// cold, 2 threads, Zen 4) than with the next head's first 2 KB fetched at each head's start; the AVX2 kernels
-// (scores_of_head, values_of_head) fetch `next` the same way: bf16 13-15 -> 20-26 GB/s, fp32 20-23 -> 25.
+// null for none). At 8 sequences a step's attention read the cache 1.1-1.4x faster so than with the next head's
+// first 2 KB fetched at each head's start (24 layers cold, 2 threads, Zen 4: bf16 16.5 -> 20.0-22.8 GB/s, fp32
+// 16.6-20.1 -> 19.1-22.7); the AVX2 kernels (scores_of_head, values_of_head) fetch `next` the same way (bf16 13.5-14.6
+// -> 20.1-26.3 GB/s, fp32 19.7-23.2 -> 25.0-25.6).
 constexpr int64_t kAttentionAhead = 2048;
 
 // Row vectors of one head: vector c of a row as fp32, even and odd values (fp32 rows: all in `even`).
