@@ -220,14 +220,21 @@ def test_few_row_streams_are_measured_once_per_machine_unless_named(monkeypatch,
         assert native.few_row_streams() == {"fp32": "one", "bf16": "many"}, "read from the file"
         kept.unlink()
         native.forget()
-        native.extension()
-        measured = json.loads(kept.read_text())
+        native.extension()  # measured here, kept where the answer was clear
+        measured = native.few_row_streams()
         assert set(measured) == {"fp32", "bf16"} and set(measured.values()) <= {"one", "many"}
-        assert native.few_row_streams() == measured
+        assert not kept.exists() or json.loads(kept.read_text()) == measured
+        answers = {"fp32": "many", "bf16": "one"}
+        for clear in (False, True):
+            kept.unlink(missing_ok=True)
+            monkeypatch.setattr(native, "_faster_few_row_streams", lambda module: (answers, clear))
+            native.forget()
+            native.extension()
+            assert native.few_row_streams() == answers and kept.exists() == clear, "kept only when clear"
         kept.write_text("{not json")
         native.forget()
         native.extension()
-        assert native.few_row_streams() == json.loads(kept.read_text()), "a spoiled file is measured anew"
+        assert json.loads(kept.read_text()) == answers, "a spoiled file is measured anew"
         for forced in ("one", "many"):
             monkeypatch.setenv("PHIKIT_CPU_STREAMS", forced)
             native.forget()
@@ -236,7 +243,7 @@ def test_few_row_streams_are_measured_once_per_machine_unless_named(monkeypatch,
         monkeypatch.setenv("PHIKIT_CPU_STREAMS", "eight")
         native.forget()
         native.extension()
-        assert native.few_row_streams() == json.loads(kept.read_text())
+        assert native.few_row_streams() == answers
         assert "PHIKIT_CPU_STREAMS='eight' is neither 'one' nor 'many'" in capfd.readouterr().err
         with pytest.raises(ValueError, match="'one' or 'many'"):
             native.set_few_row_streams("8")

@@ -4,9 +4,9 @@ The build (torch.utils.cpp_extension with ninja, ~1 minute) happens the first ti
 the library lands in the user's cache directory under a key made of the source, the CPU's flags and torch's
 version, and is moved there only once complete, so later processes (and other processes racing the first) load
 it in milliseconds. The instruction set comes from the CPU's flags. One thing is measured once per machine, by the
-first process that loads the built library (about 0.5 s), and kept beside it: whether one or two activation rows
-read fp32 and bf16 weights faster one row at a time or several rows at once, which differs between machines whose
-CPUs have the same flags (`few_row_streams`).
+first process that loads the built library (about 0.5 s), and kept beside it where the answer was clear (else the
+next process measures again): whether one or two activation rows read fp32 and bf16 weights faster one row at a time
+or several rows at once, which differs between machines whose CPUs have the same flags (`few_row_streams`).
 
     PHIKIT_CPU_ISA=avx2       use the AVX2 + FMA kernels even where AVX512 is present (tests, comparisons);
                               =avx512: AVX512 with VNNI but without its bf16 dot products
@@ -245,10 +245,10 @@ STREAMS_FILE = "few_row_streams.json"  # beside the library: what this machine m
 
 def _few_row_streams_here(module: ModuleType) -> dict[str, str]:
     """PHIKIT_CPU_STREAMS (for both types) where set, else what this machine measured before (kept beside the
-    library, under the same key), else measured now and kept; but not in the process that built the library, which
-    takes one weight row at a time: there the two ways measured alike (192 MB of bf16 weights, 9 rounds: 6.15-6.27
-    against 6.17-6.33 ms, when a process loading the same library read one row 1.03-1.10x faster), a cause not
-    found."""
+    library, under the same key), else measured now (and kept if clear); but not in the process that built the
+    library, which takes one weight row at a time: there the two ways measured alike (192 MB of bf16 weights, 9
+    rounds: 6.15-6.27 against 6.17-6.33 ms, when a process loading the same library read one row 1.03-1.10x
+    faster), a cause not found."""
     forced = os.environ.get("PHIKIT_CPU_STREAMS")
     if forced in ("one", "many"):
         return {name: forced for name in STREAM_TYPES}
@@ -264,7 +264,9 @@ def _few_row_streams_here(module: ModuleType) -> dict[str, str]:
         pass
     if _built_here:
         return {name: "one" for name in STREAM_TYPES}
-    chosen = _faster_few_row_streams(module)
+    chosen, clear = _faster_few_row_streams(module)
+    if not clear:  # another process busy on the cores, or the two ways alike: this process only
+        return chosen
     written = path.with_name(f".{STREAMS_FILE}.{os.getpid()}")
     try:  # written whole, then moved into place: a reader never sees half a file
         written.write_text(json.dumps(chosen))
@@ -274,15 +276,17 @@ def _few_row_streams_here(module: ModuleType) -> dict[str, str]:
     return chosen
 
 
-def _faster_few_row_streams(module: ModuleType) -> dict[str, str]:
+def _faster_few_row_streams(module: ModuleType) -> tuple[dict[str, str], bool]:
     """The faster way for each weight type on this host: one row of activations against the matrices of phi-1.5's
     layers (one layer in fp32, two in bf16: 192 MB, 6x a 32 MB last-level cache) on 2 MB pages as a model's weights
     lie, each way, 9 rounds in turns after one to warm up, medians compared; about 0.5 s in all. Machines with the
     same CPU flags differ here, and types too: on one 2-core EPYC one fp32 weight row at a time read up to 1.4x
     faster than four; on a 2-core Zen 4 EPYC eight fp32 rows at once read 1.03-1.08x faster than one, and one bf16
     row 1.04-1.08x faster than eight. On 4 KB pages eight bf16 rows read faster there, and one 48 MB matrix, best of
-    5 calls, chose differently from run to run."""
-    code, chosen = isa_code(), {}
+    5 calls, chose differently from run to run. Also whether the answer was clear enough to keep for the machine: each
+    type's faster way won at least 7 of the 9 rounds (a measurement beside another busy process, or of two ways
+    that read alike, is not)."""
+    code, chosen, clear = isa_code(), {}, True
     layer = [(2048, 2048)] * 4 + [(8192, 2048), (2048, 8192)]  # q, k, v, dense, fc1, fc2
     for name, dtype in STREAM_TYPES.items():
         weights = [empty_weights(shape, dtype).fill_(1) for shape in layer * (4 // dtype.itemsize)]
@@ -298,8 +302,10 @@ def _faster_few_row_streams(module: ModuleType) -> dict[str, str]:
                 if turn >= 0:
                     times[streams].append(time.perf_counter() - start)
         chosen[name] = min(times, key=lambda streams: statistics.median(times[streams]))
+        other = "many" if chosen[name] == "one" else "one"
+        clear &= sum(a < b for a, b in zip(times[chosen[name]], times[other])) >= 7
         weights.clear()  # one type's 192 MB at a time
-    return chosen
+    return chosen, clear
 
 
 def loaded() -> ModuleType | None:
