@@ -252,9 +252,11 @@ def test_few_row_streams_are_measured_once_per_machine_unless_named(monkeypatch,
         native.set_few_row_streams("one")
         native.set_few_row_streams("many", "bf16")
         assert native.few_row_streams() == {"fp32": "one", "bf16": "many"}
-    finally:
+    finally:  # the machine's own choice back as it was: the answers above are this test's, not measured
         if saved is not None:
             kept.write_text(saved)
+        else:
+            kept.unlink(missing_ok=True)
         for weights, streams in before.items():
             native.set_few_row_streams(streams, weights)
 
