@@ -9,7 +9,8 @@ starting with the next engine). Every format
 is compared with transformers fp32 timed in its own turns (row transformers-fp32-beside-MODE), and batch 8
 with batch 1 timed again in batch 8's turns (row phikit-MODE-batch1-beside-batch8), since the host's speed
 drifts. llama.cpp, when llama-cpp-python is installed, runs our GGUF export in the turns of the phikit format of
-equal bits (row llama.cpp-TYPE, on the same prompt). The memory-bandwidth floor is the time to read the weights
+equal bits (rows llama.cpp-TYPE, on the same prompts, every batch through its batch API, and its batch 1 again in
+batch 8's turns). The memory-bandwidth floor is the time to read the weights
 once per step at the read bandwidth measured before each round of the engines' turns (their median, in each row's
 `bandwidth_gbs`: a host's memory speed can drift by a third within minutes); `floor_fraction` = floor time / step
 time.
@@ -24,6 +25,7 @@ The last line printed is JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -215,27 +217,71 @@ EQUAL_BITS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
 
 class LlamaCpp:
     """llama.cpp through llama-cpp-python, running our GGUF export of `model` at one GGUF type, timed like the
-    other engines (Timed); close() frees it and deletes the file."""
+    other engines (Timed). Each batch is decoded through llama.cpp's own batch API (llama_decode of one token per
+    sequence per step, greedy by argmax over the logits it returns), one context per batch size; close() frees them
+    and deletes the file."""
 
-    def __init__(self, llama_cpp, model, tokenizer, gguf_type: str, prompt_ids: list[int], args) -> None:
+    def __init__(self, llama_cpp, model, tokenizer, gguf_type: str, args) -> None:
         import tempfile
         from phikit.inference.gguf_export import export_gguf
+        self.lib, self.args, self.gguf_type = llama_cpp, args, gguf_type
         self.tmp = tempfile.TemporaryDirectory()
         self.path = export_gguf(model, tokenizer, os.path.join(self.tmp.name, f"m-{gguf_type}.gguf"), dtype=gguf_type)
-        self.llm = llama_cpp.Llama(str(self.path), n_ctx=args.prompt_len + args.new_tokens + 8,
-                                   n_threads=args.threads, n_batch=args.prompt_len, verbose=False)
+        self.llm = llama_cpp.Llama(str(self.path), n_ctx=8, n_threads=args.threads, verbose=False)  # the weights
+        self.contexts: list = []
+        self.tokens: list[list[int]] = []
 
-        def fn(n):
-            self.llm.reset()
-            self.llm.eval(prompt_ids)
-            for _ in range(n - 1):
-                self.llm.eval([self.llm.sample(temp=0.0)])
-        self.timed = Timed(f"llama.cpp-{gguf_type}", fn, "cpu")
+    def timed(self, prompts: list[list[int]], name: str | None = None) -> Timed:
+        """An engine that decodes `prompts` (one sequence each, equal lengths) together."""
+        import ctypes
+        import numpy as np
+        lib, args, batch = self.lib, self.args, len(prompts)
+        params = lib.llama_context_default_params()
+        params.n_ctx = batch * -(-(args.prompt_len + args.new_tokens + 8) // 256) * 256  # llama.cpp's granularity
+        params.n_batch = params.n_ubatch = max(batch * args.prompt_len, 512)
+        params.n_seq_max = batch
+        params.n_threads = params.n_threads_batch = args.threads
+        ctx = lib.llama_init_from_model(self.llm.model, params)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not make a context for {batch} sequences")
+        self.contexts.append(ctx)
+        n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.llm.model))
+        tokens = lib.llama_batch_init(params.n_batch, 0, 1)
 
-    def row(self, args, bandwidth: float) -> dict:
-        return timing_row(self.timed, 1, args.prompt_len, args.new_tokens, os.path.getsize(self.path), bandwidth)
+        def decode(entries: list[tuple[int, int, int, bool]]) -> None:  # (token, position, sequence, logits wanted)
+            tokens.n_tokens = len(entries)
+            for i, (token, pos, seq, wanted) in enumerate(entries):
+                tokens.token[i], tokens.pos[i], tokens.n_seq_id[i], tokens.logits[i] = token, pos, 1, wanted
+                tokens.seq_id[i][0] = seq
+            if lib.llama_decode(ctx, tokens) != 0:
+                raise RuntimeError("llama_decode failed")
+
+        def next_tokens(last: list[int]) -> list[int]:  # greedy, from the logits of the last batch's entries `last`
+            return [int(np.ctypeslib.as_array(ctypes.cast(lib.llama_get_logits_ith(ctx, i), ctypes.POINTER(
+                ctypes.c_float)), shape=(n_vocab,)).argmax()) for i in last]
+
+        def fn(n: int) -> None:
+            lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+            decode([(t, pos, s, pos == len(p) - 1) for s, p in enumerate(prompts) for pos, t in enumerate(p)])
+            last = list(itertools.accumulate(len(p) for p in prompts))
+            last = [i - 1 for i in last]  # each prompt's last token
+            chosen = [[] for _ in prompts]
+            for step in range(n - 1):
+                new = next_tokens(last)
+                decode([(t, len(prompts[s]) + step, s, True) for s, t in enumerate(new)])
+                last = list(range(batch))
+                for s, t in enumerate(new):
+                    chosen[s].append(t)
+            self.tokens = chosen  # the greedy tokens of the last call (the tests compare them), the n-th not taken
+        return Timed(name or f"llama.cpp-{self.gguf_type}", fn, "cpu")
+
+    def row(self, timed: Timed, batch: int, bandwidth: float) -> dict:
+        return timing_row(timed, batch, self.args.prompt_len, self.args.new_tokens, os.path.getsize(self.path),
+                          bandwidth)
 
     def close(self) -> None:
+        for ctx in self.contexts:
+            self.lib.llama_free(ctx)
         self.llm.close()
         self.tmp.cleanup()
 
@@ -367,6 +413,10 @@ def main() -> None:
             ids = torch.randint(0, min(50000, config.vocab_size), (1, args.prompt_len), generator=gen)
             results.setdefault("finite", {})[mode] = finite_logits(model, ids.to(args.device))
         first_rows = None
+        llama = None
+        if llama_cpp and EQUAL_BITS.get(mode) in args.llama_types:
+            # llama.cpp at the same bits per weight, in each batch's turns, on the same prompts
+            llama = LlamaCpp(llama_cpp, base, tokenizer, EQUAL_BITS[mode], args)
         for b in batches:
             ids = torch.randint(0, min(50000, config.vocab_size), (b, args.prompt_len), generator=gen).to(args.device)
             engines = [Timed(f"phikit-{mode}", phikit_fn(model, tokenizer, ids.tolist()), args.device)]
@@ -387,11 +437,12 @@ def main() -> None:
             if not args.skip_transformers and mode in DTYPES and b in hf_batches:
                 ref = to_transformers(model)
                 engines.append(Timed(f"transformers-{mode}", transformers_fn(ref, ids), args.device))
-            llama = None
-            if llama_cpp and b == 1 and EQUAL_BITS.get(mode) in args.llama_types:
-                # llama.cpp at the same bits per weight, in this row's turns, on the same prompt
-                llama = LlamaCpp(llama_cpp, base, tokenizer, EQUAL_BITS[mode], ids[0].tolist(), args)
-                engines.append(llama.timed)
+            theirs = {}  # llama.cpp's engines of this batch: engine -> its row's batch
+            if llama:
+                theirs[llama.timed(ids.tolist())] = b
+                if b > 1 and first_rows is not None:
+                    theirs[llama.timed(first_rows, f"llama.cpp-{llama.gguf_type}-batch1-beside-batch{b}")] = 1
+                engines += list(theirs)
             if not args.skip_transformers and not cuda and mode != "fp32" and b == 1:
                 # The targets compare every format with transformers fp32: time it in the same turns, so that the
                 # ratio does not depend on how fast the host was when the fp32 rows ran.
@@ -401,18 +452,19 @@ def main() -> None:
             rows += [result_row(e, base if e.name.startswith("transformers-fp32") else model,
                                 1 if "batch1-beside" in e.name else b, args.prompt_len, args.new_tokens,
                                 turns_bandwidth)
-                     for e in engines if llama is None or e is not llama.timed]
-            if llama:
-                rows.append(llama.row(args, turns_bandwidth))
-                llama.close()
-            del ref, base_ref, engines, llama
+                     for e in engines if e not in theirs]
+            rows += [llama.row(e, batch, turns_bandwidth) for e, batch in theirs.items()]
+            del ref, base_ref, engines, theirs
+        if llama:
+            llama.close()
         if model is not base:
             del model
     ids = torch.randint(0, min(50000, config.vocab_size), (1, args.prompt_len), generator=gen)
     for gguf_type in args.llama_types if llama_cpp else []:  # types without a phikit mode of equal bits: alone
         if not any(EQUAL_BITS.get(m) == gguf_type for m in modes):
-            llama = LlamaCpp(llama_cpp, base, tokenizer, gguf_type, ids[0].tolist(), args)
-            rows.append(llama.row(args, time_interleaved([llama.timed], args.new_tokens, args.repeats, args.device)))
+            llama = LlamaCpp(llama_cpp, base, tokenizer, gguf_type, args)
+            engine = llama.timed(ids.tolist())
+            rows.append(llama.row(engine, 1, time_interleaved([engine], args.new_tokens, args.repeats, args.device)))
             llama.close()
     results["rows"] = rows
 
@@ -448,6 +500,12 @@ def main() -> None:
         ours, theirs = get(f"phikit-{mode}", 1, "decode_tok_s"), get(f"llama.cpp-{gguf_type}", 1, "decode_tok_s")
         if ours and theirs:
             ratios[f"{mode}_decode_vs_llama_cpp_{gguf_type}"] = round(ours / theirs, 2)
+        ours8, theirs8 = get(f"phikit-{mode}", 8, "decode_tok_s"), get(f"llama.cpp-{gguf_type}", 8, "decode_tok_s")
+        if ours8 and theirs8:
+            ratios[f"{mode}_batch8_decode_vs_llama_cpp_{gguf_type}"] = round(ours8 / theirs8, 2)
+            beside = get(f"llama.cpp-{gguf_type}-batch1-beside-batch8", 1, "decode_tok_s") or theirs
+            if beside:
+                ratios[f"llama_cpp_{gguf_type}_batch8_vs_batch1"] = round(theirs8 / beside, 2)
     if hf_pre and get(f"phikit-{ref_mode}", 1, "prefill_tok_s"):
         ratios[f"{ref_mode}_prefill_vs_transformers_{ref_mode}"] = round(
             get(f"phikit-{ref_mode}", 1, "prefill_tok_s") / hf_pre, 2)

@@ -6,7 +6,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -112,3 +112,29 @@ def test_shared_helpers_are_not_listed_as_benchmarks(capsys):
     assert cli_main(["bench", "lm_setup"]) == 2
     err = capsys.readouterr().err
     assert "no benchmark named 'lm_setup'" in err and "lm_setup," not in err and "prompt_lookup" in err
+
+
+def test_llama_cpp_decodes_a_batch_as_each_sequence_alone(phi_tokenizer):
+    """The llama.cpp rows at batch > 1 go through its batch API: sequences decoded together must each give the greedy
+    tokens they give alone (positions and sequence ids kept apart), and those must be phikit's on the same model."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python to time llama.cpp")
+    from phikit import build_model, get_config
+    from phikit.inference.decoding import complete
+    decode = bench_module("decode")
+    config = get_config("tiny", vocab_size=51200, tokenizer_vocab_size=len(phi_tokenizer), initializer_range=0.1)
+    model = build_model(config, seed=0).eval()
+    args = SimpleNamespace(threads=2, prompt_len=6, new_tokens=8)
+    prompts = [phi_tokenizer.encode(t)[:6] for t in ("def fib(n):\n    return", "Alice: hello there, Bob said")]
+    llama = decode.LlamaCpp(llama_cpp, model, phi_tokenizer, "f32", args)
+    try:
+        together = llama.timed(prompts)
+        together.fn(8)
+        both = llama.tokens
+        alone = []
+        for prompt in prompts:
+            llama.timed([prompt]).fn(8)
+            alone += llama.tokens
+    finally:
+        llama.close()
+    ours = [r.token_ids for r in complete(model, phi_tokenizer, prompts, max_new_tokens=7, stop_token_ids=[])]
+    assert both == alone == ours and all(len(t) == 7 for t in both)
