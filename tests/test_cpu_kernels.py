@@ -199,13 +199,16 @@ def test_a_missing_compiler_falls_back_with_one_line(monkeypatch, tmp_path, capf
 
 def test_few_row_streams_are_measured_once_per_machine_unless_named(monkeypatch, capfd):
     """How one or two rows read fp32 and bf16 weights fastest is measured once per machine (not by the process that
-    built the library) and kept beside the library (a later process reads it); PHIKIT_CPU_STREAMS names it instead,
+    built the library) and kept beside the library (a later process reads it; unclear answers are kept after three,
+    their majority); PHIKIT_CPU_STREAMS names it instead,
     and a value that is neither way is said in one line."""
     if native.extension() is None:
         pytest.skip("the C++ kernels cannot be built here")
     before = native.few_row_streams()
     kept = native.cache_dir() / native.build_key() / native.STREAMS_FILE
+    unclear = kept.with_name(native.UNCLEAR_FILE)
     saved = kept.read_text() if kept.exists() else None
+    saved_unclear = unclear.read_text() if unclear.exists() else None
     try:
         kept.unlink(missing_ok=True)
         monkeypatch.setattr(native, "_built_here", True)
@@ -227,10 +230,22 @@ def test_few_row_streams_are_measured_once_per_machine_unless_named(monkeypatch,
         answers = {"fp32": "many", "bf16": "one"}
         for clear in (False, True):
             kept.unlink(missing_ok=True)
+            unclear.unlink(missing_ok=True)
             monkeypatch.setattr(native, "_faster_few_row_streams", lambda module: (answers, clear))
             native.forget()
             native.extension()
             assert native.few_row_streams() == answers and kept.exists() == clear, "kept only when clear"
+        kept.unlink()
+        tries = [{"fp32": "many", "bf16": "one"}, {"fp32": "many", "bf16": "many"}, {"fp32": "one", "bf16": "many"}]
+        for i, answer in enumerate(tries):  # a host never quiet: the third unclear answer keeps the majority
+            monkeypatch.setattr(native, "_faster_few_row_streams", lambda module: (answer, False))
+            native.forget()
+            native.extension()
+            if i < native.UNCLEAR_LIMIT - 1:
+                assert native.few_row_streams() == answer and not kept.exists() and unclear.exists()
+        assert native.few_row_streams() == json.loads(kept.read_text()) == {"fp32": "many", "bf16": "many"}
+        assert not unclear.exists()
+        monkeypatch.setattr(native, "_faster_few_row_streams", lambda module: (answers, True))
         kept.write_text("{not json")
         native.forget()
         native.extension()
@@ -253,10 +268,11 @@ def test_few_row_streams_are_measured_once_per_machine_unless_named(monkeypatch,
         native.set_few_row_streams("many", "bf16")
         assert native.few_row_streams() == {"fp32": "one", "bf16": "many"}
     finally:  # the machine's own choice back as it was: the answers above are this test's, not measured
-        if saved is not None:
-            kept.write_text(saved)
-        else:
-            kept.unlink(missing_ok=True)
+        for path, text in ((kept, saved), (unclear, saved_unclear)):
+            if text is not None:
+                path.write_text(text)
+            else:
+                path.unlink(missing_ok=True)
         for weights, streams in before.items():
             native.set_few_row_streams(streams, weights)
 

@@ -5,7 +5,7 @@ the library lands in the user's cache directory under a key made of the source, 
 version, and is moved there only once complete, so later processes (and other processes racing the first) load
 it in milliseconds. The instruction set comes from the CPU's flags. One thing is measured once per machine, by the
 first process that loads the built library (about 0.5 s), and kept beside it where the answer was clear (else the
-next process measures again): whether one or two activation rows read fp32 and bf16 weights faster one row at a time
+next process measures again, three unclear answers at most, whose majority is then kept): whether one or two activation rows read fp32 and bf16 weights faster one row at a time
 or several rows at once, which differs between machines whose CPUs have the same flags (`few_row_streams`).
 
     PHIKIT_CPU_ISA=avx2       use the AVX2 + FMA kernels even where AVX512 is present (tests, comparisons);
@@ -17,6 +17,7 @@ or several rows at once, which differs between machines whose CPUs have the same
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import hashlib
@@ -241,12 +242,15 @@ def set_few_row_streams(streams: str, weights: str | None = None) -> None:
 
 
 STREAMS_FILE = "few_row_streams.json"  # beside the library: what this machine measured
+UNCLEAR_FILE = "few_row_streams_unclear.json"  # the answers of measurements that were not clear, until kept
+UNCLEAR_LIMIT = 3  # unclear answers after which their majority is kept: the two ways read alike on this host
 
 
 def _few_row_streams_here(module: ModuleType) -> dict[str, str]:
     """PHIKIT_CPU_STREAMS (for both types) where set, else what this machine measured before (kept beside the
-    library, under the same key), else measured now (and kept if clear); but not in the process that built the
-    library, which takes one weight row at a time: there the two ways measured alike (192 MB of bf16 weights, 9
+    library, under the same key), else measured now (and kept if clear, or if it is the UNCLEAR_LIMIT-th unclear
+    answer: then the majority of those, so that a host never quiet does not pay the measurement in every process);
+    but not in the process that built the library, which takes one weight row at a time: there the two ways measured alike (192 MB of bf16 weights, 9
     rounds: 6.15-6.27 against 6.17-6.33 ms, when a process loading the same library read one row 1.03-1.10x
     faster), a cause not found."""
     forced = os.environ.get("PHIKIT_CPU_STREAMS")
@@ -265,15 +269,33 @@ def _few_row_streams_here(module: ModuleType) -> dict[str, str]:
     if _built_here:
         return {name: "one" for name in STREAM_TYPES}
     chosen, clear = _faster_few_row_streams(module)
-    if not clear:  # another process busy on the cores, or the two ways alike: this process only
-        return chosen
-    written = path.with_name(f".{STREAMS_FILE}.{os.getpid()}")
-    try:  # written whole, then moved into place: a reader never sees half a file
-        written.write_text(json.dumps(chosen))
+    if not clear:  # another process busy on the cores, or the two ways alike: this process, unless it is the last
+        unclear = path.with_name(UNCLEAR_FILE)
+        try:
+            answers = [a for a in json.loads(unclear.read_text())
+                       if isinstance(a, dict) and {a.get(name) for name in STREAM_TYPES} <= {"one", "many"}]
+        except (OSError, ValueError, TypeError):
+            answers = []
+        answers.append(chosen)
+        if len(answers) < UNCLEAR_LIMIT:
+            _write_whole(unclear, answers)
+            return chosen
+        chosen = {name: collections.Counter(a.get(name) for a in answers).most_common(1)[0][0]
+                  for name in STREAM_TYPES}
+    _write_whole(path, chosen)
+    path.with_name(UNCLEAR_FILE).unlink(missing_ok=True)
+    return chosen
+
+
+def _write_whole(path: Path, value) -> None:
+    """`value` as JSON at `path`, written whole and then moved into place: a reader never sees half a file. A
+    read-only cache keeps nothing (measured again next time)."""
+    written = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        written.write_text(json.dumps(value))
         os.replace(written, path)
     except OSError:
-        written.unlink(missing_ok=True)  # a read-only cache: measured again next time
-    return chosen
+        written.unlink(missing_ok=True)
 
 
 def _faster_few_row_streams(module: ModuleType) -> tuple[dict[str, str], bool]:
