@@ -5,8 +5,9 @@ the library lands in the user's cache directory under a key made of the source, 
 version, and is moved there only once complete, so later processes (and other processes racing the first) load
 it in milliseconds. The instruction set comes from the CPU's flags. One thing is measured once per machine, by the
 first process that loads the built library (about 0.5 s), and kept beside it where the answer was clear (else the
-next process measures again, three unclear answers at most, whose majority is then kept): whether one or two activation rows read fp32 and bf16 weights faster one row at a time
-or several rows at once, which differs between machines whose CPUs have the same flags (`few_row_streams`).
+next process measures again; after three unclear answers their majority is kept): whether one or two activation
+rows read fp32 and bf16 weights faster one row at a time or several rows at once, which differs between machines
+whose CPUs have the same flags (`few_row_streams`).
 
     PHIKIT_CPU_ISA=avx2       use the AVX2 + FMA kernels even where AVX512 is present (tests, comparisons);
                               =avx512: AVX512 with VNNI but without its bf16 dot products
@@ -250,9 +251,9 @@ def _few_row_streams_here(module: ModuleType) -> dict[str, str]:
     """PHIKIT_CPU_STREAMS (for both types) where set, else what this machine measured before (kept beside the
     library, under the same key), else measured now (and kept if clear, or if it is the UNCLEAR_LIMIT-th unclear
     answer: then the majority of those, so that a host never quiet does not pay the measurement in every process);
-    but not in the process that built the library, which takes one weight row at a time: there the two ways measured alike (192 MB of bf16 weights, 9
-    rounds: 6.15-6.27 against 6.17-6.33 ms, when a process loading the same library read one row 1.03-1.10x
-    faster), a cause not found."""
+    but not in the process that built the library, which takes one weight row at a time: there the two ways measured
+    alike (192 MB of bf16 weights, 9 rounds: 6.15-6.27 against 6.17-6.33 ms, when a process loading the same library
+    read one row 1.03-1.10x faster), a cause not found."""
     forced = os.environ.get("PHIKIT_CPU_STREAMS")
     if forced in ("one", "many"):
         return {name: forced for name in STREAM_TYPES}
@@ -283,7 +284,10 @@ def _few_row_streams_here(module: ModuleType) -> dict[str, str]:
         chosen = {name: collections.Counter(a.get(name) for a in answers).most_common(1)[0][0]
                   for name in STREAM_TYPES}
     _write_whole(path, chosen)
-    path.with_name(UNCLEAR_FILE).unlink(missing_ok=True)
+    try:
+        path.with_name(UNCLEAR_FILE).unlink(missing_ok=True)
+    except OSError:  # a read-only cache
+        pass
     return chosen
 
 
