@@ -5,7 +5,8 @@ Random phi-1.5-shaped weights (the speed of a matrix product does not depend on 
   prefill tok/s = batch * prompt_len / time(generate 1 token)
   decode  tok/s = batch * (new_tokens - 1) / (time(generate new_tokens) - time(generate 1 token))
 Both engines are timed the same way, after a warm-up, the median of --repeats rounds taken in turns (each round
-starting with the next engine). Every format
+starting with the next engine); a ratio of two decode speeds timed in the same turns is the median of the rounds'
+ratios (the engines of a round run seconds apart, while the host's speed drifts from round to round). Every format
 is compared with transformers fp32 timed in its own turns (row transformers-fp32-beside-MODE), and batch 8
 with batch 1 timed again in batch 8's turns (row phikit-MODE-batch1-beside-batch8), since the host's speed
 drifts. llama.cpp, when llama-cpp-python is installed, runs our GGUF export in the turns of the phikit format of
@@ -132,6 +133,10 @@ class Timed:
     def tn(self) -> float:
         return statistics.median(t for n, ts in self.times.items() if n != 1 for t in ts)
 
+    def round_steps(self, new_tokens: int) -> list[float]:
+        """Each round's seconds per step: (its generate of new_tokens - its generate of 1) / (new_tokens - 1)."""
+        return [(tn - t1) / (new_tokens - 1) for t1, tn in zip(self.times[1], self.times[new_tokens])]
+
     def warm_up(self) -> None:
         with PeakRSS() as mem:  # the warm-up counts: lazily made copies (packed weights) are memory the engine needs
             if self.device.startswith("cuda"):
@@ -163,6 +168,15 @@ def time_interleaved(engines: list[Timed], new_tokens: int, repeats: int, device
         for engine in engines[first:] + engines[:first]:
             engine.run_round(new_tokens)
     return statistics.median(bandwidths)
+
+
+def paired_speed_ratio(ours: list[float], our_batch: int, theirs: list[float], their_batch: int) -> float | None:
+    """Decode speed of one engine over another's from their rounds' seconds per step in the same turns: the median
+    of the rounds' ratios. The engines of a round run seconds apart, the rounds minutes apart, and a host's speed
+    drifts between them (by a third within a minute): a ratio of two medians taken over different rounds carries
+    that drift, a round's ratio mostly not. Rounds too noisy to time a step (<= 0 s) are left out."""
+    ratios = [(our_batch / a) / (their_batch / b) for a, b in zip(ours, theirs) if a > 0 and b > 0]
+    return round(statistics.median(ratios), 2) if ratios and len(ours) == len(theirs) else None
 
 
 def result_row(engine: Timed, model, batch: int, prompt_len: int, new_tokens: int, bandwidth: float) -> dict:
@@ -393,6 +407,7 @@ def main() -> None:
     base = build_model(config, seed=0, device=args.device)  # fp32 master copy
     gen = torch.Generator().manual_seed(0)
     rows = []
+    rounds: dict[tuple[str, int], tuple] = {}  # (engine, row batch) -> (its turns, its rounds' seconds per step)
     results = {"benchmark": "decode", "preset": args.preset, "device": args.device, "threads": args.threads,
                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "bandwidth_gbs": round(bandwidth, 1),
                "cpu_kernels": kernels, "few_row_streams": native.few_row_streams() if kernels != "torch" else None}
@@ -449,6 +464,9 @@ def main() -> None:
                 base_ref = to_transformers(base)
                 engines.append(Timed(f"transformers-fp32-beside-{mode}", transformers_fn(base_ref, ids), args.device))
             turns_bandwidth = time_interleaved(engines, args.new_tokens, args.repeats, args.device)
+            for e in engines:  # (engine, its row's batch) -> this mode and batch's turns, for the paired ratios
+                row_batch = theirs.get(e, 1 if "batch1-beside" in e.name else b)
+                rounds[(e.name, row_batch)] = ((mode, b), e.round_steps(args.new_tokens))
             rows += [result_row(e, base if e.name.startswith("transformers-fp32") else model,
                                 1 if "batch1-beside" in e.name else b, args.prompt_len, args.new_tokens,
                                 turns_bandwidth)
@@ -471,41 +489,49 @@ def main() -> None:
     def get(engine, b, key):
         return next((r[key] for r in rows if r["engine"] == engine and r["batch"] == b), None)
 
+    def decode_ratio(ours: tuple[str, int], theirs: tuple[str, int]) -> float | None:
+        """Decode speed of engine row `ours` over `theirs` ((engine, batch)): paired round by round where they ran
+        in the same turns (paired_speed_ratio), else the ratio of the rows' medians."""
+        if ours in rounds and theirs in rounds and rounds[ours][0] == rounds[theirs][0]:
+            paired = paired_speed_ratio(rounds[ours][1], ours[1], rounds[theirs][1], theirs[1])
+            if paired is not None:
+                return paired
+        a, b = get(*ours, "decode_tok_s"), get(*theirs, "decode_tok_s")
+        return round(a / b, 2) if a and b else None
+
     ratios = {}
     ref_mode = "fp16" if cuda else "fp32"
     hf_pre = get(f"transformers-{ref_mode}", 1, "prefill_tok_s")
     for mode in modes:
-        ours_dec = get(f"phikit-{mode}", 1, "decode_tok_s")
+        ours = (f"phikit-{mode}", 1)
         # the reference timed in this mode's turns when there is one, else the one of the fp32 rows
-        hf_dec = get(f"transformers-{ref_mode}-beside-{mode}", 1, "decode_tok_s") or \
-            get(f"transformers-{ref_mode}", 1, "decode_tok_s")
-        if hf_dec and ours_dec:
-            ratios[f"{mode}_decode_vs_transformers_{ref_mode}"] = round(ours_dec / hf_dec, 2)
-        same = get(f"transformers-{mode}", 1, "decode_tok_s")
-        if same and ours_dec:
-            ratios[f"{mode}_decode_vs_transformers_{mode}"] = round(ours_dec / same, 2)
+        hf = next(((e, 1) for e in (f"transformers-{ref_mode}-beside-{mode}", f"transformers-{ref_mode}")
+                   if get(e, 1, "decode_tok_s")), None)
+        if hf and (r := decode_ratio(ours, hf)):
+            ratios[f"{mode}_decode_vs_transformers_{ref_mode}"] = r
+        if get(f"transformers-{mode}", 1, "decode_tok_s") and get(*ours, "decode_tok_s"):
+            ratios[f"{mode}_decode_vs_transformers_{mode}"] = decode_ratio(ours, (f"transformers-{mode}", 1))
             ratios[f"{mode}_prefill_vs_transformers_{mode}"] = round(
                 get(f"phikit-{mode}", 1, "prefill_tok_s") / get(f"transformers-{mode}", 1, "prefill_tok_s"), 2)
             ratios[f"{mode}_end_to_end_vs_transformers_{mode}"] = round(
                 get(f"transformers-{mode}", 1, "end_to_end_s") / get(f"phikit-{mode}", 1, "end_to_end_s"), 2)
-        if 8 in batches and ours_dec and get(f"phikit-{mode}", 8, "decode_tok_s"):
-            beside = get(f"phikit-{mode}-batch1-beside-batch8", 1, "decode_tok_s") or ours_dec
-            ratios[f"{mode}_batch8_vs_batch1"] = round(get(f"phikit-{mode}", 8, "decode_tok_s") / beside, 2)
-        compiled = get(f"phikit-{mode}-compiled", 1, "decode_tok_s")
-        if compiled and ours_dec:
-            ratios[f"{mode}_compiled_decode_vs_eager"] = round(compiled / ours_dec, 2)
-            if hf_dec:
-                ratios[f"{mode}_compiled_decode_vs_transformers_{ref_mode}"] = round(compiled / hf_dec, 2)
+        if 8 in batches:
+            beside = f"phikit-{mode}-batch1-beside-batch8"
+            if r := decode_ratio((f"phikit-{mode}", 8), (beside, 1) if get(beside, 1, "decode_tok_s") else ours):
+                ratios[f"{mode}_batch8_vs_batch1"] = r
+        if r := decode_ratio((f"phikit-{mode}-compiled", 1), ours):
+            ratios[f"{mode}_compiled_decode_vs_eager"] = r
+            if hf and (r := decode_ratio((f"phikit-{mode}-compiled", 1), hf)):
+                ratios[f"{mode}_compiled_decode_vs_transformers_{ref_mode}"] = r
     for mode, gguf_type in EQUAL_BITS.items():  # our formats against llama.cpp's at the same bits per weight
-        ours, theirs = get(f"phikit-{mode}", 1, "decode_tok_s"), get(f"llama.cpp-{gguf_type}", 1, "decode_tok_s")
-        if ours and theirs:
-            ratios[f"{mode}_decode_vs_llama_cpp_{gguf_type}"] = round(ours / theirs, 2)
-        ours8, theirs8 = get(f"phikit-{mode}", 8, "decode_tok_s"), get(f"llama.cpp-{gguf_type}", 8, "decode_tok_s")
-        if ours8 and theirs8:
-            ratios[f"{mode}_batch8_decode_vs_llama_cpp_{gguf_type}"] = round(ours8 / theirs8, 2)
-            beside = get(f"llama.cpp-{gguf_type}-batch1-beside-batch8", 1, "decode_tok_s") or theirs
-            if beside:
-                ratios[f"llama_cpp_{gguf_type}_batch8_vs_batch1"] = round(theirs8 / beside, 2)
+        theirs = f"llama.cpp-{gguf_type}"
+        if r := decode_ratio((f"phikit-{mode}", 1), (theirs, 1)):
+            ratios[f"{mode}_decode_vs_llama_cpp_{gguf_type}"] = r
+        if r := decode_ratio((f"phikit-{mode}", 8), (theirs, 8)):
+            ratios[f"{mode}_batch8_decode_vs_llama_cpp_{gguf_type}"] = r
+            beside = f"{theirs}-batch1-beside-batch8"
+            if r := decode_ratio((theirs, 8), (beside, 1) if get(beside, 1, "decode_tok_s") else (theirs, 1)):
+                ratios[f"llama_cpp_{gguf_type}_batch8_vs_batch1"] = r
     if hf_pre and get(f"phikit-{ref_mode}", 1, "prefill_tok_s"):
         ratios[f"{ref_mode}_prefill_vs_transformers_{ref_mode}"] = round(
             get(f"phikit-{ref_mode}", 1, "prefill_tok_s") / hf_pre, 2)

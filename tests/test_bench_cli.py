@@ -78,6 +78,18 @@ def test_decode_row_with_untimeable_steps_has_no_negative_speed():
     assert row["prefill_tok_s"] > 0
 
 
+def test_decode_ratios_pair_the_rounds_of_one_turn():
+    decode = bench_module("decode")
+    ours, theirs = [0.10, 0.10, 0.30], [0.11, 0.33, 0.33]  # theirs 1.1x slower in each round; round 2 on a slow host
+    assert decode.paired_speed_ratio(ours, 1, theirs, 1) == 1.1  # the ratio of the two medians says 3.3
+    assert decode.paired_speed_ratio([0.2, 0.2], 8, [0.1, 0.1], 1) == 4.0  # speeds: 8 rows per step against 1
+    assert decode.paired_speed_ratio([0.1, -0.01, 0.1], 1, [0.2, 0.2, 0.3], 1) == 2.5  # an untimeable round left out
+    assert decode.paired_speed_ratio([0.1], 1, [0.1, 0.1], 1) is None  # not the same turns
+    engine = decode.Timed("phikit-fp32", lambda n: None, "cpu")
+    engine.times = {1: [1.0, 2.0], 5: [1.4, 2.8]}
+    assert engine.round_steps(5) == pytest.approx([0.1, 0.2])
+
+
 def test_prompt_lookup_counts_tokens_per_pass_without_the_prompt_pass(monkeypatch, capsys):
     out = run_main(monkeypatch, capsys, "prompt_lookup", "--preset", "tiny", "--new-tokens", "11", "--draft", "4",
                    "--repeats", "1", "--threads", "1")
