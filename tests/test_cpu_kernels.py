@@ -152,6 +152,38 @@ def test_quantized_layers_stay_near_the_float64_product(kernels, mode):
         assert error < (0.1 if mode == "int4" else 0.03), (rows, error)
 
 
+@pytest.mark.parametrize("kernels", ISAS, indirect=True)
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "int8", "int4"])
+def test_threads_sharing_a_matrix_give_the_one_thread_result(kernels, mode):
+    """A matrix large enough for the threads to share (they take chunks of it, and a thread done with its own share
+    takes the rest of another's): the result of 1 thread to the bit with 2, 3 or 4 (more threads than cores, so
+    that some run late and others take over their chunks), for 1 row, 2 and a batch; within tolerance of float64."""
+    torch.manual_seed(1)
+    out = 1008 if mode == "int4" else 1000  # int8: the last 1000 % 16 channels on their own; int4: groups of 16
+    linear = torch.nn.Linear(2048, out)
+    if mode in ("fp32", "bf16"):
+        layer = prepare_cpu_linears(linear.to(torch.bfloat16) if mode == "bf16" else linear)
+    else:
+        layer = Int8Linear(linear, torch.float32, dynamic=True) if mode == "int8" else Int4Linear(linear)
+    dtype = torch.bfloat16 if mode in ("bf16", "int4") else torch.float32
+    threads = torch.get_num_threads()
+    try:
+        for rows in (1, 2, 8):
+            x = torch.randn(rows, 2048).to(dtype)
+            results = []
+            for n in (1, 2, 3, 4):
+                torch.set_num_threads(n)
+                with torch.inference_mode():
+                    results.append(layer(x))
+            for got in results[1:]:
+                assert torch.equal(got, results[0]), (rows, mode)
+            exact = x.double() @ linear.weight.detach().double().T + linear.bias.detach().double()
+            error = float((results[0].double() - exact).norm() / exact.norm())
+            assert error < {"fp32": 1e-6, "bf16": 1e-2, "int8": 0.03, "int4": 0.1}[mode], (rows, error)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_cpu_without_avx512_takes_the_avx2_path(monkeypatch):
     """The instruction set comes from the CPU's flags: without AVX512 (or without VNNI) the AVX2 kernels, whatever
     is asked for; PHIKIT_CPU_ISA=avx2 forces them on a CPU that has more."""

@@ -12,6 +12,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -966,12 +968,60 @@ torch::Tensor fp32_bias(const c10::optional<torch::Tensor>& bias, int64_t n) {
 
 const float* bias_ptr(const torch::Tensor& bias) { return bias.defined() ? bias.data_ptr<float>() : nullptr; }
 
-// Threads share the output channels in contiguous ranges of at least 256 KB of weights each: a small matrix stays
-// on one thread, where waking another costs more than it saves (much more on a busy machine).
+// Threads share units [0, n) (output channels or groups of 16) in chunks of `chunk` units on a fixed grid, and
+// each thread its equal share of the chunks, as a static split gives: it takes its own chunks from the front, in
+// order, then, its share done, chunks from the back of the share with the most left. Threads running alike read as
+// a static split does (each one run of memory), while a thread slowed by another process (a laptop's browser, a
+// shared host's neighbour) no longer holds up the whole product: the others take over the rest of its share.
+// Results do not depend on who takes a chunk, nor on the number of threads (the kernels' tiles lie within chunks).
+// A matrix of less than `min_units` per thread takes fewer threads (one for a small matrix, where waking another
+// costs more than it saves).
+template <typename Fn>
+void share_chunks(int64_t n, int64_t chunk, int64_t min_units, Fn fn) {
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  const int64_t parties = std::min<int64_t>({int64_t{at::get_num_threads()}, n / std::max<int64_t>(min_units, 1), chunks});
+  auto run = [&](int64_t c) { fn(c * chunk, std::min(n, (c + 1) * chunk)); };
+  if (parties <= 1 || at::in_parallel_region()) {
+    for (int64_t c = 0; c < chunks; ++c) run(c);
+    return;
+  }
+  // each share's chunks left: [first, end), packed as first << 32 | end, claimed with a compare-and-swap
+  struct alignas(64) Share { std::atomic<uint64_t> left; };
+  std::vector<Share> shares(parties);
+  for (int64_t t = 0; t < parties; ++t)
+    shares[t].left = uint64_t(chunks * t / parties) << 32 | uint64_t(chunks * (t + 1) / parties);
+  auto claim = [&](int64_t t, bool front) -> int64_t {  // a chunk of share t, or -1 where none is left
+    uint64_t v = shares[t].left.load();
+    for (;;) {
+      const uint64_t first = v >> 32, end = v & 0xFFFFFFFFu;
+      if (first >= end) return -1;
+      const uint64_t next = front ? (first + 1) << 32 | end : first << 32 | (end - 1);
+      if (shares[t].left.compare_exchange_weak(v, next)) return int64_t(front ? first : end - 1);
+    }
+  };
+  at::parallel_for(0, parties, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t c; (c = claim(t, true)) >= 0;) run(c);
+    for (;;) {  // help: the share with the most chunks left, from its back
+      int64_t most = -1, most_left = 0;
+      for (int64_t u = 0; u < parties; ++u) {
+        const uint64_t v = shares[u].left.load();
+        const int64_t left = int64_t(v & 0xFFFFFFFFu) - int64_t(v >> 32);
+        if (left > most_left) most = u, most_left = left;
+      }
+      if (most < 0) return;
+      const int64_t c = claim(most, false);
+      if (c >= 0) run(c);
+    }
+  });
+}
+
+// Threads share the output channels in chunks of 64 KB of weights (16 channels at least, a multiple of 16: the
+// kernels' tiles), 256 KB at least per thread.
 template <typename Fn>
 void over_channels(int64_t n, int64_t row_bytes, Fn fn) {
-  const int64_t grain = std::max<int64_t>(16, (256 << 10) / std::max<int64_t>(row_bytes, 1));
-  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) { fn(n0, n1); });
+  auto rows_in = [&](int64_t bytes) { return std::max<int64_t>(1, bytes / std::max<int64_t>(row_bytes, 1)); };
+  share_chunks(n, (rows_in(64 << 10) + 15) / 16 * 16, rows_in(256 << 10), fn);
 }
 
 // Activation rows from which the AVX512 kernels put rows side by side in the lanes (see lane_block).
@@ -1057,7 +1107,9 @@ void int8_product(const Problem& p, const float* x, const int8_t* w, const float
   const std::vector<float> offset = use != kAvx2 ? flip_offsets(a, p.rows) : std::vector<float>();
   if (use != kAvx2) tile_rows(a, p.rows);
   const int64_t groups = p.n / kGroup;
-  at::parallel_for(0, groups, std::max<int64_t>(1, (256 << 10) / (kGroup * p.k)), [&](int64_t g0, int64_t g1) {
+  const int64_t group_bytes = kGroup * p.k;  // threads share the groups in chunks of 64 KB, 256 KB at least each
+  share_chunks(groups, std::max<int64_t>(1, (64 << 10) / group_bytes), (256 << 10) / group_bytes,
+               [&](int64_t g0, int64_t g1) {
     use != kAvx2 ? i8_groups_avx512(p, a, w, scales, offset.data(), g0, g1) : i8_groups_avx2(p, a, w, scales, g0, g1);
   });
   if (groups * kGroup < p.n) i8_avx2(p, a, w, scales, groups * kGroup, p.n);  // the last n % 16 channels, one row each
@@ -1067,8 +1119,9 @@ void int8_product(const Problem& p, const float* x, const int8_t* w, const float
 void int4_product(const Problem& p, const float* x, const Int4Weights& w, Isa use) {
   QuantizedRows a = quantize_rows(x, p.rows, p.k);
   if (use != kAvx2) tile_rows(a, p.rows);
-  const int64_t group_bytes = kGroup * p.k / 2;  // threads share the groups, 256 KB of weights at least
-  at::parallel_for(0, p.n / kGroup, std::max<int64_t>(1, (256 << 10) / group_bytes), [&](int64_t g0, int64_t g1) {
+  const int64_t group_bytes = kGroup * p.k / 2;  // threads share the groups in chunks of 64 KB, 256 KB at least each
+  share_chunks(p.n / kGroup, std::max<int64_t>(1, (64 << 10) / group_bytes), (256 << 10) / group_bytes,
+               [&](int64_t g0, int64_t g1) {
     use != kAvx2 ? i4_avx512(p, a, w, g0, g1) : i4_avx2(p, a, w, g0, g1);
   });
 }
