@@ -1320,13 +1320,13 @@ void values_of_head(const CacheView& v, int64_t b, int64_t h, const float* p, fl
   }
 }
 
-// Sequences x heads shared among the threads, 32K multiply-adds at least per share.
+// Sequences x heads shared among the threads as share_chunks shares them, 32K multiply-adds at least per chunk.
 template <typename Fn>
 void over_heads(int64_t batch, int64_t heads, int64_t work_per_head, Fn fn) {
-  at::parallel_for(0, batch * heads, std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(work_per_head, 1)),
-                   [&](int64_t i0, int64_t i1) {
-                     for (int64_t i = i0; i < i1; ++i) fn(i / heads, i % heads, i);
-                   });
+  const int64_t grain = std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(work_per_head, 1));
+  share_chunks(batch * heads, grain, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) fn(i / heads, i % heads, i);
+  });
 }
 
 // One head's scores (k . q * scale, `length` of them) and one head's probability-weighted values, on the AVX512
