@@ -612,7 +612,8 @@ void bf16_dot_avx512(const Problem& p, const uint16_t* x, const uint16_t* w, int
 // A visit of a weight row takes one whole cache line (8 broadcasts of 8 bytes). The 16 rows of a block lie a power
 // of two apart in every phi shape, so their lines fall in the same set of L1's 8 ways: a line read in two visits was
 // evicted by the other rows' between them, and lines prefetched into L1 evicted each other the same way. So the
-// software prefetch goes to L2 only, kLanesAhead weights ahead. 8 rows, weights in L2 or L3: fp32 25-28 -> 33-36
+// software prefetch goes to L2 only, kLanesAhead weights ahead (blocks of 256 KB and less: a later block, see
+// lane_block). 8 rows, weights in L2 or L3: fp32 25-28 -> 33-36
 // GMAC/s, bf16 47-51 -> 72-82 against 4 broadcasts per visit and L1 prefetch (with the sums in registers: GCC kept
 // them in memory until told to unroll the loop over the block's rows).
 constexpr int kLanes = 16, kGroupRows = 8;
@@ -640,13 +641,22 @@ inline void lane_block(const Problem& p, const T* x, const T* xg, const T* w, in
   __m512 acc[kLanes];
 #pragma GCC unroll 16
   for (int c = 0; c < kLanes; ++c) acc[c] = _mm512_setzero_ps();
+  const int64_t block = kLanes * p.k, ahead = std::max<int64_t>(1, (128 << 10) / (block * int64_t(sizeof(T)))) * block;
+  // The blocks of 16 rows follow each other in memory: where a block is at most 256 KB, each visit of a row also
+  // fetches the next line, in memory order, of the block 128 KB ahead (the next at least) into L2, so that a block's
+  // lines are there before its 16 streams start. 8 rows, 8 matrices in turns in one process: bf16 2048 and 8192
+  // inputs 1.13x and 1.12x, fp32 2048 inputs 1.17x, 3 rows 1.24x, 16 rows 1.03x; a batch-8 decoding step bf16
+  // 1.10x, fp32 1.08x. fp32 rows of 8192 (512 KB blocks) read 0.91-0.94x that way: they fetch each row ahead.
+  const bool near = block * int64_t(sizeof(T)) <= (256 << 10);
+  const char* later = reinterpret_cast<const char*>(w + n * p.k + ahead);
   int64_t s = 0;
   for (; s + U <= chunks; s += U) {
     const T* ws = w + n * p.k + s * C;
 #pragma GCC unroll 16
     for (int c = 0; c < kLanes; ++c) {
       const T* wc = ws + c * p.k;
-      _mm_prefetch(reinterpret_cast<const char*>(wc + kLanesAhead), _MM_HINT_T1);
+      if (near) _mm_prefetch(later + (s / U * kLanes + c) * 64, _MM_HINT_T1);
+      else _mm_prefetch(reinterpret_cast<const char*>(wc + kLanesAhead), _MM_HINT_T1);
 #pragma GCC unroll 8
       for (int u = 0; u < U; ++u) step(acc[c], xg + (s + u) * kGroupRows * C, wc + u * C);
     }
@@ -979,7 +989,8 @@ const float* bias_ptr(const torch::Tensor& bias) { return bias.defined() ? bias.
 template <typename Fn>
 void share_chunks(int64_t n, int64_t chunk, int64_t min_units, Fn fn) {
   const int64_t chunks = (n + chunk - 1) / chunk;
-  const int64_t parties = std::min<int64_t>({int64_t{at::get_num_threads()}, n / std::max<int64_t>(min_units, 1), chunks});
+  const int64_t threads = at::get_num_threads();
+  const int64_t parties = std::min<int64_t>({threads, n / std::max<int64_t>(min_units, 1), chunks});
   auto run = [&](int64_t c) { fn(c * chunk, std::min(n, (c + 1) * chunk)); };
   if (parties <= 1 || at::in_parallel_region()) {
     for (int64_t c = 0; c < chunks; ++c) run(c);
