@@ -491,13 +491,16 @@ def main() -> None:
 
     def decode_ratio(ours: tuple[str, int], theirs: tuple[str, int]) -> float | None:
         """Decode speed of engine row `ours` over `theirs` ((engine, batch)): paired round by round where they ran
-        in the same turns (paired_speed_ratio), else the ratio of the rows' medians."""
+        in the same turns (paired_speed_ratio), else the ratio of the rows' medians; none where a row has no
+        decode speed (too few tokens to time a step)."""
+        a, b = get(*ours, "decode_tok_s"), get(*theirs, "decode_tok_s")
+        if not (a and b):
+            return None
         if ours in rounds and theirs in rounds and rounds[ours][0] == rounds[theirs][0]:
             paired = paired_speed_ratio(rounds[ours][1], ours[1], rounds[theirs][1], theirs[1])
             if paired is not None:
                 return paired
-        a, b = get(*ours, "decode_tok_s"), get(*theirs, "decode_tok_s")
-        return round(a / b, 2) if a and b else None
+        return round(a / b, 2)
 
     ratios = {}
     ref_mode = "fp16" if cuda else "fp32"
