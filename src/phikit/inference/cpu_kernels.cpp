@@ -613,9 +613,9 @@ void bf16_dot_avx512(const Problem& p, const uint16_t* x, const uint16_t* w, int
 // of two apart in every phi shape, so their lines fall in the same set of L1's 8 ways: a line read in two visits was
 // evicted by the other rows' between them, and lines prefetched into L1 evicted each other the same way. So the
 // software prefetch goes to L2 only, kLanesAhead weights ahead (blocks of 256 KB and less: a later block, see
-// lane_block). 8 rows, weights in L2 or L3: fp32 25-28 -> 33-36
-// GMAC/s, bf16 47-51 -> 72-82 against 4 broadcasts per visit and L1 prefetch (with the sums in registers: GCC kept
-// them in memory until told to unroll the loop over the block's rows).
+// lane_block). 8 rows, weights in L2 or L3: fp32 25-28 -> 33-36 GMAC/s, bf16 47-51 -> 72-82 against 4 broadcasts
+// per visit and L1 prefetch (with the sums in registers: GCC kept them in memory until told to unroll the loop over
+// the block's rows).
 constexpr int kLanes = 16, kGroupRows = 8;
 constexpr int64_t kLanesAhead = 256;
 
