@@ -452,12 +452,12 @@ def main() -> None:
             if not args.skip_transformers and mode in DTYPES and b in hf_batches:
                 ref = to_transformers(model)
                 engines.append(Timed(f"transformers-{mode}", transformers_fn(ref, ids), args.device))
-            theirs = {}  # llama.cpp's engines of this batch: engine -> its row's batch
+            llama_engines = {}  # llama.cpp's engines of this batch: engine -> its row's batch
             if llama:
-                theirs[llama.timed(ids.tolist())] = b
+                llama_engines[llama.timed(ids.tolist())] = b
                 if b > 1 and first_rows is not None:
-                    theirs[llama.timed(first_rows, f"llama.cpp-{llama.gguf_type}-batch1-beside-batch{b}")] = 1
-                engines += list(theirs)
+                    llama_engines[llama.timed(first_rows, f"llama.cpp-{llama.gguf_type}-batch1-beside-batch{b}")] = 1
+                engines += list(llama_engines)
             if not args.skip_transformers and not cuda and mode != "fp32" and b == 1:
                 # The targets compare every format with transformers fp32: time it in the same turns, so that the
                 # ratio does not depend on how fast the host was when the fp32 rows ran.
@@ -465,14 +465,14 @@ def main() -> None:
                 engines.append(Timed(f"transformers-fp32-beside-{mode}", transformers_fn(base_ref, ids), args.device))
             turns_bandwidth = time_interleaved(engines, args.new_tokens, args.repeats, args.device)
             for e in engines:  # (engine, its row's batch) -> this mode and batch's turns, for the paired ratios
-                row_batch = theirs.get(e, 1 if "batch1-beside" in e.name else b)
+                row_batch = llama_engines.get(e, 1 if "batch1-beside" in e.name else b)
                 rounds[(e.name, row_batch)] = ((mode, b), e.round_steps(args.new_tokens))
             rows += [result_row(e, base if e.name.startswith("transformers-fp32") else model,
                                 1 if "batch1-beside" in e.name else b, args.prompt_len, args.new_tokens,
                                 turns_bandwidth)
-                     for e in engines if e not in theirs]
-            rows += [llama.row(e, batch, turns_bandwidth) for e, batch in theirs.items()]
-            del ref, base_ref, engines, theirs
+                     for e in engines if e not in llama_engines]
+            rows += [llama.row(e, batch, turns_bandwidth) for e, batch in llama_engines.items()]
+            del ref, base_ref, engines, llama_engines
         if llama:
             llama.close()
         if model is not base:

@@ -1035,6 +1035,12 @@ void over_channels(int64_t n, int64_t row_bytes, Fn fn) {
   share_chunks(n, (rows_in(64 << 10) + 15) / 16 * 16, rows_in(256 << 10), fn);
 }
 
+// Threads share groups of 16 output channels (int8 and int4 layers) of `group_bytes` each the same way.
+template <typename Fn>
+void over_groups(int64_t groups, int64_t group_bytes, Fn fn) {
+  share_chunks(groups, std::max<int64_t>(1, (64 << 10) / group_bytes), (256 << 10) / group_bytes, fn);
+}
+
 // Activation rows from which the AVX512 kernels put rows side by side in the lanes (see lane_block).
 constexpr int64_t kLanesFromRows = 3;
 
@@ -1118,9 +1124,7 @@ void int8_product(const Problem& p, const float* x, const int8_t* w, const float
   const std::vector<float> offset = use != kAvx2 ? flip_offsets(a, p.rows) : std::vector<float>();
   if (use != kAvx2) tile_rows(a, p.rows);
   const int64_t groups = p.n / kGroup;
-  const int64_t group_bytes = kGroup * p.k;  // threads share the groups in chunks of 64 KB, 256 KB at least each
-  share_chunks(groups, std::max<int64_t>(1, (64 << 10) / group_bytes), (256 << 10) / group_bytes,
-               [&](int64_t g0, int64_t g1) {
+  over_groups(groups, kGroup * p.k, [&](int64_t g0, int64_t g1) {
     use != kAvx2 ? i8_groups_avx512(p, a, w, scales, offset.data(), g0, g1) : i8_groups_avx2(p, a, w, scales, g0, g1);
   });
   if (groups * kGroup < p.n) i8_avx2(p, a, w, scales, groups * kGroup, p.n);  // the last n % 16 channels, one row each
@@ -1130,9 +1134,7 @@ void int8_product(const Problem& p, const float* x, const int8_t* w, const float
 void int4_product(const Problem& p, const float* x, const Int4Weights& w, Isa use) {
   QuantizedRows a = quantize_rows(x, p.rows, p.k);
   if (use != kAvx2) tile_rows(a, p.rows);
-  const int64_t group_bytes = kGroup * p.k / 2;  // threads share the groups in chunks of 64 KB, 256 KB at least each
-  share_chunks(p.n / kGroup, std::max<int64_t>(1, (64 << 10) / group_bytes), (256 << 10) / group_bytes,
-               [&](int64_t g0, int64_t g1) {
+  over_groups(p.n / kGroup, kGroup * p.k / 2, [&](int64_t g0, int64_t g1) {
     use != kAvx2 ? i4_avx512(p, a, w, g0, g1) : i4_avx2(p, a, w, g0, g1);
   });
 }
